@@ -1,0 +1,97 @@
+"""QuantLinear: a GPTQ-packed linear layer whose forward is one call into `quant.kernels`.
+
+The buffers are exactly the checkpoint's tensors (layout in `quant.format`), so a state dict loads
+and saves unchanged. At load time `prepare()` asks `quant.kernels` for a backend, which may build a
+repacked copy of the weights in its own layout (kept outside the state dict); the GPTQ buffers stay
+as the source of truth for the self-check and for saving.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from quant import kernels
+from quant.format import FORMAT_V1, FORMAT_V2, LayerShape, QuantConfig
+from quant.pack import dequantize, pack_qweight, pack_qzeros
+from quant.quantizer import QuantResult
+
+
+class QuantLinear(nn.Module):
+    """y = x @ W + b with W [K, N] stored as GPTQ int32 codes, fp16 scales and zeros.
+
+    Input  x: [..., K] float16 / bfloat16 / float32.
+    Output y: [..., N] in x's dtype.
+    """
+
+    def __init__(self, in_features: int, out_features: int, bits: int, group_size: int,
+                 bias: bool = False, checkpoint_format: str = FORMAT_V1, sym: bool = True,
+                 desc_act: bool = False) -> None:
+        super().__init__()
+        self.shape = LayerShape(in_features, out_features, bits, group_size)
+        self.in_features = in_features
+        self.out_features = out_features
+        self.bits = bits
+        self.group_size = group_size
+        self.checkpoint_format = checkpoint_format
+        self.sym = sym
+        self.desc_act = desc_act
+        self.register_buffer("qweight", torch.zeros(self.shape.qweight, dtype=torch.int32))
+        self.register_buffer("qzeros", torch.zeros(self.shape.qzeros, dtype=torch.int32))
+        self.register_buffer("scales", torch.zeros(self.shape.scales, dtype=torch.float16))
+        self.register_buffer("g_idx", torch.zeros(self.shape.g_idx, dtype=torch.int32))
+        if bias:
+            self.register_buffer("bias", torch.zeros(out_features, dtype=torch.float16))
+        else:
+            self.bias = None
+        self.backend: str | None = None  # name of the kernel backend chosen by prepare()
+        self.kernel_state: Any = None  # the backend's own (repacked) tensors
+
+    @classmethod
+    def from_config(cls, in_features: int, out_features: int, config: QuantConfig,
+                    bias: bool = False) -> "QuantLinear":
+        return cls(in_features, out_features, config.bits, config.group_size, bias,
+                   config.checkpoint_format, config.sym, config.desc_act)
+
+    @classmethod
+    def from_result(cls, result: QuantResult, config: QuantConfig,
+                    bias: torch.Tensor | None = None) -> "QuantLinear":
+        """Pack an unquantised-to-codes result into a layer (format from `config`)."""
+        in_features, out_features = result.codes.shape
+        layer = cls.from_config(in_features, out_features, config, bias=bias is not None)
+        layer.qweight.copy_(pack_qweight(result.codes.cpu(), config.bits))
+        layer.qzeros.copy_(pack_qzeros(result.zeros.cpu(), config.bits, config.checkpoint_format))
+        layer.scales.copy_(result.scales.cpu().to(torch.float16))
+        layer.g_idx.copy_(result.g_idx.cpu().to(torch.int32))
+        if bias is not None:
+            layer.bias.copy_(bias.detach().cpu().to(torch.float16))
+        return layer
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """W in nn.Linear orientation [N, K], `dtype`, on the buffers' device."""
+        return dequantize(self.qweight, self.qzeros, self.scales, self.g_idx, self.bits,
+                          self.checkpoint_format, dtype=dtype).t().contiguous()
+
+    def convert_format(self, checkpoint_format: str) -> None:
+        """Rewrite qzeros in another zero convention (v1 <-> v2) in place."""
+        from quant.pack import unpack_qzeros
+
+        if checkpoint_format not in (FORMAT_V1, FORMAT_V2):
+            raise ValueError(f"unknown checkpoint_format {checkpoint_format!r}")
+        zeros = unpack_qzeros(self.qzeros, self.bits, self.out_features, self.checkpoint_format)
+        self.qzeros.copy_(pack_qzeros(zeros, self.bits, checkpoint_format))
+        self.checkpoint_format = checkpoint_format
+
+    def prepare(self, backend: str | None = None) -> str:
+        """Pick and set up a kernel backend for this layer's device; returns its name."""
+        return kernels.prepare(self, backend)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return kernels.apply(self, x)
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}, "
+                f"group_size={self.group_size}, sym={self.sym}, desc_act={self.desc_act}, "
+                f"format={self.checkpoint_format}, backend={self.backend}")

@@ -1,0 +1,152 @@
+"""Attention backends: what a decoder layer calls with its q, k, v for one forward.
+
+The model never holds attention state: the caller builds a backend for each forward and passes it
+in (`LlamaModel.forward(..., attn=...)`). Tokens of all sequences in a batch are flattened along
+one axis T; a backend knows where each sequence's tokens start.
+
+    CausalAttention  no KV cache: each sequence attends causally to itself (tests, eval, calibration)
+    PagedAttention   writes the new k/v into a paged KV cache, then attends over each sequence's
+                     cached context (the serving engine)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+import torch.nn.functional as F
+
+
+class AttentionBackend(Protocol):
+    def __call__(self, layer_idx: int, q: torch.Tensor, k: torch.Tensor,
+                 v: torch.Tensor) -> torch.Tensor:
+        """q [T, n_heads, hd], k/v [T, n_kv_heads, hd] (rotary applied) -> o [T, n_heads, hd]."""
+
+
+def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None,
+          causal: bool = False) -> torch.Tensor:
+    """q [B, nh, L, hd], k/v [B, nkv, S, hd] -> [B, nh, L, hd]; grouped-query heads are shared."""
+    groups = q.shape[1] // k.shape[1]
+    if groups > 1:
+        k = k.repeat_interleave(groups, dim=1)
+        v = v.repeat_interleave(groups, dim=1)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal)
+
+
+def causal_mask(q_len: int, ctx_len: int, device: torch.device) -> torch.Tensor | None:
+    """bool [q_len, ctx_len]: query i (the last q_len of ctx_len positions) sees keys 0..ctx-q+i.
+
+    None when q_len == ctx_len (plain causal attention, `is_causal` does it)."""
+    if q_len == ctx_len:
+        return None
+    i = torch.arange(q_len, device=device).unsqueeze(1)
+    j = torch.arange(ctx_len, device=device).unsqueeze(0)
+    return j <= (ctx_len - q_len + i)
+
+
+def _attend_one(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """One sequence: q [L, nh, hd] are the last L of the S positions in k/v [S, nkv, hd]."""
+    mask = causal_mask(q.shape[0], k.shape[0], q.device)
+    o = _sdpa(q.transpose(0, 1).unsqueeze(0), k.transpose(0, 1).unsqueeze(0),
+              v.transpose(0, 1).unsqueeze(0), mask=mask, causal=mask is None and q.shape[0] > 1)
+    return o.squeeze(0).transpose(0, 1)
+
+
+class CausalAttention:
+    """No cache: the flattened tokens are whole sequences of the given lengths, back to back."""
+
+    def __init__(self, seq_lens: list[int]) -> None:
+        self.seq_lens = list(seq_lens)
+
+    def __call__(self, layer_idx: int, q: torch.Tensor, k: torch.Tensor,
+                 v: torch.Tensor) -> torch.Tensor:
+        outs, start = [], 0
+        for n in self.seq_lens:
+            outs.append(_attend_one(q[start:start + n], k[start:start + n], v[start:start + n]))
+            start += n
+        return torch.cat(outs, dim=0) if len(outs) > 1 else outs[0]
+
+
+@dataclass
+class PagedMetadata:
+    """Where one step's tokens go in the paged cache and what each sequence attends to.
+
+    slot_mapping    int64 [T]             flat slot (block * block_size + offset) of each new token
+    block_tables    int32 [B, max_blocks] each sequence's blocks, padded with 0
+    context_lens    int32 [B]             tokens of the sequence in the cache after this step
+    query_lens      list[int] (B)         new tokens of each sequence in this step (sum = T)
+    """
+
+    slot_mapping: torch.Tensor
+    block_tables: torch.Tensor
+    context_lens: torch.Tensor
+    query_lens: list[int]
+    context_lens_list: list[int]
+
+    @property
+    def decode_only(self) -> bool:
+        return all(n == 1 for n in self.query_lens)
+
+
+class PagedAttention:
+    """Attention over a paged KV cache.
+
+    k_caches[i] / v_caches[i]: [num_blocks, block_size, n_kv_heads, hd] for layer i.
+    Decode-only steps run as one masked batched SDPA over gathered blocks; steps with prefill chunks
+    run each prefilling sequence on its own and the decoding ones batched.
+    """
+
+    def __init__(self, k_caches: list[torch.Tensor], v_caches: list[torch.Tensor],
+                 meta: PagedMetadata) -> None:
+        self.k_caches = k_caches
+        self.v_caches = v_caches
+        self.meta = meta
+        lens = meta.query_lens
+        self.decode_rows = [i for i, n in enumerate(lens) if n == 1]
+        starts = [0]
+        for n in lens:
+            starts.append(starts[-1] + n)
+        self.starts = starts
+        device = meta.slot_mapping.device
+        self.decode_token_idx = torch.tensor([starts[i] for i in self.decode_rows], device=device,
+                                             dtype=torch.long)
+        self.decode_row_idx = torch.tensor(self.decode_rows, device=device, dtype=torch.long)
+
+    def __call__(self, layer_idx: int, q: torch.Tensor, k: torch.Tensor,
+                 v: torch.Tensor) -> torch.Tensor:
+        kc, vc = self.k_caches[layer_idx], self.v_caches[layer_idx]
+        _, block_size, n_kv, hd = kc.shape
+        kc.view(-1, n_kv, hd).index_copy_(0, self.meta.slot_mapping, k.to(kc.dtype))
+        vc.view(-1, n_kv, hd).index_copy_(0, self.meta.slot_mapping, v.to(vc.dtype))
+        meta = self.meta
+        if meta.decode_only:
+            return self._decode(q, kc, vc, meta.block_tables, meta.context_lens)
+        out = torch.empty_like(q)
+        if self.decode_rows:
+            out[self.decode_token_idx] = self._decode(
+                q[self.decode_token_idx], kc, vc, meta.block_tables[self.decode_row_idx],
+                meta.context_lens[self.decode_row_idx])
+        for i, n in enumerate(meta.query_lens):
+            if n == 1:
+                continue
+            ctx = meta.context_lens_list[i]
+            blocks = meta.block_tables[i, :(ctx + block_size - 1) // block_size].long()
+            ks = kc[blocks].reshape(-1, n_kv, hd)[:ctx]
+            vs = vc[blocks].reshape(-1, n_kv, hd)[:ctx]
+            s = self.starts[i]
+            out[s:s + n] = _attend_one(q[s:s + n], ks.to(q.dtype), vs.to(q.dtype))
+        return out
+
+    @staticmethod
+    def _decode(q: torch.Tensor, kc: torch.Tensor, vc: torch.Tensor, block_tables: torch.Tensor,
+                context_lens: torch.Tensor) -> torch.Tensor:
+        """q [B, nh, hd], one new token per sequence -> [B, nh, hd]."""
+        b = q.shape[0]
+        _, block_size, n_kv, hd = kc.shape
+        ks = kc[block_tables.long()].reshape(b, -1, n_kv, hd).transpose(1, 2).to(q.dtype)
+        vs = vc[block_tables.long()].reshape(b, -1, n_kv, hd).transpose(1, 2).to(q.dtype)
+        span = ks.shape[2]
+        mask = torch.arange(span, device=q.device).unsqueeze(0) < context_lens.unsqueeze(1)
+        o = _sdpa(q.unsqueeze(2), ks, vs, mask=mask[:, None, None, :])
+        return o.squeeze(2)

@@ -1,0 +1,138 @@
+"""Llama-family decoder (Llama 2/3, Mistral, Qwen2, SmolLM2) over flattened tokens.
+
+Module names match Hugging Face's, so HF and GPTQ state dicts load by name:
+    model.embed_tokens, model.layers.{i}.self_attn.{q,k,v,o}_proj, model.layers.{i}.mlp.{gate,up,down}_proj,
+    model.layers.{i}.{input,post_attention}_layernorm, model.norm, lm_head (tied to embed_tokens or not).
+
+Shapes: T = tokens of all sequences in the step, H = hidden_size, V = vocab_size.
+Linear layers are created by a factory so the loader can put QuantLinear where a checkpoint has
+packed weights. Attention state lives outside the model: see `server.models.attention`.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from server.models.attention import AttentionBackend
+from server.models.config import LlamaConfig
+from server.models.rope import RotaryEmbedding, apply_rotary
+
+# (in_features, out_features, bias, qualified name) -> module computing x @ W^T + b
+LinearFactory = Callable[[int, int, bool, str], nn.Module]
+
+
+def dense_linear(in_features: int, out_features: int, bias: bool, name: str) -> nn.Module:
+    return nn.Linear(in_features, out_features, bias=bias)
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, hidden_size: int, eps: float) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(hidden_size))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * xf.to(dtype)
+
+
+class LlamaAttention(nn.Module):
+    def __init__(self, config: LlamaConfig, layer_idx: int, linear: LinearFactory, prefix: str) -> None:
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.num_heads = config.num_attention_heads
+        self.num_kv_heads = config.num_key_value_heads
+        self.head_dim = config.head_dim
+        h, b = config.hidden_size, config.attention_bias
+        self.q_proj = linear(h, config.q_size, b, f"{prefix}.q_proj")
+        self.k_proj = linear(h, config.kv_size, b, f"{prefix}.k_proj")
+        self.v_proj = linear(h, config.kv_size, b, f"{prefix}.v_proj")
+        self.o_proj = linear(config.q_size, h, config.o_proj_bias, f"{prefix}.o_proj")
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                attn: AttentionBackend) -> torch.Tensor:
+        t = x.shape[0]
+        q = self.q_proj(x).view(t, self.num_heads, self.head_dim)
+        k = self.k_proj(x).view(t, self.num_kv_heads, self.head_dim)
+        v = self.v_proj(x).view(t, self.num_kv_heads, self.head_dim)
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        o = attn(self.layer_idx, q, k, v)  # [T, n_heads, head_dim]
+        return self.o_proj(o.reshape(t, self.num_heads * self.head_dim))
+
+
+class LlamaMLP(nn.Module):
+    def __init__(self, config: LlamaConfig, linear: LinearFactory, prefix: str) -> None:
+        super().__init__()
+        h, i, b = config.hidden_size, config.intermediate_size, config.mlp_bias
+        self.gate_proj = linear(h, i, b, f"{prefix}.gate_proj")
+        self.up_proj = linear(h, i, b, f"{prefix}.up_proj")
+        self.down_proj = linear(i, h, b, f"{prefix}.down_proj")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class LlamaDecoderLayer(nn.Module):
+    def __init__(self, config: LlamaConfig, layer_idx: int, linear: LinearFactory) -> None:
+        super().__init__()
+        prefix = f"model.layers.{layer_idx}"
+        self.self_attn = LlamaAttention(config, layer_idx, linear, f"{prefix}.self_attn")
+        self.mlp = LlamaMLP(config, linear, f"{prefix}.mlp")
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                attn: AttentionBackend) -> torch.Tensor:
+        """x [T, H] -> [T, H]."""
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, attn)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class LlamaModel(nn.Module):
+    def __init__(self, config: LlamaConfig, linear: LinearFactory) -> None:
+        super().__init__()
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(LlamaDecoderLayer(config, i, linear)
+                                    for i in range(config.num_hidden_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+
+
+class LlamaForCausalLM(nn.Module):
+    def __init__(self, config: LlamaConfig, linear: LinearFactory = dense_linear) -> None:
+        super().__init__()
+        self.config = config
+        self.model = LlamaModel(config, linear)
+        self.rotary = RotaryEmbedding(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        if config.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.model.embed_tokens.weight.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.embed_tokens.weight.device
+
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.model.embed_tokens(input_ids)
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
+                attn: AttentionBackend) -> torch.Tensor:
+        """input_ids int64 [T], positions int64 [T] -> final-norm hidden states [T, H]."""
+        x = self.embed(input_ids)
+        cos, sin = self.rotary(positions, x.dtype)
+        for layer in self.model.layers:
+            x = layer(x, cos, sin, attn)
+        return self.model.norm(x)
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """hidden [B, H] -> float32 logits [B, V]."""
+        return self.lm_head(hidden).float()
