@@ -1,0 +1,359 @@
+"""Quantise a whole Llama-family model, one decoder layer at a time (GPTQ or RTN).
+
+GPTQ flow (the layer-wise scheme of the GPTQ paper, with true-sequential quantisation):
+
+    inputs of layer 0 = embeddings of every calibration sample            [S, L, H]  (once)
+    for each decoder layer (the only block resident on `device`):
+        for each sequential group ([k, v, q] -> [o] -> [up, gate] -> [down]):
+            run the block over all samples, stopping as soon as the group's linears have their
+            inputs; forward pre-hooks accumulate one Hessian per DISTINCT input (q/k/v share one)
+            solve the group with gptq.py (layers sharing a Hessian are solved as one stacked matrix:
+            rows are independent in GPTQ, so this is exact) and swap nn.Linear -> QuantLinear
+        run the now fully quantised block over all samples: its outputs are the next layer's inputs
+
+Only the linears inside decoder layers are quantised; embeddings, norms and lm_head stay as they
+are. The returned model holds QuantLinear modules in place, unprepared (no kernel state), on the
+devices its layers came from.
+"""
+
+from __future__ import annotations
+
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from quant.format import LLAMA_LINEAR_NAMES, LLAMA_SEQUENTIAL_GROUPS, QuantConfig
+from quant.gptq import HessianAccumulator, factor_hessian, quantize_weight
+from quant.linear import QuantLinear
+from quant.quantizer import QuantResult
+from quant.rtn import quantize_rtn
+from server.models.attention import CausalAttention
+
+METHODS = ("gptq", "rtn")
+TOKENS_PER_FORWARD = 8192  # calibration samples are run through a block in batches of ~this many tokens
+
+
+@dataclass
+class LayerReport:
+    """One quantised linear, in the order it was quantised."""
+
+    name: str  # e.g. "model.layers.3.self_attn.q_proj"
+    loss: float | None  # GPTQ's H-weighted error sum (w - q)^2 / Hinv_ii^2 / 2; None for RTN
+    damp_percent: float | None  # dampening actually used (after retries); None for RTN
+    seconds: float  # solve time (a stacked solve's time is shared out by output rows)
+
+
+@dataclass
+class StageTimes:
+    """Wall seconds per stage, summed over layers."""
+
+    capture: float = 0.0  # embeddings of the calibration samples (layer 0's inputs)
+    forward: float = 0.0  # block forwards: to reach each group's inputs, and to propagate outputs
+    hessians: float = 0.0  # Hessian accumulation inside the hooks
+    solve: float = 0.0  # Cholesky factorisation + GPTQ column loop (or RTN)
+    pack: float = 0.0  # codes -> QuantLinear buffers, module swap
+
+    def as_dict(self) -> dict[str, float]:
+        return {k: round(v, 3) for k, v in self.__dict__.items()}
+
+
+@dataclass
+class QuantizeReport:
+    method: str
+    config: QuantConfig
+    device: str
+    num_samples: int
+    seq_len: int
+    layers: list[LayerReport] = field(default_factory=list)
+    times: StageTimes = field(default_factory=StageTimes)
+    seconds: float = 0.0
+
+    def layer_loss(self, layer_idx: int) -> float:
+        prefix = f"model.layers.{layer_idx}."
+        return sum(r.loss or 0.0 for r in self.layers if r.name.startswith(prefix))
+
+
+class _StopForward(Exception):
+    """Raised from a hook once a group has its inputs: the rest of the block is not needed."""
+
+
+class _GroupCapture:
+    """Forward pre-hooks on one sequential group's linears.
+
+    Linears that receive the very same tensor (q/k/v get one normed x) share one accumulator; which
+    ones share is learnt on the first batch. Once every linear of the group has been reached, the
+    hook raises _StopForward so the block runs no further than needed.
+    """
+
+    def __init__(self, block: nn.Module, names: tuple[str, ...], device: torch.device,
+                 times: StageTimes) -> None:
+        self.names = names
+        self.device = device
+        self.times = times
+        self.acc: dict[str, HessianAccumulator] = {}
+        self.owner: dict[str, str] = {}  # linear name -> name owning the accumulator it uses
+        self._first = True
+        self._batch: list[tuple[torch.Tensor, str]] = []
+        self._handles = [block.get_submodule(n).register_forward_pre_hook(self._hook(n)) for n in names]
+
+    def _hook(self, name: str):
+        def fn(module: nn.Module, args: tuple) -> None:
+            x = args[0]
+            if self._first:
+                source = next((n for t, n in self._batch if t is x), None)
+                self.owner[name] = name if source is None else self.owner[source]
+                if source is None:
+                    self.acc[name] = HessianAccumulator(x.shape[-1], self.device)
+            if self.owner[name] == name:
+                start = time.perf_counter()
+                self.acc[name].add_batch(x)
+                _sync(self.device)
+                self.times.hessians += time.perf_counter() - start
+            self._batch.append((x, name))
+            if len(self._batch) == len(self.names):
+                raise _StopForward
+        return fn
+
+    def end_batch(self) -> None:
+        missing = set(self.names) - {n for _, n in self._batch}
+        if missing:
+            raise RuntimeError(f"linears {sorted(missing)} received no input in the block's forward")
+        self._batch.clear()
+        self._first = False
+
+    def bundles(self) -> list[list[str]]:
+        """Group names by shared accumulator, each bundle in group order."""
+        out: dict[str, list[str]] = {}
+        for n in self.names:
+            out.setdefault(self.owner[n], []).append(n)
+        return list(out.values())
+
+    def remove(self) -> None:
+        for h in self._handles:
+            h.remove()
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _decoder_layers(model: nn.Module) -> nn.ModuleList:
+    layers = getattr(getattr(model, "model", None), "layers", None)
+    if not isinstance(layers, nn.ModuleList) or not hasattr(model, "rotary"):
+        raise TypeError(f"{type(model).__name__} is not a Llama-family model of server.models "
+                        f"(needs .model.layers and .rotary)")
+    return layers
+
+
+def _set_submodule(block: nn.Module, name: str, module: nn.Module) -> None:
+    parent, _, attr = name.rpartition(".")
+    setattr(block.get_submodule(parent) if parent else block, attr, module)
+
+
+def _check_shapes(layers: nn.ModuleList, config: QuantConfig) -> None:
+    """Every linear must be packable in the requested format; fail before any work is done."""
+    for i, layer in enumerate(layers):
+        for name in LLAMA_LINEAR_NAMES:
+            linear = layer.get_submodule(name)
+            if not isinstance(linear, nn.Linear):
+                raise TypeError(f"model.layers.{i}.{name} is {type(linear).__name__}, not nn.Linear "
+                                f"(already quantised?)")
+            config.layer_shape(linear.in_features, linear.out_features)
+
+
+def _install(block: nn.Module, name: str, result: QuantResult, config: QuantConfig,
+             device: torch.device) -> None:
+    linear = block.get_submodule(name)
+    qlinear = QuantLinear.from_result(result, config, bias=linear.bias).to(device)
+    qlinear.prepare("dense")  # exact dequantised weights for the next forwards in this block
+    _set_submodule(block, name, qlinear)
+
+
+def _unprepare(block: nn.Module) -> None:
+    for m in block.modules():
+        if isinstance(m, QuantLinear):
+            m.backend, m.kernel_state = None, None
+
+
+@contextmanager
+def _on(block: nn.Module, device: torch.device):
+    """Keep `block` on `device` for the duration; put it back where it was afterwards."""
+    home = next(iter(block.parameters()), torch.empty(0)).device
+    block.to(device)
+    try:
+        yield
+    finally:
+        _unprepare(block)
+        block.to(home)
+
+
+class _Runner:
+    """Runs one block over all calibration samples, `batch` samples per forward."""
+
+    def __init__(self, model: nn.Module, num_samples: int, seq_len: int, batch: int,
+                 device: torch.device, dtype: torch.dtype) -> None:
+        self.num_samples, self.seq_len, self.batch, self.device = num_samples, seq_len, batch, device
+        self._rope: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        for nb in {batch, num_samples % batch or batch}:
+            positions = torch.arange(seq_len, device=model.rotary.inv_freq.device).repeat(nb)
+            cos, sin = model.rotary(positions, dtype)
+            self._rope[nb] = (cos.to(device), sin.to(device))
+
+    def batches(self):
+        for b0 in range(0, self.num_samples, self.batch):
+            yield b0, min(b0 + self.batch, self.num_samples)
+
+    def forward(self, block: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        """x [nb, L, H] (any device) -> block output [nb * L, H] on `device`."""
+        nb = x.shape[0]
+        cos, sin = self._rope[nb]
+        flat = x.reshape(nb * self.seq_len, -1).to(self.device, non_blocking=True)
+        return block(flat, cos, sin, CausalAttention([self.seq_len] * nb))
+
+
+def _inputs_home(device: torch.device, nbytes: int) -> torch.device:
+    """Where layer inputs/outputs live: on the device when both copies fit in half its free memory."""
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        if 2 * nbytes > free // 2:
+            return torch.device("cpu")
+    return device
+
+
+def _quantize_block_gptq(block: nn.Module, prefix: str, runner: _Runner, inps: torch.Tensor,
+                         config: QuantConfig, report: QuantizeReport) -> None:
+    device = runner.device
+    groups = LLAMA_SEQUENTIAL_GROUPS if config.true_sequential else (LLAMA_LINEAR_NAMES,)
+    times = report.times
+    for names in groups:
+        capture = _GroupCapture(block, names, device, times)
+        try:
+            start = time.perf_counter()
+            for b0, b1 in runner.batches():
+                try:
+                    runner.forward(block, inps[b0:b1])
+                except _StopForward:
+                    pass
+                capture.end_batch()
+            _sync(device)
+            times.forward += time.perf_counter() - start
+        finally:
+            capture.remove()
+        for bundle in capture.bundles():
+            start = time.perf_counter()
+            factor = factor_hessian(capture.acc[capture.owner[bundle[0]]].H, config.damp_percent, config.desc_act)
+            W = torch.cat([block.get_submodule(n).weight for n in bundle], dim=0)
+            result, stats = quantize_weight(W, factor, config.bits, config.group_size, config.sym,
+                                            config.static_groups)
+            del factor
+            times.solve += time.perf_counter() - start
+            start = time.perf_counter()
+            row = 0
+            for name in bundle:
+                n = block.get_submodule(name).out_features
+                part = QuantResult(codes=result.codes[:, row:row + n], zeros=result.zeros[:, row:row + n],
+                                   scales=result.scales[:, row:row + n], g_idx=result.g_idx,
+                                   bits=result.bits)
+                _install(block, name, part, config, device)
+                report.layers.append(LayerReport(
+                    name=f"{prefix}.{name}", loss=stats.row_loss[row:row + n].sum().item(),
+                    damp_percent=stats.damp_percent, seconds=stats.seconds * n / W.shape[0]))
+                row += n
+            _sync(device)
+            times.pack += time.perf_counter() - start
+        del capture
+
+
+def _quantize_block_rtn(block: nn.Module, prefix: str, config: QuantConfig, device: torch.device,
+                        report: QuantizeReport) -> None:
+    for name in LLAMA_LINEAR_NAMES:
+        start = time.perf_counter()
+        result = quantize_rtn(block.get_submodule(name).weight.detach(), config.bits,
+                              config.group_size, config.sym)
+        _sync(device)
+        seconds = time.perf_counter() - start
+        report.times.solve += seconds
+        start = time.perf_counter()
+        _install(block, name, result, config, device)
+        report.times.pack += time.perf_counter() - start
+        report.layers.append(LayerReport(f"{prefix}.{name}", None, None, seconds))
+
+
+@torch.no_grad()
+def quantize_model(model: nn.Module, config: QuantConfig, method: str = "gptq",
+                   calibration: torch.Tensor | None = None, device: torch.device | str | None = None,
+                   progress: bool = True, batch_size: int | None = None) -> QuantizeReport:
+    """Quantise every decoder-layer linear of `model` in place.
+
+    model        server.models.llama.LlamaForCausalLM (any device; each block is moved to `device`
+                 while it is quantised and moved back afterwards)
+    config       bits / group_size / sym / desc_act / static_groups / true_sequential / damp_percent
+    method       "gptq" (needs `calibration`) or "rtn" (ignores it)
+    calibration  int64 token ids [num_samples, seq_len] (see quant.data)
+    device       where the work runs; default CUDA when present, else the CPU
+    batch_size   calibration samples per block forward (default: ~8192 tokens per forward)
+    Returns a QuantizeReport; the model's linears are QuantLinear modules afterwards (unprepared).
+    """
+    if method not in METHODS:
+        raise ValueError(f"method {method!r} is not one of {METHODS}")
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    layers = _decoder_layers(model)
+    _check_shapes(layers, config)
+    start_all = time.perf_counter()
+    num_samples = seq_len = 0
+    if method == "gptq":
+        if calibration is None or calibration.dim() != 2 or calibration.dtype != torch.int64:
+            got = None if calibration is None else f"{calibration.dtype} {tuple(calibration.shape)}"
+            raise ValueError(f"GPTQ needs calibration token ids int64 [num_samples, seq_len], got {got}")
+        num_samples, seq_len = calibration.shape
+        vocab = model.model.embed_tokens.num_embeddings
+        if calibration.numel() and (calibration.min() < 0 or calibration.max() >= vocab):
+            raise ValueError(f"calibration ids span {calibration.min().item()}..{calibration.max().item()}, "
+                             f"vocabulary is 0..{vocab - 1}")
+    report = QuantizeReport(method, config, str(device), num_samples, seq_len)
+    bar = _progress(len(layers), method, progress)
+    if method == "rtn":
+        for i, layer in enumerate(layers):
+            with _on(layer, device):
+                _quantize_block_rtn(layer, f"model.layers.{i}", config, device, report)
+            bar.update(1)
+        bar.close()
+        report.seconds = time.perf_counter() - start_all
+        return report
+
+    dtype = model.dtype
+    hidden = model.model.embed_tokens.embedding_dim
+    batch = batch_size or max(1, TOKENS_PER_FORWARD // seq_len)
+    runner = _Runner(model, num_samples, seq_len, batch, device, dtype)
+    start = time.perf_counter()
+    nbytes = num_samples * seq_len * hidden * torch.empty(0, dtype=dtype).element_size()
+    home = _inputs_home(device, nbytes)
+    inps = torch.empty(num_samples, seq_len, hidden, dtype=dtype, device=home)
+    outs = torch.empty_like(inps)
+    for b0, b1 in runner.batches():
+        inps[b0:b1] = model.embed(calibration[b0:b1].to(model.device)).to(home)
+    report.times.capture = time.perf_counter() - start
+    for i, layer in enumerate(layers):
+        with _on(layer, device):
+            _quantize_block_gptq(layer, f"model.layers.{i}", runner, inps, config, report)
+            start = time.perf_counter()
+            for b0, b1 in runner.batches():
+                outs[b0:b1] = runner.forward(layer, inps[b0:b1]).view(b1 - b0, seq_len, hidden).to(home)
+            _sync(device)
+            report.times.forward += time.perf_counter() - start
+        inps, outs = outs, inps
+        bar.set_postfix(layer=i, loss=f"{report.layer_loss(i):.4g}")
+        bar.update(1)
+    bar.close()
+    report.seconds = time.perf_counter() - start_all
+    return report
+
+
+def _progress(total: int, method: str, enabled: bool):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=f"quantize ({method})", unit="layer", disable=not enabled)
