@@ -110,8 +110,15 @@ class LlamaForCausalLM(nn.Module):
         self.model = LlamaModel(config, linear)
         self.rotary = RotaryEmbedding(config)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
-        if config.tie_word_embeddings:
+        self.tie_weights()
+
+    def tie_weights(self) -> None:
+        if self.config.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
+
+    def reset_non_persistent(self) -> None:
+        """Recompute buffers that are not in checkpoints (after building on the meta device)."""
+        self.rotary = RotaryEmbedding(self.config).to(self.device)
 
     @property
     def dtype(self) -> torch.dtype:
