@@ -35,6 +35,9 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     _flag(p, "--quantize-bits", 4, "bits for first-boot quantization", type=int)
     _flag(p, "--quantize-group-size", 64, "group size for first-boot quantization", type=int)
     _flag(p, "--kernel", None, "force one kernel backend for every layer (e.g. torch, dense)", type=str)
+    _flag(p, "--load-format", "auto", "auto, or dummy: random 4-bit weights of a preset "
+          "(llama-2-7b, llama-2-70b, llama-3-8b, ...) or config.json shape", choices=["auto", "dummy"])
+    _flag(p, "--tokenizer", None, "tokenizer directory (default: the model's)", type=str)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -104,7 +107,8 @@ def model_config(args: argparse.Namespace) -> ModelConfig:
         device=args.device, dtype=args.dtype,
         cache_dir=Path(args.cache_dir).expanduser() if args.cache_dir else None,
         kernel=args.kernel, quantize_method=args.quantize_method,
-        quantize_bits=args.quantize_bits, quantize_group_size=args.quantize_group_size)
+        quantize_bits=args.quantize_bits, quantize_group_size=args.quantize_group_size,
+        load_format=args.load_format, tokenizer=args.tokenizer)
 
 
 def serve(args: argparse.Namespace) -> int:

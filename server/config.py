@@ -60,6 +60,8 @@ class ModelConfig:
     quantize_method: str = "rtn"
     quantize_bits: int = 4
     quantize_group_size: int = 64
+    load_format: str = "auto"  # auto | dummy (random packed weights of a preset / config shape)
+    tokenizer: str | None = None  # tokenizer directory (default: the checkpoint's, or SmolLM2's)
 
 
 @dataclass(frozen=True)

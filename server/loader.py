@@ -301,22 +301,65 @@ def pick_dtype(dtype: str, device: torch.device, hf_config: dict) -> torch.dtype
     return torch.bfloat16 if hf_config.get("torch_dtype") == "bfloat16" else torch.float16
 
 
+def finalize(model: LlamaForCausalLM, kernel: str | None = None) -> dict[str, int]:
+    """After loading: fuse q/k/v and gate/up, then pick each layer's kernel backend."""
+    model.fuse_projections()
+    return kernels.prepare_model(model, kernel)
+
+
+def load_tokenizer(path: str | None, vocab_size: int):
+    """A tokenizer directory, or (None) the default model's tokenizer from its GGUF."""
+    from transformers import AutoTokenizer
+
+    from server.dummy import VocabClampTokenizer
+
+    if path:
+        tok = AutoTokenizer.from_pretrained(path)
+    else:
+        gguf = default_gguf()
+        tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    return VocabClampTokenizer(tok, vocab_size) if len(tok) > vocab_size else tok
+
+
+def load_dummy(source: str, device: str, dtype: str, spec: QuantizeSpec, kernel: str | None,
+               served_name: str | None, tokenizer: str | None) -> LoadedModel:
+    """`--load-format dummy`: random packed weights of a preset / config shape, built on the device."""
+    from server.dummy import build_dummy_model, dummy_config
+
+    t0 = time.perf_counter()
+    config = dummy_config(source)
+    dev = pick_device(device)
+    dt = pick_dtype(dtype, dev, config)
+    qcfg = spec.config()
+    model = build_dummy_model(config, qcfg, dev, dt)
+    backends = finalize(model, kernel)
+    tok = load_tokenizer(tokenizer, model.config.vocab_size)
+    name = served_name or f"dummy-{Path(source).stem if not source.startswith('llama') else source}"
+    return LoadedModel(model=model, tokenizer=tok, name=name, path=Path(source), hf_config=config,
+                       quant_config=qcfg, backends=backends, load_seconds=time.perf_counter() - t0)
+
+
 def load_model(source: str, device: str = "auto", dtype: str = "auto",
                cache_dir: Path | None = None, spec: QuantizeSpec | None = None,
-               kernel: str | None = None, served_name: str | None = None) -> LoadedModel:
+               kernel: str | None = None, served_name: str | None = None,
+               load_format: str = "auto", tokenizer: str | None = None) -> LoadedModel:
     """The one entry point: resolve, quantise if needed, load onto the device, pick kernels."""
     from transformers import AutoTokenizer
 
     t0 = time.perf_counter()
     spec = spec or QuantizeSpec()
+    if load_format == "dummy":
+        return load_dummy(source, device, dtype, spec, kernel, served_name, tokenizer)
+    if load_format != "auto":
+        raise ModelLoadError(f"unknown --load-format {load_format!r} (auto, dummy)")
     path, name = ensure_quantized(source, cache_dir or default_cache_dir(), spec)
     ckpt = open_checkpoint(path)
     dev = pick_device(device)
     dt = pick_dtype(dtype, dev, ckpt.config)
     log.info("loading %s onto %s (%s)", path.name, dev, str(dt).replace("torch.", ""))
     model = build_model(ckpt, dev, dt)
-    backends = kernels.prepare_model(model, kernel)
-    tokenizer = AutoTokenizer.from_pretrained(str(path))
+    backends = finalize(model, kernel)
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer or str(path))
     return LoadedModel(model=model, tokenizer=tokenizer, name=served_name or name, path=path,
                        hf_config=ckpt.config, quant_config=ckpt.quant_config, backends=backends,
                        load_seconds=time.perf_counter() - t0)

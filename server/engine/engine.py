@@ -127,7 +127,7 @@ class LLMEngine:
             budget = total * self.config.gpu_memory_utilization - used_by_others - 512 * 2**20
         else:
             budget = CPU_DEFAULT_KV_GB * 1024**3
-        blocks = int(budget // per_block)
+        blocks = int(budget // per_block) - 1  # one block is the CUDA-graph padding sink
         if blocks < 2:
             raise RuntimeError(f"no room for the KV cache: {budget / 2**20:.0f} MiB available, "
                                f"{per_block / 2**20:.2f} MiB per block")

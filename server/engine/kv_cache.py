@@ -163,15 +163,19 @@ class KVCacheSpec:
 
 
 class KVCache:
-    """k[i], v[i]: [num_blocks, block_size, num_kv_heads, head_dim] for layer i."""
+    """k[i], v[i]: [num_blocks + 1, block_size, num_kv_heads, head_dim] for layer i.
+
+    The extra last block (`pad_block`) is never handed out: padded rows of a CUDA-graph batch
+    write their k/v there and read it back, so they cannot touch a real sequence's blocks."""
 
     def __init__(self, spec: KVCacheSpec, num_blocks: int, device: torch.device) -> None:
         self.spec = spec
         self.num_blocks = num_blocks
-        shape = (num_blocks, spec.block_size, spec.num_kv_heads, spec.head_dim)
+        self.pad_block = num_blocks
+        shape = (num_blocks + 1, spec.block_size, spec.num_kv_heads, spec.head_dim)
         self.k = [torch.zeros(shape, dtype=spec.dtype, device=device) for _ in range(spec.num_layers)]
         self.v = [torch.zeros(shape, dtype=spec.dtype, device=device) for _ in range(spec.num_layers)]
 
     @property
     def nbytes(self) -> int:
-        return self.num_blocks * self.spec.bytes_per_block()
+        return (self.num_blocks + 1) * self.spec.bytes_per_block()

@@ -25,7 +25,20 @@ class ModelRunner:
         self.block_size = kv_cache.spec.block_size
         self.device = model.device
         self.max_blocks_per_seq = -(-max_model_len // self.block_size)
+        self.decode_partitions = self._triton_partitions(max_model_len)
         self.graphs = None  # set by enable_cuda_graphs()
+
+    def _triton_partitions(self, max_model_len: int) -> int | None:
+        """Fixed partition count for the Triton decode kernel, or None to use the torch path."""
+        from server.models.triton_attention import HAVE_TRITON, max_partitions
+
+        hd = self.model.config.head_dim
+        if self.device.type != "cuda" or not HAVE_TRITON or hd & (hd - 1):
+            return None
+        return max_partitions(max_model_len)
+
+    def attention(self, meta: PagedMetadata) -> PagedAttention:
+        return PagedAttention(self.kv.k, self.kv.v, meta, self.decode_partitions)
 
     def enable_cuda_graphs(self, batch_sizes: list[int]) -> list[int]:
         """Capture decode graphs (CUDA only); returns the batch sizes captured."""
@@ -76,7 +89,7 @@ class ModelRunner:
             logits = self.graphs.run(items)
             return logits, [it.seq for it in items]
         input_ids, positions, meta = self.build_metadata(items)
-        hidden = self.model(input_ids, positions, PagedAttention(self.kv.k, self.kv.v, meta))
+        hidden = self.model(input_ids, positions, self.attention(meta))
         ends, sampling = [], []
         start = 0
         for it in items:
