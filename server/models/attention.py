@@ -120,8 +120,13 @@ class PagedAttention:
                  v: torch.Tensor) -> torch.Tensor:
         kc, vc = self.k_caches[layer_idx], self.v_caches[layer_idx]
         _, block_size, n_kv, hd = kc.shape
-        kc.view(-1, n_kv, hd).index_copy_(0, self.meta.slot_mapping, k.to(kc.dtype))
-        vc.view(-1, n_kv, hd).index_copy_(0, self.meta.slot_mapping, v.to(vc.dtype))
+        if self.decode_partitions is not None:  # CUDA + Triton: one fused launch
+            from server.models.triton_attention import write_kv
+
+            write_kv(k, v, kc, vc, self.meta.slot_mapping)
+        else:
+            kc.view(-1, n_kv, hd).index_copy_(0, self.meta.slot_mapping, k.to(kc.dtype))
+            vc.view(-1, n_kv, hd).index_copy_(0, self.meta.slot_mapping, v.to(vc.dtype))
         meta = self.meta
         if meta.decode_only:
             return self._decode(q, kc, vc, meta.block_tables, meta.context_lens)

@@ -2,8 +2,8 @@
 
 One query token per sequence attends over its cached context, read straight from the paged KV
 cache through the block table (no gather copy). Stage 1 runs one program per (sequence, kv head,
-context partition of PARTITION tokens) and handles all query heads of the kv head's group, so
-each k/v row is read once; stage 2 merges the partitions' partial softmaxes. Both grids depend
+context partition of PARTITION tokens) and handles all query heads of the kv head's group (padded
+to 16 rows so q.k and p.v run as tensor-core dots), so each k/v row is read once; stage 2 merges the partitions' partial softmaxes. Both grids depend
 only on (batch, heads, max partitions), never on the data, so the pair is CUDA-graph safe.
 
 Shapes: q [B, n_heads, D]; k_cache / v_cache [num_blocks, block_size, n_kv_heads, D];
@@ -25,7 +25,7 @@ except ImportError:  # CPU-only installs
     HAVE_TRITON = False
 
 PARTITION = 256  # context tokens per stage-1 program
-BLOCK_N = 32  # tokens per inner iteration
+BLOCK_N = 64  # tokens per inner iteration
 
 if HAVE_TRITON:
 
@@ -45,7 +45,7 @@ if HAVE_TRITON:
         heads = kvh * GROUP + g
         gmask = g < GROUP
         q = tl.load(q_ptr + b * stride_qb + heads[:, None] * stride_qh + d[None, :],
-                    mask=gmask[:, None], other=0.0).to(tl.float32)
+                    mask=gmask[:, None], other=0.0)
         m = tl.full([GROUP_PAD], float("-inf"), tl.float32)
         l = tl.zeros([GROUP_PAD], tl.float32)
         acc = tl.zeros([GROUP_PAD, HEAD_DIM], tl.float32)
@@ -55,14 +55,14 @@ if HAVE_TRITON:
             tmask = t < end
             blk = tl.load(bt_ptr + b * stride_btb + t // KV_BLOCK, mask=tmask, other=0)
             row = blk.to(tl.int64) * stride_kb + (t % KV_BLOCK) * stride_ks + kvh * stride_kh
-            k = tl.load(k_ptr + row[:, None] + d[None, :], mask=tmask[:, None], other=0.0).to(tl.float32)
-            s = tl.sum(q[:, None, :] * k[None, :, :], axis=2) * scale  # [GROUP_PAD, BLOCK]
+            k = tl.load(k_ptr + row[:, None] + d[None, :], mask=tmask[:, None], other=0.0)
+            s = tl.dot(q, tl.trans(k)) * scale  # [GROUP_PAD, BLOCK] on the tensor cores
             s = tl.where(tmask[None, :], s, float("-inf"))
             m_new = tl.maximum(m, tl.max(s, axis=1))
             alpha = tl.exp(m - m_new)
             p = tl.exp(s - m_new[:, None])
-            v = tl.load(v_ptr + row[:, None] + d[None, :], mask=tmask[:, None], other=0.0).to(tl.float32)
-            acc = acc * alpha[:, None] + tl.sum(p[:, :, None] * v[None, :, :], axis=1)
+            v = tl.load(v_ptr + row[:, None] + d[None, :], mask=tmask[:, None], other=0.0)
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
             l = l * alpha + tl.sum(p, axis=1)
             m = m_new
         base = (b * (tl.num_programs(1) * GROUP) + heads) * num_partitions + part
@@ -110,9 +110,38 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
         q, k_cache, v_cache, block_tables, context_lens, acc, ml,
         1.0 / math.sqrt(head_dim), q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1),
         k_cache.stride(2), block_tables.stride(0), num_partitions,
-        GROUP=group, GROUP_PAD=max(2, triton.next_power_of_2(group)), HEAD_DIM=head_dim,
+        GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)), HEAD_DIM=head_dim,
         KV_BLOCK=kv_block, PART=PARTITION, BLOCK=BLOCK_N, num_warps=4)
     _decode_combine[(batch, num_heads)](
         acc, ml, out, out.stride(0), out.stride(1), num_heads, num_partitions,
         HEAD_DIM=head_dim, NP_PAD=max(2, triton.next_power_of_2(num_partitions)), num_warps=4)
     return out
+
+
+if HAVE_TRITON:
+
+    @triton.jit
+    def _cache_write(k_ptr, v_ptr, kc_ptr, vc_ptr, slot_ptr, stride_kt, stride_vt, stride_slot,
+                     WIDTH: tl.constexpr, BLOCK: tl.constexpr):
+        t = tl.program_id(0)
+        slot = tl.load(slot_ptr + t).to(tl.int64)
+        cols = tl.arange(0, BLOCK)
+        mask = cols < WIDTH
+        k = tl.load(k_ptr + t * stride_kt + cols, mask=mask)
+        v = tl.load(v_ptr + t * stride_vt + cols, mask=mask)
+        tl.store(kc_ptr + slot * stride_slot + cols, k.to(kc_ptr.dtype.element_ty), mask=mask)
+        tl.store(vc_ptr + slot * stride_slot + cols, v.to(vc_ptr.dtype.element_ty), mask=mask)
+
+
+def write_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+             slot_mapping: torch.Tensor) -> None:
+    """k, v [T, n_kv, D] (rows may be strided) -> cache slots slot_mapping [T], one launch."""
+    t, n_kv, d = k.shape
+    if k.stride(2) != 1 or k.stride(1) != d or v.stride(2) != 1 or v.stride(1) != d:
+        k_cache.view(-1, n_kv, d).index_copy_(0, slot_mapping, k.to(k_cache.dtype))
+        v_cache.view(-1, n_kv, d).index_copy_(0, slot_mapping, v.to(v_cache.dtype))
+        return
+    width = n_kv * d
+    _cache_write[(t,)](k, v, k_cache, v_cache, slot_mapping, k.stride(0), v.stride(0),
+                       k_cache.stride(1), WIDTH=width, BLOCK=triton.next_power_of_2(width),
+                       num_warps=4)
