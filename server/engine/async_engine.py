@@ -4,7 +4,8 @@
 early (a client disconnect cancels the handler's task) aborts the request, and the engine frees
 its blocks before its next step. Adds and aborts are queued to the engine thread, which applies
 them between steps, so the engine itself is never touched by two threads. An exception inside a
-step fails only the requests of that step (they get the error); the loop keeps serving.
+step fails the requests in flight (each gets the error and its blocks are freed); the loop keeps
+serving new requests. A request the engine refuses (too long) fails alone.
 """
 
 from __future__ import annotations
