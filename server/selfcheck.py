@@ -9,7 +9,9 @@ the quantized-serving bug users keep finding for the server (vLLM #10656). Befor
    the golden prompt (M = its length), and the output is compared with `quant.kernels.reference`
    (float32 dequantisation + float32 matmul). Two numbers per run, both against the reference's
    Frobenius norm: the relative error ||y - ref|| / ||ref|| and the worst output column's error
-   relative to a typical column (catches one bad tile among thousands of good ones).
+   relative to a typical column (catches one bad tile among thousands of good ones). Thresholds
+   are per activation dtype (`RTOL`), looser on real activations, whose outliers legitimately
+   inflate the error of kernels that quantise activations.
 2. Golden greedy decode. A fixed prompt is decoded greedily through the engine (paged KV cache,
    served kernels, CUDA graphs where on), with the served logprobs of every prompt position and
    every generated token. Then the model runs once more, teacher-forced over the same tokens,
@@ -22,8 +24,8 @@ Why the golden comparison cannot false-alarm on fp16 rounding: it never asks for
 tokens. A near tie that rounding flips gives a picked token whose reference logprob is within
 the rounding error of the best one (far below the margin), and teacher forcing scores every
 position on the same prefix, so one flip never cascades into a diverged continuation. Garbage
-does not hide under the margin: a token a broken path emits typically sits 5-20 nats below the
-reference's best (measured numbers are in bench/NOTES.md).
+does not hide under the margin: measured on the default model, correct paths stay within 0.93
+nats, broken ones are 19-30 nats off (numbers in bench/NOTES.md).
 
 A failure refuses to serve: one log line per failing layer (name, backend, error, threshold) and
 a SelfCheckError (the CLI exits non-zero). With `allow_fallback`, failing layers move to the
@@ -48,14 +50,19 @@ from server.models.attention import CausalAttention
 log = logging.getLogger("quantserve.selfcheck")
 
 REFERENCE_BACKEND = "torch"
-# Relative error (Frobenius) allowed per activation dtype. Output rounding alone gives ~3e-4 in
-# fp16 and ~2e-3 in bf16; kernels that quantise activations to int8 (the CPU kernel) add ~1e-2.
-# The bugs this exists for (pack order, zero/scale/group mix-ups, ignored g_idx, stale tile
-# edges, NaN/overflow) give 1e-1 .. 1e0.
+# Relative error (Frobenius) allowed on random inputs, per activation dtype. Measured on the
+# default model: 0 for dense fp32, 3e-3 for dense bf16, <= 8e-3 for the CPU kernel, which
+# quantises activations to int8 by design. The bugs this exists for give far more: a uniform 5%
+# scale error 5e-2, zeros off by one 5e-2 .. 1, permuted outputs ~1.4, NaN/overflow inf.
 RTOL = {torch.float32: 2e-2, torch.float16: 2e-2, torch.bfloat16: 4e-2}
+# Real activations have outlier channels that inflate int8-activation error (up to 4e-2 measured
+# on SmolLM2's v_proj with the CPU kernel); their check is there for NaN, overflow and garbage.
+REAL_ACTIVATION_FACTOR = 4.0
 COLUMN_FACTOR = 10.0  # worst column may be this many times the relative-error threshold
-# Logprob agreement (nats) of the golden decode per dtype; see the module docstring.
-GOLDEN_NATS = {torch.float32: 1.0, torch.float16: 1.5, torch.bfloat16: 2.5}
+# Logprob agreement (nats) of the golden decode per dtype. Measured worst case of a correct path
+# on the default model: 0.56 (dense bf16), 0.72 / 0.93 (CPU int8-activation kernel, fp32 / bf16);
+# broken paths: 19-30 (permuted outputs at small M, zeros off by one).
+GOLDEN_NATS = {torch.float32: 3.0, torch.float16: 3.0, torch.bfloat16: 4.0}
 GOLDEN_PROMPT = ("The quick brown fox jumps over the lazy dog. The capital of France is Paris, "
                  "and the capital of Italy is")
 MIN_PROMPT_TOKENS = 17  # the prefill must take the GEMM path (M >= 16)
@@ -321,7 +328,8 @@ def _checked_forward(name: str, layer: QuantLinear, config: SelfCheckConfig,
         ref = torch.nn.functional.linear(x.float(), w, bias)
         if runs is not None and layer.backend != REFERENCE_BACKEND:
             threshold = RTOL.get(x.dtype, max(RTOL.values()))
-            runs.append(_run_backend(name, layer, x, ref, "prompt", threshold))
+            runs.append(_run_backend(name, layer, x, ref, "prompt",
+                                     threshold * REAL_ACTIVATION_FACTOR))
             for m in config.ms:
                 xr = torch.randn(m, layer.in_features, generator=gen, device=x.device,
                                  dtype=torch.float32).to(x.dtype)
