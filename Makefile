@@ -10,7 +10,7 @@ PORT   ?= 8000
 ARGS   ?=
 PYTEST_ARGS ?=
 
-.PHONY: serve test venv clean
+.PHONY: serve test test-tools venv clean
 
 venv: $(STAMP)
 
@@ -25,8 +25,22 @@ $(STAMP): pyproject.toml constraints.txt
 serve: $(STAMP)
 	$(VENV)/bin/quantserve serve --host $(HOST) --port $(PORT) $(ARGS)
 
-test: $(STAMP)
+test: $(STAMP) test-tools
 	$(PY) -m pytest $(PYTEST_ARGS)
+
+# Debian's `prometheus` package (prometheus + promtool) for tests/ops: installed when missing and
+# we are root (CI); a no-op once present. Its service is not left running where systemd runs.
+test-tools:
+	@if ! command -v promtool >/dev/null 2>&1 || ! command -v prometheus >/dev/null 2>&1; then \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	    echo "installing Debian package prometheus (for tests/ops)"; \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
+	      --no-install-recommends prometheus >/dev/null; \
+	    if [ -d /run/systemd/system ]; then systemctl disable --now prometheus >/dev/null 2>&1 || true; fi; \
+	  else \
+	    echo "note: prometheus/promtool missing and not root: the tests that need them will skip"; \
+	  fi; \
+	fi
 
 clean:
 	rm -rf $(VENV) .pytest_cache

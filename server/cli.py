@@ -73,6 +73,10 @@ def build_parser() -> argparse.ArgumentParser:
     _flag(s, "--shutdown-timeout", 30.0, "seconds in-flight requests get to finish on SIGTERM",
           type=float)
     _flag(s, "--log-level", "info", "logging level", choices=["debug", "info", "warning", "error"])
+    _flag(s, "--skip-self-check", False, "start without checking every kernel against the float32 "
+          "reference and decoding a golden prompt")
+    _flag(s, "--allow-fallback", False, "serve layers that fail the self-check on the reference "
+          "backend instead of refusing to start")
 
     q = sub.add_parser("quantize", help="quantize a model into a GPTQ checkpoint")
     q.add_argument("model", help="'default', a local directory or a Hugging Face id")
@@ -108,7 +112,12 @@ def model_config(args: argparse.Namespace) -> ModelConfig:
         cache_dir=Path(args.cache_dir).expanduser() if args.cache_dir else None,
         kernel=args.kernel, quantize_method=args.quantize_method,
         quantize_bits=args.quantize_bits, quantize_group_size=args.quantize_group_size,
+<<<<<<< HEAD
         load_format=args.load_format, tokenizer=args.tokenizer)
+=======
+        self_check=not getattr(args, "skip_self_check", False),
+        allow_fallback=getattr(args, "allow_fallback", False))
+>>>>>>> ops
 
 
 def serve(args: argparse.Namespace) -> int:

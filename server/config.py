@@ -22,7 +22,7 @@ def env_name(flag: str) -> str:
 def env_default(flag: str, default):
     """The default for a CLI flag: its environment variable when set, else `default`."""
     raw = os.environ.get(env_name(flag))
-    if raw is None:
+    if raw is None or raw.strip() == "":  # set but empty (compose's ${VAR:-}) means unset
         return default
     if isinstance(default, bool):
         return raw.strip().lower() in ("1", "true", "yes", "on")
@@ -62,6 +62,8 @@ class ModelConfig:
     quantize_group_size: int = 64
     load_format: str = "auto"  # auto | dummy (random packed weights of a preset / config shape)
     tokenizer: str | None = None  # tokenizer directory (default: the checkpoint's, or SmolLM2's)
+    self_check: bool = True  # kernels vs the float32 reference + a golden decode before serving
+    allow_fallback: bool = False  # serve layers that fail the self-check on the reference path
 
 
 @dataclass(frozen=True)

@@ -17,7 +17,9 @@ from server.api.app import create_app
 from server.config import EngineConfig, ModelConfig, ServerConfig
 from server.engine.async_engine import AsyncEngine
 from server.engine.engine import LLMEngine
+from quant.kernels import backend_counts
 from server.loader import LoadedModel, QuantizeSpec, load_model, read_generation_eos
+from server.selfcheck import SelfCheckConfig, run_self_check
 
 log = logging.getLogger("quantserve")
 
@@ -40,6 +42,11 @@ def build_engine(mcfg: ModelConfig, ecfg: EngineConfig) -> tuple[LoadedModel, As
     log.info("model %s loaded in %.1fs: %.1f MiB of weights, kernel backends %s", loaded.name,
              loaded.load_seconds, loaded.weight_bytes / 2**20, loaded.backends)
     engine = LLMEngine(loaded.model, ecfg, eos_token_ids(loaded))
+    loaded.self_check = run_self_check(engine, loaded.tokenizer, SelfCheckConfig(
+        enabled=mcfg.self_check, allow_fallback=mcfg.allow_fallback))
+    if loaded.self_check.fallbacks:  # in place: the metrics read this dict at scrape time
+        loaded.backends.clear()
+        loaded.backends.update(backend_counts(loaded.model))
     return loaded, AsyncEngine(engine)
 
 

@@ -16,8 +16,8 @@ from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, Response
 
 from server.api.errors import APIError, error_response, install_error_handlers
-from server.api.gauges import engine_gauges, memory_gauges, quant_gauges
-from server.api.metrics import Metrics
+from server.api.gauges import engine_gauges, memory_gauges, quant_gauges, self_check_gauges
+from server.api.metrics import HTTPMetrics, Metrics
 from server.api.routes import ServingContext, build_router
 from server.config import ServerConfig
 from server.engine.async_engine import AsyncEngine
@@ -109,6 +109,7 @@ def create_app(loaded: LoadedModel, engine: AsyncEngine, config: ServerConfig,
         app.add_middleware(CORSMiddleware, allow_origins=list(config.cors_origins),
                            allow_methods=["GET", "POST", "OPTIONS"], allow_headers=["*"])
     app.add_middleware(BodyLimit, max_bytes=config.max_body_bytes)
+    app.add_middleware(HTTPMetrics, metrics=metrics)  # outermost: counts 413s too
 
     async def require_key(request: Request) -> None:
         if not config.api_keys:
@@ -120,6 +121,10 @@ def create_app(loaded: LoadedModel, engine: AsyncEngine, config: ServerConfig,
                            code="invalid_api_key")
 
     e = engine.engine
+    report = loaded.self_check  # server.selfcheck.SelfCheckReport, or None if never run
+    if report is not None:
+        state.self_check = report.to_dict()
+        state.fallbacks.update(report.fallbacks)
     metrics.info.info({"version": "0.1.0", "model": loaded.name})
     metrics.gauge_sources += [
         engine_gauges(engine),
@@ -127,6 +132,7 @@ def create_app(loaded: LoadedModel, engine: AsyncEngine, config: ServerConfig,
         quant_gauges(loaded.quant_config,
                      loaded.quant_config.checkpoint_format if loaded.quant_config else "none",
                      loaded.backends, state.fallbacks),
+        self_check_gauges(report),
     ]
     engine.on_stats = metrics.observe_step
 

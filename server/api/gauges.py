@@ -34,7 +34,8 @@ def engine_gauges(engine: AsyncEngine) -> GaugeSource:
             _gauge("quantserve_num_requests_in_flight", "HTTP requests being served",
                    engine.num_in_flight),
             _gauge("quantserve_kv_cache_blocks_used", "KV cache blocks in use", s.kv_blocks_used),
-            _gauge("quantserve_kv_cache_blocks_total", "KV cache blocks in all", s.kv_blocks_total),
+            _gauge("quantserve_kv_cache_blocks_capacity", "KV cache blocks in all",
+                   s.kv_blocks_total),
             _gauge("quantserve_kv_cache_usage_ratio", "Used / total KV blocks (0-1)", s.kv_usage),
             _gauge("quantserve_queued_prompt_tokens", "Prompt tokens of requests not finished",
                    engine.queued_prompt_tokens),
@@ -81,15 +82,38 @@ def memory_gauges(weight_bytes: int, kv_cache_bytes: int, device: torch.device) 
 
 
 def _nvml_handle(device: torch.device):
+    """The NVML handle of torch's `device`, or None (no nvidia-ml-py, no driver, not CUDA).
+
+    NVML numbers GPUs ignoring CUDA_VISIBLE_DEVICES, so the device is matched by UUID (then PCI
+    bus id); a bare index is trusted only when CUDA_VISIBLE_DEVICES is unset."""
     if device.type != "cuda":
         return None
     try:
-        import pynvml
-
+        import pynvml  # the optional extra: pip install 'quantserve[nvml]' (nvidia-ml-py)
+    except ImportError:
+        return None
+    try:
         pynvml.nvmlInit()
-        return pynvml.nvmlDeviceGetHandleByIndex(device.index or 0)
     except Exception:
         return None
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    props = torch.cuda.get_device_properties(index)
+    lookups = []
+    uuid = getattr(props, "uuid", None)
+    if uuid is not None:
+        lookups.append(lambda: pynvml.nvmlDeviceGetHandleByUUID(f"GPU-{uuid}"))
+    if getattr(props, "pci_bus_id", None) is not None:
+        bus = (f"{getattr(props, 'pci_domain_id', 0):08X}:{props.pci_bus_id:02X}:"
+               f"{getattr(props, 'pci_device_id', 0):02X}.0")
+        lookups.append(lambda: pynvml.nvmlDeviceGetHandleByPciBusId(bus))
+    if not os.environ.get("CUDA_VISIBLE_DEVICES"):
+        lookups.append(lambda: pynvml.nvmlDeviceGetHandleByIndex(index))
+    for lookup in lookups:
+        try:
+            return lookup()
+        except Exception:
+            continue
+    return None
 
 
 def quant_gauges(quant: QuantConfig | None, checkpoint_format: str, backends: dict[str, int],
@@ -112,7 +136,36 @@ def quant_gauges(quant: QuantConfig | None, checkpoint_format: str, backends: di
         falls = GaugeMetricFamily("quantserve_kernel_fallback_layers",
                                   "Layers moved to the reference path by the start-up self-check",
                                   labels=["backend"])
-        for name, count in sorted((fallbacks or {}).items()):
-            falls.add_metric([name], count)
+        moved = fallbacks or {}
+        for name in sorted(set(backends) | set(moved)):  # 0 for every backend in use: no gaps
+            falls.add_metric([name], moved.get(name, 0))
         return [info, layers, falls]
+    return collect
+
+
+SELF_CHECK_STATES = ("passed", "fallback", "skipped", "not_run")
+
+
+def self_check_gauges(report) -> GaugeSource:
+    """`report`: server.selfcheck.SelfCheckReport, or None when the check was never run."""
+    current = report.status if report is not None else "not_run"
+
+    def collect() -> list[GaugeMetricFamily]:
+        status = GaugeMetricFamily("quantserve_self_check_status",
+                                   "Outcome of the start-up self-check (1 on the current state)",
+                                   labels=["state"])
+        for state in SELF_CHECK_STATES:
+            status.add_metric([state], 1.0 if state == current else 0.0)
+        out = [status]
+        if report is not None and report.status != "skipped":
+            out.append(_gauge("quantserve_self_check_duration_seconds",
+                              "Wall time of the start-up self-check", report.seconds))
+            worst = GaugeMetricFamily("quantserve_self_check_max_relative_error",
+                                      "Worst relative error of a kernel backend against the float32 "
+                                      "reference at start-up (before any fallback)",
+                                      labels=["backend"])
+            for name, err in sorted(report.max_rel_error.items()):
+                worst.add_metric([name], err)
+            out.append(worst)
+        return out
     return collect
