@@ -112,12 +112,9 @@ def model_config(args: argparse.Namespace) -> ModelConfig:
         cache_dir=Path(args.cache_dir).expanduser() if args.cache_dir else None,
         kernel=args.kernel, quantize_method=args.quantize_method,
         quantize_bits=args.quantize_bits, quantize_group_size=args.quantize_group_size,
-<<<<<<< HEAD
-        load_format=args.load_format, tokenizer=args.tokenizer)
-=======
+        load_format=args.load_format, tokenizer=args.tokenizer,
         self_check=not getattr(args, "skip_self_check", False),
         allow_fallback=getattr(args, "allow_fallback", False))
->>>>>>> ops
 
 
 def serve(args: argparse.Namespace) -> int:
