@@ -22,6 +22,9 @@ from tests.live_server import free_port, start_server
 
 ENGINE = EngineConfig(kv_cache_gb=0.02)
 
+# the tiny model served: 2 layers x (fused qkv, o, fused gate_up, down) packed layers
+QUANT_LAYERS = 8
+
 
 class GarbageAtSmallM:
     """A kernel with vLLM #10656's failure mode: right for M >= 16 rows, garbage for M <= 8
@@ -70,7 +73,7 @@ def test_healthy_model_passes_in_every_dtype(tiny_checkpoint):
         loaded, engine = _engine(tiny_checkpoint, dtype=dtype)
         report = run_self_check(engine, loaded.tokenizer)
         assert report.status == "passed", (dtype, report.to_dict())
-        assert report.layers_checked == 14 and report.golden.generated_tokens == 8
+        assert report.layers_checked == QUANT_LAYERS and report.golden.generated_tokens == 8
         assert report.golden.positions == report.golden.prompt_tokens - 1 + 8
         assert report.golden.max_logprob_diff < report.golden.tolerance / 4, dtype
         assert engine.allocator.cached == {}  # nothing of the check left in the prefix cache
@@ -93,7 +96,7 @@ def test_corrupted_layer_refuses_then_falls_back(tiny_checkpoint, caplog):
     assert report.status == "fallback" and report.fallbacks == {"dense": 1}
     assert {r.layer for r in report.failures} == {"model.layers.1.mlp.down_proj"}
     assert layer.backend == "torch" and report.golden.ok
-    assert kernels.backend_counts(loaded.model) == {"dense": 13, "torch": 1}
+    assert kernels.backend_counts(loaded.model) == {"dense": QUANT_LAYERS - 1, "torch": 1}
 
 
 def test_wrong_decode_path_is_caught_outside_the_kernels(tiny_checkpoint):
@@ -119,10 +122,10 @@ def test_cli_refuses_to_serve_a_garbage_kernel(tiny_checkpoint, garbage_backend,
     with caplog.at_level(logging.ERROR, logger="quantserve.selfcheck"):
         assert cli.main(argv) == 1
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "self-check failed (14 of 14 layers" in err[0]
+    assert len(err) == 1 and f"self-check failed ({QUANT_LAYERS} of {QUANT_LAYERS} layers" in err[0]
     assert "refusing to serve" in err[0] and garbage_backend in err[0]
     lines = [r.message for r in caplog.records]
-    assert any("model.layers.0.self_attn.q_proj" in m and garbage_backend in m and "M=1" in m
+    assert any("model.layers.0.self_attn.qkv_proj" in m and garbage_backend in m and "M=1" in m
                for m in lines)
     assert not any("M=16 (random" in m for m in lines)  # the GEMM-sized path is right
 
@@ -133,13 +136,13 @@ def test_allow_fallback_serves_and_reports_it(tiny_checkpoint, garbage_backend):
                        kernel=garbage_backend, allow_fallback=True)
     try:
         card = httpx.get(srv.url + "/v1/models", timeout=10).json()["data"][0]["quantization"]
-        assert card["kernel_backends"] == {"torch": 14}
+        assert card["kernel_backends"] == {"torch": QUANT_LAYERS}
         assert card["self_check"]["status"] == "fallback"
-        assert card["self_check"]["fallbacks"] == {garbage_backend: 14}
+        assert card["self_check"]["fallbacks"] == {garbage_backend: QUANT_LAYERS}
         text = httpx.get(srv.url + "/metrics", timeout=10).text
-        assert f'quantserve_kernel_fallback_layers{{backend="{garbage_backend}"}} 14.0' in text
+        assert f'quantserve_kernel_fallback_layers{{backend="{garbage_backend}"}} {QUANT_LAYERS}.0' in text
         assert 'quantserve_self_check_status{state="fallback"} 1.0' in text
-        assert httpx.get(srv.url + "/health", timeout=10).json()["fallbacks"] == {garbage_backend: 14}
+        assert httpx.get(srv.url + "/health", timeout=10).json()["fallbacks"] == {garbage_backend: QUANT_LAYERS}
         body = {"model": "tiny", "prompt": "Once upon a time", "max_tokens": 12, "temperature": 0}
         got = httpx.post(srv.url + "/v1/completions", json=body, timeout=60).json()
         want = httpx.post(reference.url + "/v1/completions", json=body, timeout=60).json()
