@@ -82,10 +82,19 @@ __global__ void __launch_bounds__(GemmCfg<T, BITS, MT, NT, WM, WN>::kThreads)
   };
   auto bdq = [&](int dbuf) { return reinterpret_cast<T*>(bdq_base + dbuf * Cfg::BDQ_BYTES); };
 
-  auto load_unit = [&](long long u, int buf) {
-    const long long tile = u / nst;
-    const int st = int(u - tile * nst);
-    const int nblk = int(tile / mblocks), mblk = int(tile - (long long)nblk * mblocks);
+  // (tile, stage) of a unit, advanced by one per call: no 64-bit division in the main loop.
+  struct Cursor {
+    int tile, st;
+  };
+  auto advance = [&](Cursor& c) {
+    if (++c.st == nst) {
+      c.st = 0;
+      ++c.tile;
+    }
+  };
+  auto load_unit = [&](const Cursor& cu, int buf) {
+    const int tile = cu.tile, st = cu.st;
+    const int nblk = tile / mblocks, mblk = tile - nblk * mblocks;
     const int m0 = mblk * BM, strip0 = nblk * STRIPS, step0 = st * KB;
     T* sa = stage_a(buf);
     for (int idx = tid; idx < BM * (BK / 8); idx += NTH) {
@@ -119,8 +128,8 @@ __global__ void __launch_bounds__(GemmCfg<T, BITS, MT, NT, WM, WN>::kThreads)
 
   // Widen the stage's codes into the [BN][BK] tile: warp-sized (strip, step) pieces, 16 x 32-bit
   // stores per lane each (conflict-free: the 8 lane groups land in 8 different swizzled chunks).
-  auto dequant_unit = [&](long long u, int buf, int dbuf) {
-    const int step0 = int(u % nst) * KB;
+  auto dequant_unit = [&](const Cursor& cu, int buf, int dbuf) {
+    const int step0 = cu.st * KB;
     const int gfirst = step0 >> a.group_shift;
     const uint4* sb = stage_b(buf);
     const uint4* ss = stage_s(buf);
@@ -162,8 +171,8 @@ __global__ void __launch_bounds__(GemmCfg<T, BITS, MT, NT, WM, WN>::kThreads)
 #pragma unroll
   for (int r = 0; r < NACC; ++r) acc[r] = 0.f;
 
-  auto mma_unit = [&](long long u, int buf, int dbuf) {
-    const int step0 = int(u % nst) * KB;
+  auto mma_unit = [&](const Cursor& cu, int buf, int dbuf) {
+    const int step0 = cu.st * KB;
     const T* sa = stage_a(buf);
     const T* sbq = bdq(dbuf);
 #pragma unroll
@@ -196,8 +205,8 @@ __global__ void __launch_bounds__(GemmCfg<T, BITS, MT, NT, WM, WN>::kThreads)
 
   // y = acc + bias for this warp's fragment: acc[(mt, nb, h)][c] is row mt*16 + g + 8*(c >> 1),
   // column nb*16 + 8h + 2t + (c & 1) of the warp tile.
-  auto write_y = [&](long long tile) {
-    const int nblk = int(tile / mblocks), mblk = int(tile - (long long)nblk * mblocks);
+  auto write_y = [&](int tile) {
+    const int nblk = tile / mblocks, mblk = tile - nblk * mblocks;
     const int row0 = mblk * BM + wm * MT * 16, col0 = nblk * Cfg::BN + wn * NT * 16;
 #pragma unroll
     for (int mt = 0; mt < MT; ++mt)
@@ -221,8 +230,8 @@ __global__ void __launch_bounds__(GemmCfg<T, BITS, MT, NT, WM, WN>::kThreads)
           }
   };
 
-  auto flush = [&](long long tile, long long seg_first, long long seg_end) {
-    const long long tile_first = tile * nst;
+  auto flush = [&](int tile, long long seg_first, long long seg_end) {
+    const long long tile_first = (long long)tile * nst;
     if (seg_first == tile_first && seg_end == tile_first + nst) {
       write_y(tile);
     } else {
@@ -258,27 +267,45 @@ __global__ void __launch_bounds__(GemmCfg<T, BITS, MT, NT, WM, WN>::kThreads)
     for (int r = 0; r < NACC; ++r) acc[r] = 0.f;
   };
 
+  const Cursor first = {int(u0 / nst), int(u0 % nst)};
+  Cursor loader = first, widen = first, comp = first;
   for (int i = 0; i < stages - 1; ++i) {
-    if (u0 + i < u1) load_unit(u0 + i, i);
+    if (u0 + i < u1) {
+      load_unit(loader, i);
+      advance(loader);
+    }
     cp_async_commit();
   }
   cp_async_wait(stages - 2);
   __syncthreads();
-  if (u0 < u1) dequant_unit(u0, 0, 0);
+  if (u0 < u1) {
+    dequant_unit(widen, 0, 0);
+    advance(widen);
+  }
   long long seg_first = u0;
+  int buf = 0, load_buf = (stages - 1) % stages;
   for (long long u = u0; u < u1; ++u) {
     const int it = int(u - u0);
     cp_async_wait(stages - 3);  // unit u+1 has landed
     __syncthreads();            // dequant(u) visible; mma(u-1) done with its buffers
-    const long long nu = u + stages - 1;
-    if (nu < u1) load_unit(nu, (it + stages - 1) % stages);
+    if (u + stages - 1 < u1) {
+      load_unit(loader, load_buf);
+      advance(loader);
+    }
     cp_async_commit();
-    if (u + 1 < u1) dequant_unit(u + 1, (it + 1) % stages, (it + 1) & 1);
-    mma_unit(u, it % stages, it & 1);
-    if (u + 1 == u1 || (u + 1) % nst == 0) {
-      flush(u / nst, seg_first, u + 1);
+    const int next_buf = buf + 1 == stages ? 0 : buf + 1;
+    if (u + 1 < u1) {
+      dequant_unit(widen, next_buf, (it + 1) & 1);
+      advance(widen);
+    }
+    mma_unit(comp, buf, it & 1);
+    if (comp.st == nst - 1 || u + 1 == u1) {
+      flush(comp.tile, seg_first, u + 1);
       seg_first = u + 1;
     }
+    advance(comp);
+    buf = next_buf;
+    load_buf = load_buf + 1 == stages ? 0 : load_buf + 1;
   }
   cp_async_wait(0);
 }

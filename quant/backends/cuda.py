@@ -174,10 +174,11 @@ class CudaBackend:
 
 
 def matmul(state: CudaLayout, x: torch.Tensor, out: torch.Tensor | None = None,
-           op: str | None = None) -> torch.Tensor:
+           op: str | None = None, variant: int = 0) -> torch.Tensor:
     """y [M, N] = x [M, K] (fp16/bf16, contiguous) @ W + bias through the kernels.
 
     op: "gemv" (M <= 32) or "gemm"; None picks gemv for M <= CudaBackend.gemv_max_m.
+    variant: GEMV kernel, 0 (default) or 1 (prefetching, scale applied per group sum; slower on H100).
     out: optional preallocated y (tests poison it to prove every element is written)."""
     if state.perm is not None:
         x = x.index_select(1, state.perm)
@@ -190,7 +191,7 @@ def matmul(state: CudaLayout, x: torch.Tensor, out: torch.Tensor | None = None,
         op = "gemv" if x.shape[0] <= CudaBackend.gemv_max_m else "gemm"
     fn = ext.gemv if op == "gemv" else ext.gemm
     return fn(x, state.qweight, scales, zeros, bias, ws.partials, ws.counters, ws.accum, ws.accum_counters,
-              state.n, state.bits, state.group_shift, state.zero_point, out)
+              state.n, state.bits, state.group_shift, state.zero_point, out, variant)
 
 
 def _register() -> None:

@@ -29,7 +29,7 @@ def _layer(k, n, bits, group_size, sym=True, fmt=FORMAT_V1, desc_act=False, bias
     return layer
 
 
-def _check(layer, ms, dtype, ops=("auto",)):
+def _check(layer, ms, dtype, ops=("auto",), variant=0):
     g = torch.Generator(device="cuda").manual_seed(next(_SEED))
     for m in ms:
         x = torch.randn(m, layer.in_features, device="cuda", dtype=dtype, generator=g)
@@ -38,11 +38,12 @@ def _check(layer, ms, dtype, ops=("auto",)):
             if op == "gemv" and m > cuda_backend.CudaBackend.gemv_max_m:
                 continue
             out = torch.full((m, layer.out_features), float("nan"), device="cuda", dtype=dtype)
-            y = cuda_backend.matmul(layer.kernel_state, x, out=out, op=None if op == "auto" else op)
+            y = cuda_backend.matmul(layer.kernel_state, x, out=out, op=None if op == "auto" else op,
+                                    variant=variant)
             assert y.data_ptr() == out.data_ptr()
             assert torch.isfinite(y).all(), f"unwritten or non-finite outputs at m={m} op={op}"
             err = ((y.float() - ref).norm() / ref.norm()).item()
-            assert err < TOL[dtype], (f"m={m} op={op} K={layer.in_features} N={layer.out_features} "
+            assert err < TOL[dtype], (f"m={m} op={op} v{variant} K={layer.in_features} N={layer.out_features} "
                                       f"bits={layer.bits} g={layer.group_size} {dtype}: rel err {err:.2e}")
 
 
@@ -108,18 +109,50 @@ def test_unsupported_group_size_falls_back_to_dense():
     assert layer.prepare() == "dense"
 
 
+@pytest.mark.parametrize("bits,group_size,sym", [(4, 128, True), (4, 32, False), (8, 64, False), (3, 64, True)])
+def test_prefetch_gemv_variant(bits, group_size, sym):
+    layer = _layer(1536, 576, bits, group_size, sym, FORMAT_V2, bias=True)
+    for dtype in (torch.float16, torch.bfloat16):
+        _check(layer, (1, 5, 16, 32), dtype, ops=("gemv",), variant=1)
+
+
+BAD_INPUTS = """
+import torch
+from quant.backends import cuda as cb
+from tests.kernels.layers import random_layer
+layer = random_layer(576, 192, 4, 128, device="cuda")
+assert layer.prepare("cuda") == "cuda"
+ext, st = cb.extension(), layer.kernel_state
+scales, zeros, bias = st.constants[torch.float16]
+ws = cb.workspace(torch.device("cuda"))
+bufs = (ws.partials, ws.counters, ws.accum, ws.accum_counters)
+x = torch.randn(40, 576, device="cuda", dtype=torch.float16)
+calls = [
+    lambda: ext.gemv(x, st.qweight, scales, zeros, bias, *bufs, 192, 4, st.group_shift, 8, None),
+    lambda: ext.gemm(x[:, :560].contiguous(), st.qweight, scales, zeros, bias, *bufs, 192, 4, st.group_shift, 8),
+    lambda: ext.gemm(x.float(), st.qweight, scales, zeros, bias, *bufs, 192, 4, st.group_shift, 8),
+]
+for call in calls:
+    try:
+        call()
+        print("NO ERROR")
+    except RuntimeError as exc:
+        print(str(exc).splitlines()[0])
+"""
+
+
 def test_bad_inputs_report_numbers():
-    layer = _layer(576, 192, 4, 128)
-    ext = cuda_backend.extension()
-    state = layer.kernel_state
-    scales, zeros, bias = state.constants[torch.float16]
-    ws = cuda_backend.workspace(torch.device("cuda"))
-    bufs = (ws.partials, ws.counters, ws.accum, ws.accum_counters)
-    x = torch.randn(40, 576, device="cuda", dtype=torch.float16)
-    with pytest.raises(RuntimeError, match="m <= 32 rows, got m=40"):
-        ext.gemv(x, state.qweight, scales, zeros, bias, *bufs, 192, 4, state.group_shift, 8, None)
-    with pytest.raises(RuntimeError, match=r"qweight has shape \[3, 36, 32, 4\], expected \[3, 35, 32, 4\]"):
-        ext.gemm(x[:, :560].contiguous(), state.qweight, scales, zeros, bias, *bufs, 192, 4,
-                 state.group_shift, 8, None)
-    with pytest.raises(RuntimeError, match="x must be float16 or bfloat16, got Float"):
-        ext.gemm(x.float(), state.qweight, scales, zeros, bias, *bufs, 192, 4, state.group_shift, 8, None)
+    """In a subprocess: a crash on the C++ error path must fail this test, not the whole run."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    proc = subprocess.run([sys.executable, "-c", BAD_INPUTS], capture_output=True, text=True, cwd=root,
+                          timeout=300)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, f"error path crashed (rc={proc.returncode}):\n{out[-2000:]}"
+    assert "m <= 32 rows, got m=40" in out
+    assert "qweight has shape [3, 36, 32, 4], expected [3, 35, 32, 4]" in out
+    assert "x must be float16 or bfloat16, got Float" in out
+    assert "NO ERROR" not in out
