@@ -77,8 +77,8 @@ def ours_make(k, n):
                       perm=None, constants={torch.float16: (scales, None, None)})
 
 
-def ours_call(op=None, variant=0):
-    return lambda x, w: cuda_backend.matmul(w, x, op=op, variant=variant)
+def ours_call(op=None):
+    return lambda x, w: cuda_backend.matmul(w, x, op=op)
 
 
 def fp16_make(k, n):
@@ -138,9 +138,9 @@ def bench_backend(name, ms, layers, rows, steps, extra_ops):
             step_ms = time_graph(calls, 10)
             steps.append({"m": m, "backend": name, "ms": round(step_ms, 4)})
             print(f"{name:12s} m={m:4d} step {step_ms:8.3f} ms", flush=True)
-            for label, (op, variant, sub_ms) in extra_ops.items():
+            for label, (op, sub_ms) in extra_ops.items():
                 if name == "ours" and m in sub_ms:
-                    c2 = ours_call(op, variant)
+                    c2 = ours_call(op)
                     calls2 = []
                     seen = {}
                     for s in order:
@@ -246,7 +246,7 @@ def main() -> None:
     copy_bw, read_bw = bandwidths()
     print(f"{gpu}: copy {copy_bw:.3f} TB/s (read+write), read {read_bw:.3f} TB/s", flush=True)
     rows, steps = [], []
-    extra = {"ours_gemm_forced": ("gemm", 0, {16, 32}), "ours_gemv_prefetch": ("gemv", 1, {1, 4, 16, 32})}
+    extra = {"ours_gemm_forced": ("gemm", {16, 32})}
     for name in args.backends.split(","):
         bench_backend(name, ms, args.layers, rows, steps, extra)
     result = {"gpu": gpu, "torch": torch.__version__, "cuda": torch.version.cuda, "group_size": GROUP,

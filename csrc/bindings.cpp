@@ -66,7 +66,7 @@ torch::Tensor run(bool gemv, const torch::Tensor& x, const torch::Tensor& qweigh
                   const c10::optional<torch::Tensor>& zeros, const c10::optional<torch::Tensor>& bias,
                   const torch::Tensor& workspace, const torch::Tensor& counters, const torch::Tensor& accum,
                   const torch::Tensor& accum_counters, int64_t n, int64_t bits, int64_t group_shift,
-                  int64_t zero_point, const c10::optional<torch::Tensor>& out, int64_t variant) {
+                  int64_t zero_point, const c10::optional<torch::Tensor>& out) {
   require(x.is_cuda(), "x must be a CUDA tensor, got ", x.device());
   require(x.dim() == 2, "x must be 2-D [m, k], got shape ", shape_str(x));
   require(x.is_contiguous(), "x must be contiguous, shape ", shape_str(x));
@@ -78,7 +78,6 @@ torch::Tensor run(bool gemv, const torch::Tensor& x, const torch::Tensor& qweigh
   require(bits == 4 || bits == 8, "bits must be 4 or 8 (repacked code width), got ", bits);
   require(n > 0 && n % 2 == 0, "n must be positive and even, got n=", n);
   require(group_shift >= 0 && group_shift <= 31, "group_shift must be in [0, 31], got ", group_shift);
-  require(variant == 0 || variant == 1, "variant must be 0 or 1, got ", variant);
   if (gemv) require(m <= qs_gemv_max_m(), "gemv takes m <= ", qs_gemv_max_m(), " rows, got m=", m);
   const int64_t n_strips = (n + 63) / 64, k_steps = (k + 15) / 16;
   check_cuda(qweight, "qweight", x);
@@ -156,7 +155,6 @@ torch::Tensor run(bool gemv, const torch::Tensor& x, const torch::Tensor& qweigh
   a.group_shift = int(group_shift);
   a.zero_point = int(zero_point);
   a.dtype = x.scalar_type() == torch::kHalf ? QS_F16 : QS_BF16;
-  a.variant = int(variant);
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   cudaError_t err = gemv ? qs_gemv(&a, stream) : qs_gemm(&a, stream);
   require(err == cudaSuccess, gemv ? "qs_gemv" : "qs_gemm", " failed for m=", m, " n=", n, " k=", k,
@@ -168,18 +166,18 @@ torch::Tensor gemv(const torch::Tensor& x, const torch::Tensor& qweight, const t
                    const c10::optional<torch::Tensor>& zeros, const c10::optional<torch::Tensor>& bias,
                    const torch::Tensor& workspace, const torch::Tensor& counters, const torch::Tensor& accum,
                    const torch::Tensor& accum_counters, int64_t n, int64_t bits, int64_t group_shift,
-                   int64_t zero_point, const c10::optional<torch::Tensor>& out, int64_t variant) {
+                   int64_t zero_point, const c10::optional<torch::Tensor>& out) {
   return run(true, x, qweight, scales, zeros, bias, workspace, counters, accum, accum_counters, n, bits,
-             group_shift, zero_point, out, variant);
+             group_shift, zero_point, out);
 }
 
 torch::Tensor gemm(const torch::Tensor& x, const torch::Tensor& qweight, const torch::Tensor& scales,
                    const c10::optional<torch::Tensor>& zeros, const c10::optional<torch::Tensor>& bias,
                    const torch::Tensor& workspace, const torch::Tensor& counters, const torch::Tensor& accum,
                    const torch::Tensor& accum_counters, int64_t n, int64_t bits, int64_t group_shift,
-                   int64_t zero_point, const c10::optional<torch::Tensor>& out, int64_t variant) {
+                   int64_t zero_point, const c10::optional<torch::Tensor>& out) {
   return run(false, x, qweight, scales, zeros, bias, workspace, counters, accum, accum_counters, n, bits,
-             group_shift, zero_point, out, variant);
+             group_shift, zero_point, out);
 }
 
 std::tuple<int64_t, int64_t> workspace_need(int64_t device) {
@@ -192,15 +190,15 @@ std::tuple<int64_t, int64_t> workspace_need(int64_t device) {
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.doc() = "quantserve fused int4/int8 dequant GEMV (m <= 16) and tensor-core GEMM kernels";
-  m.def("gemv", &gemv, "y[m, n] = x[m, k] @ W + bias for m <= 16 (repacked GPTQ codes)", py::arg("x"),
+  m.doc() = "quantserve fused int4/int8 dequant GEMV (m <= 32) and tensor-core GEMM kernels";
+  m.def("gemv", &gemv, "y[m, n] = x[m, k] @ W + bias for m <= 32 (repacked GPTQ codes)", py::arg("x"),
         py::arg("qweight"), py::arg("scales"), py::arg("zeros"), py::arg("bias"), py::arg("workspace"),
         py::arg("counters"), py::arg("accum"), py::arg("accum_counters"), py::arg("n"), py::arg("bits"), py::arg("group_shift"), py::arg("zero_point"),
-        py::arg("out") = py::none(), py::arg("variant") = 0);
+        py::arg("out") = py::none());
   m.def("gemm", &gemm, "y[m, n] = x[m, k] @ W + bias for any m (repacked GPTQ codes)", py::arg("x"),
         py::arg("qweight"), py::arg("scales"), py::arg("zeros"), py::arg("bias"), py::arg("workspace"),
         py::arg("counters"), py::arg("accum"), py::arg("accum_counters"), py::arg("n"), py::arg("bits"), py::arg("group_shift"), py::arg("zero_point"),
-        py::arg("out") = py::none(), py::arg("variant") = 0);
+        py::arg("out") = py::none());
   m.def("gemv_max_m", &qs_gemv_max_m, "largest m the gemv op takes");
   m.def("gemv_accum_floats", [](int64_t n) { return qs_gemv_accum_floats(int(n)); },
         "accumulator floats the gemv op needs for n columns (counters: ceil(n/64))", py::arg("n"));

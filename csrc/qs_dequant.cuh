@@ -113,32 +113,9 @@ struct GroupConsts<__nv_bfloat16, 8> {
 template <typename T, int BITS>
 struct Dequant;
 
-// Element `idx` (column c = 2j + h) of a raw 8 x 16-bit scale vector, as float.
-template <typename T>
-__device__ __forceinline__ float scale_at(const uint4& raw, int idx) {
-  const uint32_t w = word_of(raw, idx >> 1);
-  const uint32_t bits = (idx & 1) ? (w >> 16) : (w & 0xffffu);
-  if constexpr (sizeof(T) == 2 && Act<T>::kMagic == 1024) {
-    return __half2float(__ushort_as_half(static_cast<unsigned short>(bits)));
-  } else {
-    return __uint_as_float(bits << 16);
-  }
-}
-
-// tile() gives scale * (code - zero); tile_q() gives code - zero, exact in fp16 and bf16 (|q - z| < 256),
-// for kernels that apply the scale to the fp32 partial sum of a whole group instead.
 template <typename T>
 struct Dequant<T, 4> {
   static constexpr int kWordsPerLane = 4;  // per k16 step: 4 n-tiles x 1 word
-  __device__ static __forceinline__ void tile_q(const uint32_t* words, int j, const GroupConsts<T, 4>& gc,
-                                                uint32_t (&out)[4]) {
-    const uint32_t q = words[j];
-#pragma unroll
-    for (int p = 0; p < 4; ++p) {
-      uint32_t h = lop3_and_or<0x000f000fu>(q >> (4 * p), Act<T>::kMagic2);
-      out[p] = as_u32<T>(__hsub2(as_t2<T>(h), as_t2<T>(gc.zz[2 * j + (p >> 1)])));
-    }
-  }
   __device__ static __forceinline__ void tile(const uint32_t* words, int j, const GroupConsts<T, 4>& gc,
                                               uint32_t (&out)[4]) {
     const uint32_t q = words[j];
@@ -155,18 +132,6 @@ struct Dequant<T, 4> {
 template <>
 struct Dequant<__half, 8> {
   static constexpr int kWordsPerLane = 8;  // per k16 step: 4 n-tiles x 2 words (h = 0, 1)
-  __device__ static __forceinline__ void tile_q(const uint32_t* words, int j, const GroupConsts<__half, 8>& gc,
-                                                uint32_t (&out)[4]) {
-#pragma unroll
-    for (int h = 0; h < 2; ++h) {
-      const uint32_t w = words[2 * j + h];
-#pragma unroll
-      for (int hk = 0; hk < 2; ++hk) {
-        uint32_t v = __byte_perm(w, 0x64646464u, hk ? 0x4341 : 0x4240);
-        out[2 * h + hk] = as_u32<__half>(__hsub2(as_t2<__half>(v), as_t2<__half>(gc.zz[2 * j + h])));
-      }
-    }
-  }
   __device__ static __forceinline__ void tile(const uint32_t* words, int j, const GroupConsts<__half, 8>& gc,
                                               uint32_t (&out)[4]) {
 #pragma unroll
@@ -186,20 +151,6 @@ struct Dequant<__half, 8> {
 template <>
 struct Dequant<__nv_bfloat16, 8> {
   static constexpr int kWordsPerLane = 8;
-  __device__ static __forceinline__ void tile_q(const uint32_t* words, int j,
-                                                const GroupConsts<__nv_bfloat16, 8>& gc, uint32_t (&out)[4]) {
-#pragma unroll
-    for (int h = 0; h < 2; ++h) {
-      const uint32_t w = words[2 * j + h];
-      const int c = 2 * j + h;
-#pragma unroll
-      for (int hk = 0; hk < 2; ++hk) {
-        float a = __uint_as_float(__byte_perm(w, 0x4B000000u, hk ? 0x7441 : 0x7440));
-        float b = __uint_as_float(__byte_perm(w, 0x4B000000u, hk ? 0x7443 : 0x7442));
-        out[2 * h + hk] = Act<__nv_bfloat16>::pack2(a - gc.zf[c], b - gc.zf[c]);
-      }
-    }
-  }
   __device__ static __forceinline__ void tile(const uint32_t* words, int j,
                                               const GroupConsts<__nv_bfloat16, 8>& gc, uint32_t (&out)[4]) {
 #pragma unroll

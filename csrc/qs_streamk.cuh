@@ -1,12 +1,13 @@
-// Stream-K bookkeeping shared by the GEMV and GEMM kernels.
+// Stream-K bookkeeping of the GEMV (per warp) and GEMM (per block) kernels.
 // Why: a 4096x4096 int4 layer is 8 MB, a few microseconds of HBM time, and its tile count rarely
-// divides the SM count. The grid is exactly one resident wave; block b takes the contiguous unit
-// range [T*b/B, T*(b+1)/B) of the linearised (tile, k-chunk) space, so every SM streams the same
-// number of bytes. A tile split between blocks is summed through fp32 partials in the workspace
-// (plain coalesced stores, no float atomics): each contributor stores, then bumps the tile's
-// arrival counter; the last to arrive adds the others' partials to its registers, writes y and
-// resets the counter. Partials live in per-block "head"/"tail" regions, so the workspace size is
-// bounded by the grid, not by m*n.
+// divides the SM count. The grid is exactly one resident wave; block (or warp) b takes the
+// contiguous unit range [T*b/B, T*(b+1)/B) of the linearised (tile, k-chunk) space, so every SM
+// streams the same number of bytes. The GEMV sums a split strip with fp32 reds into a zeroed
+// accumulator (gemv.cuh). In the GEMM a tile split between blocks is summed through fp32 partials
+// in the workspace (plain coalesced stores, no float atomics): each contributor stores, then bumps
+// the tile's arrival counter; the last to arrive adds the others' partials to its registers,
+// writes y and resets the counter. Partials live in per-block "head"/"tail" regions, so the
+// workspace size is bounded by the grid, not by m*n.
 #pragma once
 
 #include <stdint.h>

@@ -43,7 +43,6 @@ typedef struct QsMatmulArgs {
   int group_shift;  // log2(group_size / 16); >= 30 means a single group
   int zero_point;   // zero point used for every column when zeros == NULL
   int dtype;        // QsDtype
-  int variant;      // GEMV kernel: 0 = default; 1 = prefetching, scale-after-group-sum (slower on H100)
 } QsMatmulArgs;
 
 // M <= 32: swap-AB tensor-core GEMV (weights are the MMA's A operand, tokens its n8 side).

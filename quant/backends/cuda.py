@@ -1,4 +1,4 @@
-"""The "cuda" kernel backend: fused int4/int8 dequant GEMV (M <= 16) and tensor-core GEMM (M > 16).
+"""The "cuda" kernel backend: fused int4/int8 dequant GEMV (M <= 32) and tensor-core GEMM (M > 32).
 
 Registered for device type "cuda" with priority 10 (ahead of `dense`, 50) through a loader, so the
 extension `quantserve_cuda` (csrc/, JIT-built by quant/ext.py) is compiled only when the first CUDA
@@ -14,7 +14,6 @@ shared memory fits no GEMM tile (sm_86/sm_89: 99 KB per block).
 
 from __future__ import annotations
 
-import logging
 import os
 import threading
 from dataclasses import dataclass
@@ -30,10 +29,10 @@ from quant.ext import ExtensionError, ExtensionSpec, load
 if TYPE_CHECKING:
     from quant.linear import QuantLinear
 
-log = logging.getLogger("quantserve.kernels")
 
-SOURCES = ("bindings.cpp", "gemv.cu", "gemm_f16.cu", "gemm_bf16.cu", "dispatch.cu")
-HEADERS = ("quantserve_cuda.h", "qs_ptx.cuh", "qs_dequant.cuh", "qs_streamk.cuh", "qs_launch.cuh", "gemm.cuh")
+SOURCES = ("bindings.cpp", "gemv_f16.cu", "gemv_bf16.cu", "gemm_f16.cu", "gemm_bf16.cu", "dispatch.cu")
+HEADERS = ("quantserve_cuda.h", "qs_ptx.cuh", "qs_dequant.cuh", "qs_streamk.cuh", "qs_launch.cuh", "gemv.cuh",
+           "gemm.cuh")
 # Every target the sources support; a JIT build compiles only for the GPU it runs on
 # (QUANTSERVE_CUDA_ARCHS="80;86;89;90a" builds them all, e.g. for an image).
 ALL_ARCHS = ("80", "86", "89", "90a")
@@ -174,11 +173,10 @@ class CudaBackend:
 
 
 def matmul(state: CudaLayout, x: torch.Tensor, out: torch.Tensor | None = None,
-           op: str | None = None, variant: int = 0) -> torch.Tensor:
+           op: str | None = None) -> torch.Tensor:
     """y [M, N] = x [M, K] (fp16/bf16, contiguous) @ W + bias through the kernels.
 
     op: "gemv" (M <= 32) or "gemm"; None picks gemv for M <= CudaBackend.gemv_max_m.
-    variant: GEMV kernel, 0 (default) or 1 (prefetching, scale applied per group sum; slower on H100).
     out: optional preallocated y (tests poison it to prove every element is written)."""
     if state.perm is not None:
         x = x.index_select(1, state.perm)
@@ -191,7 +189,7 @@ def matmul(state: CudaLayout, x: torch.Tensor, out: torch.Tensor | None = None,
         op = "gemv" if x.shape[0] <= CudaBackend.gemv_max_m else "gemm"
     fn = ext.gemv if op == "gemv" else ext.gemm
     return fn(x, state.qweight, scales, zeros, bias, ws.partials, ws.counters, ws.accum, ws.accum_counters,
-              state.n, state.bits, state.group_shift, state.zero_point, out, variant)
+              state.n, state.bits, state.group_shift, state.zero_point, out)
 
 
 def _register() -> None:

@@ -1,8 +1,8 @@
 """Every .cu in csrc/ compiles for sm_80 and sm_90a (CPU-only: needs nvcc, not a GPU).
 
 A build break then fails CI, which has nvcc but no GPU. Files compile in parallel, one nvcc per
-(file, arch); the two GEMM instantiation files take one arch each (same template), which keeps the
-whole set under two minutes on two cores.
+(file, arch); each per-dtype instantiation file takes one arch (its pair covers the other), which keeps
+the whole set under two minutes on two cores.
 """
 
 import shutil
@@ -31,11 +31,12 @@ def test_every_cu_file_compiles(tmp_path):
     sources = sorted(CSRC.glob("*.cu"))
     assert {s.name for s in sources} <= set(SOURCES), "a .cu file is missing from the extension's SOURCES"
     assert sources, "no .cu files found"
-    # gemm_f16.cu and gemm_bf16.cu instantiate the same template (gemm.cuh): one arch each covers
-    # both archs for it and halves the longest compiles; every other file builds for both.
-    gemm = [s for s in sources if s.name.startswith("gemm_")]
-    jobs = [(s, arch) for s in sources if s not in gemm for arch in ("80", "90a")]
-    jobs += [(s, ("80", "90a")[i % 2]) for i, s in enumerate(gemm)]
+    # The *_f16.cu / *_bf16.cu pairs instantiate one template (gemv.cuh, gemm.cuh) per dtype: one
+    # arch each still compiles every template for both archs and halves the longest compiles;
+    # every other file builds for both.
+    paired = [s for s in sources if s.stem.endswith(("_f16", "_bf16"))]
+    jobs = [(s, arch) for s in paired for arch in (("80",) if s.stem.endswith("_f16") else ("90a",))]
+    jobs += [(s, arch) for s in sources if s not in paired for arch in ("80", "90a")]
     with ThreadPoolExecutor(max_workers=2) as pool:
         results = list(pool.map(lambda job: _compile(job[0], job[1], tmp_path), jobs))
     failures = [f"{name}:\n{log}" for name, rc, log in results if rc != 0]

@@ -29,7 +29,7 @@ def _layer(k, n, bits, group_size, sym=True, fmt=FORMAT_V1, desc_act=False, bias
     return layer
 
 
-def _check(layer, ms, dtype, ops=("auto",), variant=0):
+def _check(layer, ms, dtype, ops=("auto",)):
     g = torch.Generator(device="cuda").manual_seed(next(_SEED))
     for m in ms:
         x = torch.randn(m, layer.in_features, device="cuda", dtype=dtype, generator=g)
@@ -38,12 +38,11 @@ def _check(layer, ms, dtype, ops=("auto",), variant=0):
             if op == "gemv" and m > cuda_backend.CudaBackend.gemv_max_m:
                 continue
             out = torch.full((m, layer.out_features), float("nan"), device="cuda", dtype=dtype)
-            y = cuda_backend.matmul(layer.kernel_state, x, out=out, op=None if op == "auto" else op,
-                                    variant=variant)
+            y = cuda_backend.matmul(layer.kernel_state, x, out=out, op=None if op == "auto" else op)
             assert y.data_ptr() == out.data_ptr()
             assert torch.isfinite(y).all(), f"unwritten or non-finite outputs at m={m} op={op}"
             err = ((y.float() - ref).norm() / ref.norm()).item()
-            assert err < TOL[dtype], (f"m={m} op={op} v{variant} K={layer.in_features} N={layer.out_features} "
+            assert err < TOL[dtype], (f"m={m} op={op} K={layer.in_features} N={layer.out_features} "
                                       f"bits={layer.bits} g={layer.group_size} {dtype}: rel err {err:.2e}")
 
 
@@ -107,13 +106,6 @@ def test_unsupported_group_size_falls_back_to_dense():
     layer = random_layer(576, 192, 4, 96, seed=5, device="cuda")
     assert "group_size=96" in cuda_backend.CudaBackend().unsupported_reason(layer)
     assert layer.prepare() == "dense"
-
-
-@pytest.mark.parametrize("bits,group_size,sym", [(4, 128, True), (4, 32, False), (8, 64, False), (3, 64, True)])
-def test_prefetch_gemv_variant(bits, group_size, sym):
-    layer = _layer(1536, 576, bits, group_size, sym, FORMAT_V2, bias=True)
-    for dtype in (torch.float16, torch.bfloat16):
-        _check(layer, (1, 5, 16, 32), dtype, ops=("gemv",), variant=1)
 
 
 BAD_INPUTS = """
