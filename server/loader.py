@@ -8,6 +8,8 @@ Whatever the source, serving always reads a GPTQ checkpoint from disk, through t
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import importlib.util
 import json
@@ -181,11 +183,13 @@ def ensure_quantized(source: str, cache_dir: Path, spec: QuantizeSpec) -> tuple[
     if source == DEFAULT_MODEL:
         gguf = default_gguf()
         target = quantized_cache_path(cache_dir, DEFAULT_MODEL_NAME, spec)
-        if not _complete(target):
-            t0 = time.perf_counter()
-            model, config, tokenizer = load_float_from_gguf(gguf)
-            _quantize_and_save(model, config, tokenizer, spec, target)
-            log.info("quantized %s in %.1fs -> cache", DEFAULT_MODEL_NAME, time.perf_counter() - t0)
+        with _cache_slot(target) as missing:
+            if missing:
+                t0 = time.perf_counter()
+                model, config, tokenizer = load_float_from_gguf(gguf)
+                _quantize_and_save(model, config, tokenizer, spec, target)
+                log.info("quantized %s in %.1fs -> cache", DEFAULT_MODEL_NAME,
+                         time.perf_counter() - t0)
         return target, DEFAULT_MODEL_NAME
     path = Path(source).expanduser()
     if not path.exists():
@@ -198,14 +202,36 @@ def ensure_quantized(source: str, cache_dir: Path, spec: QuantizeSpec) -> tuple[
         return path, name
     digest = hashlib.sha256(str(path.resolve()).encode()).hexdigest()[:10]
     target = quantized_cache_path(cache_dir, f"{path.name}-{digest}", spec)
-    if not _complete(target):
-        model, config, tokenizer = load_float_from_dir(path)
-        _quantize_and_save(model, config, tokenizer, spec, target)
+    with _cache_slot(target) as missing:
+        if missing:
+            model, config, tokenizer = load_float_from_dir(path)
+            _quantize_and_save(model, config, tokenizer, spec, target)
     return target, name
 
 
 def _complete(path: Path) -> bool:
     return (path / "config.json").exists() and (path / "quantize_config.json").exists()
+
+
+@contextlib.contextmanager
+def _cache_slot(target: Path):
+    """Yields True when `target` must be written, holding an exclusive lock on `.<target>.lock`.
+
+    Replicas that share one cache volume (Kubernetes) and boot together would otherwise all
+    quantise into the same directory at once; with the lock one writes and the others wait for
+    it, then find the checkpoint complete and load it.
+    """
+    if _complete(target):
+        yield False
+        return
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with open(target.with_name(f".{target.name}.lock"), "a") as lock:  # hidden: globs skip it
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            log.info("waiting for another process to finish writing %s", target)
+            fcntl.flock(lock, fcntl.LOCK_EX)
+        yield not _complete(target)  # the lock goes with the file's close
 
 
 def _quantize_and_save(model: LlamaForCausalLM, config: dict, tokenizer: object,

@@ -73,7 +73,9 @@ class DrainingServer(uvicorn.Server):
                 time.sleep(0.05)
             if engine.num_in_flight:
                 log.warning("shutdown timeout: %d requests still in flight", engine.num_in_flight)
-            super(DrainingServer, self).handle_exit(sig, frame)
+            # not super().handle_exit(): uvicorn would re-raise the signal once it has stopped, and
+            # a drained server must exit 0 (Kubernetes and supervisors read a kill as a failure)
+            self.should_exit = True
 
         threading.Thread(target=wait_then_exit, name="quantserve-drain", daemon=True).start()
 

@@ -88,7 +88,10 @@ def _tokenize_chat(ctx: ServingContext, body: ChatCompletionRequest) -> list[int
 
 def _admit(ctx: ServingContext, prompts: list[list[int]], n: int) -> None:
     if ctx.is_draining():
-        raise APIError(503, "the server is shutting down", code="server_draining")
+        # Connection: close, so a keep-alive client (or an L4 load balancer's pinned connection)
+        # retries on a fresh connection, which lands on another replica
+        raise APIError(503, "the server is shutting down", code="server_draining",
+                       headers={"Connection": "close"})
     engine = ctx.engine
     in_queue = engine.last_stats.num_waiting + engine.num_in_flight - engine.last_stats.num_running
     new_requests = len(prompts) * n
