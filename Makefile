@@ -10,7 +10,7 @@ PORT   ?= 8000
 ARGS   ?=
 PYTEST_ARGS ?=
 
-.PHONY: serve test venv clean
+.PHONY: serve test test-tools venv clean
 
 venv: $(STAMP)
 
@@ -25,8 +25,31 @@ $(STAMP): pyproject.toml constraints.txt
 serve: $(STAMP)
 	$(VENV)/bin/quantserve serve --host $(HOST) --port $(PORT) $(ARGS)
 
-test: $(STAMP)
+test: $(STAMP) test-tools
 	$(PY) -m pytest $(PYTEST_ARGS)
+
+# Debian packages the tests run as real processes (nginx: the load balancer of tests/k8s;
+# prometheus + promtool: the scraper of tests/ops).
+# Installed when missing and we are root (CI); a no-op once present; their services are stopped
+# again (the tests start their own, in the foreground). Not root: the tests that need them skip.
+TEST_DEBS := nginx prometheus
+test-tools:
+	@missing=""; for pkg in $(TEST_DEBS); do \
+	  dpkg-query -W -f='$${Status}' $$pkg 2>/dev/null | grep -q 'ok installed' || missing="$$missing $$pkg"; \
+	done; \
+	if [ -n "$$missing" ]; then \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	    echo "installing Debian packages for the tests:$$missing"; \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
+	      --no-install-recommends $$missing >/dev/null; \
+	    for pkg in $$missing; do \
+	      if [ -d /run/systemd/system ]; then systemctl disable --now $$pkg >/dev/null 2>&1 || true; \
+	      elif [ -x /etc/init.d/$$pkg ]; then /etc/init.d/$$pkg stop >/dev/null 2>&1 || true; fi; \
+	    done; \
+	  else \
+	    echo "note: Debian packages missing and not root:$$missing (the tests that need them skip)"; \
+	  fi; \
+	fi
 
 clean:
 	rm -rf $(VENV) .pytest_cache

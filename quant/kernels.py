@@ -75,6 +75,7 @@ def available(device_type: str) -> list[str]:
 def prepare(layer: "QuantLinear", backend: str | None = None) -> str:
     """Choose a backend for `layer` (or use the one named) and build its state. Returns the name."""
     device_type = layer.qweight.device.type
+    _load_optional()
     names = [backend] if backend else available(device_type)
     reasons = []
     for name in names:
@@ -180,3 +181,6 @@ class Dense:
 
 register(Dense(), ("cpu", "cuda"), priority=50)
 register(TorchReference(), ("cpu", "cuda"), priority=100)
+
+# Compiled backends register loaders on import; nothing is built until a layer needs them.
+from quant.backends import cuda as _cuda_backend  # noqa: E402,F401

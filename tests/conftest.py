@@ -37,6 +37,12 @@ def tiny_hf_config(**overrides) -> dict:
     return cfg
 
 
+def pytest_configure(config):
+    # One intra-op thread: on a 2-core machine the server's own threads (uvicorn, engine) compete
+    # with OpenMP workers, and a descheduled worker turns a 10 us matmul into milliseconds.
+    torch.set_num_threads(1)
+
+
 def pytest_collection_modifyitems(config, items):
     if torch.cuda.is_available():
         return
@@ -52,3 +58,44 @@ def cache_root() -> Path:
     path = Path(os.environ.get("QUANTSERVE_TEST_CACHE", ROOT / ".cache" / "test"))
     path.mkdir(parents=True, exist_ok=True)
     return path
+
+
+@pytest.fixture(scope="session")
+def default_tokenizer_dir(cache_root) -> Path:
+    """SmolLM2's tokenizer (from the default model's GGUF), saved once for the tiny fixtures."""
+    out = cache_root / "smollm2-tokenizer"
+    if not (out / "tokenizer.json").exists():
+        from transformers import AutoTokenizer
+
+        from server.loader import default_gguf
+
+        gguf = default_gguf()
+        tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+        tok.save_pretrained(str(out))
+    return out
+
+
+def make_tiny_checkpoint(out: Path, tokenizer_dir: Path, bits: int = 4, group_size: int = 32,
+                         sym: bool = True, seed: int = 0, **overrides) -> Path:
+    """A random tiny Llama quantised with RTN and written as a GPTQ checkpoint with a tokenizer."""
+    from transformers import AutoTokenizer
+
+    from server.loader import QuantizeSpec, _quantize_and_save
+    from server.models.config import LlamaConfig
+    from server.models.llama import LlamaForCausalLM
+
+    if (out / "quantize_config.json").exists():
+        return out
+    cfg = tiny_hf_config(**overrides)
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(LlamaConfig.from_hf(cfg))
+    with torch.no_grad():  # larger logits than the default init, so greedy text is not uniform noise
+        model.model.embed_tokens.weight.normal_(0, 0.5)
+    spec = QuantizeSpec(method="rtn", bits=bits, group_size=group_size, sym=sym)
+    _quantize_and_save(model, cfg, AutoTokenizer.from_pretrained(str(tokenizer_dir)), spec, out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(cache_root, default_tokenizer_dir) -> Path:
+    return make_tiny_checkpoint(cache_root / "tiny-llama-gptq-4bit-g32", default_tokenizer_dir)

@@ -98,10 +98,13 @@ class PagedAttention:
     """
 
     def __init__(self, k_caches: list[torch.Tensor], v_caches: list[torch.Tensor],
-                 meta: PagedMetadata) -> None:
+                 meta: PagedMetadata, decode_partitions: int | None = None) -> None:
+        """decode_partitions: use the Triton paged decode kernel (CUDA) with this fixed number of
+        context partitions (see server.models.triton_attention); None: the torch path."""
         self.k_caches = k_caches
         self.v_caches = v_caches
         self.meta = meta
+        self.decode_partitions = decode_partitions
         lens = meta.query_lens
         self.decode_rows = [i for i, n in enumerate(lens) if n == 1]
         starts = [0]
@@ -117,8 +120,13 @@ class PagedAttention:
                  v: torch.Tensor) -> torch.Tensor:
         kc, vc = self.k_caches[layer_idx], self.v_caches[layer_idx]
         _, block_size, n_kv, hd = kc.shape
-        kc.view(-1, n_kv, hd).index_copy_(0, self.meta.slot_mapping, k.to(kc.dtype))
-        vc.view(-1, n_kv, hd).index_copy_(0, self.meta.slot_mapping, v.to(vc.dtype))
+        if self.decode_partitions is not None:  # CUDA + Triton: one fused launch
+            from server.models.triton_attention import write_kv
+
+            write_kv(k, v, kc, vc, self.meta.slot_mapping)
+        else:
+            kc.view(-1, n_kv, hd).index_copy_(0, self.meta.slot_mapping, k.to(kc.dtype))
+            vc.view(-1, n_kv, hd).index_copy_(0, self.meta.slot_mapping, v.to(vc.dtype))
         meta = self.meta
         if meta.decode_only:
             return self._decode(q, kc, vc, meta.block_tables, meta.context_lens)
@@ -138,15 +146,23 @@ class PagedAttention:
             out[s:s + n] = _attend_one(q[s:s + n], ks.to(q.dtype), vs.to(q.dtype))
         return out
 
-    @staticmethod
-    def _decode(q: torch.Tensor, kc: torch.Tensor, vc: torch.Tensor, block_tables: torch.Tensor,
+    def _decode(self, q: torch.Tensor, kc: torch.Tensor, vc: torch.Tensor, block_tables: torch.Tensor,
                 context_lens: torch.Tensor) -> torch.Tensor:
-        """q [B, nh, hd], one new token per sequence -> [B, nh, hd]."""
-        b = q.shape[0]
-        _, block_size, n_kv, hd = kc.shape
-        ks = kc[block_tables.long()].reshape(b, -1, n_kv, hd).transpose(1, 2).to(q.dtype)
-        vs = vc[block_tables.long()].reshape(b, -1, n_kv, hd).transpose(1, 2).to(q.dtype)
-        span = ks.shape[2]
-        mask = torch.arange(span, device=q.device).unsqueeze(0) < context_lens.unsqueeze(1)
-        o = _sdpa(q.unsqueeze(2), ks, vs, mask=mask[:, None, None, :])
-        return o.squeeze(2)
+        if self.decode_partitions is not None:
+            from server.models.triton_attention import paged_decode_attention
+
+            return paged_decode_attention(q, kc, vc, block_tables, context_lens, self.decode_partitions)
+        return decode_reference(q, kc, vc, block_tables, context_lens)
+
+
+def decode_reference(q: torch.Tensor, kc: torch.Tensor, vc: torch.Tensor, block_tables: torch.Tensor,
+                     context_lens: torch.Tensor) -> torch.Tensor:
+    """q [B, nh, hd], one new token per sequence -> [B, nh, hd] (gathers whole block tables)."""
+    b = q.shape[0]
+    _, block_size, n_kv, hd = kc.shape
+    ks = kc[block_tables.long()].reshape(b, -1, n_kv, hd).transpose(1, 2).to(q.dtype)
+    vs = vc[block_tables.long()].reshape(b, -1, n_kv, hd).transpose(1, 2).to(q.dtype)
+    span = ks.shape[2]
+    mask = torch.arange(span, device=q.device).unsqueeze(0) < context_lens.unsqueeze(1)
+    o = _sdpa(q.unsqueeze(2), ks, vs, mask=mask[:, None, None, :])
+    return o.squeeze(2)

@@ -19,7 +19,8 @@ from torch import nn
 
 from server.models.attention import AttentionBackend
 from server.models.config import LlamaConfig
-from server.models.rope import RotaryEmbedding, apply_rotary
+from server.models.fused import rms_norm, rotary_, silu_mul
+from server.models.rope import RotaryEmbedding
 
 # (in_features, out_features, bias, qualified name) -> module computing x @ W^T + b
 LinearFactory = Callable[[int, int, bool, str], nn.Module]
@@ -35,11 +36,10 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(hidden_size))
         self.eps = eps
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        dtype = x.dtype
-        xf = x.float()
-        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * xf.to(dtype)
+    def forward(self, x: torch.Tensor,
+                residual: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """x [T, H] -> (normed, residual stream); with `residual`, x is added to it first."""
+        return rms_norm(x, self.weight, self.eps, residual)
 
 
 class LlamaAttention(nn.Module):
@@ -50,18 +50,35 @@ class LlamaAttention(nn.Module):
         self.num_kv_heads = config.num_key_value_heads
         self.head_dim = config.head_dim
         h, b = config.hidden_size, config.attention_bias
+        self.q_size, self.kv_size = config.q_size, config.kv_size
         self.q_proj = linear(h, config.q_size, b, f"{prefix}.q_proj")
         self.k_proj = linear(h, config.kv_size, b, f"{prefix}.k_proj")
         self.v_proj = linear(h, config.kv_size, b, f"{prefix}.v_proj")
         self.o_proj = linear(config.q_size, h, config.o_proj_bias, f"{prefix}.o_proj")
+        self.qkv_proj: nn.Module | None = None  # set by fuse(): q, k, v in one matmul
+
+    def fuse(self) -> bool:
+        from server.models.fusion import concat_linears
+
+        fused = concat_linears([self.q_proj, self.k_proj, self.v_proj])
+        if fused is None:
+            return False
+        self.qkv_proj = fused
+        del self.q_proj, self.k_proj, self.v_proj
+        return True
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                 attn: AttentionBackend) -> torch.Tensor:
         t = x.shape[0]
-        q = self.q_proj(x).view(t, self.num_heads, self.head_dim)
-        k = self.k_proj(x).view(t, self.num_kv_heads, self.head_dim)
-        v = self.v_proj(x).view(t, self.num_kv_heads, self.head_dim)
-        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        if self.qkv_proj is not None:
+            qkv = self.qkv_proj(x)  # [T, q_size + 2 * kv_size]
+            q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        else:
+            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        q = q.view(t, self.num_heads, self.head_dim)
+        k = k.view(t, self.num_kv_heads, self.head_dim)
+        v = v.view(t, self.num_kv_heads, self.head_dim)
+        q, k = rotary_(q, k, cos, sin)
         o = attn(self.layer_idx, q, k, v)  # [T, n_heads, head_dim]
         return self.o_proj(o.reshape(t, self.num_heads * self.head_dim))
 
@@ -73,8 +90,21 @@ class LlamaMLP(nn.Module):
         self.gate_proj = linear(h, i, b, f"{prefix}.gate_proj")
         self.up_proj = linear(h, i, b, f"{prefix}.up_proj")
         self.down_proj = linear(i, h, b, f"{prefix}.down_proj")
+        self.gate_up_proj: nn.Module | None = None  # set by fuse(): gate and up in one matmul
+
+    def fuse(self) -> bool:
+        from server.models.fusion import concat_linears
+
+        fused = concat_linears([self.gate_proj, self.up_proj])
+        if fused is None:
+            return False
+        self.gate_up_proj = fused
+        del self.gate_proj, self.up_proj
+        return True
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.gate_up_proj is not None:
+            return self.down_proj(silu_mul(self.gate_up_proj(x)))
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
@@ -87,11 +117,19 @@ class LlamaDecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                attn: AttentionBackend) -> torch.Tensor:
-        """x [T, H] -> [T, H]."""
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, attn)
-        return x + self.mlp(self.post_attention_layernorm(x))
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None, cos: torch.Tensor,
+                sin: torch.Tensor, attn: AttentionBackend) -> tuple[torch.Tensor, torch.Tensor]:
+        """(x [T, H], residual stream [T, H] or None for the first layer) -> (x, residual).
+
+        The residual add is fused into the following norm, so a layer's output is the pair."""
+        if residual is None:
+            residual = x
+            x, _ = self.input_layernorm(x)
+        else:
+            x, residual = self.input_layernorm(x, residual)
+        x = self.self_attn(x, cos, sin, attn)
+        x, residual = self.post_attention_layernorm(x, residual)
+        return self.mlp(x), residual
 
 
 class LlamaModel(nn.Module):
@@ -110,8 +148,15 @@ class LlamaForCausalLM(nn.Module):
         self.model = LlamaModel(config, linear)
         self.rotary = RotaryEmbedding(config)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
-        if config.tie_word_embeddings:
+        self.tie_weights()
+
+    def tie_weights(self) -> None:
+        if self.config.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
+
+    def reset_non_persistent(self) -> None:
+        """Recompute buffers that are not in checkpoints (after building on the meta device)."""
+        self.rotary = RotaryEmbedding(self.config).to(self.device)
 
     @property
     def dtype(self) -> torch.dtype:
@@ -129,9 +174,18 @@ class LlamaForCausalLM(nn.Module):
         """input_ids int64 [T], positions int64 [T] -> final-norm hidden states [T, H]."""
         x = self.embed(input_ids)
         cos, sin = self.rotary(positions, x.dtype)
+        residual = None
         for layer in self.model.layers:
-            x = layer(x, cos, sin, attn)
-        return self.model.norm(x)
+            x, residual = layer(x, residual, cos, sin, attn)
+        return self.model.norm(x, residual)[0]
+
+    def fuse_projections(self) -> int:
+        """Merge q/k/v and gate/up into single matmuls where the layers allow; returns how many
+        modules were fused. Call after loading weights, before choosing kernels."""
+        fused = 0
+        for layer in self.model.layers:
+            fused += layer.self_attn.fuse() + layer.mlp.fuse()
+        return fused
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden [B, H] -> float32 logits [B, V]."""

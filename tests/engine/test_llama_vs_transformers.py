@@ -77,3 +77,25 @@ def test_paged_cache_decode_matches_full_forward():
     torch.testing.assert_close(got1[1], want[1][5], rtol=1e-4, atol=1e-4)
     got2 = step([(0, 12, 13)])  # pure decode
     torch.testing.assert_close(got2[0], want[0][12], rtol=1e-4, atol=1e-4)
+
+
+@torch.no_grad()
+def test_fused_projections_give_the_same_logits():
+    """q/k/v and gate/up merged into single matmuls, dense and GPTQ-packed."""
+    from server.loader import quantize_float_model, QuantizeSpec
+
+    hf, ours = _pair()
+    ids = torch.randint(0, 49152, (17,), generator=torch.Generator().manual_seed(2))
+    pos = torch.arange(17)
+    want = ours.compute_logits(ours(ids, pos, CausalAttention([17])))
+    assert ours.fuse_projections() == 4
+    got = ours.compute_logits(ours(ids, pos, CausalAttention([17])))
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+    _, q = _pair()
+    quantize_float_model(q, QuantizeSpec(bits=4, group_size=32))
+    want = q.compute_logits(q(ids, pos, CausalAttention([17])))
+    assert q.fuse_projections() == 4
+    assert q.model.layers[0].self_attn.qkv_proj.out_features == 64 + 2 * 32
+    got = q.compute_logits(q(ids, pos, CausalAttention([17])))
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)

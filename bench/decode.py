@@ -1,0 +1,167 @@
+"""Decode throughput of the engine against the weight-bandwidth roofline and the same engine in fp16.
+
+GPU: a dummy (random-weight) model of a preset shape, 4-bit g128 by default, built directly on
+the device; for each batch size, B requests with a 32-token prompt decode greedily through the
+real engine (scheduler, CUDA graphs, sampler) and the decode steps are timed. The baseline is the
+same engine on a dense fp16 model of the same shape (skipped when it cannot fit). The roofline is
+the bytes one decode step must read (packed weights + lm_head + the KV cache at the mean context)
+over the measured copy bandwidth.
+
+CPU: the default model (real weights, quantised) against transformers' own fp32 `generate()` on
+the same weights, batch 1, in the same run.
+
+    python -m bench.decode --preset llama-2-7b --batch 1 16
+    python -m bench.decode --cpu
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import time
+
+import torch
+
+from bench.common import copy_bandwidth, device_name, write_result
+from quant.format import QuantConfig
+from quant.linear import QuantLinear
+from server.config import EngineConfig
+from server.dummy import build_dummy_model, dummy_config
+from server.engine.engine import LLMEngine
+from server.engine.sequence import SamplingParams
+from server.loader import finalize
+
+PROMPT_LEN = 32
+
+
+def weight_bytes(model) -> tuple[int, int]:
+    """(bytes read per decode step for the decoder linears, bytes of lm_head)."""
+    linear = 0
+    for m in model.model.layers.modules():
+        if isinstance(m, QuantLinear):
+            linear += sum(t.numel() * t.element_size() for t in (m.qweight, m.qzeros, m.scales))
+        elif isinstance(m, torch.nn.Linear):
+            linear += m.weight.numel() * m.weight.element_size()
+    head = model.lm_head.weight.numel() * model.lm_head.weight.element_size()
+    return linear, head
+
+
+def kv_bytes_per_token(model) -> int:
+    c = model.config
+    return 2 * c.num_hidden_layers * c.num_key_value_heads * c.head_dim * model.dtype.itemsize
+
+
+def time_decode(engine: LLMEngine, batch: int, steps: int, warmup: int = 8) -> dict:
+    """Decode `steps` tokens for `batch` sequences; returns per-step time and tokens/s."""
+    params = SamplingParams(max_tokens=steps + warmup + 1, temperature=0.0, ignore_eos=True)
+    g = torch.Generator().manual_seed(batch)
+    vocab = engine.model.config.vocab_size
+    for i in range(batch):
+        prompt = torch.randint(0, vocab, (PROMPT_LEN,), generator=g).tolist()
+        engine.add_request(f"b{batch}-{i}", prompt, params)
+    while any(s.in_prefill or s.num_output_tokens == 0 for s in engine.requests.values()):
+        engine.step()
+    for _ in range(warmup):
+        engine.step()
+    torch.cuda.synchronize() if torch.cuda.is_available() else None
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        engine.step()
+    torch.cuda.synchronize() if torch.cuda.is_available() else None
+    dt = time.perf_counter() - t0
+    for rid in list(engine.requests):
+        engine.abort_request(rid)
+    return {"batch": batch, "steps": steps, "step_ms": dt / steps * 1e3,
+            "tokens_per_s": batch * steps / dt,
+            "mean_context": PROMPT_LEN + warmup + steps / 2}
+
+
+def gpu_main(args: argparse.Namespace) -> dict:
+    dev = torch.device("cuda")
+    bw = copy_bandwidth()
+    config = dummy_config(args.preset)
+    quant = QuantConfig(bits=4, group_size=args.group_size)
+    max_len = PROMPT_LEN + args.steps + 64
+    ecfg = EngineConfig(max_model_len=max_len, max_num_seqs=max(args.batch),
+                        max_num_batched_tokens=max(1024, max(args.batch) * PROMPT_LEN),
+                        kv_cache_gb=args.kv_gb, cuda_graph_max_batch=max(args.batch))
+    rows = []
+    variants = [("int4", quant)] + ([] if args.no_fp16 else [("fp16", None)])
+    for label, q in variants:
+        try:
+            model = build_dummy_model(config, q, dev, torch.float16)
+        except torch.OutOfMemoryError:
+            print(f"{label}: does not fit on this GPU, skipped")
+            continue
+        backends = finalize(model, args.kernel) if q is not None else {"cublas-fp16": model.fuse_projections()}
+        lin, head = weight_bytes(model)
+        per_tok_kv = kv_bytes_per_token(model)
+        engine = LLMEngine(model, ecfg, eos_token_ids=[])
+        for b in args.batch:
+            r = time_decode(engine, b, args.steps)
+            step_bytes = lin + head + b * per_tok_kv * r["mean_context"]
+            r.update(variant=label, backends=backends, weight_bytes=lin + head,
+                     roofline_tokens_per_s=b * bw / step_bytes,
+                     roofline_weights_only_tokens_per_s=b * bw / (lin + head))
+            r["fraction_of_roofline"] = r["tokens_per_s"] / r["roofline_tokens_per_s"]
+            rows.append(r)
+            print(f"{label:5s} B={b:3d} {r['tokens_per_s']:9.1f} tok/s  step {r['step_ms']:.3f} ms  "
+                  f"roofline {r['roofline_tokens_per_s']:9.1f}  ({100 * r['fraction_of_roofline']:.0f}%)")
+        del engine, model
+        gc.collect()
+        torch.cuda.empty_cache()
+    for r in rows:
+        base = next((x for x in rows if x["variant"] == "fp16" and x["batch"] == r["batch"]), None)
+        if base is not None:
+            r["speedup_vs_fp16"] = r["tokens_per_s"] / base["tokens_per_s"]
+    return {"preset": args.preset, "group_size": args.group_size, "copy_bandwidth_bytes_per_s": bw,
+            "results": rows}
+
+
+def cpu_main(args: argparse.Namespace) -> dict:
+    from transformers import AutoModelForCausalLM
+
+    from server.loader import default_gguf, load_model
+
+    gguf = default_gguf()
+    steps = args.steps
+    loaded = load_model("default", device="cpu", kernel=args.kernel)
+    engine = LLMEngine(loaded.model, EngineConfig(kv_cache_gb=0.25), eos_token_ids=[])
+    ours = time_decode(engine, 1, steps)
+    hf = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name,
+                                              dtype=torch.float32).eval()
+    ids = torch.randint(0, hf.config.vocab_size, (1, PROMPT_LEN), generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        hf.generate(ids, max_new_tokens=8, min_new_tokens=8, do_sample=False)
+        t0 = time.perf_counter()
+        hf.generate(ids, max_new_tokens=steps, min_new_tokens=steps, do_sample=False)
+        hf_s = time.perf_counter() - t0
+    hf_row = {"variant": "transformers-fp32-generate", "batch": 1, "tokens_per_s": steps / hf_s}
+    ours.update(variant=f"quantserve-{'/'.join(loaded.backends)}", backends=loaded.backends)
+    ours["speedup_vs_transformers"] = ours["tokens_per_s"] / hf_row["tokens_per_s"]
+    print(f"quantserve {ours['tokens_per_s']:.1f} tok/s vs transformers fp32 generate "
+          f"{hf_row['tokens_per_s']:.1f} tok/s ({ours['speedup_vs_transformers']:.2f}x), "
+          f"threads {torch.get_num_threads()}")
+    return {"model": "SmolLM2-135M-Instruct", "results": [ours, hf_row]}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--preset", default="llama-2-7b")
+    p.add_argument("--batch", type=int, nargs="+", default=[1])
+    p.add_argument("--steps", type=int, default=256)
+    p.add_argument("--group-size", type=int, default=128)
+    p.add_argument("--kv-gb", type=float, default=4.0)
+    p.add_argument("--kernel", default=None, help="force a kernel backend")
+    p.add_argument("--no-fp16", action="store_true", help="skip the dense fp16 baseline")
+    p.add_argument("--cpu", action="store_true", help="the CPU benchmark on the default model")
+    p.add_argument("--tag", default="", help="suffix for the result file name")
+    args = p.parse_args()
+    payload = cpu_main(args) if args.cpu or not torch.cuda.is_available() else gpu_main(args)
+    kind = "decode-cpu" if args.cpu or not torch.cuda.is_available() else f"decode-{args.preset}"
+    print("wrote", write_result(kind + (f"-{args.tag}" if args.tag else ""), payload))
+    print("device:", device_name())
+
+
+if __name__ == "__main__":
+    main()

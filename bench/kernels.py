@@ -1,0 +1,280 @@
+"""Kernel benchmark: quantserve's CUDA int4 GEMV/GEMM vs cuBLAS fp16 (torch.matmul) vs torch's int4
+tinygemm (torch._weight_int4pack_mm, bf16), in one run on one GPU.
+
+Per Llama-2-7B shape (qkv 4096x12288, o 4096x4096, gate_up 4096x22016, down 11008x4096, lm_head
+4096x32000) and for all linears of one decode step (32 layers x 4 + lm_head), at M = 1..256.
+Timing: each sequence of calls is captured in a CUDA graph and replayed (median of event-timed
+replays); every layer has its own weights (32 copies of each shape, 0.25-1.4 GB per shape), so
+weights come from HBM, not L2. Random data. Writes bench/results/kernels-<gpu>.json and a PNG plot.
+
+    PYTHONPATH=. python bench/kernels.py [--ms 1,4,16,32,64,128,256] [--layers 32]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import statistics
+import sys
+from pathlib import Path
+
+import torch
+
+from quant.backends import cuda as cuda_backend
+from quant.backends.cuda_layout import CudaLayout
+
+SHAPES = {"qkv": (4096, 12288), "o": (4096, 4096), "gate_up": (4096, 22016), "down": (11008, 4096),
+          "lm_head": (4096, 32000)}
+GROUP = 128
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def time_graph(calls, reps: int) -> float:
+    """Median ms of one replay of a graph that runs `calls` in order."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for c in calls:
+            c()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for c in calls:
+            c()
+    for _ in range(3):
+        graph.replay()
+    times = []
+    for _ in range(reps):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        graph.replay()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    del graph
+    return statistics.median(times)
+
+
+def bandwidths() -> tuple[float, float]:
+    """(copy TB/s counting read + write, read TB/s of a float32 sum) over 2 GiB buffers."""
+    a = torch.empty(1 << 31, dtype=torch.uint8, device="cuda")
+    b = torch.empty_like(a)
+    b.random_()
+    copy_ms = time_graph([lambda: a.copy_(b)], 10)
+    f = b.view(torch.float32)
+    read_ms = time_graph([lambda: f.sum()], 10)
+    del a, b
+    return 2 * (1 << 31) / copy_ms / 1e9, (1 << 31) / read_ms / 1e9
+
+
+# ---- backends: make(k, n) -> weight object; call(x, w) -> y; bytes(k, n) -> weight bytes read
+def ours_make(k, n):
+    ns, ks = -(-n // 64), -(-k // 16)
+    qweight = torch.randint(-2**31, 2**31 - 1, (ns, ks, 32, 4), dtype=torch.int32, device="cuda")
+    scales = (torch.rand(k // GROUP, ns, 8, 8, device="cuda") * 0.01 + 0.001).half()
+    return CudaLayout(qweight=qweight, bits=4, n=n, k=k, groups=k // GROUP, group_shift=3, zero_point=8,
+                      perm=None, constants={torch.float16: (scales, None, None)})
+
+
+def ours_call(op=None):
+    return lambda x, w: cuda_backend.matmul(w, x, op=op)
+
+
+def fp16_make(k, n):
+    return torch.randn(n, k, device="cuda", dtype=torch.float16) * 0.02
+
+
+def fp16_call(x, w):
+    return torch.nn.functional.linear(x, w)
+
+
+def tiny_make(k, n):
+    packed = torch.randint(0, 256, (n, k // 2), dtype=torch.uint8, device="cuda")
+    w = torch._convert_weight_to_int4pack(packed, 8)
+    sz = (torch.rand(k // GROUP, n, 2, device="cuda") * 0.01).to(torch.bfloat16)
+    return w, sz
+
+
+def tiny_call(x, w):
+    return torch._weight_int4pack_mm(x, w[0], GROUP, w[1])
+
+
+BACKENDS = {
+    "ours": (ours_make, ours_call(), torch.float16, lambda k, n: k * n // 2 + k // GROUP * n * 2),
+    "cublas_fp16": (fp16_make, fp16_call, torch.float16, lambda k, n: k * n * 2),
+    "torch_int4": (tiny_make, tiny_call, torch.bfloat16, lambda k, n: k * n // 2 + k // GROUP * n * 4),
+}
+
+
+def step_order(layers: int) -> list[str]:
+    return [name for _ in range(layers) for name in ("qkv", "o", "gate_up", "down")] + ["lm_head"]
+
+
+def bench_backend(name, ms, layers, rows, steps, extra_ops):
+    make, call, dtype, nbytes = BACKENDS[name]
+    try:
+        weights = {s: [make(*SHAPES[s]) for _ in range(layers if s != "lm_head" else 4)] for s in SHAPES}
+    except Exception as exc:  # noqa: BLE001 - recorded, the other backends still run
+        print(f"{name}: cannot build weights: {exc}", file=sys.stderr)
+        return
+    for m in ms:
+        xs = {k: torch.randn(m, k, device="cuda", dtype=dtype) for k in {4096, 11008}}
+        try:
+            for s, (k, n) in SHAPES.items():
+                ws = weights[s]
+                ms_graph = time_graph([(lambda w=w: call(xs[k], w)) for w in ws], 20)
+                us = ms_graph * 1000 / len(ws)
+                rows.append({"layer": s, "k": k, "n": n, "m": m, "backend": name, "us": round(us, 2),
+                             "tbs": round(nbytes(k, n) / us / 1e6, 3)})
+            order = step_order(layers)
+            seen: dict[str, int] = {}
+            calls = []
+            for s in order:
+                i = seen.get(s, 0)
+                seen[s] = i + 1
+                k = SHAPES[s][0]
+                calls.append(lambda w=weights[s][i % len(weights[s])], k=k: call(xs[k], w))
+            step_ms = time_graph(calls, 10)
+            steps.append({"m": m, "backend": name, "ms": round(step_ms, 4)})
+            print(f"{name:12s} m={m:4d} step {step_ms:8.3f} ms", flush=True)
+            for label, (op, sub_ms) in extra_ops.items():
+                if name == "ours" and m in sub_ms:
+                    c2 = ours_call(op)
+                    calls2 = []
+                    seen = {}
+                    for s in order:
+                        i = seen.get(s, 0)
+                        seen[s] = i + 1
+                        calls2.append(lambda w=weights[s][i % len(weights[s])], k=SHAPES[s][0]: c2(xs[k], w))
+                    steps.append({"m": m, "backend": label, "ms": round(time_graph(calls2, 10), 4)})
+        except Exception as exc:  # noqa: BLE001
+            print(f"{name} m={m}: {type(exc).__name__}: {str(exc)[:200]}", file=sys.stderr)
+    if name == "ours":
+        act_order_cost(weights, rows)
+    del weights
+    torch.cuda.empty_cache()
+
+
+def act_order_cost(weights, rows):
+    """Extra time of the per-call activation gather (x[:, perm]) of act-order layers."""
+    for s in ("o", "down"):
+        k, n = SHAPES[s]
+        for m in (1, 64):
+            x = torch.randn(m, k, device="cuda", dtype=torch.float16)
+            perm = torch.randperm(k, device="cuda")
+            base = weights[s]
+            permuted = [CudaLayout(**{**w.__dict__, "perm": perm}) for w in base]
+            t0 = time_graph([(lambda w=w: cuda_backend.matmul(w, x)) for w in base], 20) / len(base)
+            t1 = time_graph([(lambda w=w: cuda_backend.matmul(w, x)) for w in permuted], 20) / len(base)
+            rows.append({"layer": s, "k": k, "n": n, "m": m, "backend": "ours_act_order",
+                         "us": round(t1 * 1000, 2), "gather_us": round((t1 - t0) * 1000, 2)})
+
+
+def slug(name: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
+
+
+def targets(steps, rows, copy_bw):
+    def step(backend, m):
+        v = [s["ms"] for s in steps if s["backend"] == backend and s["m"] == m]
+        return v[0] if v else None
+
+    out = []
+
+    def add(name, value, ok):
+        out.append({"target": name, "measured": value, "met": bool(ok) if value is not None else None})
+
+    o1, f1, t1 = step("ours", 1), step("cublas_fp16", 1), step("torch_int4", 1)
+    add("step M=1 <= 1.3 ms", o1, o1 is not None and o1 <= 1.3)
+    if o1 and f1:
+        add("step M=1 >= 3.8x fp16", round(f1 / o1, 2), f1 / o1 >= 3.8)
+    if o1 and t1:
+        add("step M=1 >= 1.5x torch int4", round(t1 / o1, 2), t1 / o1 >= 1.5)
+    for m, limit in ((16, 1.5), (64, 2.6), (128, 4.3)):
+        v = step("ours", m)
+        add(f"step M={m} <= {limit} ms", v, v is not None and v <= limit)
+    o128, f128 = step("ours", 128), step("cublas_fp16", 128)
+    if o128 and f128:
+        add("step M=128 faster than fp16", round(f128 / o128, 2), o128 < f128)
+    o256, f256 = step("ours", 256), step("cublas_fp16", 256)
+    if o256 and f256:
+        add("step M=256 <= 1.1x fp16", round(o256 / f256, 2), o256 <= 1.1 * f256)
+    g = [r for r in rows if r["backend"] == "ours" and r["layer"] == "o" and r["m"] == 1]
+    if g:
+        frac = g[0]["tbs"] / copy_bw
+        add("4096x4096 GEMV >= 70% of copy bandwidth", round(frac, 3), frac >= 0.70)
+    return out
+
+
+def plot(steps, copy_bw, path, gpu):
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for backend in ("ours", "cublas_fp16", "torch_int4"):
+        pts = sorted((s["m"], s["ms"]) for s in steps if s["backend"] == backend)
+        if pts:
+            ax.plot(*zip(*pts), marker="o", label=backend)
+    int4_bytes = sum(BACKENDS["ours"][3](*SHAPES[s]) for s in step_order(32))
+    ax.axhline(int4_bytes / copy_bw / 1e9, color="gray", ls="--", label="int4 bytes / copy bandwidth")
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    ax.set_xlabel("M (tokens)")
+    ax.set_ylabel("ms per decode step (all linears)")
+    ax.set_title(f"Llama-2-7B linears, {gpu}")
+    ax.legend()
+    ax.grid(True, which="both", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    return True
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--ms", default="1,4,16,32,64,128,256")
+    p.add_argument("--layers", type=int, default=32)
+    p.add_argument("--backends", default="ours,cublas_fp16,torch_int4")
+    p.add_argument("--out", default=str(RESULTS))
+    args = p.parse_args()
+    ms = [int(v) for v in args.ms.split(",")]
+    gpu = torch.cuda.get_device_name()
+    copy_bw, read_bw = bandwidths()
+    print(f"{gpu}: copy {copy_bw:.3f} TB/s (read+write), read {read_bw:.3f} TB/s", flush=True)
+    rows, steps = [], []
+    extra = {"ours_gemm_forced": ("gemm", {16, 32})}
+    for name in args.backends.split(","):
+        bench_backend(name, ms, args.layers, rows, steps, extra)
+    result = {"gpu": gpu, "torch": torch.__version__, "cuda": torch.version.cuda, "group_size": GROUP,
+              "layers": args.layers, "copy_bw_tbs": round(copy_bw, 3), "read_bw_tbs": round(read_bw, 3),
+              "per_shape": rows, "decode_step": steps, "targets": targets(steps, rows, copy_bw)}
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    stem = f"kernels-{slug(gpu)}"
+    (out / f"{stem}.json").write_text(json.dumps(result, indent=1))
+    plotted = plot(steps, copy_bw, out / f"{stem}.png", gpu)
+    print(f"\nwrote {out / stem}.json{' and .png' if plotted else ''}")
+    print("\nper-shape us (M=1 / 16 / 64):")
+    for s in SHAPES:
+        line = f"  {s:8s}"
+        for b in BACKENDS:
+            vals = [next((r['us'] for r in rows if r['layer'] == s and r['m'] == m and r['backend'] == b), None)
+                    for m in (1, 16, 64)]
+            line += f" {b}: " + "/".join("-" if v is None else f"{v:.1f}" for v in vals)
+        print(line)
+    print("\ndecode step ms:")
+    for m in ms:
+        cells = [f"{b}={next((s['ms'] for s in steps if s['backend'] == b and s['m'] == m), float('nan')):.3f}"
+                 for b in list(BACKENDS) + list(extra)]
+        print(f"  M={m:4d} " + " ".join(cells))
+    print("\ntargets:")
+    for t in result["targets"]:
+        print(f"  {'MET ' if t['met'] else 'MISS'} {t['target']}: {t['measured']}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,59 @@
+"""Where one decode step's time goes: torch.profiler over engine steps of a dummy model.
+
+    python -m bench.profile_step --preset llama-2-7b --batch 1 [--kernel NAME] [--eager]
+Prints the wall time per step, the GPU time per step, and the top kernels by GPU time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+from quant.format import QuantConfig
+from server.config import EngineConfig
+from server.dummy import build_dummy_model, dummy_config
+from server.engine.engine import LLMEngine
+from server.engine.sequence import SamplingParams
+from server.loader import finalize
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--preset", default="llama-2-7b")
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--kernel", default=None)
+    p.add_argument("--fp16", action="store_true", help="dense fp16 model instead of int4")
+    p.add_argument("--eager", action="store_true")
+    p.add_argument("--steps", type=int, default=20)
+    args = p.parse_args()
+    quant = None if args.fp16 else QuantConfig(bits=4, group_size=128)
+    model = build_dummy_model(dummy_config(args.preset), quant, torch.device("cuda"), torch.float16)
+    print("backends", finalize(model, args.kernel) if quant is not None else model.fuse_projections())
+    eng = LLMEngine(model, EngineConfig(max_model_len=512, kv_cache_gb=2, enforce_eager=args.eager,
+                                        cuda_graph_max_batch=max(1, args.batch)), [])
+    params = SamplingParams(max_tokens=400, temperature=0, ignore_eos=True)
+    for i in range(args.batch):
+        eng.add_request(str(i), list(range(1, 33)), params)
+    for _ in range(10):
+        eng.step()
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(args.steps):
+        eng.step()
+    torch.cuda.synchronize()
+    wall = (time.perf_counter() - t0) / args.steps
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(args.steps):
+            eng.step()
+        torch.cuda.synchronize()
+    events = prof.key_averages()
+    gpu_total = sum(e.self_device_time_total for e in events if e.self_device_time_total > 0)
+    print(f"wall {wall * 1e3:.3f} ms/step, GPU busy {gpu_total / args.steps / 1e3:.3f} ms/step")
+    print(events.table(sort_by="self_device_time_total", row_limit=12, max_name_column_width=60))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,208 @@
+// torch glue for the quantserve_cuda kernels: one checked host wrapper per op. The kernels
+// themselves (csrc/*.cu) see only raw pointers, sizes and a stream (quantserve_cuda.h).
+#include <c10/cuda/CUDAStream.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <torch/extension.h>
+
+#include <stdexcept>
+#include <string>
+#include <tuple>
+#include <type_traits>
+
+#include "quantserve_cuda.h"
+
+namespace {
+
+// Error messages are built with std::to_string and thrown as std::runtime_error (Python RuntimeError):
+// on the device's torch 2.11 stack, formatting an integer through an ostream inside this module
+// (as TORCH_CHECK's message builder does) crashed in libstdc++'s locale code.
+std::string piece(const char* s) { return s; }
+std::string piece(const std::string& s) { return s; }
+std::string piece(c10::ScalarType t) { return c10::toString(t); }
+std::string piece(const c10::Device& d) {
+  if (d.is_cuda()) return "cuda:" + std::to_string(int(d.index()));
+  return d.is_cpu() ? "cpu" : "a non-CUDA device";
+}
+template <typename T, typename = std::enable_if_t<std::is_integral_v<T>>>
+std::string piece(T v) {
+  return std::to_string(v);
+}
+
+template <typename... Args>
+void require(bool cond, const Args&... args) {
+  if (!cond) {
+    std::string msg;
+    ((msg += piece(args)), ...);
+    throw std::runtime_error(msg);
+  }
+}
+
+std::string shape_str(const torch::Tensor& t) {
+  std::string s = "[";
+  for (int64_t i = 0; i < t.dim(); ++i) s += (i ? ", " : "") + std::to_string(t.size(i));
+  return s + "]";
+}
+
+void check_cuda(const torch::Tensor& t, const char* name, const torch::Tensor& x) {
+  require(t.is_cuda(), name, " must be a CUDA tensor, got ", t.device());
+  require(t.device() == x.device(), name, " is on ", t.device(), " but x is on ", x.device());
+  require(t.is_contiguous(), name, " must be contiguous (shape ", shape_str(t), ")");
+}
+
+void check_shape(const torch::Tensor& t, const char* name, std::initializer_list<int64_t> want) {
+  bool ok = t.dim() == int64_t(want.size());
+  int64_t i = 0;
+  std::string w = "[";
+  for (int64_t v : want) {
+    if (ok && t.size(i) != v) ok = false;
+    w += (i ? ", " : "") + std::to_string(v);
+    ++i;
+  }
+  require(ok, name, " has shape ", shape_str(t), ", expected ", w, "]");
+}
+
+// Shared by gemv and gemm: validates every tensor against x [m, k] and n, then launches.
+torch::Tensor run(bool gemv, const torch::Tensor& x, const torch::Tensor& qweight, const torch::Tensor& scales,
+                  const c10::optional<torch::Tensor>& zeros, const c10::optional<torch::Tensor>& bias,
+                  const torch::Tensor& workspace, const torch::Tensor& counters, const torch::Tensor& accum,
+                  const torch::Tensor& accum_counters, int64_t n, int64_t bits, int64_t group_shift,
+                  int64_t zero_point, const c10::optional<torch::Tensor>& out) {
+  require(x.is_cuda(), "x must be a CUDA tensor, got ", x.device());
+  require(x.dim() == 2, "x must be 2-D [m, k], got shape ", shape_str(x));
+  require(x.is_contiguous(), "x must be contiguous, shape ", shape_str(x));
+  require(x.scalar_type() == torch::kHalf || x.scalar_type() == torch::kBFloat16,
+              "x must be float16 or bfloat16, got ", x.scalar_type());
+  const int64_t m = x.size(0), k = x.size(1);
+  require(k % 8 == 0, "k must be a multiple of 8 (16-byte activation rows), got k=", k);
+  require(reinterpret_cast<uintptr_t>(x.data_ptr()) % 16 == 0, "x must be 16-byte aligned");
+  require(bits == 4 || bits == 8, "bits must be 4 or 8 (repacked code width), got ", bits);
+  require(n > 0 && n % 2 == 0, "n must be positive and even, got n=", n);
+  require(group_shift >= 0 && group_shift <= 31, "group_shift must be in [0, 31], got ", group_shift);
+  if (gemv) require(m <= qs_gemv_max_m(), "gemv takes m <= ", qs_gemv_max_m(), " rows, got m=", m);
+  const int64_t n_strips = (n + 63) / 64, k_steps = (k + 15) / 16;
+  check_cuda(qweight, "qweight", x);
+  require(qweight.scalar_type() == torch::kInt32, "qweight must be int32, got ", qweight.scalar_type());
+  check_shape(qweight, "qweight", {n_strips, k_steps, 32, bits == 4 ? 4 : 8});
+  check_cuda(scales, "scales", x);
+  require(scales.scalar_type() == x.scalar_type(), "scales dtype ", scales.scalar_type(),
+              " differs from x dtype ", x.scalar_type());
+  require(scales.dim() == 4 && scales.size(0) >= 1, "scales must be [groups, ", n_strips,
+              ", 8, 8], got ", shape_str(scales));
+  const int64_t groups = scales.size(0);
+  check_shape(scales, "scales", {groups, n_strips, 8, 8});
+  if (zeros) {
+    check_cuda(*zeros, "zeros", x);
+    require(zeros->scalar_type() == x.scalar_type(), "zeros dtype ", zeros->scalar_type(),
+                " differs from x dtype ", x.scalar_type());
+    check_shape(*zeros, "zeros", {groups, n_strips, 8, 8});
+  }
+  if (bias) {
+    check_cuda(*bias, "bias", x);
+    require(bias->scalar_type() == x.scalar_type(), "bias dtype ", bias->scalar_type(),
+                " differs from x dtype ", x.scalar_type());
+    check_shape(*bias, "bias", {n});
+  }
+  check_cuda(workspace, "workspace", x);
+  require(workspace.scalar_type() == torch::kFloat32, "workspace must be float32");
+  check_cuda(counters, "counters", x);
+  require(counters.scalar_type() == torch::kInt32, "counters must be int32");
+  check_cuda(accum, "accum", x);
+  require(accum.scalar_type() == torch::kFloat32, "accum must be float32");
+  check_cuda(accum_counters, "accum_counters", x);
+  require(accum_counters.scalar_type() == torch::kInt32, "accum_counters must be int32");
+  if (gemv) {
+    require(accum.numel() >= qs_gemv_accum_floats(int(n)) && accum_counters.numel() >= n_strips,
+                "accum holds ", accum.numel(), " floats and ", accum_counters.numel(), " counters; n=", n,
+                " needs ", qs_gemv_accum_floats(int(n)), " and ", n_strips);
+  } else {
+    require(workspace.numel() > 0 && counters.numel() > 0,
+                "no GEMM tile shape fits this GPU's shared memory (empty workspace)");
+  }
+
+  const c10::cuda::CUDAGuard guard(x.device());
+  torch::Tensor y;
+  if (out) {
+    check_cuda(*out, "out", x);
+    require(out->scalar_type() == x.scalar_type(), "out dtype ", out->scalar_type(), " differs from x dtype ",
+                x.scalar_type());
+    check_shape(*out, "out", {m, n});
+    require(reinterpret_cast<uintptr_t>(out->data_ptr()) % 4 == 0, "out must be 4-byte aligned");
+    y = *out;
+  } else {
+    y = torch::empty({m, n}, x.options());
+  }
+  if (m == 0) return y;
+  QsMatmulArgs a = {};
+  a.x = x.data_ptr();
+  a.qweight = qweight.data_ptr();
+  a.scales = scales.data_ptr();
+  a.zeros = zeros ? zeros->data_ptr() : nullptr;
+  a.bias = bias ? bias->data_ptr() : nullptr;
+  a.y = y.data_ptr();
+  a.workspace = workspace.data_ptr<float>();
+  a.counters = counters.data_ptr<int>();
+  a.workspace_floats = workspace.numel();
+  a.num_counters = int(counters.numel());
+  a.accum = accum.data_ptr<float>();
+  a.accum_counters = accum_counters.data_ptr<int>();
+  a.accum_floats = accum.numel();
+  a.num_accum_counters = int(accum_counters.numel());
+  a.m = int(m);
+  a.n = int(n);
+  a.k = int(k);
+  a.bits = int(bits);
+  a.groups = int(groups);
+  a.group_shift = int(group_shift);
+  a.zero_point = int(zero_point);
+  a.dtype = x.scalar_type() == torch::kHalf ? QS_F16 : QS_BF16;
+  cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  cudaError_t err = gemv ? qs_gemv(&a, stream) : qs_gemm(&a, stream);
+  require(err == cudaSuccess, gemv ? "qs_gemv" : "qs_gemm", " failed for m=", m, " n=", n, " k=", k,
+              " bits=", bits, ": ", cudaGetErrorString(err));
+  return y;
+}
+
+torch::Tensor gemv(const torch::Tensor& x, const torch::Tensor& qweight, const torch::Tensor& scales,
+                   const c10::optional<torch::Tensor>& zeros, const c10::optional<torch::Tensor>& bias,
+                   const torch::Tensor& workspace, const torch::Tensor& counters, const torch::Tensor& accum,
+                   const torch::Tensor& accum_counters, int64_t n, int64_t bits, int64_t group_shift,
+                   int64_t zero_point, const c10::optional<torch::Tensor>& out) {
+  return run(true, x, qweight, scales, zeros, bias, workspace, counters, accum, accum_counters, n, bits,
+             group_shift, zero_point, out);
+}
+
+torch::Tensor gemm(const torch::Tensor& x, const torch::Tensor& qweight, const torch::Tensor& scales,
+                   const c10::optional<torch::Tensor>& zeros, const c10::optional<torch::Tensor>& bias,
+                   const torch::Tensor& workspace, const torch::Tensor& counters, const torch::Tensor& accum,
+                   const torch::Tensor& accum_counters, int64_t n, int64_t bits, int64_t group_shift,
+                   int64_t zero_point, const c10::optional<torch::Tensor>& out) {
+  return run(false, x, qweight, scales, zeros, bias, workspace, counters, accum, accum_counters, n, bits,
+             group_shift, zero_point, out);
+}
+
+std::tuple<int64_t, int64_t> workspace_need(int64_t device) {
+  long long floats = 0;
+  int counters = 0;
+  qs_workspace_need(int(device), &floats, &counters);
+  return {floats, counters};
+}
+
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "quantserve fused int4/int8 dequant GEMV (m <= 32) and tensor-core GEMM kernels";
+  m.def("gemv", &gemv, "y[m, n] = x[m, k] @ W + bias for m <= 32 (repacked GPTQ codes)", py::arg("x"),
+        py::arg("qweight"), py::arg("scales"), py::arg("zeros"), py::arg("bias"), py::arg("workspace"),
+        py::arg("counters"), py::arg("accum"), py::arg("accum_counters"), py::arg("n"), py::arg("bits"), py::arg("group_shift"), py::arg("zero_point"),
+        py::arg("out") = py::none());
+  m.def("gemm", &gemm, "y[m, n] = x[m, k] @ W + bias for any m (repacked GPTQ codes)", py::arg("x"),
+        py::arg("qweight"), py::arg("scales"), py::arg("zeros"), py::arg("bias"), py::arg("workspace"),
+        py::arg("counters"), py::arg("accum"), py::arg("accum_counters"), py::arg("n"), py::arg("bits"), py::arg("group_shift"), py::arg("zero_point"),
+        py::arg("out") = py::none());
+  m.def("gemv_max_m", &qs_gemv_max_m, "largest m the gemv op takes");
+  m.def("gemv_accum_floats", [](int64_t n) { return qs_gemv_accum_floats(int(n)); },
+        "accumulator floats the gemv op needs for n columns (counters: ceil(n/64))", py::arg("n"));
+  m.def("workspace_need", &workspace_need,
+        "(floats, counters) of GEMM workspace every launch on a device fits in; (0, 0): no GEMM on it",
+        py::arg("device"));
+}

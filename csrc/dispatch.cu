@@ -1,0 +1,57 @@
+// The C entry points of quantserve_cuda.h that route to the per-dtype kernels.
+#include "quantserve_cuda.h"
+
+cudaError_t qs_gemv_f16(const QsMatmulArgs& a, cudaStream_t s);
+cudaError_t qs_gemv_bf16(const QsMatmulArgs& a, cudaStream_t s);
+cudaError_t qs_gemm_f16(const QsMatmulArgs& a, cudaStream_t s);
+cudaError_t qs_gemm_bf16(const QsMatmulArgs& a, cudaStream_t s);
+cudaError_t qs_gemm_f16_need(long long* floats, int* counters);
+cudaError_t qs_gemm_bf16_need(long long* floats, int* counters);
+
+namespace {
+constexpr int kGemvMaxM = 32;
+constexpr long long kGemvAccumPerStrip = 32 * 64;  // = qs::kGemvAccumPerStrip (gemv.cuh)
+}  // namespace
+
+extern "C" cudaError_t qs_gemv(const QsMatmulArgs* a, cudaStream_t stream) {
+  if (a->m < 1 || a->m > kGemvMaxM || a->k < 1 || a->n < 1 || a->groups < 1 || a->group_shift < 0 ||
+      a->group_shift > 31)
+    return cudaErrorInvalidValue;
+  if (a->dtype == QS_F16) return qs_gemv_f16(*a, stream);
+  if (a->dtype == QS_BF16) return qs_gemv_bf16(*a, stream);
+  return cudaErrorInvalidValue;
+}
+
+extern "C" int qs_gemv_max_m(void) { return kGemvMaxM; }
+
+extern "C" long long qs_gemv_accum_floats(int n) { return (long long)((n + 63) / 64) * kGemvAccumPerStrip; }
+
+extern "C" cudaError_t qs_gemm(const QsMatmulArgs* a, cudaStream_t stream) {
+  if (a->m < 1 || a->k < 1 || a->n < 1 || a->groups < 1 || a->group_shift < 0 || a->group_shift > 31)
+    return cudaErrorInvalidValue;
+  if (a->dtype == QS_F16) return qs_gemm_f16(*a, stream);
+  if (a->dtype == QS_BF16) return qs_gemm_bf16(*a, stream);
+  return cudaErrorInvalidValue;
+}
+
+extern "C" void qs_workspace_need(int device, long long* floats, int* counters) {
+  *floats = 0;
+  *counters = 0;
+  int prev = 0;
+  cudaGetDevice(&prev);
+  if (cudaSetDevice(device) != cudaSuccess) return;
+  long long f = 0;
+  int c = 0;
+  for (int d = 0; d < 2; ++d) {
+    cudaError_t err = d == 0 ? qs_gemm_f16_need(&f, &c) : qs_gemm_bf16_need(&f, &c);
+    if (err != cudaSuccess) {  // some tile shape does not fit this GPU: no GEMM here
+      *floats = 0;
+      *counters = 0;
+      break;
+    }
+    if (f > *floats) *floats = f;
+    if (c > *counters) *counters = c;
+  }
+  cudaGetLastError();  // clear a sticky launch-configuration error of a probe
+  cudaSetDevice(prev);
+}

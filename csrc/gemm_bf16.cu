@@ -1,0 +1,9 @@
+// bf16 instantiations of the tensor-core GEMM (gemm.cuh); one file per dtype so they build in parallel.
+#include "gemm.cuh"
+
+cudaError_t qs_gemm_bf16(const QsMatmulArgs& a, cudaStream_t s) {
+  return qs::gemm_dtype<__nv_bfloat16>(a, s, nullptr, nullptr);
+}
+cudaError_t qs_gemm_bf16_need(long long* floats, int* counters) {
+  return qs::gemm_need<__nv_bfloat16>(floats, counters);
+}

@@ -1,0 +1,5 @@
+// fp16 instantiations of the tensor-core GEMM (gemm.cuh); one file per dtype so they build in parallel.
+#include "gemm.cuh"
+
+cudaError_t qs_gemm_f16(const QsMatmulArgs& a, cudaStream_t s) { return qs::gemm_dtype<__half>(a, s, nullptr, nullptr); }
+cudaError_t qs_gemm_f16_need(long long* floats, int* counters) { return qs::gemm_need<__half>(floats, counters); }

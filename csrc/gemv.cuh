@@ -1,0 +1,243 @@
+// Tensor-core GEMV for M <= 32 tokens (decode): the one kernel that has to run at HBM speed.
+// Why this shape: swap A and B of the MMA so the dequantised weights fill the 16-row A operand
+// (16 output columns) and the few tokens sit in the 8-wide n side: one m16n8k16 per 16x16 weight
+// tile, fp32 accumulation, and no CUDA-core FMAs per weight. Each lane streams one 16-byte load per
+// k16 step of a 64-column strip (8 steps in flight per chunk); a stream-K grid of exactly one
+// resident wave balances the bytes over the SMs (qs_streamk.cuh).
+#pragma once
+
+#include "qs_dequant.cuh"
+#include "qs_launch.cuh"
+#include "qs_streamk.cuh"
+#include "quantserve_cuda.h"
+
+namespace qs {
+
+constexpr int kGemvWarps = 4;
+constexpr int kGemvThreads = 32 * kGemvWarps;
+constexpr int kGemvAccumPerStrip = 32 * 64;  // fp32 accumulator of one 64-column strip, m <= 32
+
+// Hand a warp's partial sums of one strip segment to y: written directly when the warp covered the
+// whole strip, else added into the strip's fp32 accumulator; the warp that completes the strip
+// writes y (+ bias) and zeroes the accumulator and counter for the next call.
+// acc[mb][j][c] is column 16j + g + 8*(c >> 1), token mb*8 + 2t + (c & 1).
+template <typename T, int MB>
+__device__ __forceinline__ void flush_strip(const QsMatmulArgs& a, const float (&acc)[MB][4][4], int strip,
+                                            int c_begin, int c_end, int cps, int lane) {
+  const int g = lane >> 2, t = lane & 3;
+  const T* bias = reinterpret_cast<const T*>(a.bias);
+  T* y = reinterpret_cast<T*>(a.y);
+  if (c_begin == 0 && c_end == cps) {  // the whole strip is ours: write y directly
+#pragma unroll
+    for (int mb = 0; mb < MB; ++mb)
+#pragma unroll
+      for (int j = 0; j < 4; ++j)
+#pragma unroll
+        for (int c = 0; c < 4; ++c) {
+          const int m = mb * 8 + 2 * t + (c & 1);
+          const int n = strip * 64 + 16 * j + g + 8 * (c >> 1);
+          if (m < a.m && n < a.n) {
+            float o = acc[mb][j][c];
+            if (bias != nullptr) o += Act<T>::to_float(bias[n]);
+            y[(long long)m * a.n + n] = Act<T>::from_float(o);
+          }
+        }
+  } else {
+    float* sum = a.accum + (long long)strip * kGemvAccumPerStrip;
+#pragma unroll
+    for (int mb = 0; mb < MB; ++mb)
+#pragma unroll
+      for (int j = 0; j < 4; ++j)
+#pragma unroll
+        for (int c = 0; c < 4; ++c) {
+          const int m = mb * 8 + 2 * t + (c & 1);
+          if (m < a.m) atomicAdd(sum + m * 64 + 16 * j + g + 8 * (c >> 1), acc[mb][j][c]);
+        }
+    __threadfence();
+    __syncwarp();
+    int last = 0;
+    if (lane == 0) {
+      const int mine = c_end - c_begin;
+      last = atomicAdd(a.accum_counters + strip, mine) + mine == cps;
+    }
+    last = __shfl_sync(0xffffffffu, last, 0);
+    if (last) {
+      __threadfence();
+      for (int idx = lane; idx < a.m * 64; idx += 32) {
+        const int m = idx >> 6, n = strip * 64 + (idx & 63);
+        float o = __ldcg(sum + idx);
+        __stcg(sum + idx, 0.f);
+        if (n < a.n) {
+          if (bias != nullptr) o += Act<T>::to_float(bias[n]);
+          y[(long long)m * a.n + n] = Act<T>::from_float(o);
+        }
+      }
+      if (lane == 0) a.accum_counters[strip] = 0;
+    }
+  }
+}
+
+// Steps per chunk: 4 KB of codes per warp (2 KB when 32 tokens need the registers).
+template <int BITS, int MB>
+__host__ __device__ constexpr int gemv_steps() {
+  return (BITS == 4 ? 8 : 4) / (MB > 2 ? 2 : 1);
+}
+
+// MB: token blocks of 8 (m <= 8*MB). SPC: scale loads per chunk (groups met in a chunk).
+// Warp-level stream-K: warp w of W takes chunks [T*w/W, T*(w+1)/W) of the strip-major chunk
+// space, accumulates while the strip stays the same, then adds its partial into the strip's
+// fp32 accumulator (red.global.add, fire-and-forget) and bumps the strip's counter; the warp that
+// completes a strip writes y (+ bias) and zeroes the accumulator and counter for the next call.
+template <typename T, int BITS, int MB, int SPC>
+__global__ void __launch_bounds__(kGemvThreads) gemv_kernel(const QsMatmulArgs a) {
+  constexpr int U = gemv_steps<BITS, MB>();
+  constexpr int WPL = Dequant<T, BITS>::kWordsPerLane;  // 32-bit words per lane per step
+  constexpr int V = WPL / 4;                            // 16-byte loads per lane per step
+  constexpr int SSTEP = U / SPC;                        // steps sharing one scale load
+  static_assert(SSTEP >= 1, "more scale loads than steps");
+
+  const int lane = threadIdx.x & 31;
+  const int g = lane >> 2, t = lane & 3;
+  const int n_strips = (a.n + 63) >> 6;
+  const int k_steps = (a.k + 15) >> 4;
+  const int cps = (k_steps + U - 1) / U;  // chunks per strip
+  const long long total = (long long)n_strips * cps;
+  const int warps = gridDim.x * kGemvWarps;
+  const int w = blockIdx.x * kGemvWarps + (threadIdx.x >> 5);
+  const long long u_end = unit_begin(total, w + 1, warps);
+  const T* x = reinterpret_cast<const T*>(a.x);
+  const uint4* qw = reinterpret_cast<const uint4*>(a.qweight);
+  const uint4* sc = reinterpret_cast<const uint4*>(a.scales);
+  const uint4* zs = reinterpret_cast<const uint4*>(a.zeros);
+
+  for (long long u = unit_begin(total, w, warps); u < u_end;) {
+    const int strip = int(u / cps);
+    const long long tile_first = (long long)strip * cps;
+    const int c_begin = int(u - tile_first);
+    const int c_end = int(min((long long)cps, u_end - tile_first));
+    float acc[MB][4][4];
+#pragma unroll
+    for (int mb = 0; mb < MB; ++mb)
+#pragma unroll
+      for (int j = 0; j < 4; ++j)
+#pragma unroll
+        for (int c = 0; c < 4; ++c) acc[mb][j][c] = 0.f;
+
+    for (int ch = c_begin; ch < c_end; ++ch) {
+      const int step0 = ch * U;
+      uint4 wq[U][V];
+      const uint4* wp = qw + (((long long)strip * k_steps + step0) * 32 + lane) * V;
+#pragma unroll
+      for (int i = 0; i < U; ++i)
+#pragma unroll
+        for (int v = 0; v < V; ++v)
+          wq[i][v] = step0 + i < k_steps ? ldg128(wp + i * 32 * V + v) : make_uint4(0, 0, 0, 0);
+      uint32_t xb[U][MB][2];
+#pragma unroll
+      for (int i = 0; i < U; ++i)
+#pragma unroll
+        for (int mb = 0; mb < MB; ++mb) {
+          const int m = mb * 8 + g;
+          const int k0 = (step0 + i) * 16 + 2 * t;
+          const unsigned int* xr = reinterpret_cast<const unsigned int*>(x + (long long)m * a.k + k0);
+          xb[i][mb][0] = (m < a.m && k0 < a.k) ? __ldg(xr) : 0u;
+          xb[i][mb][1] = (m < a.m && k0 + 8 < a.k) ? __ldg(xr + 4) : 0u;
+        }
+      uint4 sraw[SPC], zraw[SPC];
+#pragma unroll
+      for (int s = 0; s < SPC; ++s) {
+        const int gi = min((step0 + s * SSTEP) >> a.group_shift, a.groups - 1);
+        const long long off = ((long long)gi * n_strips + strip) * 8 + g;
+        sraw[s] = __ldg(sc + off);
+        zraw[s] = zs != nullptr ? __ldg(zs + off) : make_uint4(0, 0, 0, 0);
+      }
+      GroupConsts<T, BITS> gc;
+#pragma unroll
+      for (int i = 0; i < U; ++i) {
+        if (i % SSTEP == 0) gc.load(sraw[i / SSTEP], zraw[i / SSTEP], zs != nullptr, a.zero_point);
+        if (step0 + i < k_steps) {
+          uint32_t words[WPL];
+#pragma unroll
+          for (int v = 0; v < V; ++v) {
+            words[4 * v + 0] = wq[i][v].x;
+            words[4 * v + 1] = wq[i][v].y;
+            words[4 * v + 2] = wq[i][v].z;
+            words[4 * v + 3] = wq[i][v].w;
+          }
+#pragma unroll
+          for (int j = 0; j < 4; ++j) {
+            uint32_t pr[4];
+            Dequant<T, BITS>::tile(words, j, gc, pr);
+            // A = W^T tile (rows = 16 columns of W): a0 (col g, k lo), a1 (col g+8, k lo),
+            // a2 (col g, k hi), a3 (col g+8, k hi).
+            const uint32_t af[4] = {pr[0], pr[2], pr[1], pr[3]};
+#pragma unroll
+            for (int mb = 0; mb < MB; ++mb) mma_16816<T>(acc[mb][j], af, xb[i][mb]);
+          }
+        }
+      }
+    }
+
+    flush_strip<T, MB>(a, acc, strip, c_begin, c_end, cps, lane);
+    u = tile_first + c_end;
+  }
+}
+
+
+template <typename T, int BITS, int MB, int SPC>
+cudaError_t launch_gemv(const QsMatmulArgs& a, cudaStream_t stream) {
+  static int occ_slot[kMaxDevices];
+  constexpr int U = gemv_steps<BITS, MB>();
+  auto kernel = gemv_kernel<T, BITS, MB, SPC>;
+  DeviceInfo dev;
+  int device = 0, occ = 0;
+  cudaError_t err = device_info(&dev, &device);
+  if (err != cudaSuccess) return err;
+  err = resident_blocks(kernel, kGemvThreads, 0, device, occ_slot, &occ);
+  if (err != cudaSuccess) return err;
+  long long blocks = (long long)dev.sms * occ;
+  const long long n_strips = (a.n + 63) / 64;
+  if (a.accum == nullptr || a.accum_floats < n_strips * kGemvAccumPerStrip || a.accum_counters == nullptr ||
+      a.num_accum_counters < n_strips)
+    return cudaErrorInvalidValue;
+  const long long total = n_strips * (((a.k + 15) / 16 + U - 1) / U);
+  const long long warps_needed = (total + kGemvWarps - 1) / kGemvWarps;
+  blocks = blocks < warps_needed ? blocks : warps_needed;
+  kernel<<<int(blocks), kGemvThreads, 0, stream>>>(a);
+  return cudaGetLastError();
+}
+
+template <typename T, int BITS, int MB>
+cudaError_t gemv_spc(const QsMatmulArgs& a, cudaStream_t s) {
+  constexpr int U = gemv_steps<BITS, MB>();
+  const int steps_per_group_log2 = a.group_shift;
+  int spc = U;
+  for (int i = 0; i < steps_per_group_log2 && spc > 1; ++i) spc >>= 1;
+  switch (spc) {
+    case 1: return launch_gemv<T, BITS, MB, 1>(a, s);
+    case 2: return launch_gemv<T, BITS, MB, 2>(a, s);
+    case 4:
+      if constexpr (U >= 4) return launch_gemv<T, BITS, MB, 4>(a, s);
+      return cudaErrorInvalidValue;
+    default:
+      if constexpr (U >= 8) return launch_gemv<T, BITS, MB, 8>(a, s);
+      return cudaErrorInvalidValue;
+  }
+}
+
+template <typename T>
+cudaError_t gemv_dtype(const QsMatmulArgs& a, cudaStream_t s) {
+  if (a.bits == 4) {
+    if (a.m <= 8) return gemv_spc<T, 4, 1>(a, s);
+    if (a.m <= 16) return gemv_spc<T, 4, 2>(a, s);
+    return gemv_spc<T, 4, 4>(a, s);
+  }
+  if (a.bits == 8) {
+    if (a.m <= 8) return gemv_spc<T, 8, 1>(a, s);
+    if (a.m <= 16) return gemv_spc<T, 8, 2>(a, s);
+    return gemv_spc<T, 8, 4>(a, s);
+  }
+  return cudaErrorInvalidValue;
+}
+
+}  // namespace qs

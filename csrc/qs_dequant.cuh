@@ -1,0 +1,170 @@
+// Int4 / int8 codes -> fp16 / bf16 MMA fragments in registers.
+// Why: the weights stay 4 (or 8) bits in HBM; they are widened only in registers, right before the
+// tensor-core instruction, with the exponent-magic trick (code | 0x6400 is the half 1024 + code),
+// so one LOP3 (or PRMT) and two packed 16-bit ops turn 2 codes into 2 dequantised weights.
+//
+// Fragment convention (shared with quant/backends/cuda_layout.py, which packs the codes):
+// for a 16 (k) x 16 (n) tile, lane = 4*g + t holds the codes of columns g and g+8 at rows
+// 2t, 2t+1, 2t+8, 2t+9. A "pair" p = 2*h + hk is the two rows {2t, 2t+1} (hk = 0) or
+// {2t+8, 2t+9} (hk = 1) of column g + 8*h. Packed 4-bit word: nibble e*4 + p is row (2t + 8*hk + e).
+// Packed 8-bit: word (j, h), byte e*2 + hk.  Column c = 2*j + h of a 64-wide strip picks the scale.
+#pragma once
+
+#include "qs_ptx.cuh"
+
+namespace qs {
+
+template <typename T>
+struct Act;
+
+template <>
+struct Act<__half> {
+  using T = __half;
+  using T2 = __half2;
+  static constexpr uint32_t kMagic2 = 0x64006400u;  // 1024.0 in both halves
+  static constexpr int kMagic = 1024;
+  __device__ static __forceinline__ T from_float(float v) { return __float2half_rn(v); }
+  __device__ static __forceinline__ float to_float(T v) { return __half2float(v); }
+  __device__ static __forceinline__ uint32_t pack2(float a, float b) {
+    __half2 h = __floats2half2_rn(a, b);
+    return *reinterpret_cast<uint32_t*>(&h);
+  }
+};
+
+template <>
+struct Act<__nv_bfloat16> {
+  using T = __nv_bfloat16;
+  using T2 = __nv_bfloat162;
+  static constexpr uint32_t kMagic2 = 0x43004300u;  // 128.0 in both halves
+  static constexpr int kMagic = 128;
+  __device__ static __forceinline__ T from_float(float v) { return __float2bfloat16_rn(v); }
+  __device__ static __forceinline__ float to_float(T v) { return __bfloat162float(v); }
+  __device__ static __forceinline__ uint32_t pack2(float a, float b) {
+    __nv_bfloat162 h = __floats2bfloat162_rn(a, b);
+    return *reinterpret_cast<uint32_t*>(&h);
+  }
+};
+
+template <typename T>
+__device__ __forceinline__ typename Act<T>::T2 as_t2(uint32_t v) {
+  return *reinterpret_cast<typename Act<T>::T2*>(&v);
+}
+template <typename T>
+__device__ __forceinline__ uint32_t as_u32(typename Act<T>::T2 v) {
+  return *reinterpret_cast<uint32_t*>(&v);
+}
+
+__device__ __forceinline__ uint32_t word_of(const uint4& v, int i) {
+  return i == 0 ? v.x : i == 1 ? v.y : i == 2 ? v.z : v.w;
+}
+
+// Per-group constants of one lane: the 8 columns c = 2j + h of its strip.
+// Half-precision paths hold (s, s) and (magic + z, magic + z); bf16 8-bit works in fp32
+// (128 + code is not exact in bf16 beyond 127) and holds s and 2^23 + z as floats.
+template <typename T, int BITS>
+struct GroupConsts {
+  uint32_t s2[8];
+  uint32_t zz[8];
+
+  __device__ __forceinline__ void load(const uint4& s_raw, const uint4& z_raw, bool has_z, int zero_point) {
+    using T2 = typename Act<T>::T2;
+    const T2 magic = as_t2<T>(Act<T>::kMagic2);
+    uint32_t zc = 0;
+    if (!has_z) {
+      T2 z = as_t2<T>(Act<T>::pack2(float(zero_point), float(zero_point)));
+      zc = as_u32<T>(__hadd2(z, magic));
+    }
+#pragma unroll
+    for (int c = 0; c < 8; ++c) {
+      uint32_t w = word_of(s_raw, c >> 1);
+      s2[c] = __byte_perm(w, w, (c & 1) ? 0x3232 : 0x1010);
+      if (has_z) {
+        uint32_t zw = word_of(z_raw, c >> 1);
+        zz[c] = as_u32<T>(__hadd2(as_t2<T>(__byte_perm(zw, zw, (c & 1) ? 0x3232 : 0x1010)), magic));
+      } else {
+        zz[c] = zc;
+      }
+    }
+  }
+};
+
+template <>
+struct GroupConsts<__nv_bfloat16, 8> {
+  float s[8];
+  float zf[8];
+
+  __device__ __forceinline__ void load(const uint4& s_raw, const uint4& z_raw, bool has_z, int zero_point) {
+#pragma unroll
+    for (int c = 0; c < 8; ++c) {
+      uint32_t w = word_of(s_raw, c >> 1);
+      s[c] = __uint_as_float((c & 1) ? (w & 0xffff0000u) : (w << 16));
+      float z = float(zero_point);
+      if (has_z) {
+        uint32_t zw = word_of(z_raw, c >> 1);
+        z = __uint_as_float((c & 1) ? (zw & 0xffff0000u) : (zw << 16));
+      }
+      zf[c] = 8388608.0f + z;
+    }
+  }
+};
+
+// Dequantise n-tile j (16 columns) of one k16 step into 4 pairs (p = 2h + hk), each a 32-bit
+// register holding two 16-bit weights of one column, ready to be an MMA fragment register.
+template <typename T, int BITS>
+struct Dequant;
+
+template <typename T>
+struct Dequant<T, 4> {
+  static constexpr int kWordsPerLane = 4;  // per k16 step: 4 n-tiles x 1 word
+  __device__ static __forceinline__ void tile(const uint32_t* words, int j, const GroupConsts<T, 4>& gc,
+                                              uint32_t (&out)[4]) {
+    const uint32_t q = words[j];
+#pragma unroll
+    for (int p = 0; p < 4; ++p) {
+      const int c = 2 * j + (p >> 1);
+      uint32_t h = lop3_and_or<0x000f000fu>(q >> (4 * p), Act<T>::kMagic2);
+      auto v = __hmul2(__hsub2(as_t2<T>(h), as_t2<T>(gc.zz[c])), as_t2<T>(gc.s2[c]));
+      out[p] = as_u32<T>(v);
+    }
+  }
+};
+
+template <>
+struct Dequant<__half, 8> {
+  static constexpr int kWordsPerLane = 8;  // per k16 step: 4 n-tiles x 2 words (h = 0, 1)
+  __device__ static __forceinline__ void tile(const uint32_t* words, int j, const GroupConsts<__half, 8>& gc,
+                                              uint32_t (&out)[4]) {
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      const uint32_t w = words[2 * j + h];
+      const int c = 2 * j + h;
+#pragma unroll
+      for (int hk = 0; hk < 2; ++hk) {
+        uint32_t v = __byte_perm(w, 0x64646464u, hk ? 0x4341 : 0x4240);
+        auto r = __hmul2(__hsub2(as_t2<__half>(v), as_t2<__half>(gc.zz[c])), as_t2<__half>(gc.s2[c]));
+        out[2 * h + hk] = as_u32<__half>(r);
+      }
+    }
+  }
+};
+
+template <>
+struct Dequant<__nv_bfloat16, 8> {
+  static constexpr int kWordsPerLane = 8;
+  __device__ static __forceinline__ void tile(const uint32_t* words, int j,
+                                              const GroupConsts<__nv_bfloat16, 8>& gc, uint32_t (&out)[4]) {
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      const uint32_t w = words[2 * j + h];
+      const int c = 2 * j + h;
+#pragma unroll
+      for (int hk = 0; hk < 2; ++hk) {
+        float a = __uint_as_float(__byte_perm(w, 0x4B000000u, hk ? 0x7441 : 0x7440));
+        float b = __uint_as_float(__byte_perm(w, 0x4B000000u, hk ? 0x7443 : 0x7442));
+        out[2 * h + hk] = Act<__nv_bfloat16>::pack2((a - gc.zf[c]) * gc.s[c], (b - gc.zf[c]) * gc.s[c]);
+      }
+    }
+  }
+};
+
+}  // namespace qs

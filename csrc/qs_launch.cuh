@@ -1,0 +1,57 @@
+// Host-side helpers shared by the launchers: device properties and per-kernel occupancy, cached
+// per device (looked up once; later launches, CUDA-graph captures included, only read the cache).
+#pragma once
+
+#include <cuda_runtime.h>
+
+namespace qs {
+
+constexpr int kMaxDevices = 64;
+
+struct DeviceInfo {
+  int sms = 0;
+  int max_smem_optin = 0;
+};
+
+inline cudaError_t device_info(DeviceInfo* out, int* device) {
+  static DeviceInfo cache[kMaxDevices];
+  cudaError_t err = cudaGetDevice(device);
+  if (err != cudaSuccess) return err;
+  if (*device < 0 || *device >= kMaxDevices) return cudaErrorInvalidDevice;
+  DeviceInfo& d = cache[*device];
+  if (d.sms == 0) {
+    int sms = 0, smem = 0;
+    err = cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, *device);
+    if (err != cudaSuccess) return err;
+    err = cudaDeviceGetAttribute(&smem, cudaDevAttrMaxSharedMemoryPerBlockOptin, *device);
+    if (err != cudaSuccess) return err;
+    d.max_smem_optin = smem;
+    d.sms = sms;
+  }
+  *out = d;
+  return cudaSuccess;
+}
+
+// Resident blocks per SM of `kernel` with `threads` and `smem` dynamic bytes; raises the kernel's
+// dynamic shared memory limit first when needed. Cached per (kernel instantiation, device) by
+// the caller's static slot.
+template <typename Kernel>
+inline cudaError_t resident_blocks(Kernel kernel, int threads, int smem, int device, int (&slot)[kMaxDevices],
+                                   int* blocks_per_sm) {
+  if (slot[device] == 0) {
+    cudaError_t err;
+    if (smem > 48 * 1024) {
+      err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
+      if (err != cudaSuccess) return err;
+    }
+    int occ = 0;
+    err = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&occ, kernel, threads, smem);
+    if (err != cudaSuccess) return err;
+    if (occ < 1) return cudaErrorInvalidConfiguration;
+    slot[device] = occ;
+  }
+  *blocks_per_sm = slot[device];
+  return cudaSuccess;
+}
+
+}  // namespace qs

@@ -1,0 +1,62 @@
+// C-style launcher API of the quantserve CUDA kernels (no torch types; bindings.cpp is the glue).
+//
+// y[m, n] = x[m, k] @ W[k, n] + bias[n] with W stored as 4- or 8-bit codes in the repacked layout
+// built by quant/backends/cuda_layout.py:
+//   qweight  int32 [n_strips, k_steps, 32, words_per_lane]   n_strips = ceil(n/64), k_steps = ceil(k/16)
+//            words_per_lane = 4 (4-bit) or 8 (8-bit); zero codes in the padding
+//   scales   act  [groups, n_strips, 8, 8]                    lane group g, column c = 2j + h
+//   zeros    act  [groups, n_strips, 8, 8] (true integer zero points) or NULL -> zero_point
+// Activations fp16 or bf16, fp32 accumulation. Split-K state: the GEMV adds partial sums into
+// `accum` (fp32, zero, qs_gemv_accum_floats(n) floats) and counts arrivals in `accum_counters`
+// (zero, one per 64-column strip); the GEMM stores partial tiles in `workspace` (no init needed)
+// and counts in `counters` (zero). Every kernel leaves accumulators and counters at zero, so one
+// set serves every layer of a stream; concurrent streams need one set each.
+#pragma once
+
+#include <cuda_runtime.h>
+#include <stdint.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+typedef enum { QS_F16 = 0, QS_BF16 = 1 } QsDtype;
+
+typedef struct QsMatmulArgs {
+  const void* x;        // [m, k] row-major, 16-byte aligned
+  const void* qweight;  // repacked codes (see above)
+  const void* scales;
+  const void* zeros;    // or NULL
+  const void* bias;     // [n] or NULL
+  void* y;              // [m, n] row-major
+  float* workspace;     // GEMM split-K partial tiles, workspace_floats floats
+  int* counters;        // GEMM arrival counters, num_counters ints, zero
+  long long workspace_floats;
+  int num_counters;
+  float* accum;         // GEMV strip accumulators, accum_floats floats, zero
+  int* accum_counters;  // GEMV strip counters, num_accum_counters ints, zero
+  long long accum_floats;
+  int num_accum_counters;
+  int m, n, k;
+  int bits;         // 4 or 8 (width of the repacked codes)
+  int groups;       // number of scale groups along k
+  int group_shift;  // log2(group_size / 16); >= 30 means a single group
+  int zero_point;   // zero point used for every column when zeros == NULL
+  int dtype;        // QsDtype
+} QsMatmulArgs;
+
+// M <= 32: swap-AB tensor-core GEMV (weights are the MMA's A operand, tokens its n8 side).
+cudaError_t qs_gemv(const QsMatmulArgs* args, cudaStream_t stream);
+// Any M: cp.async-pipelined tensor-core GEMM; stream-K over (tile, k-stage) units.
+cudaError_t qs_gemm(const QsMatmulArgs* args, cudaStream_t stream);
+// Largest m handled by qs_gemv.
+int qs_gemv_max_m(void);
+// Accumulator floats qs_gemv needs for n output columns (its counters: ceil(n / 64)).
+long long qs_gemv_accum_floats(int n);
+// GEMM workspace and counter sizes that every launch configuration on `device` fits in
+// (0 floats when no GEMM tile shape fits the device's shared memory).
+void qs_workspace_need(int device, long long* floats, int* counters);
+
+#ifdef __cplusplus
+}
+#endif

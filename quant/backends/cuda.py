@@ -1,0 +1,199 @@
+"""The "cuda" kernel backend: fused int4/int8 dequant GEMV (M <= 32) and tensor-core GEMM (M > 32).
+
+Registered for device type "cuda" with priority 10 (ahead of `dense`, 50) through a loader, so the
+extension `quantserve_cuda` (csrc/, JIT-built by quant/ext.py) is compiled only when the first CUDA
+layer is prepared. A layer it cannot take (compute capability < 8.0, a group size that is not a power
+of two >= 16, an act-order g_idx whose groups are not runs of group_size rows, a failed build) is
+refused by `unsupported_reason` and falls to `dense`, which kernels.backend_counts records.
+
+Per call: x [M, K] fp16/bf16 -> y [M, N] in x.dtype, bias included. Act-order layers gather the
+activation columns with one index_select per call (x[:, perm]). float32 inputs take a dense path
+(dequantised once, cached), since the kernels multiply in 16-bit; so do M > 32 calls on GPUs whose
+shared memory fits no GEMM tile (sm_86/sm_89: 99 KB per block).
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import torch
+
+from quant import kernels
+from quant.backends import cuda_layout
+from quant.backends.cuda_layout import CudaLayout, LayoutError
+from quant.ext import ExtensionError, ExtensionSpec, load
+
+if TYPE_CHECKING:
+    from quant.linear import QuantLinear
+
+
+SOURCES = ("bindings.cpp", "gemv_f16.cu", "gemv_bf16.cu", "gemm_f16.cu", "gemm_bf16.cu", "dispatch.cu")
+HEADERS = ("quantserve_cuda.h", "qs_ptx.cuh", "qs_dequant.cuh", "qs_streamk.cuh", "qs_launch.cuh", "gemv.cuh",
+           "gemm.cuh")
+# Every target the sources support; a JIT build compiles only for the GPU it runs on
+# (QUANTSERVE_CUDA_ARCHS="80;86;89;90a" builds them all, e.g. for an image).
+ALL_ARCHS = ("80", "86", "89", "90a")
+PRIORITY = 10
+ACCUM_MIN_N = 65536  # GEMV accumulators sized for at least this many output columns
+
+
+def arch_flags(archs: tuple[str, ...]) -> tuple[str, ...]:
+    flags = []
+    for arch in archs:
+        flags.append(f"-gencode=arch=compute_{arch},code=sm_{arch}")
+        if arch == "90a":
+            flags.append("-gencode=arch=compute_90,code=sm_90")
+    return tuple(flags)
+
+
+def _archs_for_build() -> tuple[str, ...]:
+    env = os.environ.get("QUANTSERVE_CUDA_ARCHS")
+    if env:
+        return tuple(a.strip() for a in env.replace(",", ";").split(";") if a.strip())
+    major, minor = torch.cuda.get_device_capability()
+    cc = f"{major}{minor}"
+    return ("90a",) if cc == "90" else (cc,)
+
+
+def extension_spec(archs: tuple[str, ...]) -> ExtensionSpec:
+    # No -std flag: torch's cpp_extension picks the standard its headers were built with (C++20);
+    # overriding it changes the layout of c10 types and crashes the error path.
+    cuda_flags = ("-O3", "-lineinfo") + arch_flags(archs)
+    return ExtensionSpec(name="quantserve_cuda", sources=SOURCES, cuda=True, cflags=("-O3",),
+                         cuda_cflags=cuda_flags, headers=HEADERS)
+
+
+_EXT = None
+_EXT_ERROR: str | None = None
+_LOCK = threading.Lock()
+_WORKSPACE: dict[int, "Workspace"] = {}
+_RETIRED: list["Workspace"] = []  # outgrown accumulators stay alive: a captured graph may hold them
+
+
+def extension():
+    """The built extension module (built on first use), or raises ExtensionError."""
+    global _EXT, _EXT_ERROR
+    with _LOCK:
+        if _EXT is not None:
+            return _EXT
+        if _EXT_ERROR is not None:
+            raise ExtensionError(_EXT_ERROR)
+        try:
+            _EXT = load(extension_spec(_archs_for_build()))
+        except Exception as exc:  # noqa: BLE001 - the reason is reported per layer
+            _EXT_ERROR = str(exc)
+            raise ExtensionError(_EXT_ERROR) from exc
+        return _EXT
+
+
+@dataclass
+class Workspace:
+    """Split-K state of one device: GEMM partial tiles (float32, any content) with arrival counters,
+    and GEMV strip accumulators (float32) with counters. Counters and accumulators are zero and the
+    kernels leave them zero, so one set serves every layer of a stream (concurrent streams on one
+    device would need one each). Sized at prepare time, so a CUDA graph captured later keeps valid
+    pointers; outgrown buffers are retired, not freed."""
+
+    partials: torch.Tensor
+    counters: torch.Tensor
+    accum: torch.Tensor
+    accum_counters: torch.Tensor
+
+
+def workspace(device: torch.device, n: int = 0) -> Workspace:
+    """The device's Workspace, grown to take GEMV layers with n output columns."""
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    ext = extension()
+    ws = _WORKSPACE.get(index)
+    dev = f"cuda:{index}"
+    need_accum = ext.gemv_accum_floats(max(n, ACCUM_MIN_N))
+    if ws is None:
+        floats, counters = ext.workspace_need(index)
+        ws = Workspace(torch.empty(floats, dtype=torch.float32, device=dev),
+                       torch.zeros(counters, dtype=torch.int32, device=dev),
+                       torch.zeros(need_accum, dtype=torch.float32, device=dev),
+                       torch.zeros(need_accum // 2048 + 1, dtype=torch.int32, device=dev))
+        _WORKSPACE[index] = ws
+    elif ws.accum.numel() < need_accum:
+        _RETIRED.append(Workspace(ws.partials, ws.counters, ws.accum, ws.accum_counters))
+        ws.accum = torch.zeros(need_accum, dtype=torch.float32, device=dev)
+        ws.accum_counters = torch.zeros(need_accum // 2048 + 1, dtype=torch.int32, device=dev)
+    return ws
+
+
+class CudaBackend:
+    """GEMV for M <= gemv_max_m, GEMM above; both read the CudaLayout built by `prepare`."""
+
+    name = "cuda"
+    gemv_max_m = 32
+
+    def unsupported_reason(self, layer: "QuantLinear") -> str | None:
+        if not torch.cuda.is_available():
+            return "CUDA is not available"
+        device = layer.qweight.device
+        major, _ = torch.cuda.get_device_capability(device)
+        if major < 8:
+            return f"needs compute capability >= 8.0 (tensor-core bf16/fp16 mma), device has {major}.x"
+        if layer.bits == 8 and layer.in_features % 8:
+            return f"8-bit needs K % 8 == 0 (16-byte activation rows), got K={layer.in_features}"
+        try:
+            cuda_layout.group_shift(layer.in_features, layer.group_size)
+            cuda_layout.act_order_perm(layer.g_idx, layer.in_features, layer.group_size)
+        except LayoutError as exc:
+            return str(exc)
+        try:
+            extension()
+        except ExtensionError as exc:
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else "unknown error"
+            return f"extension quantserve_cuda unavailable: {first}"
+        return None
+
+    def prepare(self, layer: "QuantLinear") -> CudaLayout:
+        with torch.cuda.device(layer.qweight.device):
+            workspace(layer.qweight.device, layer.out_features)
+            return cuda_layout.build(layer)
+
+    def apply(self, layer: "QuantLinear", state: CudaLayout, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype not in state.constants:
+            return self._dense(layer, state, x)
+        if x.shape[0] > self.gemv_max_m and workspace(x.device).partials.numel() == 0:
+            return self._dense(layer, state, x)  # no GEMM tile fits this GPU's shared memory
+        return matmul(state, x)
+
+    @staticmethod
+    def _dense(layer: "QuantLinear", state: CudaLayout, x: torch.Tensor) -> torch.Tensor:
+        w = state.dense.get(x.dtype)
+        if w is None:
+            w = state.dense[x.dtype] = layer.dequantize(torch.float32).to(x.dtype)
+        bias = None if layer.bias is None else layer.bias.to(x.dtype)
+        return torch.nn.functional.linear(x, w, bias)
+
+
+def matmul(state: CudaLayout, x: torch.Tensor, out: torch.Tensor | None = None,
+           op: str | None = None) -> torch.Tensor:
+    """y [M, N] = x [M, K] (fp16/bf16, contiguous) @ W + bias through the kernels.
+
+    op: "gemv" (M <= 32) or "gemm"; None picks gemv for M <= CudaBackend.gemv_max_m.
+    out: optional preallocated y (tests poison it to prove every element is written)."""
+    if state.perm is not None:
+        x = x.index_select(1, state.perm)
+    if x.data_ptr() % 16:
+        x = x.clone()
+    scales, zeros, bias = state.constants[x.dtype]
+    ws = workspace(x.device)
+    ext = extension()
+    if op is None:
+        op = "gemv" if x.shape[0] <= CudaBackend.gemv_max_m else "gemm"
+    fn = ext.gemv if op == "gemv" else ext.gemm
+    return fn(x, state.qweight, scales, zeros, bias, ws.partials, ws.counters, ws.accum, ws.accum_counters,
+              state.n, state.bits, state.group_shift, state.zero_point, out)
+
+
+def _register() -> None:
+    kernels.register(CudaBackend(), ("cuda",), priority=PRIORITY)
+
+
+kernels.register_loader(_register)

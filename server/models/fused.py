@@ -1,0 +1,161 @@
+"""Fused elementwise kernels for the decoder (Triton on CUDA, torch elsewhere).
+
+A decode step at small batch is bound by how many kernels it launches, not by their work: the
+torch formulation of RMSNorm, rotary and SwiGLU is ~25 launches per layer. These three kernels
+replace them with 4 per layer:
+
+    rms_norm(x, weight, eps, residual=None)   [T, H] -> [T, H] (and the updated residual stream)
+    rotary_(q, k, cos, sin)                   rotate q [T, nh, D] and k [T, nkv, D] in place
+    silu_mul(gate_up)                         [T, 2I] -> [T, I] = silu(gate) * up
+
+Every function computes exactly what its torch fallback computes (fp32 math, the model dtype at
+the same rounding points as Hugging Face's Llama), so CPU and GPU paths agree.
+"""
+
+from __future__ import annotations
+
+import torch
+
+try:
+    import triton
+    import triton.language as tl
+
+    HAVE_TRITON = True
+except ImportError:
+    HAVE_TRITON = False
+
+
+def _use_triton(x: torch.Tensor) -> bool:
+    return HAVE_TRITON and x.is_cuda
+
+
+# ---------------------------------------------------------------------------------- torch paths
+
+def rms_norm_torch(x, weight, eps, residual=None):
+    if residual is not None:
+        x = x + residual
+        residual = x
+    xf = x.float()
+    y = (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
+    return weight * y, residual
+
+
+def rotary_torch(q, k, cos, sin):
+    def rot(x):
+        half = x.shape[-1] // 2
+        return x * cos + torch.cat([-x[..., half:], x[..., :half]], dim=-1) * sin
+
+    return rot(q), rot(k)
+
+
+def silu_mul_torch(gate_up):
+    gate, up = gate_up.chunk(2, dim=-1)
+    return torch.nn.functional.silu(gate) * up
+
+
+# ---------------------------------------------------------------------------------- Triton
+
+if HAVE_TRITON:
+
+    @triton.jit
+    def _rms_norm_kernel(x_ptr, res_ptr, w_ptr, out_ptr, res_out_ptr, stride_x, stride_r, stride_o,
+                         H, eps, HAS_RES: tl.constexpr, BLOCK: tl.constexpr):
+        row = tl.program_id(0)
+        cols = tl.arange(0, BLOCK)
+        mask = cols < H
+        x = tl.load(x_ptr + row * stride_x + cols, mask=mask, other=0.0)
+        if HAS_RES:
+            x = x + tl.load(res_ptr + row * stride_r + cols, mask=mask, other=0.0)
+            tl.store(res_out_ptr + row * stride_r + cols, x, mask=mask)
+        xf = x.to(tl.float32)
+        var = tl.sum(xf * xf, axis=0) / H
+        y = (xf * tl.rsqrt(var + eps)).to(x.dtype)
+        w = tl.load(w_ptr + cols, mask=mask, other=0.0)
+        tl.store(out_ptr + row * stride_o + cols, (w * y).to(out_ptr.dtype.element_ty), mask=mask)
+
+    @triton.jit
+    def _rotary_kernel(q_ptr, k_ptr, cos_ptr, sin_ptr, stride_qt, stride_qh, stride_kt, stride_kh,
+                       stride_ct, n_q, n_k, HALF: tl.constexpr, HEADS: tl.constexpr):
+        t = tl.program_id(0)
+        d = tl.arange(0, HALF)
+        h = tl.arange(0, HEADS)
+        c1 = tl.load(cos_ptr + t * stride_ct + d)
+        s1 = tl.load(sin_ptr + t * stride_ct + d)
+        c2 = tl.load(cos_ptr + t * stride_ct + HALF + d)
+        s2 = tl.load(sin_ptr + t * stride_ct + HALF + d)
+        for which in tl.static_range(2):
+            if which == 0:
+                base = q_ptr + t * stride_qt
+                stride_h = stride_qh
+                n = n_q
+            else:
+                base = k_ptr + t * stride_kt
+                stride_h = stride_kh
+                n = n_k
+            hm = (h < n)[:, None]
+            p1 = base + h[:, None] * stride_h + d[None, :]
+            x1 = tl.load(p1, mask=hm, other=0.0)
+            x2 = tl.load(p1 + HALF, mask=hm, other=0.0)
+            # same rounding as torch: x * cos and rotate_half(x) * sin in the model dtype, then add
+            y1 = (x1 * c1[None, :]).to(x1.dtype) + (-x2 * s1[None, :]).to(x1.dtype)
+            y2 = (x2 * c2[None, :]).to(x1.dtype) + (x1 * s2[None, :]).to(x1.dtype)
+            tl.store(p1, y1, mask=hm)
+            tl.store(p1 + HALF, y2, mask=hm)
+
+    @triton.jit
+    def _silu_mul_kernel(x_ptr, out_ptr, stride_x, stride_o, inter, BLOCK: tl.constexpr):
+        row = tl.program_id(0)
+        cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+        mask = cols < inter
+        g = tl.load(x_ptr + row * stride_x + cols, mask=mask, other=0.0)
+        u = tl.load(x_ptr + row * stride_x + inter + cols, mask=mask, other=0.0)
+        gf = g.to(tl.float32)
+        s = (gf / (1.0 + tl.exp(-gf))).to(g.dtype)
+        tl.store(out_ptr + row * stride_o + cols, s * u, mask=mask)
+
+
+# ---------------------------------------------------------------------------------- entry points
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float,
+             residual: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """x [T, H] (+ residual [T, H]) -> (weight * norm(x + residual), x + residual)."""
+    if not _use_triton(x) or x.dtype != weight.dtype or x.stride(-1) != 1:
+        return rms_norm_torch(x, weight, eps, residual)
+    t, h = x.shape
+    out = torch.empty_like(x)
+    res_out = torch.empty_like(x) if residual is not None else None
+    _rms_norm_kernel[(t,)](x, residual if residual is not None else x, weight, out,
+                           res_out if res_out is not None else out, x.stride(0),
+                           residual.stride(0) if residual is not None else 0, out.stride(0), h, eps,
+                           HAS_RES=residual is not None, BLOCK=triton.next_power_of_2(h),
+                           num_warps=4 if h <= 4096 else 8)
+    return out, res_out
+
+
+def rotary_(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor,
+            sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rotate q [T, nh, D] and k [T, nkv, D] by cos/sin [T, 1, D] (rotate-half layout).
+    In place on CUDA (q and k may be strided views of one qkv output); returns (q, k)."""
+    d = q.shape[-1]
+    if not _use_triton(q) or d & (d - 1) or q.stride(-1) != 1 or k.stride(-1) != 1:
+        return rotary_torch(q, k, cos, sin)
+    t, nq, _ = q.shape
+    nk = k.shape[1]
+    cos2, sin2 = cos.reshape(t, d), sin.reshape(t, d)
+    _rotary_kernel[(t,)](q, k, cos2, sin2, q.stride(0), q.stride(1), k.stride(0), k.stride(1),
+                         cos2.stride(0), nq, nk, HALF=d // 2,
+                         HEADS=triton.next_power_of_2(max(nq, nk)), num_warps=4)
+    return q, k
+
+
+def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
+    """[T, 2I] (gate then up) -> [T, I]."""
+    if not _use_triton(gate_up) or gate_up.stride(-1) != 1:
+        return silu_mul_torch(gate_up)
+    t, two_i = gate_up.shape
+    inter = two_i // 2
+    out = torch.empty(t, inter, dtype=gate_up.dtype, device=gate_up.device)
+    block = 1024
+    _silu_mul_kernel[(t, triton.cdiv(inter, block))](gate_up, out, gate_up.stride(0), out.stride(0),
+                                                    inter, BLOCK=block, num_warps=4)
+    return out

@@ -1,0 +1,147 @@
+"""Paged decode attention in Triton (flash-decoding: split the context, then combine).
+
+One query token per sequence attends over its cached context, read straight from the paged KV
+cache through the block table (no gather copy). Stage 1 runs one program per (sequence, kv head,
+context partition of PARTITION tokens) and handles all query heads of the kv head's group (padded
+to 16 rows so q.k and p.v run as tensor-core dots), so each k/v row is read once; stage 2 merges the partitions' partial softmaxes. Both grids depend
+only on (batch, heads, max partitions), never on the data, so the pair is CUDA-graph safe.
+
+Shapes: q [B, n_heads, D]; k_cache / v_cache [num_blocks, block_size, n_kv_heads, D];
+block_tables int32 [B, W]; context_lens int32 [B] (>= 1) -> out [B, n_heads, D] in q's dtype.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+try:
+    import triton
+    import triton.language as tl
+
+    HAVE_TRITON = True
+except ImportError:  # CPU-only installs
+    HAVE_TRITON = False
+
+PARTITION = 256  # context tokens per stage-1 program
+BLOCK_N = 64  # tokens per inner iteration
+
+if HAVE_TRITON:
+
+    @triton.jit
+    def _decode_partial(q_ptr, k_ptr, v_ptr, bt_ptr, ctx_ptr, acc_ptr, ml_ptr,
+                        scale, stride_qb, stride_qh, stride_kb, stride_ks, stride_kh,
+                        stride_btb, num_partitions,
+                        GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr,
+                        KV_BLOCK: tl.constexpr, PART: tl.constexpr, BLOCK: tl.constexpr):
+        b = tl.program_id(0)
+        kvh = tl.program_id(1)
+        part = tl.program_id(2)
+        ctx = tl.load(ctx_ptr + b)
+        start = part * PART
+        g = tl.arange(0, GROUP_PAD)
+        d = tl.arange(0, HEAD_DIM)
+        heads = kvh * GROUP + g
+        gmask = g < GROUP
+        q = tl.load(q_ptr + b * stride_qb + heads[:, None] * stride_qh + d[None, :],
+                    mask=gmask[:, None], other=0.0)
+        m = tl.full([GROUP_PAD], float("-inf"), tl.float32)
+        l = tl.zeros([GROUP_PAD], tl.float32)
+        acc = tl.zeros([GROUP_PAD, HEAD_DIM], tl.float32)
+        end = tl.minimum(start + PART, ctx)
+        for t0 in range(start, end, BLOCK):
+            t = t0 + tl.arange(0, BLOCK)
+            tmask = t < end
+            blk = tl.load(bt_ptr + b * stride_btb + t // KV_BLOCK, mask=tmask, other=0)
+            row = blk.to(tl.int64) * stride_kb + (t % KV_BLOCK) * stride_ks + kvh * stride_kh
+            k = tl.load(k_ptr + row[:, None] + d[None, :], mask=tmask[:, None], other=0.0)
+            s = tl.dot(q, tl.trans(k)) * scale  # [GROUP_PAD, BLOCK] on the tensor cores
+            s = tl.where(tmask[None, :], s, float("-inf"))
+            m_new = tl.maximum(m, tl.max(s, axis=1))
+            alpha = tl.exp(m - m_new)
+            p = tl.exp(s - m_new[:, None])
+            v = tl.load(v_ptr + row[:, None] + d[None, :], mask=tmask[:, None], other=0.0)
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+            l = l * alpha + tl.sum(p, axis=1)
+            m = m_new
+        base = (b * (tl.num_programs(1) * GROUP) + heads) * num_partitions + part
+        tl.store(acc_ptr + base[:, None] * HEAD_DIM + d[None, :], acc, mask=gmask[:, None])
+        tl.store(ml_ptr + base * 2, m, mask=gmask)
+        tl.store(ml_ptr + base * 2 + 1, l, mask=gmask)
+
+    @triton.jit
+    def _decode_combine(acc_ptr, ml_ptr, out_ptr, stride_ob, stride_oh, num_heads, num_partitions,
+                        HEAD_DIM: tl.constexpr, NP_PAD: tl.constexpr):
+        b = tl.program_id(0)
+        h = tl.program_id(1)
+        p = tl.arange(0, NP_PAD)
+        d = tl.arange(0, HEAD_DIM)
+        pmask = p < num_partitions
+        base = (b * num_heads + h) * num_partitions + p
+        m = tl.load(ml_ptr + base * 2, mask=pmask, other=float("-inf"))
+        l = tl.load(ml_ptr + base * 2 + 1, mask=pmask, other=0.0)
+        m_max = tl.max(m, axis=0)
+        w = tl.where(l > 0, tl.exp(m - m_max), 0.0)
+        acc = tl.load(acc_ptr + base[:, None] * HEAD_DIM + d[None, :], mask=pmask[:, None], other=0.0)
+        out = tl.sum(acc * w[:, None], axis=0) / tl.sum(l * w, axis=0)
+        tl.store(out_ptr + b * stride_ob + h * stride_oh + d, out.to(out_ptr.dtype.element_ty))
+
+
+def max_partitions(max_context: int) -> int:
+    return max(1, math.ceil(max_context / PARTITION))
+
+
+def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                           block_tables: torch.Tensor, context_lens: torch.Tensor,
+                           num_partitions: int, out: torch.Tensor | None = None) -> torch.Tensor:
+    """Decode attention over a paged cache (see module docstring for shapes).
+
+    `num_partitions` must cover the longest context (>= ceil(ctx / PARTITION)); pass a fixed
+    value (from the max model length) to keep the launch CUDA-graph safe."""
+    batch, num_heads, head_dim = q.shape
+    _, kv_block, num_kv, _ = k_cache.shape
+    group = num_heads // num_kv
+    if out is None:
+        out = torch.empty_like(q)
+    acc = torch.empty(batch, num_heads, num_partitions, head_dim, device=q.device, dtype=torch.float32)
+    ml = torch.empty(batch, num_heads, num_partitions, 2, device=q.device, dtype=torch.float32)
+    _decode_partial[(batch, num_kv, num_partitions)](
+        q, k_cache, v_cache, block_tables, context_lens, acc, ml,
+        1.0 / math.sqrt(head_dim), q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1),
+        k_cache.stride(2), block_tables.stride(0), num_partitions,
+        GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)), HEAD_DIM=head_dim,
+        KV_BLOCK=kv_block, PART=PARTITION, BLOCK=BLOCK_N, num_warps=4)
+    _decode_combine[(batch, num_heads)](
+        acc, ml, out, out.stride(0), out.stride(1), num_heads, num_partitions,
+        HEAD_DIM=head_dim, NP_PAD=max(2, triton.next_power_of_2(num_partitions)), num_warps=4)
+    return out
+
+
+if HAVE_TRITON:
+
+    @triton.jit
+    def _cache_write(k_ptr, v_ptr, kc_ptr, vc_ptr, slot_ptr, stride_kt, stride_vt, stride_slot,
+                     WIDTH: tl.constexpr, BLOCK: tl.constexpr):
+        t = tl.program_id(0)
+        slot = tl.load(slot_ptr + t).to(tl.int64)
+        cols = tl.arange(0, BLOCK)
+        mask = cols < WIDTH
+        k = tl.load(k_ptr + t * stride_kt + cols, mask=mask)
+        v = tl.load(v_ptr + t * stride_vt + cols, mask=mask)
+        tl.store(kc_ptr + slot * stride_slot + cols, k.to(kc_ptr.dtype.element_ty), mask=mask)
+        tl.store(vc_ptr + slot * stride_slot + cols, v.to(vc_ptr.dtype.element_ty), mask=mask)
+
+
+def write_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+             slot_mapping: torch.Tensor) -> None:
+    """k, v [T, n_kv, D] (rows may be strided) -> cache slots slot_mapping [T], one launch."""
+    t, n_kv, d = k.shape
+    if k.stride(2) != 1 or k.stride(1) != d or v.stride(2) != 1 or v.stride(1) != d:
+        k_cache.view(-1, n_kv, d).index_copy_(0, slot_mapping, k.to(k_cache.dtype))
+        v_cache.view(-1, n_kv, d).index_copy_(0, slot_mapping, v.to(v_cache.dtype))
+        return
+    width = n_kv * d
+    _cache_write[(t,)](k, v, k_cache, v_cache, slot_mapping, k.stride(0), v.stride(0),
+                       k_cache.stride(1), WIDTH=width, BLOCK=triton.next_power_of_2(width),
+                       num_warps=4)

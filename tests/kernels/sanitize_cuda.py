@@ -1,0 +1,49 @@
+"""A few GEMV / GEMM cases sized for compute-sanitizer (not collected by pytest):
+
+    compute-sanitizer --tool memcheck python -m tests.kernels.sanitize_cuda
+
+Covers full and split (stream-K) tiles, partial strips and k steps, asym zeros, act-order, bias,
+fp16 and bf16. Exits non-zero if a result is wrong.
+"""
+
+import sys
+
+import torch
+
+from quant import kernels
+from quant.backends import cuda as cuda_backend
+from quant.format import FORMAT_V2
+from tests.kernels.layers import random_layer
+
+CASES = [  # k, n, bits, group_size, sym, desc_act, bias, ms
+    (576, 192, 4, 128, True, False, False, (1, 16, 64, 256)),
+    (584, 72, 8, 64, False, False, True, (3, 33)),
+    (4096, 4096, 4, 128, True, False, False, (1, 9, 64, 130)),
+    (1536, 576, 4, 32, False, True, True, (2, 40)),
+    (256, 128, 3, 64, False, False, False, (5, 20)),
+]
+
+
+def main() -> int:
+    bad = 0
+    for i, (k, n, bits, gs, sym, act, bias, ms) in enumerate(CASES):
+        layer = random_layer(k, n, bits, gs, sym, FORMAT_V2, act, bias, seed=100 + i, device="cuda")
+        assert layer.prepare("cuda") == "cuda"
+        for dtype in (torch.float16, torch.bfloat16):
+            for m in ms:
+                x = torch.randn(m, k, device="cuda", dtype=dtype)
+                ref = kernels.reference(layer, x)
+                for op in ("gemv", "gemm") if m <= 32 else ("gemm",):
+                    y = cuda_backend.matmul(layer.kernel_state, x, op=op)
+                    err = ((y.float() - ref).norm() / ref.norm()).item()
+                    ok = bool(torch.isfinite(y).all()) and err < (2e-3 if dtype == torch.float16 else 1.2e-2)
+                    bad += not ok
+                    print(f"k={k} n={n} bits={bits} g={gs} m={m} {op} {str(dtype)[6:]}: err={err:.2e} "
+                          f"{'ok' if ok else 'WRONG'}")
+    torch.cuda.synchronize()
+    print("sanitize cases:", "all ok" if bad == 0 else f"{bad} wrong")
+    return 1 if bad else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

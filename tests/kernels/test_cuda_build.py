@@ -1,0 +1,43 @@
+"""Every .cu in csrc/ compiles for sm_80 and sm_90a (CPU-only: needs nvcc, not a GPU).
+
+A build break then fails CI, which has nvcc but no GPU. Files compile in parallel, one nvcc per
+(file, arch); each per-dtype instantiation file takes one arch (its pair covers the other), which keeps
+the whole set under two minutes on two cores.
+"""
+
+import shutil
+import subprocess
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+
+from quant.backends.cuda import SOURCES, arch_flags
+
+CSRC = Path(__file__).resolve().parents[2] / "csrc"
+NVCC = shutil.which("nvcc")
+
+
+def _compile(source: Path, arch: str, out_dir: Path) -> tuple[str, int, str]:
+    cmd = [NVCC, "-std=c++20", "-c", str(source), "-o", str(out_dir / f"{source.stem}-{arch}.o"),
+           f"-I{CSRC}", "-Xptxas", "-O1", *arch_flags((arch,))[:1]]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    return f"{source.name} sm_{arch}", proc.returncode, (proc.stdout + proc.stderr)[-3000:]
+
+
+@pytest.mark.skipif(NVCC is None, reason="nvcc is not on PATH")
+@pytest.mark.timeout(600)
+def test_every_cu_file_compiles(tmp_path):
+    sources = sorted(CSRC.glob("*.cu"))
+    assert {s.name for s in sources} <= set(SOURCES), "a .cu file is missing from the extension's SOURCES"
+    assert sources, "no .cu files found"
+    # The *_f16.cu / *_bf16.cu pairs instantiate one template (gemv.cuh, gemm.cuh) per dtype: one
+    # arch each still compiles every template for both archs and halves the longest compiles;
+    # every other file builds for both.
+    paired = [s for s in sources if s.stem.endswith(("_f16", "_bf16"))]
+    jobs = [(s, arch) for s in paired for arch in (("80",) if s.stem.endswith("_f16") else ("90a",))]
+    jobs += [(s, arch) for s in sources if s not in paired for arch in ("80", "90a")]
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        results = list(pool.map(lambda job: _compile(job[0], job[1], tmp_path), jobs))
+    failures = [f"{name}:\n{log}" for name, rc, log in results if rc != 0]
+    assert not failures, "\n\n".join(failures)

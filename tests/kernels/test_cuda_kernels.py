@@ -1,0 +1,150 @@
+"""The CUDA GEMV / GEMM kernels against the float32 reference, on the GPU.
+
+Fresh random inputs per case, outputs poisoned with NaN before every run, relative error
+||y - ref|| / ||ref|| within what fp32 accumulation of 16-bit products allows (fp16 ~1e-3,
+bf16 ~1e-2: the dequantised weight itself is rounded to the activation dtype).
+"""
+
+import itertools
+
+import pytest
+import torch
+
+from quant import kernels
+from quant.backends import cuda as cuda_backend
+from quant.format import FORMAT_V1, FORMAT_V2
+from tests.kernels.layers import random_layer
+
+pytestmark = pytest.mark.gpu
+
+M_ALL = (1, 2, 3, 4, 7, 8, 16, 33, 64, 128, 256)
+TOL = {torch.float16: 2e-3, torch.bfloat16: 1.2e-2}
+ZERO_MODES = ((True, FORMAT_V1), (False, FORMAT_V1), (False, FORMAT_V2))
+_SEED = itertools.count(1)
+
+
+def _layer(k, n, bits, group_size, sym=True, fmt=FORMAT_V1, desc_act=False, bias=False):
+    layer = random_layer(k, n, bits, group_size, sym, fmt, desc_act, bias, seed=next(_SEED), device="cuda")
+    assert layer.prepare("cuda") == "cuda"
+    return layer
+
+
+def _check(layer, ms, dtype, ops=("auto",)):
+    g = torch.Generator(device="cuda").manual_seed(next(_SEED))
+    for m in ms:
+        x = torch.randn(m, layer.in_features, device="cuda", dtype=dtype, generator=g)
+        ref = kernels.reference(layer, x)
+        for op in ops:
+            if op == "gemv" and m > cuda_backend.CudaBackend.gemv_max_m:
+                continue
+            out = torch.full((m, layer.out_features), float("nan"), device="cuda", dtype=dtype)
+            y = cuda_backend.matmul(layer.kernel_state, x, out=out, op=None if op == "auto" else op)
+            assert y.data_ptr() == out.data_ptr()
+            assert torch.isfinite(y).all(), f"unwritten or non-finite outputs at m={m} op={op}"
+            err = ((y.float() - ref).norm() / ref.norm()).item()
+            assert err < TOL[dtype], (f"m={m} op={op} K={layer.in_features} N={layer.out_features} "
+                                      f"bits={layer.bits} g={layer.group_size} {dtype}: rel err {err:.2e}")
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+@pytest.mark.parametrize("group_size", [32, 64, 128, -1])
+@pytest.mark.parametrize("sym,fmt", ZERO_MODES)
+def test_smollm_shape_every_format(bits, group_size, sym, fmt):
+    layer = _layer(576, 192, bits, group_size, sym, fmt, bias=group_size == 64)
+    for dtype in (torch.float16, torch.bfloat16):
+        _check(layer, M_ALL, dtype, ops=("gemv", "gemm") if dtype == torch.float16 else ("auto",))
+
+
+@pytest.mark.parametrize("k,n", [(576, 576), (576, 1536), (1536, 576), (584, 72), (96, 72)])
+@pytest.mark.parametrize("bits,group_size,sym", [(4, 128, True), (4, 32, False), (8, 64, False)])
+def test_smollm_and_odd_shapes(k, n, bits, group_size, sym):
+    layer = _layer(k, n, bits, group_size, sym, FORMAT_V2, bias=True)
+    for dtype in (torch.float16, torch.bfloat16):
+        _check(layer, (1, 3, 8, 16, 33, 64, 256), dtype, ops=("gemv", "gemm"))
+
+
+@pytest.mark.parametrize("k,n", [(4096, 12288), (4096, 4096), (4096, 22016), (11008, 4096)])
+def test_llama_shapes(k, n):
+    layer = _layer(k, n, 4, 128, sym=True)
+    ms = M_ALL if (k, n) == (4096, 4096) else (1, 4, 16, 33, 128, 256)
+    _check(layer, ms, torch.float16)
+    _check(layer, (1, 16, 64), torch.bfloat16)
+
+
+@pytest.mark.parametrize("k,n,bits,group_size,sym", [(4096, 4096, 4, 128, True), (576, 1536, 8, 64, False),
+                                                     (1536, 576, 4, 32, False)])
+def test_act_order(k, n, bits, group_size, sym):
+    layer = _layer(k, n, bits, group_size, sym, FORMAT_V2, desc_act=True, bias=True)
+    assert layer.kernel_state.perm is not None
+    _check(layer, (1, 7, 16, 64, 128), torch.float16, ops=("gemv", "gemm"))
+    _check(layer, (1, 64), torch.bfloat16)
+
+
+def test_dispatch_graph_capture_and_repeatability():
+    layer = _layer(4096, 4096, 4, 128, sym=False)
+    model = torch.nn.Sequential(layer)
+    assert kernels.backend_counts(model) == {"cuda": 1}
+    for m in (1, 16, 32, 64, 200):
+        x = torch.randn(m, 4096, device="cuda", dtype=torch.float16)
+        y1 = layer(x)
+        y2 = layer(x)
+        assert torch.allclose(y1.float(), y2.float(), rtol=1e-3, atol=1e-4), "results move between runs"
+        graph = torch.cuda.CUDAGraph()
+        static_x = x.clone()
+        with torch.cuda.graph(graph):
+            static_y = layer(static_x)
+        static_x.copy_(torch.randn_like(x))
+        graph.replay()
+        ref = kernels.reference(layer, static_x)
+        assert ((static_y.float() - ref).norm() / ref.norm()).item() < TOL[torch.float16]
+    # float32 input takes the dense path and is still right
+    x = torch.randn(3, 4096, device="cuda")
+    assert torch.allclose(layer(x), kernels.reference(layer, x), rtol=1e-3, atol=1e-3)
+
+
+def test_unsupported_group_size_falls_back_to_dense():
+    layer = random_layer(576, 192, 4, 96, seed=5, device="cuda")
+    assert "group_size=96" in cuda_backend.CudaBackend().unsupported_reason(layer)
+    assert layer.prepare() == "dense"
+
+
+BAD_INPUTS = """
+import torch
+from quant.backends import cuda as cb
+from tests.kernels.layers import random_layer
+layer = random_layer(576, 192, 4, 128, device="cuda")
+assert layer.prepare("cuda") == "cuda"
+ext, st = cb.extension(), layer.kernel_state
+scales, zeros, bias = st.constants[torch.float16]
+ws = cb.workspace(torch.device("cuda"))
+bufs = (ws.partials, ws.counters, ws.accum, ws.accum_counters)
+x = torch.randn(40, 576, device="cuda", dtype=torch.float16)
+calls = [
+    lambda: ext.gemv(x, st.qweight, scales, zeros, bias, *bufs, 192, 4, st.group_shift, 8, None),
+    lambda: ext.gemm(x[:, :560].contiguous(), st.qweight, scales, zeros, bias, *bufs, 192, 4, st.group_shift, 8),
+    lambda: ext.gemm(x.float(), st.qweight, scales, zeros, bias, *bufs, 192, 4, st.group_shift, 8),
+]
+for call in calls:
+    try:
+        call()
+        print("NO ERROR")
+    except RuntimeError as exc:
+        print(str(exc).splitlines()[0])
+"""
+
+
+def test_bad_inputs_report_numbers():
+    """In a subprocess: a crash on the C++ error path must fail this test, not the whole run."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    proc = subprocess.run([sys.executable, "-c", BAD_INPUTS], capture_output=True, text=True, cwd=root,
+                          timeout=300)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, f"error path crashed (rc={proc.returncode}):\n{out[-2000:]}"
+    assert "m <= 32 rows, got m=40" in out
+    assert "qweight has shape [3, 36, 32, 4], expected [3, 35, 32, 4]" in out
+    assert "x must be float16 or bfloat16, got Float" in out
+    assert "NO ERROR" not in out

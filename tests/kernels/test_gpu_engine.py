@@ -1,0 +1,118 @@
+"""The engine's GPU paths on a real GPU: Triton paged decode attention against the torch
+reference, paged prefill + decode against a full forward, CUDA-graph decode against eager."""
+
+import pytest
+import torch
+
+from server.config import EngineConfig
+from server.engine.engine import LLMEngine
+from server.engine.sequence import SamplingParams
+from server.models.attention import CausalAttention, decode_reference
+from server.models.config import LlamaConfig
+from server.models.llama import LlamaForCausalLM
+from tests.conftest import tiny_hf_config
+
+pytestmark = pytest.mark.gpu
+
+
+@pytest.mark.parametrize("heads,kv_heads,head_dim", [(32, 32, 128), (9, 3, 64), (64, 8, 128), (4, 1, 64)])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_triton_decode_attention_matches_reference(heads, kv_heads, head_dim, dtype):
+    from server.models.triton_attention import max_partitions, paged_decode_attention
+
+    g = torch.Generator(device="cuda").manual_seed(heads * head_dim)
+    block = 16
+    ctxs = [1, 15, 16, 17, 255, 256, 257, 1000]
+    width = max(-(-c // block) for c in ctxs)
+    num_blocks = len(ctxs) * width + 3
+    kc = torch.randn(num_blocks, block, kv_heads, head_dim, device="cuda", dtype=dtype, generator=g)
+    vc = torch.randn_like(kc)
+    tables = torch.randperm(num_blocks - 3, device="cuda", generator=g)[: len(ctxs) * width]
+    tables = tables.view(len(ctxs), width).to(torch.int32)
+    q = torch.randn(len(ctxs), heads, head_dim, device="cuda", dtype=dtype, generator=g)
+    ctx = torch.tensor(ctxs, dtype=torch.int32, device="cuda")
+    want = decode_reference(q.double(), kc.double(), vc.double(), tables, ctx)
+    out = torch.full_like(q, float("nan"))
+    got = paged_decode_attention(q, kc, vc, tables, ctx, max_partitions(2048), out=out)
+    err = (got.double() - want).norm() / want.norm()
+    assert torch.isfinite(got).all() and err < (2e-3 if dtype == torch.float16 else 1e-2), err
+
+
+@pytest.fixture(scope="module")
+def tiny_gpu_model():
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig.from_hf(tiny_hf_config(head_dim=64, hidden_size=256,
+                                                                num_attention_heads=4,
+                                                                num_key_value_heads=2)))
+    with torch.no_grad():
+        model.model.embed_tokens.weight.normal_(0, 0.5)
+    return model.to("cuda", torch.float16).eval()
+
+
+def _prompts(n):
+    g = torch.Generator().manual_seed(5)
+    return [torch.randint(5, 49000, (int(x),), generator=g).tolist()
+            for x in torch.randint(3, 90, (n,), generator=g)]
+
+
+def test_cuda_graph_decode_equals_eager_and_batched_equals_solo(tiny_gpu_model):
+    ps = _prompts(12)
+    params = SamplingParams(max_tokens=40, temperature=0)
+    eager = LLMEngine(tiny_gpu_model, EngineConfig(kv_cache_gb=0.05, enforce_eager=True,
+                                                   max_model_len=512), [])
+    graphs = LLMEngine(tiny_gpu_model, EngineConfig(kv_cache_gb=0.05, max_model_len=512,
+                                                    max_num_batched_tokens=128), [])
+    assert graphs.limits.cuda_graph_batch_sizes
+    a = eager.generate(ps, params)
+    b = graphs.generate(ps, params)
+    assert a == b
+    solo = [graphs.generate([p], params)[0] for p in ps[:4]]
+    assert solo == b[:4]
+    assert graphs.allocator.num_free == graphs.allocator.num_blocks
+
+
+@torch.no_grad()
+def test_gpu_engine_logprobs_follow_full_forward(tiny_gpu_model):
+    p = _prompts(1)[0]
+    eng = LLMEngine(tiny_gpu_model, EngineConfig(kv_cache_gb=0.05, max_model_len=512), [])
+    seq = eng.add_request("x", p, SamplingParams(max_tokens=6, temperature=0, logprobs=0))
+    while eng.has_unfinished():
+        eng.step()
+    ids = p + seq.output_ids[:-1]
+    hidden = tiny_gpu_model(torch.tensor(ids, device="cuda"), torch.arange(len(ids), device="cuda"),
+                            CausalAttention([len(ids)]))
+    want = torch.log_softmax(tiny_gpu_model.compute_logits(hidden[len(p) - 1:]), -1)
+    got = torch.tensor([r.logprob for r in seq.output_logprobs], device="cuda")
+    chosen = want.gather(1, torch.tensor(seq.output_ids, device="cuda")[:, None])[:, 0]
+    torch.testing.assert_close(got, chosen, atol=2e-2, rtol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_fused_triton_kernels_equal_torch(dtype):
+    from server.models import fused
+
+    g = torch.Generator(device="cuda").manual_seed(1)
+    for t, h in [(1, 576), (7, 4096), (33, 8192)]:
+        x = torch.randn(t, h, device="cuda", dtype=dtype, generator=g)
+        r = torch.randn(t, h, device="cuda", dtype=dtype, generator=g)
+        w = torch.randn(h, device="cuda", dtype=dtype, generator=g)
+        for res in (None, r):
+            got, got_r = fused.rms_norm(x, w, 1e-5, res)
+            want, want_r = fused.rms_norm_torch(x, w, 1e-5, res)
+            torch.testing.assert_close(got, want, atol=2e-2, rtol=1e-2)
+            if res is not None:
+                torch.testing.assert_close(got_r, want_r, atol=0, rtol=0)
+        gu = torch.randn(t, 2 * h, device="cuda", dtype=dtype, generator=g)
+        torch.testing.assert_close(fused.silu_mul(gu), fused.silu_mul_torch(gu), atol=1e-2, rtol=1e-2)
+    for t, nh, nkv, d in [(5, 9, 3, 64), (3, 32, 32, 128), (2, 64, 8, 128)]:
+        qkv = torch.randn(t, (nh + 2 * nkv) * d, device="cuda", dtype=dtype, generator=g)
+        q, k, _ = qkv.split([nh * d, nkv * d, nkv * d], dim=-1)
+        q, k = q.view(t, nh, d), k.view(t, nkv, d)
+        pos = torch.randint(0, 4000, (t,), device="cuda", generator=g).float()
+        freqs = pos[:, None] * (1.0 / 10000 ** (torch.arange(0, d, 2, device="cuda") / d))[None]
+        emb = torch.cat([freqs, freqs], -1)[:, None, :]
+        cos, sin = emb.cos().to(dtype), emb.sin().to(dtype)
+        want_q, want_k = fused.rotary_torch(q.clone(), k.clone(), cos, sin)
+        fused.rotary_(q, k, cos, sin)
+        torch.testing.assert_close(q, want_q, atol=1e-2, rtol=1e-2)
+        torch.testing.assert_close(k, want_k, atol=1e-2, rtol=1e-2)
