@@ -26,7 +26,8 @@ import torch
 from torch import nn
 
 from quant.format import LLAMA_LINEAR_NAMES, LLAMA_SEQUENTIAL_GROUPS, QuantConfig
-from quant.gptq import HessianAccumulator, factor_hessian, quantize_weight
+from quant.gptq import (HessianAccumulator, cpu_threads_for, factor_hessian, quantize_weight,
+                        select_order)
 from quant.linear import QuantLinear
 from quant.quantizer import QuantResult
 from quant.rtn import quantize_rtn
@@ -52,7 +53,7 @@ class StageTimes:
 
     capture: float = 0.0  # embeddings of the calibration samples (layer 0's inputs)
     forward: float = 0.0  # block forwards: to reach each group's inputs, and to propagate outputs
-    hessians: float = 0.0  # Hessian accumulation inside the hooks
+    hessians: float = 0.0  # Hessian accumulation inside the hooks (not counted in forward)
     solve: float = 0.0  # Cholesky factorisation + GPTQ column loop (or RTN)
     pack: float = 0.0  # codes -> QuantLinear buffers, module swap
 
@@ -67,6 +68,7 @@ class QuantizeReport:
     device: str
     num_samples: int
     seq_len: int
+    order: str = "natural"  # GPTQ processing order: "natural", "act" or "group_act" (quant/gptq.py)
     layers: list[LayerReport] = field(default_factory=list)
     times: StageTimes = field(default_factory=StageTimes)
     seconds: float = 0.0
@@ -158,7 +160,11 @@ def _check_shapes(layers: nn.ModuleList, config: QuantConfig) -> None:
     """Every linear must be packable in the requested format; fail before any work is done."""
     for i, layer in enumerate(layers):
         for name in LLAMA_LINEAR_NAMES:
-            linear = layer.get_submodule(name)
+            try:
+                linear = layer.get_submodule(name)
+            except AttributeError:
+                raise TypeError(f"model.layers.{i}.{name} is missing (projections fused? quantise "
+                                f"before fuse_projections())") from None
             if not isinstance(linear, nn.Linear):
                 raise TypeError(f"model.layers.{i}.{name} is {type(linear).__name__}, not nn.Linear "
                                 f"(already quantised?)")
@@ -168,7 +174,9 @@ def _check_shapes(layers: nn.ModuleList, config: QuantConfig) -> None:
 def _install(block: nn.Module, name: str, result: QuantResult, config: QuantConfig,
              device: torch.device) -> None:
     linear = block.get_submodule(name)
-    qlinear = QuantLinear.from_result(result, config, bias=linear.bias).to(device)
+    with cpu_threads_for(torch.device("cpu"), 0):  # packing runs on the CPU, in small ops
+        qlinear = QuantLinear.from_result(result, config, bias=linear.bias)
+    qlinear = qlinear.to(device)
     qlinear.prepare("dense")  # exact dequantised weights for the next forwards in this block
     _set_submodule(block, name, qlinear)
 
@@ -208,11 +216,16 @@ class _Runner:
             yield b0, min(b0 + self.batch, self.num_samples)
 
     def forward(self, block: nn.Module, x: torch.Tensor) -> torch.Tensor:
-        """x [nb, L, H] (any device) -> block output [nb * L, H] on `device`."""
+        """x [nb, L, H] hidden states (any device) -> the block's hidden states [nb * L, H].
+
+        Decoder layers hand the residual stream on separately (the add is fused into the next
+        norm); a layer given residual=None takes x as the stream, so storing x + residual between
+        layers computes the same thing."""
         nb = x.shape[0]
         cos, sin = self._rope[nb]
         flat = x.reshape(nb * self.seq_len, -1).to(self.device, non_blocking=True)
-        return block(flat, cos, sin, CausalAttention([self.seq_len] * nb))
+        out, residual = block(flat, None, cos, sin, CausalAttention([self.seq_len] * nb))
+        return out + residual
 
 
 def _inputs_home(device: torch.device, nbytes: int) -> torch.device:
@@ -232,7 +245,7 @@ def _quantize_block_gptq(block: nn.Module, prefix: str, runner: _Runner, inps: t
     for names in groups:
         capture = _GroupCapture(block, names, device, times)
         try:
-            start = time.perf_counter()
+            start, hook_seconds = time.perf_counter(), times.hessians
             for b0, b1 in runner.batches():
                 try:
                     runner.forward(block, inps[b0:b1])
@@ -240,12 +253,13 @@ def _quantize_block_gptq(block: nn.Module, prefix: str, runner: _Runner, inps: t
                     pass
                 capture.end_batch()
             _sync(device)
-            times.forward += time.perf_counter() - start
+            times.forward += time.perf_counter() - start - (times.hessians - hook_seconds)
         finally:
             capture.remove()
         for bundle in capture.bundles():
             start = time.perf_counter()
-            factor = factor_hessian(capture.acc[capture.owner[bundle[0]]].H, config.damp_percent, config.desc_act)
+            H = capture.acc[capture.owner[bundle[0]]].H
+            factor = factor_hessian(H, config.damp_percent, report.order, config.group_size)
             W = torch.cat([block.get_submodule(n).weight for n in bundle], dim=0)
             result, stats = quantize_weight(W, factor, config.bits, config.group_size, config.sym,
                                             config.static_groups)
@@ -272,8 +286,9 @@ def _quantize_block_rtn(block: nn.Module, prefix: str, config: QuantConfig, devi
                         report: QuantizeReport) -> None:
     for name in LLAMA_LINEAR_NAMES:
         start = time.perf_counter()
-        result = quantize_rtn(block.get_submodule(name).weight.detach(), config.bits,
-                              config.group_size, config.sym)
+        weight = block.get_submodule(name).weight.detach()
+        with cpu_threads_for(device, weight.numel()):
+            result = quantize_rtn(weight, config.bits, config.group_size, config.sym)
         _sync(device)
         seconds = time.perf_counter() - start
         report.times.solve += seconds
@@ -286,7 +301,8 @@ def _quantize_block_rtn(block: nn.Module, prefix: str, config: QuantConfig, devi
 @torch.no_grad()
 def quantize_model(model: nn.Module, config: QuantConfig, method: str = "gptq",
                    calibration: torch.Tensor | None = None, device: torch.device | str | None = None,
-                   progress: bool = True, batch_size: int | None = None) -> QuantizeReport:
+                   progress: bool = True, batch_size: int | None = None,
+                   act_group_aware: bool = True) -> QuantizeReport:
     """Quantise every decoder-layer linear of `model` in place.
 
     model        server.models.llama.LlamaForCausalLM (any device; each block is moved to `device`
@@ -296,6 +312,11 @@ def quantize_model(model: nn.Module, config: QuantConfig, method: str = "gptq",
     calibration  int64 token ids [num_samples, seq_len] (see quant.data)
     device       where the work runs; default CUDA when present, else the CPU
     batch_size   calibration samples per block forward (default: ~8192 tokens per forward)
+                 Forwards use the caller's torch threads; solving and packing run on one CPU
+                 thread (small ops). On a CPU shared with other jobs one thread is fastest overall
+                 (measured 2x on a busy 2-core box, bench/NOTES.md).
+    act_group_aware  without desc_act, visit groups (and channels inside them) by decreasing
+                 activation energy; the file layout is unchanged (g_idx = k // group_size)
     Returns a QuantizeReport; the model's linears are QuantLinear modules afterwards (unprepared).
     """
     if method not in METHODS:
@@ -314,7 +335,9 @@ def quantize_model(model: nn.Module, config: QuantConfig, method: str = "gptq",
         if calibration.numel() and (calibration.min() < 0 or calibration.max() >= vocab):
             raise ValueError(f"calibration ids span {calibration.min().item()}..{calibration.max().item()}, "
                              f"vocabulary is 0..{vocab - 1}")
-    report = QuantizeReport(method, config, str(device), num_samples, seq_len)
+    order = select_order(config.desc_act, act_group_aware and config.group_size != -1)
+    report = QuantizeReport(method, config, str(device), num_samples, seq_len,
+                            order if method == "gptq" else "natural")
     bar = _progress(len(layers), method, progress)
     if method == "rtn":
         for i, layer in enumerate(layers):

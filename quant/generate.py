@@ -7,17 +7,19 @@ sequences decode in lockstep, one token each per step, each at its own position.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
-from server.models.attention import _attend_one, _sdpa
+from quant.gptq import cpu_threads_for
+from server.models.attention import _attend_one
 
 
 class _ContiguousCache:
-    """Attention backend over per-layer k/v [B, max_len, n_kv, hd]; `lens[b]` tokens cached per row."""
+    """Attention backend over per-layer k/v [B, n_kv, max_len, hd]; `lens[b]` tokens cached per row."""
 
     def __init__(self, num_layers: int, batch: int, max_len: int, n_kv: int, head_dim: int,
                  dtype: torch.dtype, device: torch.device) -> None:
-        shape = (num_layers, batch, max_len, n_kv, head_dim)
+        shape = (num_layers, batch, n_kv, max_len, head_dim)
         self.k = torch.zeros(shape, dtype=dtype, device=device)
         self.v = torch.zeros(shape, dtype=dtype, device=device)
         self.lens = torch.zeros(batch, dtype=torch.long, device=device)
@@ -26,17 +28,22 @@ class _ContiguousCache:
     def __call__(self, layer_idx: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         if self.prefill_row is not None:  # q/k/v [P, heads, hd]: one whole prompt
             b = self.prefill_row
-            self.k[layer_idx, b, :k.shape[0]] = k
-            self.v[layer_idx, b, :v.shape[0]] = v
+            self.k[layer_idx, b, :, :k.shape[0]] = k.transpose(0, 1)
+            self.v[layer_idx, b, :, :v.shape[0]] = v.transpose(0, 1)
             return _attend_one(q, k, v)
-        rows = torch.arange(q.shape[0], device=q.device)  # decode: q/k/v [B, heads, hd]
-        self.k[layer_idx, rows, self.lens] = k
-        self.v[layer_idx, rows, self.lens] = v
+        batch, n_heads, hd = q.shape  # decode: one new token per row
+        rows = torch.arange(batch, device=q.device)
+        self.k[layer_idx, rows, :, self.lens] = k
+        self.v[layer_idx, rows, :, self.lens] = v
         span = int(self.lens.max()) + 1
-        ks = self.k[layer_idx, :, :span].transpose(1, 2)  # [B, n_kv, S, hd]
-        vs = self.v[layer_idx, :, :span].transpose(1, 2)
+        ks = self.k[layer_idx, :, :, :span]  # [B, n_kv, S, hd], a view
+        vs = self.v[layer_idx, :, :, :span]
+        n_kv = ks.shape[1]
+        # the query heads sharing a kv head become that head's query rows: no k/v copies
+        qg = q.view(batch, n_kv, n_heads // n_kv, hd)
         mask = torch.arange(span, device=q.device).unsqueeze(0) <= self.lens.unsqueeze(1)
-        return _sdpa(q.unsqueeze(2), ks, vs, mask=mask[:, None, None, :]).squeeze(2)
+        o = F.scaled_dot_product_attention(qg, ks, vs, attn_mask=mask[:, None, None, :])
+        return o.reshape(batch, n_heads, hd)
 
 
 def _sample(logits: torch.Tensor, temperature: float, top_p: float, g: torch.Generator) -> torch.Tensor:
@@ -64,6 +71,12 @@ def generate(model: nn.Module, prompts: list[torch.Tensor], seq_len: int, seed: 
     Returns int64 [len(prompts), seq_len] on the CPU (prompt tokens included).
     """
     device = torch.device(device) if device is not None else model.device
+    with cpu_threads_for(device, 0):  # decode steps are many small ops (see cpu_threads_for)
+        return _generate(model, prompts, seq_len, seed, temperature, top_p, batch_size, device)
+
+
+def _generate(model: nn.Module, prompts: list[torch.Tensor], seq_len: int, seed: int,
+              temperature: float, top_p: float, batch_size: int, device: torch.device) -> torch.Tensor:
     cfg = model.config
     out = torch.empty(len(prompts), seq_len, dtype=torch.int64)
     g = torch.Generator().manual_seed(seed)

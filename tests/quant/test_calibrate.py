@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from quant.calibrate import quantize_model
-from quant.format import LLAMA_LINEAR_NAMES, LLAMA_SEQUENTIAL_GROUPS, QuantConfig
+from quant.format import LLAMA_LINEAR_NAMES, LLAMA_SEQUENTIAL_GROUPS, FormatError, QuantConfig
 from quant.gptq import HessianAccumulator, gptq_quantize
 from quant.linear import QuantLinear
 from quant.rtn import quantize_rtn
@@ -75,6 +75,7 @@ def test_every_decoder_linear_is_quantized_and_nothing_else(tiny):
 
 def test_report_follows_true_sequential_order(tiny):
     _, report = _quantized(tiny)
+    assert report.order == "group_act"  # the default without desc_act
     order = [f"model.layers.{i}.{n}" for i in range(2) for group in LLAMA_SEQUENTIAL_GROUPS
              for n in group]
     assert [r.name for r in report.layers] == order
@@ -100,9 +101,9 @@ def test_true_sequential_groups_see_quantized_inputs(tiny):
         x = model.embed(calib.reshape(-1))
         cos, sin = model.rotary(torch.arange(SEQ_LEN).repeat(6), x.dtype)
         with torch.no_grad():
-            block(x, cos, sin, CausalAttention([SEQ_LEN] * 6))
+            block(x, None, cos, sin, CausalAttention([SEQ_LEN] * 6))
         _, stats = gptq_quantize(model.model.layers[0].self_attn.o_proj.weight, acc.H, sym=True,
-                                 damp_percent=0.01, **cfg)
+                                 damp_percent=0.01, act_group_aware=True, **cfg)
         assert losses[seq]["model.layers.0.self_attn.o_proj"] == pytest.approx(stats.loss, rel=1e-4)
     first = [f"model.layers.0.{n}" for n in LLAMA_SEQUENTIAL_GROUPS[0]]
     for name in first:  # the first group sees the same inputs either way
@@ -152,3 +153,11 @@ def test_bad_arguments_fail_before_any_work(tiny):
     q, _ = _quantized(tiny, "rtn")
     with pytest.raises(TypeError, match="already quantised"):
         quantize_model(q, QuantConfig(), "rtn", progress=False)
+    fused = copy.deepcopy(model)
+    fused.fuse_projections()
+    with pytest.raises(TypeError, match="before fuse_projections"):
+        quantize_model(fused, QuantConfig(), "rtn", progress=False)
+    odd = LlamaForCausalLM(LlamaConfig.from_hf(tiny_hf_config(intermediate_size=80)))
+    with pytest.raises(FormatError, match="80 values cannot be packed at 3 bits"):
+        quantize_model(odd, QuantConfig(bits=3), "gptq", calib, progress=False)
+    assert isinstance(odd.model.layers[0].self_attn.q_proj, nn.Linear)  # nothing was touched

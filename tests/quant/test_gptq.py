@@ -1,11 +1,12 @@
 """The one-layer GPTQ solver (quant/gptq.py) on random layers with correlated inputs."""
 
+import itertools
 import pytest
 import torch
 
 from quant.format import FORMAT_V1, FORMAT_V2, QuantConfig, max_code, num_groups, sym_zero
 from quant.gptq import (GPTQError, HessianAccumulator, factor_hessian, gptq_quantize,
-                        quantize_weight)
+                        processing_order, quantize_weight)
 from quant.linear import QuantLinear
 from quant.rtn import quantize_rtn
 
@@ -90,6 +91,28 @@ def test_act_order_static_groups_keep_contiguous_g_idx():
 
 
 @pytest.mark.parametrize("k,group_size", [(256, 64), (576, 128)])
+def test_group_aware_order_keeps_groups_contiguous(k, group_size):
+    """act_group_aware: whole groups visited by decreasing peak diag H, channels inside a group by
+    decreasing diag H; g_idx stays k // group_size; the partial last group may come first."""
+    W, X = _layer(k=k, n=64)
+    X[:, k - 1] *= 30  # the partial (or last) group holds the hottest channel
+    H = _hessian(X)
+    diag = torch.diag(H)
+    perm = processing_order(diag, "group_act", group_size)
+    assert sorted(perm.tolist()) == list(range(k))
+    assert perm[0] == k - 1
+    groups = [g for g, _ in itertools.groupby((perm // group_size).tolist())]
+    assert sorted(groups) == list(range(num_groups(k, group_size)))  # each group is one run
+    for g in groups:
+        members = perm[perm // group_size == g]
+        assert (diag[members][1:] <= diag[members][:-1]).all()
+    result, _ = gptq_quantize(W, H, 4, group_size, sym=True, act_group_aware=True)
+    assert torch.equal(result.g_idx, (torch.arange(k) // group_size).int())
+    natural, _ = gptq_quantize(W, H, 4, group_size, sym=True)
+    assert _out_err(W, X, result) < _out_err(W, X, natural)
+
+
+@pytest.mark.parametrize("k,group_size", [(256, 64), (576, 128)])
 def test_act_order_dynamic_groups_follow_the_permutation(k, group_size):
     W, X = _layer(k=k, n=64)
     H = _hessian(X)
@@ -157,7 +180,7 @@ def test_dead_input_channels_get_zero_weights():
     W, X = _layer(k=128, n=32)
     X[:, [5, 77]] = 0
     H = _hessian(X)
-    factor = factor_hessian(H, 0.01, desc_act=True)
+    factor = factor_hessian(H, 0.01, "act")
     assert factor.dead.nonzero().flatten().tolist() == [5, 77]
     result, _ = quantize_weight(W, factor, 4, 32, sym=True)
     assert (result.dequantize()[[5, 77]] == 0).all()
@@ -188,11 +211,11 @@ def test_rank_deficient_hessian_needs_no_retry():
 
 def test_bad_hessians_and_weights_raise_with_numbers():
     with pytest.raises(GPTQError, match="non-finite"):
-        factor_hessian(torch.full((8, 8), float("nan")), 0.01, False)
+        factor_hessian(torch.full((8, 8), float("nan")), 0.01)
     with pytest.raises(GPTQError, match=r"square"):
-        factor_hessian(torch.zeros(8, 4), 0.01, False)
-    factor = factor_hessian(torch.eye(32), 0.01, False)
+        factor_hessian(torch.zeros(8, 4), 0.01)
+    factor = factor_hessian(torch.eye(32), 0.01)
     with pytest.raises(GPTQError, match="K=16"):
         quantize_weight(torch.zeros(8, 16), factor, 4, 16, True)
     with pytest.raises(GPTQError, match="always fails|failed"):
-        factor_hessian(-torch.eye(8), 0.01, False)
+        factor_hessian(-torch.eye(8), 0.01)
