@@ -242,3 +242,27 @@ def test_explicit_nulls_mean_defaults(live):
     r = post(live, "/v1/chat/completions",
              {"model": "tiny", "messages": [{"role": "user", "content": "x"}], "max_tokens": 3, **chat})
     assert r.status_code == 200, r.text
+
+
+def test_not_ready_and_dead_engine_are_503(live):
+    """An app whose engine loop never started (or died): /ready and generation answer 503."""
+    import asyncio
+
+    from server.api.app import create_app
+    from server.config import EngineConfig
+    from server.engine.async_engine import AsyncEngine
+    from server.engine.engine import LLMEngine
+
+    loaded = live.state.loaded
+    engine = AsyncEngine(LLMEngine(loaded.model, EngineConfig(kv_cache_gb=0.01), [2]))
+    app = create_app(loaded, engine, ServerConfig())  # lifespan not run: never started
+
+    async def calls():
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://test") as c:
+            return (await c.get("/ready"), await c.get("/health"),
+                    await c.post("/v1/completions", json={"prompt": "x", "max_tokens": 2}))
+    ready, health, gen = asyncio.run(calls())
+    assert assert_openai_error(ready, 503)["code"] == "not_ready"
+    assert_openai_error(health, 503)
+    assert assert_openai_error(gen, 503)["code"] == "engine_dead"
