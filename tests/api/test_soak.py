@@ -3,12 +3,13 @@ tiny model (completions and chat, varied lengths, greedy). Every stream must suc
 exactly the text the same request gives when sent alone; afterwards the KV cache is empty, no
 request is left anywhere, and the server's RSS has not grown after warm-up.
 
-RSS tolerance (8 MiB): after the warm-up every allocator arena, pymalloc pool and tokenizer cache
-has reached its working size for 128 concurrent streams, so the later figure should equal the
-earlier one up to allocator noise; measured +0.1 MiB over a 60 s soak. The soak serves thousands of
-streams (each with a Sequence, an asyncio queue, an SSE response and dozens of chunk objects), so a
-leak of 2-4 KiB per stream passes the bound; leaks of counted things (requests, queue entries, KV
-blocks) are caught exactly by the gauges checked at the end.
+RSS: after the warm-up every allocator arena, pymalloc pool and tokenizer cache has reached its
+working size for 128 concurrent streams. RSS still dips now and then by ~20 MiB for a few seconds
+(glibc trims its heap, then grows back), so each figure is the peak over a 10 s window, not one
+sample. Measured: +0.1 MiB over a 60 s soak, +4 MiB over 150 s and 4,437 streams. The bound,
+12 MiB, fails on a leak of ~3-6 KiB per stream (the soak serves 2,000-4,000 of them, each with a
+Sequence, an asyncio queue, an SSE response and dozens of chunk objects); leaks of counted things
+(requests, queue entries, KV blocks) are caught exactly by the gauges checked at the end.
 """
 
 from __future__ import annotations
@@ -16,7 +17,6 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import statistics
 import threading
 import time
 
@@ -29,7 +29,8 @@ from tests.subprocess_server import metric, start_server_process
 SOAK_SECONDS = float(os.environ.get("QUANTSERVE_SOAK_SECONDS", "60"))
 WARMUP_SECONDS = min(15.0, SOAK_SECONDS / 4)
 CLIENTS = 128
-RSS_TOLERANCE = 8 * 2**20
+RSS_TOLERANCE = 12 * 2**20
+RSS_WINDOW = 10.0
 
 
 def request_specs() -> list[tuple[str, dict]]:
@@ -129,9 +130,9 @@ def test_soak_128_streams(tiny_checkpoint, tmp_path):
         sampler.join()
         elapsed = time.monotonic() - t0
 
-        warm = [rss for t, rss in samples if WARMUP_SECONDS <= t < WARMUP_SECONDS + 5]
-        late = [rss for t, rss in samples if SOAK_SECONDS - 5 <= t < SOAK_SECONDS]
-        rss_warm, rss_late = statistics.median(warm), statistics.median(late)
+        warm = [rss for t, rss in samples if WARMUP_SECONDS <= t < WARMUP_SECONDS + RSS_WINDOW]
+        late = [rss for t, rss in samples if SOAK_SECONDS - RSS_WINDOW <= t < SOAK_SECONDS]
+        rss_warm, rss_late = max(warm), max(late)
         print(f"\nsoak: {stats['streams']} streams by {CLIENTS} clients in {elapsed:.1f}s, "
               f"{stats['errors']} errors, {stats['mismatches']} mismatches; RSS after warm-up "
               f"{rss_warm / 2**20:.1f} MiB, at the end {rss_late / 2**20:.1f} MiB "
