@@ -180,3 +180,13 @@ class Dense:
 
 register(Dense(), ("cpu", "cuda"), priority=50)
 register(TorchReference(), ("cpu", "cuda"), priority=100)
+
+
+def _load_cpu_int4() -> None:
+    """The packed CPU kernel; its extension builds the first time a CPU layer is prepared."""
+    from quant.cpu_int4 import CpuInt4
+
+    register(CpuInt4(), ("cpu",), priority=20)
+
+
+register_loader(_load_cpu_int4)
