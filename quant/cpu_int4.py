@@ -96,6 +96,13 @@ class CpuInt4State:
     bits: int
     block_k: int
     isa: int
+    k: int
+    n: int
+
+    def __post_init__(self) -> None:
+        # The per-call constants, resolved once: decode calls this ~200 times per token.
+        self.ptrs = tuple(0 if t is None else t.data_ptr()
+                          for t in (self.qweight, self.scales, self.zeros, self.perm, self.bias))
 
 
 def _sorted_groups(layer) -> tuple[torch.Tensor | None, torch.Tensor]:
@@ -155,7 +162,7 @@ def repack(layer, isa: int) -> CpuInt4State:
         zeros=None if sym else zb.view(num_kb, n_blocks, COLS).transpose(0, 1).contiguous(),
         perm=None if perm is None else perm.to(torch.int32).contiguous(),
         bias=None if layer.bias is None else layer.bias.float().contiguous(),
-        bits=bits, block_k=block_k, isa=isa)
+        bits=bits, block_k=block_k, isa=isa, k=k, n=n)
 
 
 def gemm(state: CpuInt4State, x: torch.Tensor, n: int, isa: int | None = None,
@@ -177,12 +184,10 @@ def gemm(state: CpuInt4State, x: torch.Tensor, n: int, isa: int | None = None,
         y = out
     if m == 0:
         return y
-    module().gemm(x.data_ptr(), y.data_ptr(), state.qweight.data_ptr(), state.scales.data_ptr(),
-                  0 if state.zeros is None else state.zeros.data_ptr(),
-                  0 if state.perm is None else state.perm.data_ptr(),
-                  0 if state.bias is None else state.bias.data_ptr(),
-                  m, k, n, state.bits, state.block_k, state.isa if isa is None else isa,
-                  torch.get_num_threads(), x.dtype == torch.bfloat16)
+    if k != state.k or n != state.n:
+        raise ValueError(f"x has K={k} and n={n} is asked, the packed weight is K={state.k} N={state.n}")
+    module().gemm(x.data_ptr(), y.data_ptr(), *state.ptrs, m, k, n, state.bits, state.block_k,
+                  state.isa if isa is None else isa, torch.get_num_threads(), x.dtype == torch.bfloat16)
     return y
 
 
@@ -211,6 +216,13 @@ class CpuInt4:
         return repack(layer, module().best_isa())
 
     def apply(self, layer, state: CpuInt4State, x: torch.Tensor) -> torch.Tensor:
-        if x.dtype in (torch.float32, torch.bfloat16):
-            return gemm(state, x, layer.out_features)
-        return gemm(state, x.float(), layer.out_features).to(x.dtype)
+        # kernels.apply has checked K and the device and made x a contiguous [M, K]: the lean path.
+        dtype = x.dtype
+        if dtype is not torch.float32 and dtype is not torch.bfloat16:  # e.g. float16: via float32
+            return gemm(state, x.float(), state.n).to(dtype)
+        m = x.shape[0]
+        y = torch.empty(m, state.n, dtype=dtype)
+        if m:
+            _MODULE.gemm(x.data_ptr(), y.data_ptr(), *state.ptrs, m, state.k, state.n, state.bits,
+                         state.block_k, state.isa, torch.get_num_threads(), dtype is torch.bfloat16)
+        return y

@@ -15,8 +15,10 @@
 // Rows are in kernel order (act-order layers are sorted by group at load; `perm` gathers x).
 // y[m, n] = sum_kb  scale[kb, n] * xs[m, kb] * (sum_k q[k, n] * xq[m, k]  -  zero[kb, n] * sum_k xq[m, k])
 
+#ifndef QS_STANDALONE  // a C++-only build (cross-compiled ISA checks) leaves the binding out
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
+#endif
 
 #include <algorithm>
 #include <cmath>
@@ -523,6 +525,7 @@ void run_gemm(const GemmArgs& a) {
 
 }  // namespace
 
+#ifndef QS_STANDALONE
 // ------------------------------------------------------------------------------ Python binding
 // Plain CPython API (no pybind11, no torch headers) keeps the JIT build to a few seconds. The
 // Python wrapper (quant/cpu_int4.py) checks every shape and dtype and passes data pointers.
@@ -574,3 +577,4 @@ static struct PyModuleDef kModule = {PyModuleDef_HEAD_INIT, QS_STR(TORCH_EXTENSI
                                      kMethods};
 
 PyMODINIT_FUNC QS_CONCAT(PyInit_, TORCH_EXTENSION_NAME)(void) { return PyModule_Create(&kModule); }
+#endif  // QS_STANDALONE
