@@ -348,6 +348,7 @@ def main() -> None:
     ap.add_argument("--ppl-tokens", type=int, default=4096)
     ap.add_argument("--skip-ppl", action="store_true")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    ap.add_argument("--no-profile", action="store_true", help="skip the decode-step breakdown")
     ap.add_argument("--only", default=None, help="comma-separated substrings of config labels to run")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
@@ -407,7 +408,8 @@ def main() -> None:
             row["ppl"] = round(perplexity(model, corpus[:args.ppl_tokens + 1]), 4)
         elif not quantize and dtype == torch.float32 and not args.skip_ppl and corpus is not None:
             row["ppl"] = round(perplexity(model, corpus[:args.ppl_tokens + 1]), 4)
-        if label in ("cpu_int4 fp32 act, int8 head", "cpu_int4 bf16 act, int8 head", "dense bf16"):
+        if not args.no_profile and label in ("cpu_int4 fp32 act, int8 head", "cpu_int4 bf16 act, int8 head",
+                                             "dense bf16"):
             row["decode_profile_us"] = decode_profile(model)
         results.append(row)
         print(f"{label:34s} decode {dec:7.1f} tok/s ({min(cpu_ms):.1f} cpu-ms/tok)  prefill {pre:7.1f} tok/s  "

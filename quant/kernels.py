@@ -75,6 +75,7 @@ def available(device_type: str) -> list[str]:
 def prepare(layer: "QuantLinear", backend: str | None = None) -> str:
     """Choose a backend for `layer` (or use the one named) and build its state. Returns the name."""
     device_type = layer.qweight.device.type
+    _load_optional()  # a backend named before any dispatch must be registered too
     names = [backend] if backend else available(device_type)
     reasons = []
     for name in names:

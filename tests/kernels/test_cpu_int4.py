@@ -213,3 +213,11 @@ def test_bad_input_is_rejected():
         cpu_int4.gemm(layer.kernel_state, torch.randn(64, 4).t(), 32)
     with pytest.raises(ValueError, match="out must be"):
         cpu_int4.gemm(layer.kernel_state, torch.randn(2, 64), 32, out=torch.empty(2, 31))
+
+
+def test_named_backend_loads_optional_backends(monkeypatch):
+    """prepare('cpu_int4') works before anything asked for the available backends."""
+    monkeypatch.setattr(kernels, "_LOADERS", [kernels._load_cpu_int4])
+    monkeypatch.delitem(kernels._REGISTRY, "cpu_int4", raising=False)
+    layer = _rand_layer(64, 32, 4, 32, True, FORMAT_V1, False, False)
+    assert layer.prepare("cpu_int4") == "cpu_int4"
