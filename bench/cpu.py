@@ -10,7 +10,7 @@ One run measures, on SmolLM2-135M-Instruct (the GGUF that `make venv` installs):
   * where one decode step's time goes (linears, lm_head, attention, norms, rope, the rest);
 and prints ratios against the dense baselines of the same run. The machine may be shared: every
 speed is the best of several repeats, and the load average is recorded with the results.
-GPTQModel is measured only if it is importable (it is not installed by default).
+GPTQModel is not driven here (not installed by default); its version is recorded if present.
 """
 
 from __future__ import annotations
@@ -291,13 +291,17 @@ def decode_profile(model, steps: int = 64, ctx: int = 80) -> dict[str, float]:
 
 # ---------------------------------------------------------------------------- GPTQModel (optional)
 
-def gptqmodel_decode(tokens: int) -> dict | None:
-    """GPTQModel's own CPU path on its own checkpoint, if gptqmodel is importable; else None."""
+def gptqmodel_version() -> str | None:
+    """GPTQModel's version if it is installed (recorded beside our numbers), else None.
+
+    This script does not drive GPTQModel: its CPU number comes from its own run on its own
+    checkpoint (bench/NOTES.md)."""
     try:
-        import gptqmodel  # noqa: F401
-    except ImportError:
+        from importlib.metadata import version
+
+        return version("gptqmodel")
+    except Exception:
         return None
-    return {"note": "gptqmodel importable but not driven by this script; see bench/NOTES.md"}
 
 
 # ---------------------------------------------------------------------------- main
@@ -424,7 +428,7 @@ def main() -> None:
               f"x{r['decode_tok_s'] / fp32['decode_tok_s']:.2f} vs fp32; prefill "
               f"x{r['prefill_tok_s'] / bf16['prefill_tok_s']:.2f} vs bf16")
     out = {"machine": info, "model": GGUF_NAME, "decode_tokens": args.tokens, "prefill_tokens": args.prefill,
-           "load_average": os.getloadavg(), "gptqmodel": gptqmodel_decode(args.tokens), "results": results}
+           "load_average": os.getloadavg(), "gptqmodel_installed": gptqmodel_version(), "results": results}
     slug = "".join(c if c.isalnum() else "-" for c in info["cpu"].lower()).strip("-")
     path = Path(args.out) if args.out else ROOT / "bench" / "results" / f"cpu-{slug}-{info['cores']}c.json"
     path.parent.mkdir(parents=True, exist_ok=True)
