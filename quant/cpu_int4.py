@@ -9,7 +9,7 @@ quantises it, so no extra pass over the activations.
 
 Every call quantises x to int8 per (row, K-block) with a symmetric absmax scale (as llama.cpp's
 Q8 activations) and runs an integer dot product (AVX-512 VNNI / AVX2 / NEON dotprod / scalar C++,
-chosen at compile time with -march=native). That adds a rounding error of about 0.3% of the
+chosen at compile time with -march=native). That adds a rounding error of about 0.5% of the
 output's scale on top of the weights' own; `tests/kernels/test_cpu_int4.py` bounds it and the
 bench reports its perplexity effect.
 """
