@@ -46,7 +46,8 @@ def build_engine(mcfg: ModelConfig, ecfg: EngineConfig) -> tuple[LoadedModel, As
                         group_size=mcfg.quantize_group_size)
     loaded = load_model(mcfg.model, device=mcfg.device, dtype=mcfg.dtype, cache_dir=mcfg.cache_dir,
                         spec=spec, kernel=mcfg.kernel, served_name=mcfg.served_model_name,
-                        load_format=mcfg.load_format, tokenizer=mcfg.tokenizer)
+                        load_format=mcfg.load_format, tokenizer=mcfg.tokenizer,
+                        lm_head=mcfg.lm_head)
     log.info("model %s loaded in %.1fs: %.1f MiB of weights, kernel backends %s", loaded.name,
              loaded.load_seconds, loaded.weight_bytes / 2**20, loaded.backends)
     engine = LLMEngine(loaded.model, ecfg, eos_token_ids(loaded))

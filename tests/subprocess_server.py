@@ -36,13 +36,13 @@ class ServerProcess:
                 self.proc.wait(10)
 
 
-def start_server_process(model: Path, log_path: Path, *args: str,
-                         startup_timeout: float = 180.0) -> ServerProcess:
+def start_server_process(model: Path, log_path: Path, *args: str, startup_timeout: float = 180.0,
+                         extra_env: dict[str, str] | None = None) -> ServerProcess:
     port = free_port()
     cmd = [sys.executable, "-m", "server.cli", "serve", "--model", str(model), "--device", "cpu",
            "--host", "127.0.0.1", "--port", str(port), "--log-level", "warning",
            "--served-model-name", "tiny", "--kv-cache-gb", "0.25", *args]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", **(extra_env or {})}
     log = open(log_path, "wb")
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
     log.close()
