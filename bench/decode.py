@@ -156,7 +156,10 @@ def main() -> None:
     p.add_argument("--no-fp16", action="store_true", help="skip the dense fp16 baseline")
     p.add_argument("--cpu", action="store_true", help="the CPU benchmark on the default model")
     p.add_argument("--tag", default="", help="suffix for the result file name")
+    p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (CPU)")
     args = p.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     payload = cpu_main(args) if args.cpu or not torch.cuda.is_available() else gpu_main(args)
     kind = "decode-cpu" if args.cpu or not torch.cuda.is_available() else f"decode-{args.preset}"
     print("wrote", write_result(kind + (f"-{args.tag}" if args.tag else ""), payload))

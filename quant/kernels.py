@@ -75,7 +75,7 @@ def available(device_type: str) -> list[str]:
 def prepare(layer: "QuantLinear", backend: str | None = None) -> str:
     """Choose a backend for `layer` (or use the one named) and build its state. Returns the name."""
     device_type = layer.qweight.device.type
-    _load_optional()
+    _load_optional()  # a backend named before any dispatch must be registered too
     names = [backend] if backend else available(device_type)
     reasons = []
     for name in names:
@@ -104,6 +104,8 @@ def apply(layer: "QuantLinear", x: torch.Tensor) -> torch.Tensor:
         raise KernelError(f"input on {x.device}, layer on {layer.qweight.device}")
     if layer.backend is None or layer.kernel_state is None:
         prepare(layer)
+    if x.dim() == 2 and x.is_contiguous():  # the decode/prefill shape: no reshapes (~3 us a call)
+        return _REGISTRY[layer.backend].backend.apply(layer, layer.kernel_state, x)
     lead = x.shape[:-1]
     x2 = x.reshape(-1, layer.in_features)
     if not x2.is_contiguous():
@@ -181,6 +183,16 @@ class Dense:
 
 register(Dense(), ("cpu", "cuda"), priority=50)
 register(TorchReference(), ("cpu", "cuda"), priority=100)
+
+
+def _load_cpu_int4() -> None:
+    """The packed CPU kernel; its extension builds the first time a CPU layer is prepared."""
+    from quant.cpu_int4 import CpuInt4
+
+    register(CpuInt4(), ("cpu",), priority=20)
+
+
+register_loader(_load_cpu_int4)
 
 # Compiled backends register loaders on import; nothing is built until a layer needs them.
 from quant.backends import cuda as _cuda_backend  # noqa: E402,F401

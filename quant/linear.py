@@ -61,8 +61,9 @@ class QuantLinear(nn.Module):
         """Pack an unquantised-to-codes result into a layer (format from `config`)."""
         in_features, out_features = result.codes.shape
         layer = cls.from_config(in_features, out_features, config, bias=bias is not None)
-        layer.qweight.copy_(pack_qweight(result.codes.cpu(), config.bits))
-        layer.qzeros.copy_(pack_qzeros(result.zeros.cpu(), config.bits, config.checkpoint_format))
+        # pack where the codes are (a GPU packs a 7B model's layers in a blink), store on the CPU
+        layer.qweight.copy_(pack_qweight(result.codes, config.bits).cpu())
+        layer.qzeros.copy_(pack_qzeros(result.zeros, config.bits, config.checkpoint_format).cpu())
         layer.scales.copy_(result.scales.cpu().to(torch.float16))
         layer.g_idx.copy_(result.g_idx.cpu().to(torch.int32))
         if bias is not None:

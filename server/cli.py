@@ -38,6 +38,8 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     _flag(p, "--load-format", "auto", "auto, or dummy: random 4-bit weights of a preset "
           "(llama-2-7b, llama-2-70b, llama-3-8b, ...) or config.json shape", choices=["auto", "dummy"])
     _flag(p, "--tokenizer", None, "tokenizer directory (default: the model's)", type=str)
+    _flag(p, "--lm-head", "auto", "lm_head format: auto (8-bit packed on the CPU, dense on CUDA), "
+          "dense, int8", choices=["auto", "dense", "int8"])
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -112,7 +114,7 @@ def model_config(args: argparse.Namespace) -> ModelConfig:
         cache_dir=Path(args.cache_dir).expanduser() if args.cache_dir else None,
         kernel=args.kernel, quantize_method=args.quantize_method,
         quantize_bits=args.quantize_bits, quantize_group_size=args.quantize_group_size,
-        load_format=args.load_format, tokenizer=args.tokenizer,
+        load_format=args.load_format, tokenizer=args.tokenizer, lm_head=args.lm_head,
         self_check=not getattr(args, "skip_self_check", False),
         allow_fallback=getattr(args, "allow_fallback", False))
 

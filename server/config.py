@@ -60,6 +60,7 @@ class ModelConfig:
     quantize_method: str = "rtn"
     quantize_bits: int = 4
     quantize_group_size: int = 64
+    lm_head: str = "auto"  # auto (int8-packed on the CPU, dense on CUDA) | dense | int8
     load_format: str = "auto"  # auto | dummy (random packed weights of a preset / config shape)
     tokenizer: str | None = None  # tokenizer directory (default: the checkpoint's, or SmolLM2's)
     self_check: bool = True  # kernels vs the float32 reference + a golden decode before serving

@@ -328,10 +328,33 @@ def pick_dtype(dtype: str, device: torch.device, hf_config: dict) -> torch.dtype
     return torch.bfloat16 if hf_config.get("torch_dtype") == "bfloat16" else torch.float16
 
 
-def finalize(model: LlamaForCausalLM, kernel: str | None = None) -> dict[str, int]:
-    """After loading: fuse q/k/v and gate/up, then pick each layer's kernel backend."""
+def finalize(model: LlamaForCausalLM, kernel: str | None = None,
+             lm_head: str = "auto") -> dict[str, int]:
+    """After loading: fuse q/k/v and gate/up, maybe pack lm_head, pick each layer's kernel.
+
+    lm_head "int8": an 8-bit per-channel copy served by the packed kernels (the embedding table
+    stays as it is). "auto" does that on the CPU, where the dense head is the largest read of a
+    decode step (SmolLM2: 113 MB fp32 against ~53 MB of 4-bit decoder weights) and costs +0.85%
+    perplexity when packed (bench/NOTES.md); on CUDA the head stays dense fp16/bf16."""
     model.fuse_projections()
+    if lm_head not in ("auto", "dense", "int8"):
+        raise ModelLoadError(f"--lm-head must be auto, dense or int8, got {lm_head!r}")
+    if lm_head == "int8" or (lm_head == "auto" and model.device.type == "cpu" and kernel is None):
+        pack_lm_head(model)
     return kernels.prepare_model(model, kernel)
+
+
+def pack_lm_head(model: LlamaForCausalLM) -> None:
+    """Replace the dense lm_head by an 8-bit per-output-channel QuantLinear (RTN, symmetric)."""
+    from quant.rtn import quantize_rtn
+
+    head = model.lm_head
+    if isinstance(head, QuantLinear):
+        return
+    cfg = QuantConfig(bits=8, group_size=-1, sym=True)
+    result = quantize_rtn(head.weight.data.float(), 8, -1, True)
+    packed = QuantLinear.from_result(result, cfg, bias=head.bias)
+    model.lm_head = packed.to(head.weight.device)
 
 
 def load_tokenizer(path: str | None, vocab_size: int):
@@ -349,7 +372,7 @@ def load_tokenizer(path: str | None, vocab_size: int):
 
 
 def load_dummy(source: str, device: str, dtype: str, spec: QuantizeSpec, kernel: str | None,
-               served_name: str | None, tokenizer: str | None) -> LoadedModel:
+               served_name: str | None, tokenizer: str | None, lm_head: str = "auto") -> LoadedModel:
     """`--load-format dummy`: random packed weights of a preset / config shape, built on the device."""
     from server.dummy import build_dummy_model, dummy_config
 
@@ -359,7 +382,7 @@ def load_dummy(source: str, device: str, dtype: str, spec: QuantizeSpec, kernel:
     dt = pick_dtype(dtype, dev, config)
     qcfg = spec.config()
     model = build_dummy_model(config, qcfg, dev, dt)
-    backends = finalize(model, kernel)
+    backends = finalize(model, kernel, lm_head)
     tok = load_tokenizer(tokenizer, model.config.vocab_size)
     name = served_name or f"dummy-{Path(source).stem if not source.startswith('llama') else source}"
     return LoadedModel(model=model, tokenizer=tok, name=name, path=Path(source), hf_config=config,
@@ -369,14 +392,15 @@ def load_dummy(source: str, device: str, dtype: str, spec: QuantizeSpec, kernel:
 def load_model(source: str, device: str = "auto", dtype: str = "auto",
                cache_dir: Path | None = None, spec: QuantizeSpec | None = None,
                kernel: str | None = None, served_name: str | None = None,
-               load_format: str = "auto", tokenizer: str | None = None) -> LoadedModel:
+               load_format: str = "auto", tokenizer: str | None = None,
+               lm_head: str = "auto") -> LoadedModel:
     """The one entry point: resolve, quantise if needed, load onto the device, pick kernels."""
     from transformers import AutoTokenizer
 
     t0 = time.perf_counter()
     spec = spec or QuantizeSpec()
     if load_format == "dummy":
-        return load_dummy(source, device, dtype, spec, kernel, served_name, tokenizer)
+        return load_dummy(source, device, dtype, spec, kernel, served_name, tokenizer, lm_head)
     if load_format != "auto":
         raise ModelLoadError(f"unknown --load-format {load_format!r} (auto, dummy)")
     path, name = ensure_quantized(source, cache_dir or default_cache_dir(), spec)
@@ -385,7 +409,7 @@ def load_model(source: str, device: str = "auto", dtype: str = "auto",
     dt = pick_dtype(dtype, dev, ckpt.config)
     log.info("loading %s onto %s (%s)", path.name, dev, str(dt).replace("torch.", ""))
     model = build_model(ckpt, dev, dt)
-    backends = finalize(model, kernel)
+    backends = finalize(model, kernel, lm_head)
     tokenizer = AutoTokenizer.from_pretrained(tokenizer or str(path))
     return LoadedModel(model=model, tokenizer=tokenizer, name=served_name or name, path=path,
                        hf_config=ckpt.config, quant_config=ckpt.quant_config, backends=backends,

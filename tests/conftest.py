@@ -76,7 +76,7 @@ def default_tokenizer_dir(cache_root) -> Path:
 
 
 def make_tiny_checkpoint(out: Path, tokenizer_dir: Path, bits: int = 4, group_size: int = 32,
-                         sym: bool = True, seed: int = 0, **overrides) -> Path:
+                         sym: bool = True, seed: int = 0, edit=None, **overrides) -> Path:
     """A random tiny Llama quantised with RTN and written as a GPTQ checkpoint with a tokenizer."""
     from transformers import AutoTokenizer
 
@@ -91,6 +91,8 @@ def make_tiny_checkpoint(out: Path, tokenizer_dir: Path, bits: int = 4, group_si
     model = LlamaForCausalLM(LlamaConfig.from_hf(cfg))
     with torch.no_grad():  # larger logits than the default init, so greedy text is not uniform noise
         model.model.embed_tokens.weight.normal_(0, 0.5)
+        if edit is not None:  # a test's own change to the float weights before quantisation
+            edit(model)
     spec = QuantizeSpec(method="rtn", bits=bits, group_size=group_size, sym=sym)
     _quantize_and_save(model, cfg, AutoTokenizer.from_pretrained(str(tokenizer_dir)), spec, out)
     return out

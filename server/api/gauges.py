@@ -37,7 +37,7 @@ def engine_gauges(engine: AsyncEngine) -> GaugeSource:
             _gauge("quantserve_kv_cache_blocks_capacity", "KV cache blocks in all",
                    s.kv_blocks_total),
             _gauge("quantserve_kv_cache_usage_ratio", "Used / total KV blocks (0-1)", s.kv_usage),
-            _gauge("quantserve_queued_prompt_tokens", "Prompt tokens of requests not finished",
+            _gauge("quantserve_queued_prompt_tokens", "Prompt tokens of requests waiting to run",
                    engine.queued_prompt_tokens),
         ]
     return collect

@@ -1,9 +1,12 @@
 """Running the choices of one API request through the engine, streamed or collected.
 
-A request with several prompts and/or n > 1 becomes one engine request per choice. `stream_choices`
-merges their deltas as they come (in the order they come); `collect_choices` waits for all. Both
-end a choice early when a stop string appears (the engine request is finished with reason "stop"),
-and both abort every engine request of theirs if the caller goes away.
+A request with several prompts and/or n > 1 becomes one engine request per choice, all submitted
+at once right after admission (`submit_choices`), so the queue check and the queueing are one
+atomic step on the event loop. `stream_choices` merges their deltas as they come (in the order
+they come); `collect_choices` waits for all. Both end a choice early when a stop string appears
+(the engine request is finished with reason "stop"). The caller owns the handles and closes them
+all when it is done, however it ends (`close_all`): a choice still running is then aborted and
+its KV blocks are freed before the engine's next step.
 """
 
 from __future__ import annotations
@@ -13,7 +16,7 @@ from dataclasses import dataclass, field
 from typing import AsyncIterator
 
 from server.api.streaming import ChoiceText, Delta
-from server.engine.async_engine import AsyncEngine
+from server.engine.async_engine import AsyncEngine, RequestHandle
 from server.engine.sequence import FinishReason, SamplingParams, TokenLogprob
 
 
@@ -48,30 +51,52 @@ class ChoiceEvent:
     prompt_logprobs: list[TokenLogprob | None] | None = None
 
 
-async def _run_choice(engine: AsyncEngine, tokenizer, spec: ChoiceSpec, request_id: str,
-                      sink: asyncio.Queue) -> None:
-    state = ChoiceText(tokenizer, spec.stops)
-    agen = engine.generate(spec.prompt_ids, spec.params, request_id)
+@dataclass
+class Submitted:
+    spec: ChoiceSpec
+    handle: RequestHandle
+
+
+def submit_choices(engine: AsyncEngine, specs: list[ChoiceSpec], request_id: str) -> list[Submitted]:
+    """Queue every choice now; on failure, nothing stays queued."""
+    out: list[Submitted] = []
     try:
-        async for out in agen:
+        for spec in specs:
+            out.append(Submitted(spec, engine.submit(spec.prompt_ids, spec.params,
+                                                     f"{request_id}-{spec.index}")))
+    except BaseException:
+        close_all(out)
+        raise
+    return out
+
+
+def close_all(choices: list[Submitted]) -> None:
+    for c in choices:
+        c.handle.close()
+
+
+async def _run_choice(engine: AsyncEngine, tokenizer, choice: Submitted, sink: asyncio.Queue) -> None:
+    spec, handle = choice.spec, choice.handle
+    state = ChoiceText(tokenizer, spec.stops)
+    try:
+        async for out in handle:
             delta = state.feed(out)
             await sink.put(ChoiceEvent(spec.index, delta, out.num_prompt_tokens,
                                        out.num_cached_tokens, out.prompt_logprobs))
             if delta.stopped_by_string:
-                engine.abort(request_id, FinishReason.STOP)
+                engine.abort(handle.request_id, FinishReason.STOP)
                 return
             if delta.finish_reason is not None:
                 return
     finally:
-        await agen.aclose()
+        handle.close()
 
 
-async def stream_choices(engine: AsyncEngine, tokenizer, specs: list[ChoiceSpec],
-                         request_id: str) -> AsyncIterator[ChoiceEvent]:
+async def stream_choices(engine: AsyncEngine, tokenizer,
+                         choices: list[Submitted]) -> AsyncIterator[ChoiceEvent]:
     """Yield events of all choices as they arrive; raises the first error of any choice."""
     sink: asyncio.Queue = asyncio.Queue()
-    tasks = [asyncio.create_task(_run_choice(engine, tokenizer, spec, f"{request_id}-{spec.index}", sink))
-             for spec in specs]
+    tasks = [asyncio.create_task(_run_choice(engine, tokenizer, c, sink)) for c in choices]
     done_marker = object()
     remaining = len(tasks)
 
@@ -90,16 +115,17 @@ async def stream_choices(engine: AsyncEngine, tokenizer, specs: list[ChoiceSpec]
                 raise item
             yield item
     finally:
+        close_all(choices)  # synchronous: aborts reach the engine even if we are cancelled again
         for t in tasks:
             if not t.done():
                 t.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
 
 
-async def collect_choices(engine: AsyncEngine, tokenizer, specs: list[ChoiceSpec],
-                          request_id: str) -> list[ChoiceResult]:
-    results = {s.index: ChoiceResult(s.index) for s in specs}
-    async for ev in stream_choices(engine, tokenizer, specs, request_id):
+async def collect_choices(engine: AsyncEngine, tokenizer,
+                          choices: list[Submitted]) -> list[ChoiceResult]:
+    results = {c.spec.index: ChoiceResult(c.spec.index) for c in choices}
+    async for ev in stream_choices(engine, tokenizer, choices):
         r = results[ev.index]
         r.text += ev.delta.text
         r.token_ids += ev.delta.token_ids
@@ -113,63 +139,12 @@ async def collect_choices(engine: AsyncEngine, tokenizer, specs: list[ChoiceSpec
     return [results[i] for i in sorted(results)]
 
 
-async def until_disconnected(request, poll_seconds: float = 0.25) -> None:
-    """Return when the HTTP client has gone away (for non-streaming requests)."""
-    while not await request.is_disconnected():
-        await asyncio.sleep(poll_seconds)
+async def until_disconnected(request) -> None:
+    """Return when the HTTP client has gone away (non-streaming requests).
 
-
-# ---------------------------------------------------------------------- logprob formats
-
-def _token_text(tokenizer, token_id: int) -> str:
-    return tokenizer.decode([token_id])
-
-
-def completion_logprobs(tokenizer, records: list[TokenLogprob | None], text_start: int = 0) -> dict:
-    """OpenAI completions shape: tokens, token_logprobs, top_logprobs, text_offset."""
-    tokens, token_lps, tops, offsets = [], [], [], []
-    offset = text_start
-    for rec in records:
-        if rec is None:
-            continue
-        t = _token_text(tokenizer, rec.token_id)
-        tokens.append(t)
-        token_lps.append(rec.logprob)
-        tops.append({_token_text(tokenizer, i): lp for i, lp in rec.top} if rec.top else None)
-        offsets.append(offset)
-        offset += len(t)
-    return {"tokens": tokens, "token_logprobs": token_lps, "top_logprobs": tops,
-            "text_offset": offsets}
-
-
-def prompt_completion_logprobs(tokenizer, prompt_ids: list[int],
-                               records: list[TokenLogprob | None] | None) -> dict:
-    """Echoed prompt tokens: the first has no logprob (null), as OpenAI returns them."""
-    tokens, token_lps, tops, offsets = [], [], [], []
-    offset = 0
-    records = records or [None] * len(prompt_ids)
-    for i, token_id in enumerate(prompt_ids):
-        t = _token_text(tokenizer, token_id)
-        rec = records[i] if i < len(records) else None
-        tokens.append(t)
-        token_lps.append(None if rec is None else rec.logprob)
-        tops.append(None if rec is None or not rec.top else
-                    {_token_text(tokenizer, j): lp for j, lp in rec.top})
-        offsets.append(offset)
-        offset += len(t)
-    return {"tokens": tokens, "token_logprobs": token_lps, "top_logprobs": tops, "text_offset": offsets}
-
-
-def chat_logprobs(tokenizer, records: list[TokenLogprob | None]) -> dict:
-    """OpenAI chat shape: {"content": [{token, logprob, bytes, top_logprobs: [...]}, ...]}."""
-    content = []
-    for rec in records:
-        if rec is None:
-            continue
-        t = _token_text(tokenizer, rec.token_id)
-        content.append({
-            "token": t, "logprob": rec.logprob, "bytes": list(t.encode("utf-8")),
-            "top_logprobs": [{"token": (tt := _token_text(tokenizer, i)), "logprob": lp,
-                              "bytes": list(tt.encode("utf-8"))} for i, lp in rec.top],
-        })
-    return {"content": content}
+    The body has been read by then, so the next ASGI receive() blocks until the server reports
+    `http.disconnect` (or the response is complete): no polling, no delay."""
+    while True:
+        message = await request.receive()
+        if message["type"] == "http.disconnect":
+            return

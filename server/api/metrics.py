@@ -106,8 +106,10 @@ class Metrics:
         self._last_totals = (stats.num_preemptions_total, stats.prefix_cache_queries_total,
                              stats.prefix_cache_hits_total)
         if stats.num_generation_tokens:
+            now = time.monotonic()
             with self._lock:
-                self._window.append((time.monotonic(), stats.num_generation_tokens))
+                self._window.append((now, stats.num_generation_tokens))
+                self._trim(now)  # bounded even when nobody scrapes /metrics
 
     def observe_request(self, endpoint: str, status: int, finish_reason: str | None) -> None:
         self.requests.labels(endpoint=endpoint, status=str(status),
@@ -116,11 +118,14 @@ class Metrics:
     def _rate(self) -> float:
         now = time.monotonic()
         with self._lock:
-            while self._window and self._window[0][0] < now - TOKENS_PER_S_WINDOW:
-                self._window.popleft()
+            self._trim(now)
             total = sum(n for _, n in self._window)
         # the first seconds after start: divide by the time there was, not the whole window
         return total / max(1.0, min(TOKENS_PER_S_WINDOW, now - self._started))
+
+    def _trim(self, now: float) -> None:
+        while self._window and self._window[0][0] < now - TOKENS_PER_S_WINDOW:
+            self._window.popleft()
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

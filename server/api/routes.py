@@ -1,23 +1,34 @@
-"""/v1/completions and /v1/chat/completions: tokenise, admit, run, shape OpenAI's responses."""
+"""/v1/completions and /v1/chat/completions: tokenise, admit, run, shape OpenAI's responses.
+
+Every request goes: model check -> tokenise -> context-length check -> admission (503 draining,
+429 queue full) -> all choices submitted to the engine at once -> streamed (SSE) or collected.
+The handles of the submitted choices are closed whatever happens after (client gone, error,
+shutdown), which aborts what is still running; see generation.py.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 import uuid
 from dataclasses import dataclass
-from typing import Callable
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 from sse_starlette.sse import EventSourceResponse
 
-from server.api.errors import APIError, error_body
-from server.api.generation import (ChoiceSpec, chat_logprobs, collect_choices, completion_logprobs,
-                                   prompt_completion_logprobs, stream_choices, until_disconnected)
+from server.api.admission import Admission
+from server.api.errors import ERROR_RESPONSES, APIError, error_body
+from server.api.generation import (ChoiceResult, ChoiceSpec, Submitted, close_all, collect_choices,
+                                   stream_choices, submit_choices, until_disconnected)
+from server.api.logprobs import CompletionLogprobs, TokenTexts, chat_logprobs, join
 from server.api.metrics import Metrics
 from server.api.protocol import ChatCompletionRequest, CompletionRequest, _SamplingFields
-from server.engine.async_engine import AsyncEngine
+from server.engine.async_engine import AsyncEngine, EngineDeadError
+
+SSE_PING_SECONDS = 15
+SSE_SEND_TIMEOUT_SECONDS = 30  # a client that stops reading for this long is dropped (and aborted)
 
 
 @dataclass
@@ -28,31 +39,46 @@ class ServingContext:
     max_model_len: int
     vocab_size: int
     metrics: Metrics
-    max_queued_requests: int
-    max_queued_tokens: int
-    shutdown_timeout: float
-    is_draining: Callable[[], bool]
+    admission: Admission
+    texts: TokenTexts
 
 
-def _json(obj: dict, status: int = 200) -> JSONResponse:
-    return JSONResponse(obj, status_code=status)
+@dataclass
+class Prepared:
+    """A request turned into engine work: what to submit and how to shape the answer."""
+
+    kind: str  # "completions" | "chat"
+    body: CompletionRequest | ChatCompletionRequest
+    prompts: list[list[int]]
+    specs: list[ChoiceSpec]
+    candidates: int  # choices generated per prompt (best_of, else n)
+    hidden: bool  # max_tokens 0: one token is generated to run the prompt, and not shown
+
+    @property
+    def endpoint(self) -> str:
+        return "/v1/completions" if self.kind == "completions" else "/v1/chat/completions"
+
+
+_STREAM_DOC = {200: {"description": "The completion (JSON), or with stream=true an SSE stream of "
+                                    "chunks ending with `data: [DONE]`",
+                     "content": {"text/event-stream": {"schema": {"type": "string"}}}}}
 
 
 def build_router(ctx: ServingContext) -> APIRouter:
     router = APIRouter()
 
-    @router.post("/v1/completions")
+    @router.post("/v1/completions", responses={**_STREAM_DOC, **ERROR_RESPONSES})
     async def completions(body: CompletionRequest, request: Request):
         return await _serve(ctx, "completions", body, request)
 
-    @router.post("/v1/chat/completions")
+    @router.post("/v1/chat/completions", responses={**_STREAM_DOC, **ERROR_RESPONSES})
     async def chat_completions(body: ChatCompletionRequest, request: Request):
         return await _serve(ctx, "chat", body, request)
 
     return router
 
 
-# ---------------------------------------------------------------------- admission
+# ---------------------------------------------------------------------- preparing
 
 def _check_model(ctx: ServingContext, body: _SamplingFields) -> None:
     if body.model and body.model != ctx.model_name:
@@ -60,11 +86,18 @@ def _check_model(ctx: ServingContext, body: _SamplingFields) -> None:
                             f"'{ctx.model_name}'", param="model", code="model_not_found")
 
 
+def _encode(ctx: ServingContext, text: str, param: str, **kw) -> list[int]:
+    try:
+        return ctx.tokenizer.encode(text, **kw)
+    except Exception as exc:
+        raise APIError(400, f"the {param} could not be tokenized: {exc}", param=param)
+
+
 def _tokenize_completion(ctx: ServingContext, body: CompletionRequest) -> list[list[int]]:
     out = []
     for p in body.prompts():
         if isinstance(p, str):
-            out.append(ctx.tokenizer.encode(p))
+            out.append(_encode(ctx, p, "prompt"))
         else:
             bad = [t for t in p if not 0 <= t < ctx.vocab_size]
             if bad:
@@ -81,42 +114,19 @@ def _tokenize_chat(ctx: ServingContext, body: ChatCompletionRequest) -> list[int
                 for m in body.messages]
     try:
         text = ctx.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-    except Exception as exc:  # the template rejects the conversation (e.g. role order)
+    except Exception as exc:  # no template, or it rejects the conversation (e.g. role order)
         raise APIError(400, f"the chat template rejected the messages: {exc}", param="messages")
-    return ctx.tokenizer.encode(text, add_special_tokens=False)
-
-
-def _admit(ctx: ServingContext, prompts: list[list[int]], n: int) -> None:
-    if ctx.is_draining():
-        # Connection: close, so a keep-alive client (or an L4 load balancer's pinned connection)
-        # retries on a fresh connection, which lands on another replica
-        raise APIError(503, "the server is shutting down", code="server_draining",
-                       headers={"Connection": "close"})
-    engine = ctx.engine
-    in_queue = engine.last_stats.num_waiting + engine.num_in_flight - engine.last_stats.num_running
-    new_requests = len(prompts) * n
-    if max(0, in_queue) + new_requests > ctx.max_queued_requests:
-        ctx.metrics.rejected.labels(reason="queue_full").inc()
-        raise APIError(429, f"the server is overloaded: {max(0, in_queue)} requests queued "
-                            f"(limit {ctx.max_queued_requests}); retry later",
-                       code="queue_full", headers={"Retry-After": "1"})
-    new_tokens = sum(len(p) for p in prompts) * n
-    if engine.queued_prompt_tokens + new_tokens > ctx.max_queued_tokens:
-        ctx.metrics.rejected.labels(reason="token_limit").inc()
-        raise APIError(429, f"the server is overloaded: {engine.queued_prompt_tokens} prompt tokens "
-                            f"queued (limit {ctx.max_queued_tokens}); retry later",
-                       code="queue_full", headers={"Retry-After": "1"})
+    return _encode(ctx, text, "messages", add_special_tokens=False)
 
 
 def _max_tokens(ctx: ServingContext, prompts: list[list[int]], requested: int | None,
-                default: int | None) -> int:
+                default: int | None, prompt_param: str) -> int:
     longest = max(len(p) for p in prompts)
     room = ctx.max_model_len - longest
     if room < 1:
         raise APIError(400, f"This model's maximum context length is {ctx.max_model_len} tokens. "
                             f"However, your prompt has {longest} tokens, leaving no room to generate.",
-                       param="messages" if default is None else "prompt",
-                       code="context_length_exceeded")
+                       param=prompt_param, code="context_length_exceeded")
     max_tokens = requested if requested is not None else (default if default is not None else room)
     if longest + max_tokens > ctx.max_model_len:
         raise APIError(400, f"This model's maximum context length is {ctx.max_model_len} tokens. "
@@ -126,164 +136,227 @@ def _max_tokens(ctx: ServingContext, prompts: list[list[int]], requested: int | 
     return max_tokens
 
 
+def _prepare(ctx: ServingContext, kind: str, body) -> Prepared:
+    _check_model(ctx, body)
+    if kind == "completions":
+        prompts = _tokenize_completion(ctx, body)
+        max_tokens = _max_tokens(ctx, prompts, body.max_tokens, 16, "prompt")
+        candidates = body.num_candidates
+        # best_of ranks candidates by their summed logprobs, so it needs them even if not shown
+        logprobs = body.logprobs if body.logprobs is not None else (0 if candidates > body.n else None)
+        prompt_lp = body.logprobs if (body.echo and body.logprobs is not None) else None
+    else:
+        prompts = [_tokenize_chat(ctx, body)]
+        max_tokens = _max_tokens(ctx, prompts, body.requested_max_tokens(), None, "messages")
+        candidates = body.n
+        logprobs = (body.top_logprobs or 0) if body.logprobs else None
+        prompt_lp = None
+    hidden = max_tokens == 0
+    specs = []
+    for pi, prompt in enumerate(prompts):
+        for j in range(candidates):
+            try:
+                params = body.sampling_params(max(1, max_tokens), logprobs, ctx.vocab_size,
+                                              prompt_logprobs=prompt_lp, seed_offset=j)
+            except ValueError as exc:
+                raise APIError(400, str(exc))
+            specs.append(ChoiceSpec(pi * candidates + j, prompt, params, body.stop))
+    return Prepared(kind, body, prompts, specs, candidates, hidden)
+
+
 # ---------------------------------------------------------------------- serving
 
 async def _serve(ctx: ServingContext, kind: str, body, request: Request):
     endpoint = "/v1/completions" if kind == "completions" else "/v1/chat/completions"
+    rid = f"{'cmpl' if kind == 'completions' else 'chatcmpl'}-{uuid.uuid4().hex[:24]}"
     try:
-        _check_model(ctx, body)
-        if kind == "completions":
-            prompts = _tokenize_completion(ctx, body)
-            max_tokens = _max_tokens(ctx, prompts, body.max_tokens, 16)
-            logprobs = body.logprobs
-            prompt_lp = body.logprobs if (body.echo and body.logprobs is not None) else None
-        else:
-            prompts = [_tokenize_chat(ctx, body)]
-            max_tokens = _max_tokens(ctx, prompts, body.requested_max_tokens(), None)
-            logprobs = (body.top_logprobs or 0) if body.logprobs else None
-            prompt_lp = None
-        specs = []
-        for pi, prompt in enumerate(prompts):
-            for j in range(body.n):
-                try:
-                    params = body.sampling_params(max_tokens, logprobs, ctx.vocab_size,
-                                                  prompt_logprobs=prompt_lp, seed_offset=j)
-                except ValueError as exc:
-                    raise APIError(400, str(exc))
-                specs.append(ChoiceSpec(pi * body.n + j, prompt, params, body.stop))
-        _admit(ctx, prompts, body.n)
+        prep = _prepare(ctx, kind, body)
+        ctx.admission.check(len(prep.specs), sum(len(s.prompt_ids) for s in prep.specs))
+        try:  # no await between the admission check and this: the check is exact
+            choices = submit_choices(ctx.engine, prep.specs, rid)
+        except EngineDeadError as exc:
+            raise APIError(503, str(exc), code="engine_dead")
     except APIError as exc:
         ctx.metrics.observe_request(endpoint, exc.status, None)
         raise
-    rid = f"{'cmpl' if kind == 'completions' else 'chatcmpl'}-{uuid.uuid4().hex[:24]}"
     created = int(time.time())
     if body.stream:
-        return EventSourceResponse(
-            _stream(ctx, kind, body, specs, prompts, rid, created, endpoint),
-            sep="\n", ping=15, send_timeout=30,
-            shutdown_grace_period=ctx.shutdown_timeout)
-    return await _collect(ctx, kind, body, specs, prompts, rid, created, endpoint, request)
+        return ChoicesStreamResponse(
+            choices, _stream(ctx, prep, choices, rid, created),
+            sep="\n", ping=SSE_PING_SECONDS, send_timeout=SSE_SEND_TIMEOUT_SECONDS)
+    return await _collect(ctx, prep, choices, rid, created, request)
+
+
+class ChoicesStreamResponse(EventSourceResponse):
+    """An SSE response that closes its engine requests however it ends, even if its generator
+    never started (a client gone before the first byte)."""
+
+    def __init__(self, choices: list[Submitted], *args, **kw) -> None:
+        super().__init__(*args, **kw)
+        self.choices = choices
+
+    async def __call__(self, scope, receive, send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            close_all(self.choices)
 
 
 def _usage(prompts: list[list[int]], completion_tokens: int, cached: int) -> dict:
     prompt_tokens = sum(len(p) for p in prompts)
-    usage = {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-             "total_tokens": prompt_tokens + completion_tokens}
-    if cached:
-        usage["prompt_tokens_details"] = {"cached_tokens": cached}
-    return usage
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens,
+            "prompt_tokens_details": {"cached_tokens": cached}}  # served from the prefix cache
 
 
-async def _collect(ctx, kind, body, specs, prompts, rid, created, endpoint, request):
-    work = asyncio.create_task(collect_choices(ctx.engine, ctx.tokenizer, specs, rid))
+def _best(prep: Prepared, results: list[ChoiceResult]) -> list[ChoiceResult]:
+    """Per prompt, the n candidates with the highest summed logprob (best_of), re-indexed."""
+    n, k = prep.body.n, prep.candidates
+    if k == n:
+        return results
+    chosen = []
+    for pi in range(len(prep.prompts)):
+        group = results[pi * k:(pi + 1) * k]
+        group.sort(key=lambda r: -sum(lp.logprob for lp in r.logprobs if lp is not None))
+        for j, r in enumerate(group[:n]):
+            r.index = pi * n + j
+            chosen.append(r)
+    return chosen
+
+
+async def _collect(ctx: ServingContext, prep: Prepared, choices: list[Submitted], rid: str,
+                   created: int, request: Request):
+    endpoint = prep.endpoint
+    work = asyncio.create_task(collect_choices(ctx.engine, ctx.tokenizer, choices))
     watch = asyncio.create_task(until_disconnected(request))
-    done, _ = await asyncio.wait({work, watch}, return_when=asyncio.FIRST_COMPLETED)
-    if work not in done:  # the client went away: cancelling aborts every engine request
-        work.cancel()
+    try:
+        done, _ = await asyncio.wait({work, watch}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        close_all(choices)  # aborts whatever still runs (client gone, or this task cancelled)
+        for t in (work, watch):
+            if not t.done():
+                t.cancel()
+    if work not in done:  # the client went away
         await asyncio.gather(work, return_exceptions=True)
         ctx.metrics.aborted.inc()
         ctx.metrics.observe_request(endpoint, 499, "abort")
         return JSONResponse(error_body(400, "client disconnected"), status_code=499)
-    watch.cancel()
+    await asyncio.gather(watch, return_exceptions=True)
     try:
         results = work.result()
     except ValueError as exc:  # the engine refused the request
         ctx.metrics.observe_request(endpoint, 400, None)
         raise APIError(400, str(exc))
+    except EngineDeadError as exc:
+        ctx.metrics.observe_request(endpoint, 503, None)
+        raise APIError(503, str(exc), code="engine_dead")
     except Exception as exc:
         ctx.metrics.observe_request(endpoint, 503, None)
         raise APIError(503, f"generation failed: {exc}")
-    completion_tokens = sum(len(r.token_ids) for r in results)
-    cached = sum(r.num_cached_tokens for r in results[:: max(1, body.n)])
-    choices = []
-    for r, spec in zip(results, specs):
-        ctx.metrics.observe_request(endpoint, 200, r.finish_reason)
-        if kind == "completions":
-            text = r.text
+    body = prep.body
+    completion_tokens = 0 if prep.hidden else sum(len(r.token_ids) for r in results)
+    cached = sum(r.num_cached_tokens for r in results[::prep.candidates])
+    out = []
+    for r in _best(prep, results):
+        reason = "length" if prep.hidden else r.finish_reason
+        ctx.metrics.observe_request(endpoint, 200, reason)
+        text = "" if prep.hidden else r.text
+        if prep.kind == "completions":
+            prompt_ids = prep.prompts[r.index // body.n]
             lp = None
+            prompt_text = ctx.tokenizer.decode(prompt_ids) if body.echo else ""
             if body.logprobs is not None:
-                lp = completion_logprobs(ctx.tokenizer, r.logprobs)
-            if body.echo:
-                prompt_text = ctx.tokenizer.decode(spec.prompt_ids)
-                text = prompt_text + text
-                if lp is not None:
-                    head = prompt_completion_logprobs(ctx.tokenizer, spec.prompt_ids, r.prompt_logprobs)
-                    tail = completion_logprobs(ctx.tokenizer, r.logprobs, len(prompt_text))
-                    lp = {k: head[k] + tail[k] for k in head}
-            choices.append({"index": r.index, "text": text, "logprobs": lp,
-                            "finish_reason": r.finish_reason})
+                lp = CompletionLogprobs(ctx.texts, len(prompt_text)).generated(
+                    [] if prep.hidden else r.logprobs)
+                if body.echo:
+                    lp = join(CompletionLogprobs(ctx.texts).prompt(prompt_ids, r.prompt_logprobs), lp)
+            out.append({"index": r.index, "text": prompt_text + text, "logprobs": lp,
+                        "finish_reason": reason})
         else:
-            choices.append({"index": r.index,
-                            "message": {"role": "assistant", "content": r.text},
-                            "logprobs": chat_logprobs(ctx.tokenizer, r.logprobs) if body.logprobs else None,
-                            "finish_reason": r.finish_reason})
-    obj = "text_completion" if kind == "completions" else "chat.completion"
-    return _json({"id": rid, "object": obj, "created": created, "model": ctx.model_name,
-                  "choices": choices, "usage": _usage(prompts, completion_tokens, cached),
-                  "system_fingerprint": None})
+            out.append({"index": r.index, "message": {"role": "assistant", "content": text},
+                        "logprobs": chat_logprobs(ctx.texts, r.logprobs) if body.logprobs else None,
+                        "finish_reason": reason})
+    obj = "text_completion" if prep.kind == "completions" else "chat.completion"
+    return JSONResponse({"id": rid, "object": obj, "created": created, "model": ctx.model_name,
+                         "choices": out, "usage": _usage(prep.prompts, completion_tokens, cached),
+                         "system_fingerprint": None})
 
 
-async def _stream(ctx, kind, body, specs, prompts, rid, created, endpoint):
+async def _stream(ctx: ServingContext, prep: Prepared, choices: list[Submitted], rid: str,
+                  created: int):
+    body, kind, endpoint = prep.body, prep.kind, prep.endpoint
     obj = "text_completion" if kind == "completions" else "chat.completion.chunk"
-    include_usage = bool(body.stream_options and body.stream_options.include_usage)
+    opts = body.stream_options
+    include_usage = bool(opts and opts.include_usage)
+    continuous = bool(opts and opts.continuous_usage_stats)
     base = {"id": rid, "object": obj, "created": created, "model": ctx.model_name}
     completion_tokens = 0
     cached = 0
-    text_offsets = {s.index: 0 for s in specs}
-    finished_ok = False
+    formatters: dict[int, CompletionLogprobs] = {}
+    started: set[int] = set()
 
-    def chunk(choices: list[dict]) -> dict:
-        return {"data": _dumps({**base, "choices": choices, **({"usage": None} if include_usage else {})})}
+    def chunk(choice: dict) -> dict:
+        extra = {}
+        if continuous:
+            extra["usage"] = _usage(prep.prompts, completion_tokens, cached)
+        elif include_usage:
+            extra["usage"] = None
+        return {"data": _dumps({**base, "choices": [choice], **extra})}
 
     try:
         if kind == "chat":
-            yield chunk([{"index": s.index, "delta": {"role": "assistant", "content": ""},
-                          "logprobs": None, "finish_reason": None} for s in specs])
-        elif body.echo:
-            for s in specs:
-                prompt_text = ctx.tokenizer.decode(s.prompt_ids)
-                text_offsets[s.index] = len(prompt_text)
-                yield chunk([{"index": s.index, "text": prompt_text, "logprobs": None,
-                              "finish_reason": None}])
-        async for ev in stream_choices(ctx.engine, ctx.tokenizer, specs, rid):
-            d = ev.delta
-            completion_tokens += len(d.token_ids)
-            if ev.index % max(1, body.n) == 0:
+            for c in choices:
+                yield chunk({"index": c.spec.index, "delta": {"role": "assistant", "content": ""},
+                             "logprobs": None, "finish_reason": None})
+        async for ev in stream_choices(ctx.engine, ctx.tokenizer, choices):
+            d, idx = ev.delta, ev.index
+            if idx % prep.candidates == 0:
                 cached = max(cached, ev.num_cached_tokens)
-            if not d.text and d.finish_reason is None and not (body.logprobs and d.logprobs):
+            if kind == "completions" and idx not in started:
+                started.add(idx)
+                prompt_text = ctx.tokenizer.decode(prep.specs[idx].prompt_ids) if body.echo else ""
+                formatters[idx] = CompletionLogprobs(ctx.texts, len(prompt_text))
+                if body.echo:  # the prompt first (its logprobs arrive with the first output)
+                    lp = None
+                    if body.logprobs is not None:
+                        lp = CompletionLogprobs(ctx.texts).prompt(prep.specs[idx].prompt_ids,
+                                                                   ev.prompt_logprobs)
+                    yield chunk({"index": idx, "text": prompt_text, "logprobs": lp,
+                                 "finish_reason": None})
+            if prep.hidden:
+                if d.finish_reason is not None:
+                    ctx.metrics.observe_request(endpoint, 200, "length")
+                    yield chunk({"index": idx, "text": "", "logprobs": None, "finish_reason": "length"})
+                continue
+            completion_tokens += len(d.token_ids)
+            wants_lp = bool(body.logprobs) if kind == "chat" else body.logprobs is not None
+            if not d.text and d.finish_reason is None and not (wants_lp and d.logprobs):
                 continue
             if kind == "completions":
-                lp = None
-                if body.logprobs is not None:
-                    lp = completion_logprobs(ctx.tokenizer, d.logprobs, text_offsets[ev.index])
-                text_offsets[ev.index] += len(d.text)
-                yield chunk([{"index": ev.index, "text": d.text, "logprobs": lp,
-                              "finish_reason": d.finish_reason}])
+                lp = formatters[idx].generated(d.logprobs) if body.logprobs is not None else None
+                yield chunk({"index": idx, "text": d.text, "logprobs": lp,
+                             "finish_reason": d.finish_reason})
             else:
                 delta = {"content": d.text} if d.text else {}
-                yield chunk([{"index": ev.index, "delta": delta,
-                              "logprobs": chat_logprobs(ctx.tokenizer, d.logprobs) if body.logprobs else None,
-                              "finish_reason": d.finish_reason}])
+                yield chunk({"index": idx, "delta": delta,
+                             "logprobs": chat_logprobs(ctx.texts, d.logprobs) if body.logprobs else None,
+                             "finish_reason": d.finish_reason})
             if d.finish_reason is not None:
                 ctx.metrics.observe_request(endpoint, 200, d.finish_reason)
-        finished_ok = True
         if include_usage:
             yield {"data": _dumps({**base, "choices": [],
-                                   "usage": _usage(prompts, completion_tokens, cached)})}
+                                   "usage": _usage(prep.prompts, completion_tokens, cached)})}
         yield {"data": "[DONE]"}
     except asyncio.CancelledError:
         ctx.metrics.aborted.inc()
         ctx.metrics.observe_request(endpoint, 499, "abort")
         raise
     except Exception as exc:  # mid-stream failure: an error event, then the end of the stream
-        if not finished_ok:
-            status = 400 if isinstance(exc, ValueError) else 503
-            ctx.metrics.observe_request(endpoint, status, None)
-            yield {"data": _dumps(error_body(status, str(exc)))}
-            yield {"data": "[DONE]"}
+        status = 400 if isinstance(exc, ValueError) else 503
+        ctx.metrics.observe_request(endpoint, status, None)
+        yield {"data": _dumps(error_body(status, str(exc)))}
+        yield {"data": "[DONE]"}
 
 
 def _dumps(obj: dict) -> str:
-    import json
-
     return json.dumps(obj, ensure_ascii=False, separators=(",", ":"))

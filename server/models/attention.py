@@ -27,11 +27,8 @@ class AttentionBackend(Protocol):
 def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None,
           causal: bool = False) -> torch.Tensor:
     """q [B, nh, L, hd], k/v [B, nkv, S, hd] -> [B, nh, L, hd]; grouped-query heads are shared."""
-    groups = q.shape[1] // k.shape[1]
-    if groups > 1:
-        k = k.repeat_interleave(groups, dim=1)
-        v = v.repeat_interleave(groups, dim=1)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal,
+                                          enable_gqa=q.shape[1] != k.shape[1])
 
 
 def causal_mask(q_len: int, ctx_len: int, device: torch.device) -> torch.Tensor | None:
@@ -160,6 +157,12 @@ def decode_reference(q: torch.Tensor, kc: torch.Tensor, vc: torch.Tensor, block_
     """q [B, nh, hd], one new token per sequence -> [B, nh, hd] (gathers whole block tables)."""
     b = q.shape[0]
     _, block_size, n_kv, hd = kc.shape
+    if b == 1:  # one sequence: its blocks, cut to its length, no mask
+        ctx = int(context_lens[0])
+        blocks = block_tables[0, :(ctx + block_size - 1) // block_size].long()
+        ks = kc[blocks].reshape(-1, n_kv, hd)[:ctx].transpose(0, 1).unsqueeze(0).to(q.dtype)
+        vs = vc[blocks].reshape(-1, n_kv, hd)[:ctx].transpose(0, 1).unsqueeze(0).to(q.dtype)
+        return _sdpa(q.unsqueeze(2), ks, vs).squeeze(2)
     ks = kc[block_tables.long()].reshape(b, -1, n_kv, hd).transpose(1, 2).to(q.dtype)
     vs = vc[block_tables.long()].reshape(b, -1, n_kv, hd).transpose(1, 2).to(q.dtype)
     span = ks.shape[2]

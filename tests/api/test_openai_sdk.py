@@ -8,18 +8,6 @@ from server.config import ServerConfig
 from tests.live_server import start_server
 
 
-@pytest.fixture(scope="module")
-def live(tiny_checkpoint):
-    srv = start_server(str(tiny_checkpoint), served_model_name="tiny")
-    yield srv
-    srv.stop()
-
-
-@pytest.fixture()
-def client(live):
-    return openai.OpenAI(base_url=live.url + "/v1", api_key="unused", max_retries=0, timeout=60)
-
-
 def test_models_lists_the_served_model_with_quantization(client):
     models = client.models.list()
     assert [m.id for m in models.data] == ["tiny"]

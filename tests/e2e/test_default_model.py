@@ -30,8 +30,10 @@ def test_second_boot_uses_the_cache(cache_root, live):
     assert cached and (cached[0] / "quantize_config.json").exists()
     assert live.state.loaded.path == cached[0]
     # every decoder linear is quantised (30 layers x 7 projections in the checkpoint), and served
-    # fused: q/k/v and gate/up as single matmuls, so 30 x 4 packed layers
+    # fused: q/k/v and gate/up as single matmuls, so 30 x 4 packed layers, plus the lm_head that
+    # the CPU path packs to 8 bits
     from quant.checkpoint import open_checkpoint
 
     assert len(open_checkpoint(cached[0]).quantized_modules()) == 210
-    assert sum(live.state.loaded.backends.values()) == 120
+    assert sum(live.state.loaded.backends.values()) == 120 + 1
+    assert live.state.loaded.model.lm_head.bits == 8
