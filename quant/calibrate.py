@@ -257,29 +257,114 @@ def _quantize_block_gptq(block: nn.Module, prefix: str, runner: _Runner, inps: t
         finally:
             capture.remove()
         for bundle in capture.bundles():
-            start = time.perf_counter()
-            H = capture.acc[capture.owner[bundle[0]]].H
-            factor = factor_hessian(H, config.damp_percent, report.order, config.group_size)
-            W = torch.cat([block.get_submodule(n).weight for n in bundle], dim=0)
-            result, stats = quantize_weight(W, factor, config.bits, config.group_size, config.sym,
-                                            config.static_groups)
-            del factor
-            times.solve += time.perf_counter() - start
-            start = time.perf_counter()
-            row = 0
-            for name in bundle:
-                n = block.get_submodule(name).out_features
-                part = QuantResult(codes=result.codes[:, row:row + n], zeros=result.zeros[:, row:row + n],
-                                   scales=result.scales[:, row:row + n], g_idx=result.g_idx,
-                                   bits=result.bits)
-                _install(block, name, part, config, device)
-                report.layers.append(LayerReport(
-                    name=f"{prefix}.{name}", loss=stats.row_loss[row:row + n].sum().item(),
-                    damp_percent=stats.damp_percent, seconds=stats.seconds * n / W.shape[0]))
-                row += n
-            _sync(device)
-            times.pack += time.perf_counter() - start
+            _solve_bundle(block, prefix, bundle, capture.acc[capture.owner[bundle[0]]].H, config,
+                          device, report)
         del capture
+
+
+def _solve_bundle(block: nn.Module, prefix: str, bundle: list[str], H: torch.Tensor,
+                  config: QuantConfig, device: torch.device, report: QuantizeReport) -> None:
+    """GPTQ of the linears in `bundle` (all fed by the input whose Hessian is H), stacked along
+    their outputs, then installed as QuantLinear modules of `block`."""
+    times = report.times
+    start = time.perf_counter()
+    factor = factor_hessian(H, config.damp_percent, report.order, config.group_size)
+    W = torch.cat([block.get_submodule(n).weight for n in bundle], dim=0)
+    result, stats = quantize_weight(W, factor, config.bits, config.group_size, config.sym,
+                                    config.static_groups)
+    del factor
+    times.solve += time.perf_counter() - start
+    start = time.perf_counter()
+    row = 0
+    for name in bundle:
+        n = block.get_submodule(name).out_features
+        part = QuantResult(codes=result.codes[:, row:row + n], zeros=result.zeros[:, row:row + n],
+                           scales=result.scales[:, row:row + n], g_idx=result.g_idx,
+                           bits=result.bits)
+        _install(block, name, part, config, device)
+        report.layers.append(LayerReport(
+            name=f"{prefix}.{name}", loss=stats.row_loss[row:row + n].sum().item(),
+            damp_percent=stats.damp_percent, seconds=stats.seconds * n / W.shape[0]))
+        row += n
+    _sync(device)
+    times.pack += time.perf_counter() - start
+
+
+def _stageable(block: nn.Module) -> bool:
+    attn, mlp = getattr(block, "self_attn", None), getattr(block, "mlp", None)
+    return (hasattr(attn, "mix") and hasattr(mlp, "act") and getattr(attn, "qkv_proj", None) is None
+            and getattr(mlp, "gate_up_proj", None) is None)
+
+
+def _quantize_block_staged(block: nn.Module, prefix: str, runner: _Runner, inps: torch.Tensor,
+                           outs: torch.Tensor, store: torch.device, config: QuantConfig,
+                           report: QuantizeReport) -> None:
+    """True-sequential GPTQ of one decoder block, each linear run exactly once per sample.
+
+    The block is walked in stages, and what each stage hands to the next is kept for every
+    calibration sample, so no stage is recomputed to reach the next group's inputs:
+        x -> input norm -> h            Hessian of q/k/v; quantise q, k, v
+        h -> q/k/v, rope, attention -> a    Hessian of o; quantise o        (a kept)
+        r = x + o(a); h2 = norm(r)      Hessian of gate/up; quantise them   (r kept)
+        m = silu(gate(h2)) * up(h2)     Hessian of down; quantise down      (m kept)
+        out = r + down(m)               the next block's inputs
+    Every stage uses the already-quantised linears before it. Same result as the hook-driven
+    path (`_quantize_block_gptq`), which re-runs the block from its input for every group.
+    `store` holds the kept tensors (about num_samples * seq_len * (hidden + intermediate) values).
+    """
+    device, times, seq_len = runner.device, report.times, runner.seq_len
+    attn, mlp = block.self_attn, block.mlp
+    names = LLAMA_SEQUENTIAL_GROUPS
+    batches = list(runner.batches())
+    kept: list[torch.Tensor | None] = [None] * len(batches)  # a, then r
+    acts: list[torch.Tensor | None] = [None] * len(batches)  # m
+
+    def x_of(b0: int, b1: int) -> torch.Tensor:
+        return inps[b0:b1].reshape((b1 - b0) * seq_len, -1).to(device, non_blocking=True)
+
+    def rope(b0: int, b1: int):
+        cos, sin = runner._rope[b1 - b0]
+        return cos, sin, CausalAttention([seq_len] * (b1 - b0))
+
+    def run_stage(stage: int, in_features: int) -> torch.Tensor:
+        acc = HessianAccumulator(in_features, device)
+        start, hess = time.perf_counter(), 0.0
+        for j, (b0, b1) in enumerate(batches):
+            if stage == 0:
+                feed, _ = block.input_layernorm(x_of(b0, b1))
+            elif stage == 1:
+                h, _ = block.input_layernorm(x_of(b0, b1))
+                feed = attn.mix(h, *rope(b0, b1))
+                kept[j] = feed.to(store)
+            elif stage == 2:
+                feed, r = block.post_attention_layernorm(attn.o_proj(kept[j].to(device)), x_of(b0, b1))
+                kept[j] = r.to(store)
+            else:
+                h2, _ = block.post_attention_layernorm(kept[j].to(device))
+                feed = mlp.act(h2)
+                acts[j] = feed.to(store)
+            t = time.perf_counter()
+            acc.add_batch(feed)
+            _sync(device)
+            hess += time.perf_counter() - t
+        _sync(device)
+        times.hessians += hess
+        times.forward += time.perf_counter() - start - hess
+        return acc.H
+
+    for stage, group in enumerate(names):
+        first = block.get_submodule(group[0])
+        H = run_stage(stage, first.in_features)
+        _solve_bundle(block, prefix, list(group), H, config, device, report)
+        del H
+    start = time.perf_counter()
+    hidden = inps.shape[-1]
+    for j, (b0, b1) in enumerate(batches):
+        out = kept[j].to(device) + mlp.down_proj(acts[j].to(device))
+        outs[b0:b1] = out.view(b1 - b0, seq_len, hidden).to(outs.device)
+        kept[j] = acts[j] = None
+    _sync(device)
+    times.forward += time.perf_counter() - start
 
 
 def _quantize_block_rtn(block: nn.Module, prefix: str, config: QuantConfig, device: torch.device,
@@ -359,15 +444,22 @@ def quantize_model(model: nn.Module, config: QuantConfig, method: str = "gptq",
     outs = torch.empty_like(inps)
     for b0, b1 in runner.batches():
         inps[b0:b1] = model.embed(calibration[b0:b1].to(model.device)).to(home)
+    # the staged path keeps the residual stream and the MLP activations of every sample
+    stage_bytes = nbytes // hidden * (hidden + model.config.intermediate_size)
+    store = _inputs_home(device, stage_bytes // 2) if home == device else home
     report.times.capture = time.perf_counter() - start
     for i, layer in enumerate(layers):
         with _on(layer, device):
-            _quantize_block_gptq(layer, f"model.layers.{i}", runner, inps, config, report)
-            start = time.perf_counter()
-            for b0, b1 in runner.batches():
-                outs[b0:b1] = runner.forward(layer, inps[b0:b1]).view(b1 - b0, seq_len, hidden).to(home)
-            _sync(device)
-            report.times.forward += time.perf_counter() - start
+            if config.true_sequential and _stageable(layer):
+                _quantize_block_staged(layer, f"model.layers.{i}", runner, inps, outs, store, config,
+                                       report)
+            else:
+                _quantize_block_gptq(layer, f"model.layers.{i}", runner, inps, config, report)
+                start = time.perf_counter()
+                for b0, b1 in runner.batches():
+                    outs[b0:b1] = runner.forward(layer, inps[b0:b1]).view(b1 - b0, seq_len, hidden).to(home)
+                _sync(device)
+                report.times.forward += time.perf_counter() - start
         inps, outs = outs, inps
         bar.set_postfix(layer=i, loss=f"{report.layer_loss(i):.4g}")
         bar.update(1)

@@ -30,10 +30,13 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     _flag(p, "--dtype", "auto", "activation dtype", choices=["auto", "float16", "bfloat16", "float32"])
     _flag(p, "--cache-dir", None, "where quantized models are cached (default: the user cache dir)",
           type=str)
-    _flag(p, "--quantize-method", "rtn", "method for quantizing a plain model on first boot",
-          choices=["rtn", "gptq"])
-    _flag(p, "--quantize-bits", 4, "bits for first-boot quantization", type=int)
+    _flag(p, "--quantize-method", "gptq", "method for quantizing a plain model on first boot",
+          choices=["gptq", "rtn"])
+    _flag(p, "--quantize-bits", 4, "bits for first-boot quantization", type=int,
+          choices=[2, 3, 4, 8])
     _flag(p, "--quantize-group-size", 64, "group size for first-boot quantization", type=int)
+    _flag(p, "--quantize-calibration", None, "GPTQ calibration for first boot: default, builtin, "
+          "generated, a text file, or hf:NAME[:CONFIG][:SPLIT]", type=str)
     _flag(p, "--kernel", None, "force one kernel backend for every layer (e.g. torch, dense)", type=str)
     _flag(p, "--load-format", "auto", "auto, or dummy: random 4-bit weights of a preset "
           "(llama-2-7b, llama-2-70b, llama-3-8b, ...) or config.json shape", choices=["auto", "dummy"])
@@ -83,17 +86,38 @@ def build_parser() -> argparse.ArgumentParser:
     q = sub.add_parser("quantize", help="quantize a model into a GPTQ checkpoint")
     q.add_argument("model", help="'default', a local directory or a Hugging Face id")
     q.add_argument("output_dir", help="where to write the GPTQ checkpoint")
-    q.add_argument("--method", default="rtn", choices=["rtn", "gptq"])
+    q.add_argument("--method", default="gptq", choices=["gptq", "rtn"])
     q.add_argument("--bits", type=int, default=4, choices=[2, 3, 4, 8])
-    q.add_argument("--group-size", type=int, default=64)
+    q.add_argument("--group-size", type=int, default=64, help="input channels per scale/zero "
+                   "(-1: one group per row; the last group may be partial)")
     q.add_argument("--asym", action="store_true", help="asymmetric zero points (written as gptq_v2)")
-    q.add_argument("--desc-act", action="store_true", help="act-order (GPTQ only)")
+    q.add_argument("--desc-act", action="store_true",
+                   help="act-order: process channels by decreasing activation energy (GPTQ only)")
+    q.add_argument("--static-groups", action="store_true",
+                   help="with --desc-act: group scales fixed before any update (contiguous g_idx)")
+    q.add_argument("--calibration", default=None,
+                   help="default (offline: built-in text + text the model writes), builtin, "
+                        "generated, a text file, or hf:NAME[:CONFIG][:SPLIT]")
+    q.add_argument("--num-samples", type=int, default=64, help="calibration samples")
+    q.add_argument("--seq-len", type=int, default=256, help="tokens per calibration sample")
+    q.add_argument("--damp-percent", type=float, default=0.01,
+                   help="Hessian dampening, a fraction of its mean diagonal (raised if needed)")
+    q.add_argument("--device", default="auto", choices=["auto", "cuda", "cpu"],
+                   help="where quantization runs (auto: CUDA when present)")
+    q.add_argument("--shard-size", default="4GB", help="largest safetensors shard, e.g. 2GB, 500MB")
+    q.add_argument("--json", action="store_true", help="last line: one JSON object (times, losses)")
 
     e = sub.add_parser("eval", help="perplexity of a model over a text")
-    e.add_argument("model", help="'default', a local directory or a Hugging Face id")
-    e.add_argument("--text", default=None, help="text file (default: a built-in sample)")
-    e.add_argument("--seq-len", type=int, default=512)
+    e.add_argument("model", help="'default', a local directory (GPTQ or plain) or a Hugging Face id")
+    e.add_argument("--text", default=None, help="UTF-8 text file (default: the built-in "
+                   "calibration text, which a serious evaluation should not use)")
+    e.add_argument("--seq-len", type=int, default=2048, help="tokens per window")
+    e.add_argument("--stride", type=int, default=None,
+                   help="window stride (default: seq-len, non-overlapping windows)")
     e.add_argument("--max-tokens", type=int, default=None, help="evaluate at most this many tokens")
+    e.add_argument("--batch-size", type=int, default=1, help="windows per forward")
+    e.add_argument("--unquantized", action="store_true",
+                   help="evaluate the plain float32 model (the baseline), not its GPTQ version")
     e.add_argument("--json", action="store_true", help="last line: one JSON object")
     add_model_args(e)
     return parser
@@ -114,6 +138,7 @@ def model_config(args: argparse.Namespace) -> ModelConfig:
         cache_dir=Path(args.cache_dir).expanduser() if args.cache_dir else None,
         kernel=args.kernel, quantize_method=args.quantize_method,
         quantize_bits=args.quantize_bits, quantize_group_size=args.quantize_group_size,
+        quantize_calibration=args.quantize_calibration,
         load_format=args.load_format, tokenizer=args.tokenizer, lm_head=args.lm_head,
         self_check=not getattr(args, "skip_self_check", False),
         allow_fallback=getattr(args, "allow_fallback", False))

@@ -57,9 +57,10 @@ class ModelConfig:
     dtype: str = "auto"  # auto | float16 | bfloat16 | float32
     cache_dir: Path | None = None
     kernel: str | None = None  # force one kernel backend for every layer
-    quantize_method: str = "rtn"
+    quantize_method: str = "gptq"  # first boot of a plain model: gptq | rtn
     quantize_bits: int = 4
     quantize_group_size: int = 64
+    quantize_calibration: str | None = None  # GPTQ calibration source (quant.data); None = default
     lm_head: str = "auto"  # auto (int8-packed on the CPU, dense on CUDA) | dense | int8
     load_format: str = "auto"  # auto | dummy (random packed weights of a preset / config shape)
     tokenizer: str | None = None  # tokenizer directory (default: the checkpoint's, or SmolLM2's)

@@ -42,22 +42,45 @@ class ModelLoadError(RuntimeError):
 
 @dataclass(frozen=True)
 class QuantizeSpec:
-    """How a plain model is quantised on first boot (and the cache key of the result)."""
+    """How a plain model is quantised (first boot and `quantserve quantize`), and the cache key of
+    the result: two specs with the same tag() give the same checkpoint.
 
-    method: str = "rtn"
+    method        "gptq" (default) or "rtn" (round-to-nearest, no calibration)
+    calibration   GPTQ calibration source as quant.data.load_calibration reads it: None/"default"
+                  (offline: built-in text + text the model writes itself), "builtin", "generated",
+                  a text file, or "hf:NAME[:CONFIG][:SPLIT]"
+    device        where quantisation runs: "auto" (CUDA when present), "cuda" or "cpu"
+    """
+
+    method: str = "gptq"
     bits: int = 4
     group_size: int = 64
     sym: bool = True
     desc_act: bool = False
+    static_groups: bool = False
+    calibration: str | None = None
+    num_samples: int = 64
+    seq_len: int = 256
+    damp_percent: float = 0.01
+    device: str = "auto"
 
     def config(self) -> QuantConfig:
         return QuantConfig(bits=self.bits, group_size=self.group_size, sym=self.sym,
-                           desc_act=self.desc_act, checkpoint_format="gptq" if self.sym else "gptq_v2",
+                           desc_act=self.desc_act, static_groups=self.static_groups,
+                           damp_percent=self.damp_percent,
+                           checkpoint_format="gptq" if self.sym else "gptq_v2",
                            meta={"quantizer": ["quantserve:0.1.0"], "method": self.method})
 
     def tag(self) -> str:
-        return (f"{self.method}-{self.bits}bit-g{self.group_size}"
-                f"{'' if self.sym else '-asym'}{'-act' if self.desc_act else ''}")
+        tag = (f"{self.method}-{self.bits}bit-g{self.group_size}"
+               f"{'' if self.sym else '-asym'}{'-act' if self.desc_act else ''}"
+               f"{'-static' if self.static_groups else ''}")
+        if self.method == "gptq" and (self.calibration not in (None, "default")
+                                      or (self.num_samples, self.seq_len, self.damp_percent)
+                                      != (64, 256, 0.01)):
+            key = f"{self.calibration}|{self.num_samples}|{self.seq_len}|{self.damp_percent}"
+            tag += "-cal" + hashlib.sha256(key.encode()).hexdigest()[:8]
+        return tag
 
 
 @dataclass
@@ -149,29 +172,35 @@ def _load_float_state(model: LlamaForCausalLM, state: dict[str, torch.Tensor]) -
 
 # --------------------------------------------------------------------------- quantise + cache
 
-def quantize_float_model(model: LlamaForCausalLM, spec: QuantizeSpec) -> None:
-    """Replace every decoder linear by a QuantLinear, in place (RTN in this version)."""
-    from quant.format import LLAMA_LINEAR_NAMES
-    from quant.rtn import quantize_rtn
+def quantize_float_model(model: LlamaForCausalLM, spec: QuantizeSpec, tokenizer: object = None,
+                         progress: bool = True):
+    """Replace every decoder linear of a float model (on the CPU) by a QuantLinear, in place.
 
-    if spec.method != "rtn":
-        raise ModelLoadError(f"quantization method {spec.method!r} is not available; use rtn")
-    qcfg = spec.config()
-    layers = model.model.layers
-    try:
-        from tqdm import tqdm
+    GPTQ runs layer by layer on `spec.device` (one decoder block resident at a time, see
+    quant.calibrate) with calibration ids from `spec.calibration`; RTN needs no data and no
+    tokenizer. Returns quant.calibrate.QuantizeReport (per-layer loss, stage times).
+    """
+    from quant.calibrate import METHODS, quantize_model
+    from quant.data import CalibrationError, load_calibration
 
-        it = tqdm(range(len(layers)), desc=f"quantizing ({spec.tag()})", unit="layer")
-    except ImportError:
-        it = range(len(layers))
-    for i in it:
-        for name in LLAMA_LINEAR_NAMES:
-            parent_name, attr = name.split(".")
-            parent = getattr(layers[i], parent_name)
-            lin: nn.Linear = getattr(parent, attr)
-            result = quantize_rtn(lin.weight.data, spec.bits, spec.group_size, spec.sym)
-            bias = lin.bias.data if lin.bias is not None else None
-            setattr(parent, attr, QuantLinear.from_result(result, qcfg, bias=bias))
+    if spec.method not in METHODS:
+        raise ModelLoadError(f"quantization method {spec.method!r} is not one of {', '.join(METHODS)}")
+    device = pick_device(spec.device)
+    calibration = None
+    if spec.method == "gptq":
+        if tokenizer is None:
+            raise ModelLoadError("GPTQ calibration needs the model's tokenizer")
+        t0 = time.perf_counter()
+        try:
+            # the default source has the model write part of its text, where the model lives
+            calibration = load_calibration(spec.calibration, tokenizer, model, spec.num_samples,
+                                           spec.seq_len)
+        except CalibrationError as exc:
+            raise ModelLoadError(f"calibration: {exc}") from exc
+        log.info("calibration %s: %d x %d tokens in %.1fs", spec.calibration or "default",
+                 spec.num_samples, spec.seq_len, time.perf_counter() - t0)
+    return quantize_model(model, spec.config(), spec.method, calibration, device=device,
+                          progress=progress)
 
 
 def quantized_cache_path(cache_dir: Path, model_key: str, spec: QuantizeSpec) -> Path:
@@ -235,12 +264,14 @@ def _cache_slot(target: Path):
 
 
 def _quantize_and_save(model: LlamaForCausalLM, config: dict, tokenizer: object,
-                       spec: QuantizeSpec, target: Path) -> None:
-    quantize_float_model(model, spec)
+                       spec: QuantizeSpec, target: Path, max_shard_bytes: int | None = None):
+    report = quantize_float_model(model, spec, tokenizer)
     state = model.state_dict()
     if model.config.tie_word_embeddings:
         state.pop("lm_head.weight", None)
-    save_checkpoint(target, state, config, spec.config(), tokenizer=tokenizer)
+    kw = {} if max_shard_bytes is None else {"max_shard_bytes": max_shard_bytes}
+    save_checkpoint(target, state, config, spec.config(), tokenizer=tokenizer, **kw)
+    return report
 
 
 def _download(model_id: str) -> Path:

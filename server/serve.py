@@ -41,9 +41,15 @@ def eos_token_ids(loaded: LoadedModel) -> list[int]:
     return sorted(ids)
 
 
+def quantize_spec(mcfg: ModelConfig) -> QuantizeSpec:
+    """How a plain model named by `mcfg` is quantised on first boot."""
+    return QuantizeSpec(method=mcfg.quantize_method, bits=mcfg.quantize_bits,
+                        group_size=mcfg.quantize_group_size, calibration=mcfg.quantize_calibration,
+                        device=mcfg.device)
+
+
 def build_engine(mcfg: ModelConfig, ecfg: EngineConfig) -> tuple[LoadedModel, AsyncEngine]:
-    spec = QuantizeSpec(method=mcfg.quantize_method, bits=mcfg.quantize_bits,
-                        group_size=mcfg.quantize_group_size)
+    spec = quantize_spec(mcfg)
     loaded = load_model(mcfg.model, device=mcfg.device, dtype=mcfg.dtype, cache_dir=mcfg.cache_dir,
                         spec=spec, kernel=mcfg.kernel, served_name=mcfg.served_model_name,
                         load_format=mcfg.load_format, tokenizer=mcfg.tokenizer,

@@ -69,6 +69,11 @@ class LlamaAttention(nn.Module):
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                 attn: AttentionBackend) -> torch.Tensor:
+        return self.o_proj(self.mix(x, cos, sin, attn))
+
+    def mix(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+            attn: AttentionBackend) -> torch.Tensor:
+        """Everything before o_proj: normed x [T, H] -> attention output [T, q_size]."""
         t = x.shape[0]
         if self.qkv_proj is not None:
             qkv = self.qkv_proj(x)  # [T, q_size + 2 * kv_size]
@@ -80,7 +85,7 @@ class LlamaAttention(nn.Module):
         v = v.view(t, self.num_kv_heads, self.head_dim)
         q, k = rotary_(q, k, cos, sin)
         o = attn(self.layer_idx, q, k, v)  # [T, n_heads, head_dim]
-        return self.o_proj(o.reshape(t, self.num_heads * self.head_dim))
+        return o.reshape(t, self.num_heads * self.head_dim)
 
 
 class LlamaMLP(nn.Module):
@@ -103,9 +108,13 @@ class LlamaMLP(nn.Module):
         return True
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(self.act(x))
+
+    def act(self, x: torch.Tensor) -> torch.Tensor:
+        """Everything before down_proj: normed x [T, H] -> silu(gate(x)) * up(x) [T, I]."""
         if self.gate_up_proj is not None:
-            return self.down_proj(silu_mul(self.gate_up_proj(x)))
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+            return silu_mul(self.gate_up_proj(x))
+        return F.silu(self.gate_proj(x)) * self.up_proj(x)
 
 
 class LlamaDecoderLayer(nn.Module):

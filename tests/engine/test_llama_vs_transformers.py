@@ -93,7 +93,7 @@ def test_fused_projections_give_the_same_logits():
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
     _, q = _pair()
-    quantize_float_model(q, QuantizeSpec(bits=4, group_size=32))
+    quantize_float_model(q, QuantizeSpec(method="rtn", bits=4, group_size=32), progress=False)
     want = q.compute_logits(q(ids, pos, CausalAttention([17])))
     assert q.fuse_projections() == 4
     assert q.model.layers[0].self_attn.qkv_proj.out_features == 64 + 2 * 32

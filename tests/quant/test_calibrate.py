@@ -95,7 +95,9 @@ def test_true_sequential_groups_see_quantized_inputs(tiny):
         if seq:
             for name in LLAMA_SEQUENTIAL_GROUPS[0]:
                 parent, attr = name.split(".")
-                setattr(block.get_submodule(parent), attr, q.model.layers[0].get_submodule(name))
+                layer = copy.deepcopy(q.model.layers[0].get_submodule(name))
+                layer.prepare("dense")  # as the driver runs them: exact dequantised weights
+                setattr(block.get_submodule(parent), attr, layer)
         acc = HessianAccumulator(block.self_attn.o_proj.in_features, "cpu")
         block.self_attn.o_proj.register_forward_pre_hook(lambda m, a: acc.add_batch(a[0]))
         x = model.embed(calib.reshape(-1))
