@@ -163,3 +163,22 @@ def test_bad_arguments_fail_before_any_work(tiny):
     with pytest.raises(FormatError, match="80 values cannot be packed at 3 bits"):
         quantize_model(odd, QuantConfig(bits=3), "gptq", calib, progress=False)
     assert isinstance(odd.model.layers[0].self_attn.q_proj, nn.Linear)  # nothing was touched
+
+
+@pytest.mark.gpu
+def test_driver_on_cuda_matches_the_cpu(tiny):
+    """The same GPTQ run with each block on the GPU: same layers, losses within float rounding,
+    and the quantised model's hidden states as close to the float model's as on the CPU."""
+    model, calib = tiny
+    cpu_q, cpu_report = _quantized(tiny)
+    gpu_q = copy.deepcopy(model)
+    gpu_report = quantize_model(gpu_q, QuantConfig(bits=4, group_size=32), "gptq", calib,
+                                device="cuda", progress=False, batch_size=4)
+    assert gpu_report.device.startswith("cuda")
+    assert [r.name for r in gpu_report.layers] == [r.name for r in cpu_report.layers]
+    for g, c in zip(gpu_report.layers, cpu_report.layers):
+        assert g.loss == pytest.approx(c.loss, rel=0.05, abs=1e-6), g.name
+    want = _hidden(model, calib)
+    err_cpu = ((_hidden(cpu_q, calib) - want).norm() / want.norm()).item()
+    err_gpu = ((_hidden(gpu_q, calib) - want).norm() / want.norm()).item()
+    assert err_gpu < 1.2 * err_cpu + 1e-4, (err_gpu, err_cpu)
