@@ -74,6 +74,7 @@ def available(device_type: str) -> list[str]:
 
 def prepare(layer: "QuantLinear", backend: str | None = None) -> str:
     """Choose a backend for `layer` (or use the one named) and build its state. Returns the name."""
+    layer.restore_packed()  # backends read the GPTQ buffers on the layer's device
     device_type = layer.qweight.device.type
     _load_optional()  # a backend named before any dispatch must be registered too
     names = [backend] if backend else available(device_type)
@@ -100,8 +101,8 @@ def apply(layer: "QuantLinear", x: torch.Tensor) -> torch.Tensor:
     """x [..., K] -> y [..., N] in x.dtype, through the layer's backend (prepared on first use)."""
     if x.shape[-1] != layer.in_features:
         raise KernelError(f"input has {x.shape[-1]} features, layer expects K={layer.in_features}")
-    if x.device != layer.qweight.device:
-        raise KernelError(f"input on {x.device}, layer on {layer.qweight.device}")
+    if x.device != layer.device:
+        raise KernelError(f"input on {x.device}, layer on {layer.device}")
     if layer.backend is None or layer.kernel_state is None:
         prepare(layer)
     if x.dim() == 2 and x.is_contiguous():  # the decode/prefill shape: no reshapes (~3 us a call)

@@ -48,6 +48,9 @@ class QuantLinear(nn.Module):
             self.bias = None
         self.backend: str | None = None  # name of the kernel backend chosen by prepare()
         self.kernel_state: Any = None  # the backend's own (repacked) tensors
+        # set while the GPTQ buffers sit in host memory because a backend keeps its own full copy
+        # on this device (offload_packed); the layer still computes there
+        self.compute_device: torch.device | None = None
 
     @classmethod
     def from_config(cls, in_features: int, out_features: int, config: QuantConfig,
@@ -70,10 +73,38 @@ class QuantLinear(nn.Module):
             layer.bias.copy_(bias.detach().cpu().to(torch.float16))
         return layer
 
+    @property
+    def device(self) -> torch.device:
+        """Where the layer computes: its buffers' device, or where they were before offloading."""
+        return self.compute_device or self.qweight.device
+
+    _PACKED = ("qweight", "qzeros", "scales", "g_idx")
+
+    def offload_packed(self) -> None:
+        """Move the GPTQ buffers to host memory: for backends whose device state is a complete
+        repacked copy (the CUDA layout), so the GPU holds the weights once, not twice. A 70B
+        model's 4-bit weights are 35 GB; twice that does not fit an 80 GB GPU."""
+        if self.compute_device is not None or self.qweight.device.type == "cpu":
+            return
+        self.compute_device = self.qweight.device
+        for name in self._PACKED:
+            self._buffers[name] = self._buffers[name].cpu()
+
+    def restore_packed(self) -> None:
+        """Undo offload_packed (before a backend that reads the GPTQ buffers is prepared)."""
+        if self.compute_device is None:
+            return
+        for name in self._PACKED:
+            self._buffers[name] = self._buffers[name].to(self.compute_device)
+        self.compute_device = None
+
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        """W in nn.Linear orientation [N, K], `dtype`, on the buffers' device."""
-        return dequantize(self.qweight, self.qzeros, self.scales, self.g_idx, self.bits,
-                          self.checkpoint_format, dtype=dtype).t().contiguous()
+        """W in nn.Linear orientation [N, K], `dtype`, on the layer's device (offloaded buffers
+        are copied there for the call)."""
+        dev = self.device
+        return dequantize(self.qweight.to(dev), self.qzeros.to(dev), self.scales.to(dev),
+                          self.g_idx.to(dev), self.bits, self.checkpoint_format,
+                          dtype=dtype).t().contiguous()
 
     def convert_format(self, checkpoint_format: str) -> None:
         """Rewrite qzeros in another zero convention (v1 <-> v2) in place."""

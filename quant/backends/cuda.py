@@ -154,7 +154,9 @@ class CudaBackend:
     def prepare(self, layer: "QuantLinear") -> CudaLayout:
         with torch.cuda.device(layer.qweight.device):
             workspace(layer.qweight.device, layer.out_features)
-            return cuda_layout.build(layer)
+            state = cuda_layout.build(layer)
+        layer.offload_packed()  # the layout is a complete copy: keep the weights once on the GPU
+        return state
 
     def apply(self, layer: "QuantLinear", state: CudaLayout, x: torch.Tensor) -> torch.Tensor:
         if x.dtype not in state.constants:

@@ -122,6 +122,9 @@ class LLMEngine:
             budget = self.config.kv_cache_gb * 1024**3
         elif device.type == "cuda":
             torch.cuda.synchronize(device)
+            # blocks freed while loading (temporaries, GPTQ buffers moved to the host once the
+            # kernels' own layout was built) sit in torch's cache and would count as used
+            torch.cuda.empty_cache()
             free, total = torch.cuda.mem_get_info(device)
             used_by_others = total - free
             budget = total * self.config.gpu_memory_utilization - used_by_others - 512 * 2**20

@@ -108,6 +108,27 @@ def test_unsupported_group_size_falls_back_to_dense():
     assert layer.prepare() == "dense"
 
 
+def test_prepared_layer_keeps_its_weights_once_on_the_gpu():
+    """The CUDA layout is a full copy: the GPTQ buffers go to host memory, the layer still
+    computes on the GPU, its reference/dequantize run there, and re-preparing on a backend that
+    reads the buffers brings them back."""
+    layer = _layer(4096, 1024, 4, 128, sym=False, fmt=FORMAT_V2, desc_act=True)
+    assert layer.qweight.device.type == "cpu" and layer.device.type == "cuda"
+    assert layer.dequantize().device.type == "cuda"
+    _check(layer, (1, 64), torch.float16)
+    x = torch.randn(5, 4096, device="cuda", dtype=torch.float16)
+    want = kernels.reference(layer, x)
+    torch.cuda.synchronize()
+    before = torch.cuda.memory_allocated()
+    y = layer(x)
+    assert torch.cuda.memory_allocated() - before <= y.numel() * y.element_size() + (1 << 20)
+    assert layer.prepare("torch") == "torch"
+    assert layer.qweight.device.type == "cuda" and layer.compute_device is None
+    torch.testing.assert_close(layer(x).float(), want, rtol=2e-3, atol=2e-3)
+    with pytest.raises(kernels.KernelError, match="input on cpu"):
+        layer(x.cpu())
+
+
 BAD_INPUTS = """
 import torch
 from quant.backends import cuda as cb
