@@ -118,8 +118,10 @@ def default_calibration(model: nn.Module, tokenizer, num_samples: int = DEFAULT_
                         device: torch.device | str | None = None) -> torch.Tensor:
     """The offline default: half the samples from the built-in text, half written by the model.
 
-    Measured on SmolLM2-135M (bench/NOTES.md): the mix beats either source alone at 4 and 3 bits;
-    the built-in text alone is small and the model's own text alone drifts from real text."""
+    Measured on SmolLM2-135M, GPTQ 4-bit g64, WikiText-2 perplexity (bench/NOTES.md): the mix
+    26.95 in 126 s on 2 cores, the model's own text alone 26.77 in 194 s (generation is the slow
+    part), the built-in text alone 28.56 in 58 s. The mix takes most of the quality for half the
+    generation time."""
     n_text = num_samples - num_samples // 2
     parts = [builtin(tokenizer, n_text, seq_len, seed)]
     if num_samples // 2:

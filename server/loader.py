@@ -220,11 +220,7 @@ def ensure_quantized(source: str, cache_dir: Path, spec: QuantizeSpec) -> tuple[
                 log.info("quantized %s in %.1fs -> cache", DEFAULT_MODEL_NAME,
                          time.perf_counter() - t0)
         return target, DEFAULT_MODEL_NAME
-    path = Path(source).expanduser()
-    if not path.exists():
-        path = _download(source)
-    if not (path / "config.json").exists():
-        raise ModelLoadError(f"{path} is not a model directory (no config.json)")
+    path = resolve_model_dir(source)
     ckpt = open_checkpoint(path)
     name = path.name if path.name not in ("", ".") else str(path)
     if ckpt.quant_config is not None:
@@ -236,6 +232,16 @@ def ensure_quantized(source: str, cache_dir: Path, spec: QuantizeSpec) -> tuple[
             model, config, tokenizer = load_float_from_dir(path)
             _quantize_and_save(model, config, tokenizer, spec, target)
     return target, name
+
+
+def resolve_model_dir(source: str) -> Path:
+    """A local directory, or a Hugging Face id downloaded to one; it must hold a config.json."""
+    path = Path(source).expanduser()
+    if not path.exists():
+        path = _download(source)
+    if not (path / "config.json").exists():
+        raise ModelLoadError(f"{path} is not a model directory (no config.json)")
+    return path
 
 
 def _complete(path: Path) -> bool:

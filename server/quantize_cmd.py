@@ -18,8 +18,9 @@ import time
 from pathlib import Path
 
 from server.config import ModelConfig
-from server.loader import (DEFAULT_MODEL, LlamaForCausalLM, ModelLoadError, QuantizeSpec, _download,
-                           _quantize_and_save, default_gguf, load_float_from_dir, load_float_from_gguf)
+from server.loader import (DEFAULT_MODEL, LlamaForCausalLM, ModelLoadError, QuantizeSpec,
+                           _quantize_and_save, default_gguf, load_float_from_dir, load_float_from_gguf,
+                           resolve_model_dir)
 
 log = logging.getLogger("quantserve")
 
@@ -37,15 +38,6 @@ def parse_size(text: str) -> int:
     return int(float(m.group(1)) * _UNITS[(m.group(2) or "B").upper()])
 
 
-def _plain_dir(source: str) -> Path:
-    path = Path(source).expanduser()
-    if not path.exists():
-        path = _download(source)
-    if not (path / "config.json").exists():
-        raise ModelLoadError(f"{path} is not a model directory (no config.json)")
-    return path
-
-
 def is_quantized_dir(path: Path) -> bool:
     return (path / "quantize_config.json").exists() or "quantization_config" in json.loads(
         (path / "config.json").read_text())
@@ -55,7 +47,7 @@ def load_float(source: str) -> tuple[LlamaForCausalLM, dict, object]:
     """'default', a directory or a HF id -> our float32 model on the CPU, its config, tokenizer."""
     if source == DEFAULT_MODEL:
         return load_float_from_gguf(default_gguf())
-    path = _plain_dir(source)
+    path = resolve_model_dir(source)
     if is_quantized_dir(path):
         raise ModelLoadError(f"{path} is already quantized; quantize a plain (float) model")
     return load_float_from_dir(path)
@@ -112,7 +104,7 @@ def run_quantize(args: argparse.Namespace) -> int:
 def _eval_model(args: argparse.Namespace, mcfg: ModelConfig):
     """-> (model, tokenizer, description) for `eval`."""
     if args.unquantized:
-        if mcfg.model != DEFAULT_MODEL and is_quantized_dir(_plain_dir(mcfg.model)):
+        if mcfg.model != DEFAULT_MODEL and is_quantized_dir(resolve_model_dir(mcfg.model)):
             raise ModelLoadError(f"{mcfg.model} is a quantized checkpoint; --unquantized needs a "
                                  f"plain model")
         model, _, tokenizer = load_float(mcfg.model)
