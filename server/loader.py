@@ -191,16 +191,35 @@ def quantize_float_model(model: LlamaForCausalLM, spec: QuantizeSpec, tokenizer:
         if tokenizer is None:
             raise ModelLoadError("GPTQ calibration needs the model's tokenizer")
         t0 = time.perf_counter()
+        home = model.device
+        writes = spec.calibration in (None, "default", "generated")  # the model writes text
+        on_gpu = writes and device.type == "cuda" and home.type == "cpu" and _fits(model, device)
+        if writes and device.type == "cuda" and not on_gpu:
+            log.warning("the float model does not fit on %s beside the work; it writes its "
+                        "calibration text on the CPU, which is slow for large models "
+                        "(--quantize-calibration builtin or a text file avoids it)", device)
         try:
-            # the default source has the model write part of its text, where the model lives
+            if on_gpu:  # exact round trip: the float weights move, they are not converted
+                model.to(device)
             calibration = load_calibration(spec.calibration, tokenizer, model, spec.num_samples,
                                            spec.seq_len)
         except CalibrationError as exc:
             raise ModelLoadError(f"calibration: {exc}") from exc
+        finally:
+            if on_gpu:
+                model.to(home)
+                torch.cuda.empty_cache()
         log.info("calibration %s: %d x %d tokens in %.1fs", spec.calibration or "default",
                  spec.num_samples, spec.seq_len, time.perf_counter() - t0)
     return quantize_model(model, spec.config(), spec.method, calibration, device=device,
                           progress=progress)
+
+
+def _fits(model: nn.Module, device: torch.device) -> bool:
+    """Whether the whole float model fits in 60% of the device's free memory."""
+    nbytes = sum(t.numel() * t.element_size() for t in model.state_dict().values())
+    free, _ = torch.cuda.mem_get_info(device)
+    return nbytes < 0.6 * free
 
 
 def quantized_cache_path(cache_dir: Path, model_key: str, spec: QuantizeSpec) -> Path:

@@ -143,3 +143,27 @@ def test_first_boot_quantizes_with_gptq_by_default(plain, tmp_path):
     assert meta["meta"]["method"] == "gptq" and meta["group_size"] == 32
     again = load_model(str(plain), device="cpu", cache_dir=tmp_path, spec=spec)  # cached now
     assert again.path == loaded.path and again.load_seconds < loaded.load_seconds
+
+
+@pytest.mark.gpu
+def test_first_boot_on_a_gpu_writes_calibration_there(plain, tmp_path):
+    """Default calibration (the model writes half of it) with quantisation on CUDA: the float
+    model goes to the GPU for the writing and comes back unchanged; the checkpoint serves there."""
+    from server.loader import QuantizeSpec, load_float_from_dir, load_model
+
+    before = {k: v.clone() for k, v in load_float_from_dir(plain)[0].state_dict().items()}
+    spec = QuantizeSpec(group_size=32, num_samples=8, seq_len=64, device="cuda")
+    loaded = load_model(str(plain), device="cuda", cache_dir=tmp_path, spec=spec)
+    assert next(loaded.model.parameters()).device.type == "cuda"
+    assert json.loads((loaded.path / "quantize_config.json").read_text())["meta"]["method"] == "gptq"
+    from server.loader import quantize_float_model
+
+    model, _, tokenizer = load_float_from_dir(plain)
+    real_to = model.to
+    moves = []
+    model.to = lambda *a, **k: (moves.append(str(a[0]) if a else k), real_to(*a, **k))[1]
+    quantize_float_model(model, spec, tokenizer, progress=False)
+    assert moves[:2] == ["cuda", "cpu"]
+    for name, t in model.state_dict().items():
+        if name in before and not name.startswith("model.layers."):
+            assert torch.equal(t, before[name]), name  # embeddings, norms, head: untouched
