@@ -5,11 +5,13 @@ GPTQ flow (the layer-wise scheme of the GPTQ paper, with true-sequential quantis
     inputs of layer 0 = embeddings of every calibration sample            [S, L, H]  (once)
     for each decoder layer (the only block resident on `device`):
         for each sequential group ([k, v, q] -> [o] -> [up, gate] -> [down]):
-            run the block over all samples, stopping as soon as the group's linears have their
-            inputs; forward pre-hooks accumulate one Hessian per DISTINCT input (q/k/v share one)
-            solve the group with gptq.py (layers sharing a Hessian are solved as one stacked matrix:
-            rows are independent in GPTQ, so this is exact) and swap nn.Linear -> QuantLinear
-        run the now fully quantised block over all samples: its outputs are the next layer's inputs
+            run the block's next stage over all samples, fed by what the previous stage kept
+            (so every linear runs once per sample); accumulate the Hessian of the group's input
+            (q/k/v share one, up/gate share one), solve the group with gptq.py (layers sharing a
+            Hessian are solved as one stacked matrix: rows are independent in GPTQ, so this is
+            exact) and swap nn.Linear -> QuantLinear
+        the last stage's outputs, through the quantised down_proj, are the next layer's inputs
+    Without true_sequential, forward pre-hooks take every Hessian from one pass of the float block.
 
 Only the linears inside decoder layers are quantised; embeddings, norms and lm_head stay as they
 are. The returned model holds QuantLinear modules in place, unprepared (no kernel state), on the
@@ -239,27 +241,26 @@ def _inputs_home(device: torch.device, nbytes: int) -> torch.device:
 
 def _quantize_block_gptq(block: nn.Module, prefix: str, runner: _Runner, inps: torch.Tensor,
                          config: QuantConfig, report: QuantizeReport) -> None:
-    device = runner.device
-    groups = LLAMA_SEQUENTIAL_GROUPS if config.true_sequential else (LLAMA_LINEAR_NAMES,)
-    times = report.times
-    for names in groups:
-        capture = _GroupCapture(block, names, device, times)
-        try:
-            start, hook_seconds = time.perf_counter(), times.hessians
-            for b0, b1 in runner.batches():
-                try:
-                    runner.forward(block, inps[b0:b1])
-                except _StopForward:
-                    pass
-                capture.end_batch()
-            _sync(device)
-            times.forward += time.perf_counter() - start - (times.hessians - hook_seconds)
-        finally:
-            capture.remove()
-        for bundle in capture.bundles():
-            _solve_bundle(block, prefix, bundle, capture.acc[capture.owner[bundle[0]]].H, config,
-                          device, report)
-        del capture
+    """GPTQ of one block without true-sequential: every linear's Hessian comes from one pass of
+    the float block, captured by forward pre-hooks (true-sequential runs use
+    `_quantize_block_staged`)."""
+    device, times = runner.device, report.times
+    capture = _GroupCapture(block, LLAMA_LINEAR_NAMES, device, times)
+    try:
+        start, hook_seconds = time.perf_counter(), times.hessians
+        for b0, b1 in runner.batches():
+            try:
+                runner.forward(block, inps[b0:b1])
+            except _StopForward:
+                pass
+            capture.end_batch()
+        _sync(device)
+        times.forward += time.perf_counter() - start - (times.hessians - hook_seconds)
+    finally:
+        capture.remove()
+    for bundle in capture.bundles():
+        _solve_bundle(block, prefix, bundle, capture.acc[capture.owner[bundle[0]]].H, config,
+                      device, report)
 
 
 def _solve_bundle(block: nn.Module, prefix: str, bundle: list[str], H: torch.Tensor,
@@ -290,12 +291,6 @@ def _solve_bundle(block: nn.Module, prefix: str, bundle: list[str], H: torch.Ten
     times.pack += time.perf_counter() - start
 
 
-def _stageable(block: nn.Module) -> bool:
-    attn, mlp = getattr(block, "self_attn", None), getattr(block, "mlp", None)
-    return (hasattr(attn, "mix") and hasattr(mlp, "act") and getattr(attn, "qkv_proj", None) is None
-            and getattr(mlp, "gate_up_proj", None) is None)
-
-
 def _quantize_block_staged(block: nn.Module, prefix: str, runner: _Runner, inps: torch.Tensor,
                            outs: torch.Tensor, store: torch.device, config: QuantConfig,
                            report: QuantizeReport) -> None:
@@ -308,8 +303,7 @@ def _quantize_block_staged(block: nn.Module, prefix: str, runner: _Runner, inps:
         r = x + o(a); h2 = norm(r)      Hessian of gate/up; quantise them   (r kept)
         m = silu(gate(h2)) * up(h2)     Hessian of down; quantise down      (m kept)
         out = r + down(m)               the next block's inputs
-    Every stage uses the already-quantised linears before it. Same result as the hook-driven
-    path (`_quantize_block_gptq`), which re-runs the block from its input for every group.
+    Every stage uses the already-quantised linears before it.
     `store` holds the kept tensors (about num_samples * seq_len * (hidden + intermediate) values).
     """
     device, times, seq_len = runner.device, report.times, runner.seq_len
@@ -450,7 +444,7 @@ def quantize_model(model: nn.Module, config: QuantConfig, method: str = "gptq",
     report.times.capture = time.perf_counter() - start
     for i, layer in enumerate(layers):
         with _on(layer, device):
-            if config.true_sequential and _stageable(layer):
+            if config.true_sequential:
                 _quantize_block_staged(layer, f"model.layers.{i}", runner, inps, outs, store, config,
                                        report)
             else:
