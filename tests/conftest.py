@@ -98,6 +98,23 @@ def make_tiny_checkpoint(out: Path, tokenizer_dir: Path, bits: int = 4, group_si
     return out
 
 
+def save_plain_llama(out: Path, tokenizer_dir: Path, seed: int = 0, edit=None) -> Path:
+    """A plain (float) tiny Llama directory as transformers writes it, with a tokenizer; `edit`
+    may change the transformers model's weights before saving."""
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = {k: v for k, v in tiny_hf_config(tie_word_embeddings=False).items()
+           if k not in ("model_type", "architectures", "torch_dtype")}
+    model = LlamaForCausalLM(LlamaConfig(**cfg))
+    if edit is not None:
+        with torch.no_grad():
+            edit(model)
+    model.save_pretrained(out)
+    AutoTokenizer.from_pretrained(str(tokenizer_dir)).save_pretrained(out)
+    return out
+
+
 @pytest.fixture(scope="session")
 def tiny_checkpoint(cache_root, default_tokenizer_dir) -> Path:
     return make_tiny_checkpoint(cache_root / "tiny-llama-gptq-4bit-g32", default_tokenizer_dir)

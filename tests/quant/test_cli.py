@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from quant.checkpoint import open_checkpoint
-from tests.conftest import ROOT, tiny_hf_config
+from tests.conftest import ROOT, save_plain_llama
 
 
 def cli(*args: str, check: bool = True) -> subprocess.CompletedProcess:
@@ -31,19 +31,9 @@ def last_json(proc: subprocess.CompletedProcess) -> dict:
 
 @pytest.fixture(scope="module")
 def plain(tmp_path_factory, default_tokenizer_dir):
-    """A plain (float) tiny Llama directory as transformers writes it, with its tokenizer."""
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
-
-    out = tmp_path_factory.mktemp("plain")
-    torch.manual_seed(0)
-    cfg = {k: v for k, v in tiny_hf_config(tie_word_embeddings=False).items()
-           if k not in ("model_type", "architectures", "torch_dtype")}
-    model = LlamaForCausalLM(LlamaConfig(**cfg))
-    with torch.no_grad():
-        model.model.embed_tokens.weight.normal_(0, 0.5)
-    model.save_pretrained(out)
-    AutoTokenizer.from_pretrained(str(default_tokenizer_dir)).save_pretrained(out)
-    return out
+    """A plain (float) tiny Llama directory, embeddings scaled up so its text is not uniform."""
+    return save_plain_llama(tmp_path_factory.mktemp("plain"), default_tokenizer_dir,
+                            edit=lambda m: m.model.embed_tokens.weight.normal_(0, 0.5))
 
 
 @pytest.fixture(scope="module")

@@ -13,15 +13,6 @@ from server.models.llama import LlamaForCausalLM
 from tests.conftest import tiny_hf_config
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """These tensors are tiny: on a busy 2-core machine a thread pool per op costs 10x the op."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def pair():
     cfg = tiny_hf_config()

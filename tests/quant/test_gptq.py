@@ -11,15 +11,6 @@ from quant.linear import QuantLinear
 from quant.rtn import quantize_rtn
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """These tensors are tiny: on a busy 2-core machine a thread pool per op costs 10x the op."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _layer(k=256, n=64, rows=2048, seed=0):
     """Weight [N, K] and inputs X [rows, K] whose channels are correlated and unevenly scaled, as
     real activations are (that is where GPTQ's error feedback pays off)."""

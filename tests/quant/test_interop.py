@@ -23,7 +23,7 @@ from quant import kernels  # noqa: E402
 from quant.checkpoint import open_checkpoint  # noqa: E402
 from server.loader import build_model  # noqa: E402
 from server.models.attention import CausalAttention  # noqa: E402
-from tests.conftest import make_tiny_checkpoint, tiny_hf_config  # noqa: E402
+from tests.conftest import make_tiny_checkpoint, save_plain_llama  # noqa: E402
 
 IDS = torch.arange(100, 148)
 REL_TOL = 2e-2
@@ -43,15 +43,7 @@ def rel(a: torch.Tensor, b: torch.Tensor) -> float:
 
 @pytest.fixture(scope="module")
 def plain_dir(tmp_path_factory, default_tokenizer_dir):
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
-
-    out = tmp_path_factory.mktemp("plain")
-    torch.manual_seed(0)
-    cfg = {k: v for k, v in tiny_hf_config(tie_word_embeddings=False).items()
-           if k not in ("model_type", "architectures", "torch_dtype")}
-    LlamaForCausalLM(LlamaConfig(**cfg)).save_pretrained(out)
-    AutoTokenizer.from_pretrained(str(default_tokenizer_dir)).save_pretrained(out)
-    return out
+    return save_plain_llama(tmp_path_factory.mktemp("plain"), default_tokenizer_dir)
 
 
 def gptqmodel_quantize(plain, out, **kw):
