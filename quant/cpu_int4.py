@@ -215,6 +215,27 @@ class CpuInt4:
     def prepare(self, layer) -> CpuInt4State:
         return repack(layer, module().best_isa())
 
+    def fast_forward(self, layer, state: CpuInt4State):
+        """QuantLinear.forward's shortcut for the common call (x a contiguous float32/bfloat16
+        [M, K] CPU tensor): the kernel without kernels.apply's dispatch, ~4 us a call less (120+
+        calls a decode step). Returns None for any other x, which then takes kernels.apply."""
+        gemm = module().gemm
+        ptrs, k, n, bits, block_k, isa = state.ptrs, state.k, state.n, state.bits, state.block_k, state.isa
+        f32, bf16, empty, threads = torch.float32, torch.bfloat16, torch.empty, torch.get_num_threads
+
+        def forward(x: torch.Tensor, _keep=state) -> torch.Tensor | None:  # _keep: the packed tensors
+            dtype = x.dtype
+            if (not x.is_cpu or x.dim() != 2 or x.shape[1] != k or not x.is_contiguous()
+                    or (dtype is not f32 and dtype is not bf16)):
+                return None
+            m = x.shape[0]
+            y = empty(m, n, dtype=dtype)
+            if m:
+                gemm(x.data_ptr(), y.data_ptr(), *ptrs, m, k, n, bits, block_k, isa, threads(), dtype is bf16)
+            return y
+
+        return forward
+
     def apply(self, layer, state: CpuInt4State, x: torch.Tensor) -> torch.Tensor:
         # kernels.apply has checked K and the device and made x a contiguous [M, K]: the lean path.
         dtype = x.dtype

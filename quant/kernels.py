@@ -39,6 +39,9 @@ class Backend(Protocol):
     def apply(self, layer: "QuantLinear", state: Any, x: torch.Tensor) -> torch.Tensor:
         """x [M, K] (contiguous, layer's device) -> y [M, N] in x.dtype, bias included."""
 
+    # Optional: fast_forward(layer, state) -> callable(x) -> y, or None for an x it does not
+    # take (checks its own inputs; QuantLinear.forward tries it before apply). cpu_int4 has one.
+
 
 @dataclass
 class _Entry:
@@ -90,6 +93,9 @@ def prepare(layer: "QuantLinear", backend: str | None = None) -> str:
         if reason is None:
             layer.kernel_state = entry.backend.prepare(layer)
             layer.backend = name
+            # optional shortcut QuantLinear.forward tries first (returns None to come back here)
+            fast = getattr(entry.backend, "fast_forward", None)
+            layer.fast_forward = fast(layer, layer.kernel_state) if fast is not None else None
             return name
         reasons.append(f"{name}: {reason}")
     raise KernelError(f"no kernel backend takes layer K={layer.in_features} N={layer.out_features} "

@@ -120,8 +120,22 @@ class QuantLinear(nn.Module):
         """Pick and set up a kernel backend for this layer's device; returns its name."""
         return kernels.prepare(self, backend)
 
+    # set by kernels.prepare when the backend has a shortcut for the common call (cpu_int4):
+    # callable(x) -> y, or None for inputs it leaves to kernels.apply
+    fast_forward = None
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        fast = self.fast_forward
+        if fast is not None:
+            y = fast(x)
+            if y is not None:
+                return y
         return kernels.apply(self, x)
+
+    def _apply(self, fn, recurse=True):
+        # a move or cast (.to, .cuda, .float, ...): the shortcut was built for the old tensors
+        self.fast_forward = None
+        return super()._apply(fn, recurse)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}, "

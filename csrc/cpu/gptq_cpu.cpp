@@ -526,6 +526,140 @@ void run_gemm(const GemmArgs& a) {
   });
 }
 
+// ------------------------------------------------------------------------- decode-step helpers
+// Small float32 ops of a decode step that cost more in torch dispatch than in arithmetic
+// (server/models/cpu_ops.py calls them; the torch formulation stays the fallback and the
+// reference of tests/kernels/test_cpu_ops.py).
+
+// Rotate q [t][nq][d] and k [t][nk][d] in place by cos/sin [t][d] (rotate-half layout). Same
+// roundings as the torch formula x * cos + rotate_half(x) * sin (products rounded, then the sum;
+// this file is built with -ffp-contract=off), so the result is bit-identical to it.
+void rotary_inplace(float* q, float* k, const float* cos, const float* sin, int64_t t, int64_t nq, int64_t nk,
+                    int64_t d, int64_t q_row, int64_t k_row, int64_t cs_row) {
+  const int64_t half = d / 2;
+  for (int64_t i = 0; i < t; ++i) {
+    const float* c = cos + i * cs_row;
+    const float* s = sin + i * cs_row;
+    for (int which = 0; which < 2; ++which) {
+      float* base = which == 0 ? q + i * q_row : k + i * k_row;
+      const int64_t heads = which == 0 ? nq : nk;
+      for (int64_t h = 0; h < heads; ++h) {
+        float* x = base + h * d;
+#pragma omp simd
+        for (int64_t j = 0; j < half; ++j) {
+          const float x1 = x[j], x2 = x[j + half];
+          const float a = x1 * c[j], b = -x2 * s[j];
+          const float e = x2 * c[j + half], f = x1 * s[j + half];
+          x[j] = a + b;
+          x[j + half] = e + f;
+        }
+      }
+    }
+  }
+}
+
+// out[i] = w * (s * rsqrt(mean(s^2) + eps)) with s = x[i] (+ res[i], also stored to res_out).
+void rms_norm_rows(const float* x, const float* res, const float* w, float* out, float* res_out, int64_t t,
+                   int64_t h, int64_t x_row, int64_t res_row, float eps) {
+  for (int64_t i = 0; i < t; ++i) {
+    const float* xi = x + i * x_row;
+    float* oi = out + i * h;
+    const float* si = xi;
+    if (res != nullptr) {
+      const float* ri = res + i * res_row;
+      float* so = res_out + i * h;
+#pragma omp simd
+      for (int64_t j = 0; j < h; ++j) so[j] = xi[j] + ri[j];
+      si = so;
+    }
+    float acc = 0.f;
+#pragma omp simd reduction(+ : acc)
+    for (int64_t j = 0; j < h; ++j) acc += si[j] * si[j];
+    const float r = 1.f / std::sqrt(acc / static_cast<float>(h) + eps);
+#pragma omp simd
+    for (int64_t j = 0; j < h; ++j) oi[j] = (si[j] * r) * w[j];
+  }
+}
+
+struct DecodeAttnArgs {
+  const float* q;  // [b][nh][hd], token stride q_row
+  const float* k;  // [b][nkv][hd], token stride k_row
+  const float* v;  // [b][nkv][hd], token stride v_row
+  float* kc;       // [blocks][block_size][nkv][hd]
+  float* vc;
+  const int32_t* block_tables;  // [b][max_blocks]
+  const int32_t* context_lens;  // [b] (including this step's token)
+  const int64_t* slots;         // [b] flat slot of this step's token
+  float* out;                   // [b][nh][hd] contiguous
+  int64_t b, nh, nkv, hd, block_size, max_blocks, q_row, k_row, v_row, threads;
+  float scale;
+};
+
+// One new token per sequence: store its k/v at its slot, then attend over the sequence's context
+// through its block table (no gather). Work items are (sequence, kv head): the query heads that
+// share a kv head read each cached row once.
+void decode_attention(const DecodeAttnArgs& a) {
+  const int64_t row = a.nkv * a.hd;
+  for (int64_t i = 0; i < a.b; ++i) {
+    std::memcpy(a.kc + a.slots[i] * row, a.k + i * a.k_row, row * sizeof(float));
+    std::memcpy(a.vc + a.slots[i] * row, a.v + i * a.v_row, row * sizeof(float));
+  }
+  const int64_t group = a.nh / a.nkv;
+  int64_t work = 0;
+  for (int64_t i = 0; i < a.b; ++i) work += static_cast<int64_t>(a.context_lens[i]) * a.nh * a.hd;
+  // below ~1 M multiply-adds a step of threads costs more than it saves (fork/join of a few us)
+  const int threads = work >= (1 << 20) ? static_cast<int>(a.threads) : 1;
+  parallel_for(a.b * a.nkv, threads, [&](int64_t w0, int64_t w1) {
+    std::vector<float> scores;
+    std::vector<float> acc(group * a.hd);
+    for (int64_t w = w0; w < w1; ++w) {
+      const int64_t i = w / a.nkv, g = w % a.nkv;
+      const int64_t ctx = a.context_lens[i];
+      const int32_t* table = a.block_tables + i * a.max_blocks;
+      scores.resize(group * ctx);
+      const float* qg = a.q + i * a.q_row + g * group * a.hd;
+      for (int64_t j = 0; j < ctx; ++j) {
+        const float* kr = a.kc + (static_cast<int64_t>(table[j / a.block_size]) * a.block_size + j % a.block_size) * row + g * a.hd;
+        for (int64_t h = 0; h < group; ++h) {
+          const float* qh = qg + h * a.hd;
+          float dot = 0.f;
+#pragma omp simd reduction(+ : dot)
+          for (int64_t d = 0; d < a.hd; ++d) dot += qh[d] * kr[d];
+          scores[h * ctx + j] = dot * a.scale;
+        }
+      }
+      std::fill(acc.begin(), acc.end(), 0.f);
+      std::vector<float> inv(group);
+      for (int64_t h = 0; h < group; ++h) {
+        float* sh = scores.data() + h * ctx;
+        float mx = -INFINITY;
+        for (int64_t j = 0; j < ctx; ++j) mx = std::max(mx, sh[j]);
+        float sum = 0.f;
+        for (int64_t j = 0; j < ctx; ++j) {
+          sh[j] = std::exp(sh[j] - mx);
+          sum += sh[j];
+        }
+        inv[h] = 1.f / sum;
+      }
+      for (int64_t j = 0; j < ctx; ++j) {
+        const float* vr = a.vc + (static_cast<int64_t>(table[j / a.block_size]) * a.block_size + j % a.block_size) * row + g * a.hd;
+        for (int64_t h = 0; h < group; ++h) {
+          const float p = scores[h * ctx + j];
+          float* ah = acc.data() + h * a.hd;
+#pragma omp simd
+          for (int64_t d = 0; d < a.hd; ++d) ah[d] += p * vr[d];
+        }
+      }
+      for (int64_t h = 0; h < group; ++h) {
+        float* o = a.out + (i * a.nh + g * group + h) * a.hd;
+        const float* ah = acc.data() + h * a.hd;
+#pragma omp simd
+        for (int64_t d = 0; d < a.hd; ++d) o[d] = ah[d] * inv[h];
+      }
+    }
+  });
+}
+
 }  // namespace
 
 #ifndef QS_STANDALONE
@@ -553,6 +687,44 @@ static PyObject* py_gemm(PyObject*, PyObject* args) {
   Py_END_ALLOW_THREADS Py_RETURN_NONE;
 }
 
+static PyObject* py_rotary(PyObject*, PyObject* args) {
+  unsigned long long q, k, cos, sin;
+  long long t, nq, nk, d, q_row, k_row, cs_row;
+  if (!PyArg_ParseTuple(args, "KKKKLLLLLLL", &q, &k, &cos, &sin, &t, &nq, &nk, &d, &q_row, &k_row, &cs_row))
+    return nullptr;
+  rotary_inplace(reinterpret_cast<float*>(q), reinterpret_cast<float*>(k), reinterpret_cast<const float*>(cos),
+                 reinterpret_cast<const float*>(sin), t, nq, nk, d, q_row, k_row, cs_row);
+  Py_RETURN_NONE;
+}
+
+static PyObject* py_rms_norm(PyObject*, PyObject* args) {
+  unsigned long long x, res, w, out, res_out;
+  long long t, h, x_row, res_row;
+  double eps;
+  if (!PyArg_ParseTuple(args, "KKKKKLLLLd", &x, &res, &w, &out, &res_out, &t, &h, &x_row, &res_row, &eps))
+    return nullptr;
+  rms_norm_rows(reinterpret_cast<const float*>(x), reinterpret_cast<const float*>(res),
+                reinterpret_cast<const float*>(w), reinterpret_cast<float*>(out), reinterpret_cast<float*>(res_out),
+                t, h, x_row, res_row, static_cast<float>(eps));
+  Py_RETURN_NONE;
+}
+
+static PyObject* py_decode_attention(PyObject*, PyObject* args) {
+  unsigned long long q, k, v, kc, vc, tables, lens, slots, out;
+  long long b, nh, nkv, hd, block_size, max_blocks, q_row, k_row, v_row, threads;
+  double scale;
+  if (!PyArg_ParseTuple(args, "KKKKKKKKKLLLLLLLLLLd", &q, &k, &v, &kc, &vc, &tables, &lens, &slots, &out, &b, &nh,
+                        &nkv, &hd, &block_size, &max_blocks, &q_row, &k_row, &v_row, &threads, &scale))
+    return nullptr;
+  DecodeAttnArgs a{reinterpret_cast<const float*>(q), reinterpret_cast<const float*>(k),
+                   reinterpret_cast<const float*>(v), reinterpret_cast<float*>(kc), reinterpret_cast<float*>(vc),
+                   reinterpret_cast<const int32_t*>(tables), reinterpret_cast<const int32_t*>(lens),
+                   reinterpret_cast<const int64_t*>(slots), reinterpret_cast<float*>(out), b, nh, nkv, hd,
+                   block_size, max_blocks, q_row, k_row, v_row, threads, static_cast<float>(scale)};
+  Py_BEGIN_ALLOW_THREADS decode_attention(a);
+  Py_END_ALLOW_THREADS Py_RETURN_NONE;
+}
+
 static PyObject* py_compiled_isas(PyObject*, PyObject*) {
   const auto isas = compiled_isas();
   PyObject* out = PyList_New(static_cast<Py_ssize_t>(isas.size()));
@@ -566,6 +738,13 @@ static PyMethodDef kMethods[] = {
     {"gemm", py_gemm, METH_VARARGS,
      "gemm(x, y, qweight, scales, zeros, perm, bias, m, k, n, bits, block_k, isa, threads, bf16): data pointers "
      "(0 = absent); y[m, n] = x[m, k] @ W + bias"},
+    {"rotary", py_rotary, METH_VARARGS,
+     "rotary(q, k, cos, sin, t, nq, nk, d, q_row, k_row, cs_row): float32, in place, rotate-half layout"},
+    {"rms_norm", py_rms_norm, METH_VARARGS,
+     "rms_norm(x, res, w, out, res_out, t, h, x_row, res_row, eps): float32; res/res_out 0 when absent"},
+    {"decode_attention", py_decode_attention, METH_VARARGS,
+     "decode_attention(q, k, v, kc, vc, block_tables, context_lens, slots, out, b, nh, nkv, hd, block_size, "
+     "max_blocks, q_row, k_row, v_row, threads, scale): float32 paged decode, k/v stored at slots first"},
     {"compiled_isas", py_compiled_isas, METH_NOARGS, "ISA paths in this build: 0 scalar, 1 avx2, 2 avx512-vnni, 3 neon-dot"},
     {"best_isa", py_best_isa, METH_NOARGS, "the fastest ISA path in this build"},
     {nullptr, nullptr, 0, nullptr}};

@@ -112,10 +112,22 @@ class PagedAttention:
         self.decode_token_idx = torch.tensor([starts[i] for i in self.decode_rows], device=device,
                                              dtype=torch.long)
         self.decode_row_idx = torch.tensor(self.decode_rows, device=device, dtype=torch.long)
+        # CPU float32 decode-only step: one C++ call per layer stores k/v and attends through the
+        # block table (server.models.cpu_ops), with the metadata checked once here, not per layer
+        self.cpu_plan = None
+        if decode_partitions is None and device.type == "cpu" and k_caches and meta.decode_only:
+            from server.models.cpu_ops import DecodePlan
+
+            self.cpu_plan = DecodePlan.build(meta.block_tables, meta.context_lens, meta.slot_mapping,
+                                             k_caches[0])
 
     def __call__(self, layer_idx: int, q: torch.Tensor, k: torch.Tensor,
                  v: torch.Tensor) -> torch.Tensor:
         kc, vc = self.k_caches[layer_idx], self.v_caches[layer_idx]
+        if self.cpu_plan is not None:
+            out = self.cpu_plan(q, k, v, kc, vc)
+            if out is not None:
+                return out
         _, block_size, n_kv, hd = kc.shape
         if self.decode_partitions is not None:  # CUDA + Triton: one fused launch
             from server.models.triton_attention import write_kv

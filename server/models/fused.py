@@ -9,12 +9,16 @@ replace them with 4 per layer:
     silu_mul(gate_up)                         [T, 2I] -> [T, I] = silu(gate) * up
 
 Every function computes exactly what its torch fallback computes (fp32 math, the model dtype at
-the same rounding points as Hugging Face's Llama), so CPU and GPU paths agree.
+the same rounding points as Hugging Face's Llama), so CPU and GPU paths agree. On the CPU in
+float32, rms_norm and rotary_ run one C++ call each (server.models.cpu_ops): rotary bit-identical
+and in place (as on CUDA), rms_norm within ~1 ulp of F.rms_norm (another summation order).
 """
 
 from __future__ import annotations
 
 import torch
+
+from server.models import cpu_ops
 
 try:
     import triton
@@ -122,6 +126,10 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float,
              residual: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
     """x [T, H] (+ residual [T, H]) -> (weight * norm(x + residual), x + residual)."""
     if not _use_triton(x) or x.dtype != weight.dtype or x.stride(-1) != 1:
+        if x.is_cpu:  # float32 on the CPU: one C++ call (None: not applicable)
+            out = cpu_ops.rms_norm(x, weight, eps, residual)
+            if out is not None:
+                return out
         return rms_norm_torch(x, weight, eps, residual)
     t, h = x.shape
     out = torch.empty_like(x)
@@ -137,9 +145,14 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float,
 def rotary_(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor,
             sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Rotate q [T, nh, D] and k [T, nkv, D] by cos/sin [T, 1, D] (rotate-half layout).
-    In place on CUDA (q and k may be strided views of one qkv output); returns (q, k)."""
+    In place on CUDA and on the CPU in float32 (q and k may be strided views of one qkv output);
+    returns (q, k)."""
     d = q.shape[-1]
     if not _use_triton(q) or d & (d - 1) or q.stride(-1) != 1 or k.stride(-1) != 1:
+        if q.is_cpu:  # float32 on the CPU: in place, bit-identical (None: not applicable)
+            out = cpu_ops.rotary_(q, k, cos, sin)
+            if out is not None:
+                return out
         return rotary_torch(q, k, cos, sin)
     t, nq, _ = q.shape
     nk = k.shape[1]

@@ -221,3 +221,27 @@ def test_named_backend_loads_optional_backends(monkeypatch):
     monkeypatch.delitem(kernels._REGISTRY, "cpu_int4", raising=False)
     layer = _rand_layer(64, 32, 4, 32, True, FORMAT_V1, False, False)
     assert layer.prepare("cpu_int4") == "cpu_int4"
+
+
+def test_fast_forward_equals_dispatch_and_leaves_other_inputs_to_it():
+    """QuantLinear.forward's cpu_int4 shortcut gives exactly kernels.apply's output; inputs it
+    does not take (3-D, strided, float16, wrong K) go through kernels.apply as before."""
+    from quant.kernels import KernelError
+
+    layer = _rand_layer(128, 48, 4, 32, False, FORMAT_V1, True, True)
+    assert layer.prepare() == "cpu_int4" and layer.fast_forward is not None
+    for x in (torch.randn(3, 128), torch.randn(1, 128).bfloat16(), torch.randn(0, 128)):
+        assert layer.fast_forward(x) is not None
+        assert torch.equal(layer(x), kernels.apply(layer, x))
+    for x in (torch.randn(2, 3, 128), torch.randn(128, 4).t(), torch.randn(2, 128).half()):
+        assert layer.fast_forward(x) is None
+        assert torch.equal(layer(x), kernels.apply(layer, x))
+    with pytest.raises(KernelError, match="features"):
+        layer(torch.randn(2, 64))
+    assert layer.prepare("dense") == "dense" and layer.fast_forward is None  # no shortcut there
+    layer.prepare()
+    assert layer.fast_forward is not None
+    layer.to("cpu")  # any move or cast (Module._apply) drops it: it was built for the old tensors
+    assert layer.fast_forward is None
+    x = torch.randn(2, 128)
+    assert torch.equal(layer(x), kernels.apply(layer, x))
