@@ -581,6 +581,27 @@ void rms_norm_rows(const float* x, const float* res, const float* w, float* out,
   }
 }
 
+// exp(x) for x <= 0 (softmax after subtracting the max), in plain arithmetic so that `omp simd`
+// loops vectorise it (a libm expf call per score cost more than the whole dot products): Cephes'
+// range reduction x = n ln2 + r and degree-6 polynomial, ~1 ulp; below -87 it returns ~0.
+inline float exp_nonpos(float x) {
+  x = x < -87.0f ? -87.0f : x;
+  const float n = std::floor(x * 1.44269504088896341f + 0.5f);
+  float r = x - n * 0.693359375f;
+  r = r - n * -2.12194440e-4f;
+  float p = 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  const float y = p * (r * r) + r + 1.0f;
+  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
+  float scale;
+  std::memcpy(&scale, &bits, 4);
+  return y * scale;
+}
+
 struct DecodeAttnArgs {
   const float* q;  // [b][nh][hd], token stride q_row
   const float* k;  // [b][nkv][hd], token stride k_row
@@ -594,6 +615,61 @@ struct DecodeAttnArgs {
   int64_t b, nh, nkv, hd, block_size, max_blocks, q_row, k_row, v_row, threads;
   float scale;
 };
+
+// One (sequence, kv head) of a decode step: the `group` query heads sharing kv head g attend over
+// the sequence's ctx cached rows, read through its block table. HD > 0 fixes the head size at
+// compile time (the dot products unroll into whole vectors); HD == 0 reads it from `a`.
+template <int HD>
+void attend_group(const DecodeAttnArgs& a, int64_t i, int64_t g, int64_t group, std::vector<float>& scores,
+                  std::vector<float>& acc) {
+  const int64_t hd = HD > 0 ? HD : a.hd, block_size = a.block_size, row = a.nkv * hd;
+  const int64_t ctx = a.context_lens[i];
+  const int32_t* table = a.block_tables + i * a.max_blocks;
+  if (static_cast<int64_t>(scores.size()) < group * ctx) scores.resize(group * ctx);
+  if (static_cast<int64_t>(acc.size()) < group * hd) acc.resize(group * hd);
+  float* sc = scores.data();
+  float* ac = acc.data();
+  const float scale = a.scale;
+  const float* qg = a.q + i * a.q_row + g * group * hd;
+  for (int64_t j = 0; j < ctx; ++j) {
+    const float* kr = a.kc + (static_cast<int64_t>(table[j / block_size]) * block_size + j % block_size) * row + g * hd;
+    for (int64_t h = 0; h < group; ++h) {
+      const float* qh = qg + h * hd;
+      float dot = 0.f;
+#pragma omp simd reduction(+ : dot)
+      for (int64_t d = 0; d < hd; ++d) dot += qh[d] * kr[d];
+      sc[h * ctx + j] = dot * scale;
+    }
+  }
+  std::fill(ac, ac + group * hd, 0.f);
+  for (int64_t h = 0; h < group; ++h) {
+    float* sh = sc + h * ctx;
+    float mx = -INFINITY;
+#pragma omp simd reduction(max : mx)
+    for (int64_t j = 0; j < ctx; ++j) mx = sh[j] > mx ? sh[j] : mx;
+    float sum = 0.f;
+#pragma omp simd reduction(+ : sum)
+    for (int64_t j = 0; j < ctx; ++j) {
+      const float e = exp_nonpos(sh[j] - mx);
+      sh[j] = e;
+      sum += e;
+    }
+    const float inv = 1.f / sum;
+#pragma omp simd
+    for (int64_t j = 0; j < ctx; ++j) sh[j] *= inv;  // probabilities, as SDPA weights v
+  }
+  for (int64_t j = 0; j < ctx; ++j) {
+    const float* vr = a.vc + (static_cast<int64_t>(table[j / block_size]) * block_size + j % block_size) * row + g * hd;
+    for (int64_t h = 0; h < group; ++h) {
+      const float p = sc[h * ctx + j];
+      float* ah = ac + h * hd;
+#pragma omp simd
+      for (int64_t d = 0; d < hd; ++d) ah[d] += p * vr[d];
+    }
+  }
+  for (int64_t h = 0; h < group; ++h)
+    std::memcpy(a.out + (i * a.nh + g * group + h) * hd, ac + h * hd, hd * sizeof(float));
+}
 
 // One new token per sequence: store its k/v at its slot, then attend over the sequence's context
 // through its block table (no gather). Work items are (sequence, kv head): the query heads that
@@ -609,54 +685,10 @@ void decode_attention(const DecodeAttnArgs& a) {
   for (int64_t i = 0; i < a.b; ++i) work += static_cast<int64_t>(a.context_lens[i]) * a.nh * a.hd;
   // below ~1 M multiply-adds a step of threads costs more than it saves (fork/join of a few us)
   const int threads = work >= (1 << 20) ? static_cast<int>(a.threads) : 1;
+  const auto fn = a.hd == 64 ? attend_group<64> : a.hd == 128 ? attend_group<128> : attend_group<0>;
   parallel_for(a.b * a.nkv, threads, [&](int64_t w0, int64_t w1) {
-    std::vector<float> scores;
-    std::vector<float> acc(group * a.hd);
-    for (int64_t w = w0; w < w1; ++w) {
-      const int64_t i = w / a.nkv, g = w % a.nkv;
-      const int64_t ctx = a.context_lens[i];
-      const int32_t* table = a.block_tables + i * a.max_blocks;
-      scores.resize(group * ctx);
-      const float* qg = a.q + i * a.q_row + g * group * a.hd;
-      for (int64_t j = 0; j < ctx; ++j) {
-        const float* kr = a.kc + (static_cast<int64_t>(table[j / a.block_size]) * a.block_size + j % a.block_size) * row + g * a.hd;
-        for (int64_t h = 0; h < group; ++h) {
-          const float* qh = qg + h * a.hd;
-          float dot = 0.f;
-#pragma omp simd reduction(+ : dot)
-          for (int64_t d = 0; d < a.hd; ++d) dot += qh[d] * kr[d];
-          scores[h * ctx + j] = dot * a.scale;
-        }
-      }
-      std::fill(acc.begin(), acc.end(), 0.f);
-      std::vector<float> inv(group);
-      for (int64_t h = 0; h < group; ++h) {
-        float* sh = scores.data() + h * ctx;
-        float mx = -INFINITY;
-        for (int64_t j = 0; j < ctx; ++j) mx = std::max(mx, sh[j]);
-        float sum = 0.f;
-        for (int64_t j = 0; j < ctx; ++j) {
-          sh[j] = std::exp(sh[j] - mx);
-          sum += sh[j];
-        }
-        inv[h] = 1.f / sum;
-      }
-      for (int64_t j = 0; j < ctx; ++j) {
-        const float* vr = a.vc + (static_cast<int64_t>(table[j / a.block_size]) * a.block_size + j % a.block_size) * row + g * a.hd;
-        for (int64_t h = 0; h < group; ++h) {
-          const float p = scores[h * ctx + j];
-          float* ah = acc.data() + h * a.hd;
-#pragma omp simd
-          for (int64_t d = 0; d < a.hd; ++d) ah[d] += p * vr[d];
-        }
-      }
-      for (int64_t h = 0; h < group; ++h) {
-        float* o = a.out + (i * a.nh + g * group + h) * a.hd;
-        const float* ah = acc.data() + h * a.hd;
-#pragma omp simd
-        for (int64_t d = 0; d < a.hd; ++d) o[d] = ah[d] * inv[h];
-      }
-    }
+    thread_local std::vector<float> scores, acc;  // grow, never shrink: decode reuses them
+    for (int64_t w = w0; w < w1; ++w) fn(a, w / a.nkv, w % a.nkv, group, scores, acc);
   });
 }
 

@@ -44,10 +44,12 @@ _F32 = torch.float32
 
 
 def _ok(*tensors: torch.Tensor) -> bool:
-    """All float32 on the CPU, none recording autograd (strides are the caller's to check).
-    Attribute checks only: at ~120 calls a token every 0.1 us shows."""
+    """All float32 on the CPU, and no autograd to record: grad mode off (inference_mode /
+    no_grad, where the model's parameters still say requires_grad) or no tensor needing grad.
+    Strides are the caller's to check. Attribute checks only: at ~120 calls a token, 0.1 us shows."""
+    grad = torch.is_grad_enabled()
     for t in tensors:
-        if t.dtype is not _F32 or not t.is_cpu or t.requires_grad:
+        if t.dtype is not _F32 or not t.is_cpu or (grad and t.requires_grad):
             return False
     return True
 

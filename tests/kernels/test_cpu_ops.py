@@ -62,7 +62,12 @@ def test_rms_norm_matches_torch(t, h, residual):
 def test_not_applicable_returns_none():
     x = torch.randn(2, 8)
     assert cpu_ops.rms_norm(x.bfloat16(), torch.ones(8, dtype=torch.bfloat16), 1e-5) is None
-    assert cpu_ops.rms_norm(x.requires_grad_(), torch.ones(8), 1e-5) is None
+    w = torch.nn.Parameter(torch.ones(8))  # requires grad, as a model's weights do
+    assert cpu_ops.rms_norm(x, w, 1e-5) is None  # autograd must see the torch ops
+    with torch.no_grad():
+        assert cpu_ops.rms_norm(x, w, 1e-5) is not None
+    with torch.inference_mode():
+        assert cpu_ops.rms_norm(x, w, 1e-5) is not None
     q, k = torch.randn(1, 2, 8), torch.randn(1, 1, 8)
     cos = torch.ones(1, 1, 8)
     assert cpu_ops.rotary_(q.double(), k.double(), cos.double(), cos.double()) is None
@@ -160,7 +165,18 @@ def test_tiny_model_decode_same_with_ops_on_and_off(monkeypatch):
                 ids.append(int(logits.argmax()))
         return ids, torch.cat(logits_all)
 
+    calls = {"rms_norm": 0, "rotary_": 0}
+    for name in calls:
+        real = getattr(cpu_ops, name)
+
+        def counted(*a, _real=real, _name=name, **kw):
+            out = _real(*a, **kw)
+            calls[_name] += out is not None
+            return out
+        monkeypatch.setattr(cpu_ops, name, counted)
     ids_on, logits_on = run()
+    assert calls["rms_norm"] == 12 * (2 * cfg.num_hidden_layers + 1)  # every norm took the C++ path
+    assert calls["rotary_"] == 12 * cfg.num_hidden_layers
     monkeypatch.setattr(cpu_ops, "ENABLED", False)
     ids_off, logits_off = run()
     assert ids_on == ids_off
