@@ -8,8 +8,9 @@ One run measures, on SmolLM2-135M-Instruct (the GGUF that `make venv` installs):
     (written to a temporary directory by the same code as the first boot; `--method rtn` by
     default because GPTQ takes minutes and does not change the speed), loaded back with
     server.loader.build_model + finalize (fused q/k/v and gate/up, int8 lm_head, cpu_int4
-    kernels), activations float32; plus variants of the head (fp32 tied, bf16, int4) and bf16
-    activations on the same checkpoint;
+    kernels, C++ decode glue of server.models.cpu_ops), activations float32; the same model with
+    the torch glue (cpu_ops off, no QuantLinear shortcut: what it ran before); variants of the
+    head (fp32 tied, bf16, int4) and bf16 activations on the same checkpoint;
   * the unquantised model dense in float32 and bfloat16, in our engine (nn.Linear through
     torch/oneDNN, projections fused) and in transformers: the baselines;
   * GPTQModel (where it imports) on the same checkpoint, on the CPU with its own kernels: its
@@ -23,6 +24,7 @@ speed is the best of several repeats, and the load average is recorded with the 
 from __future__ import annotations
 
 import argparse
+import copy
 import importlib.util
 import json
 import math
@@ -44,6 +46,7 @@ from quant import kernels  # noqa: E402
 from quant.format import QuantConfig  # noqa: E402
 from quant.linear import QuantLinear  # noqa: E402
 from quant.rtn import quantize_rtn  # noqa: E402
+from server.models import cpu_ops  # noqa: E402
 from server.models.attention import CausalAttention, PagedAttention, PagedMetadata  # noqa: E402
 from server.models.config import LlamaConfig  # noqa: E402
 from server.models.llama import LlamaForCausalLM  # noqa: E402
@@ -425,6 +428,7 @@ def wikitext_path() -> Path:
 
 
 SERVED = "cpu_int4 fp32 act, int8 head (served)"
+GLUE_OFF = "served, torch glue (no cpu_ops, no shortcut)"  # the same model as before the C++ glue
 THREADS = torch.get_num_threads()
 
 
@@ -478,6 +482,7 @@ def main() -> None:
         ("transformers fp32", "hf", torch.float32, "tied"),
         ("transformers bf16", "hf", torch.bfloat16, "tied"),
         (SERVED, "served", torch.float32, "int8"),
+        (GLUE_OFF, "served", torch.float32, "int8"),
         ("cpu_int4 fp32 act, fp32 head", "served", torch.float32, "tied"),
         ("cpu_int4 fp32 act, bf16 head", "served", torch.float32, "bf16"),
         ("cpu_int4 fp32 act, int4 head", "served", torch.float32, "int4"),
@@ -488,16 +493,22 @@ def main() -> None:
     reference_tokens = None
     if args.only:
         keep = [w.strip() for w in args.only.split(",")]
-        configs = [c for c in configs if c[0].startswith("dense") or c[0] == SERVED
+        configs = [c for c in configs if c[0].startswith("dense") or c[0] in (SERVED, GLUE_OFF)
                    or any(w in c[0] for w in keep)]
     for label, kind, dtype, head in configs:
         t0 = time.perf_counter()
-        if kind == "hf":
-            model = hf.to(dtype)
+        if kind == "hf":  # a bf16 copy: casting hf back to float32 would not restore its weights
+            model = hf if dtype == torch.float32 else copy.deepcopy(hf).to(dtype)
         elif kind == "dense":
             model = dense_model(hf, dtype)
         else:
             model = served_model(ckpt, dtype, head)
+        glue_off = label == GLUE_OFF
+        cpu_ops.ENABLED = not glue_off
+        if glue_off:  # every linear through kernels.apply, norms/rope/attention in torch
+            for m in model.modules():
+                if isinstance(m, QuantLinear):
+                    m.fast_forward = None
         print(f"# built {label} in {time.perf_counter() - t0:.1f} s", flush=True)
         decode = hf_greedy_decode if kind == "hf" else greedy_decode
         prefill = hf_prefill_rate if kind == "hf" else prefill_rate
@@ -520,17 +531,16 @@ def main() -> None:
         if reference_tokens is None:
             reference_tokens = toks
         row["greedy_match_first32_vs_fp32"] = sum(a == b for a, b in zip(toks, reference_tokens))
-        if (kind == "served" or label == "dense fp32") and not args.skip_ppl and corpus is not None:
+        if ((kind == "served" and not glue_off) or label == "dense fp32") and not args.skip_ppl \
+                and corpus is not None:
             row["ppl"] = round(perplexity(model, corpus[:args.ppl_tokens + 1]), 4)
-        if not args.no_profile and label in (SERVED, "cpu_int4 bf16 act, int8 head", "dense bf16"):
+        if not args.no_profile and label in (SERVED, GLUE_OFF, "dense bf16"):
             row["decode_profile_us"] = decode_profile(model)
+        cpu_ops.ENABLED = True
         results.append(row)
         print(f"{label:38s} decode {dec:7.1f} tok/s ({min(cpu_ms):.1f} cpu-ms/tok)  prefill {pre:7.1f} tok/s  "
               f"ppl {row.get('ppl', '-')}  {row.get('decode_profile_us', '')}", flush=True)
-        if kind == "hf":
-            hf.to(torch.float32)
-        else:
-            del model
+        del model
 
     backends = [b.strip() for b in args.gptqmodel_backends.split(",") if b.strip()]
     gptq_rows = gptqmodel_rows(ckpt, backends, prompt, long_prompt, args.tokens, args.repeats) if backends else []
@@ -552,6 +562,7 @@ def main() -> None:
     served = base[SERVED]
     summary = {
         "served_decode_tok_s": served["decode_tok_s"], "served_prefill_tok_s": served["prefill_tok_s"],
+        "served_torch_glue_decode_tok_s": base[GLUE_OFF]["decode_tok_s"] if GLUE_OFF in base else None,
         "decode_target_90": served["decode_tok_s"] >= 90,
         "decode_vs_dense_bf16": round(served["decode_tok_s"] / bf16["decode_tok_s"], 2),
         "prefill_vs_dense_bf16": round(served["prefill_tok_s"] / bf16["prefill_tok_s"], 2),
