@@ -128,25 +128,17 @@ def bench_backend(name, ms, layers, rows, steps, extra_ops):
                 rows.append({"layer": s, "k": k, "n": n, "m": m, "backend": name, "us": round(us, 2),
                              "tbs": round(nbytes(k, n) / us / 1e6, 3)})
             order = step_order(layers)
-            seen: dict[str, int] = {}
-            calls = []
-            for s in order:
-                i = seen.get(s, 0)
-                seen[s] = i + 1
-                k = SHAPES[s][0]
-                calls.append(lambda w=weights[s][i % len(weights[s])], k=k: call(xs[k], w))
-            step_ms = time_graph(calls, 10)
+            step_ms = time_graph(step_calls(order, weights, xs, call), 10)
             steps.append({"m": m, "backend": name, "ms": round(step_ms, 4)})
             print(f"{name:12s} m={m:4d} step {step_ms:8.3f} ms", flush=True)
+            if name == "ours" and m <= cuda_backend.CudaBackend.gemv_max_m:
+                gemv_variants(m, order, weights, xs, steps)
+                interleaved_step(m, order, weights, xs, call, name, steps)
+            elif name == "cublas_fp16" and m == 1:
+                interleaved_step(m, order, weights, xs, call, name, steps)
             for label, (op, sub_ms) in extra_ops.items():
                 if name == "ours" and m in sub_ms:
-                    c2 = ours_call(op)
-                    calls2 = []
-                    seen = {}
-                    for s in order:
-                        i = seen.get(s, 0)
-                        seen[s] = i + 1
-                        calls2.append(lambda w=weights[s][i % len(weights[s])], k=SHAPES[s][0]: c2(xs[k], w))
+                    calls2 = step_calls(order, weights, xs, ours_call(op))
                     steps.append({"m": m, "backend": label, "ms": round(time_graph(calls2, 10), 4)})
         except Exception as exc:  # noqa: BLE001
             print(f"{name} m={m}: {type(exc).__name__}: {str(exc)[:200]}", file=sys.stderr)
@@ -154,6 +146,54 @@ def bench_backend(name, ms, layers, rows, steps, extra_ops):
         act_order_cost(weights, rows)
     del weights
     torch.cuda.empty_cache()
+
+
+GEMV_VARIANTS = ((False, 1), (False, 2), (True, 1), (True, 2))  # (pdl, wave_div)
+
+
+def step_calls(order, weights, xs, call):
+    seen: dict[str, int] = {}
+    calls = []
+    for s in order:
+        i = seen.get(s, 0)
+        seen[s] = i + 1
+        calls.append(lambda w=weights[s][i % len(weights[s])], k=SHAPES[s][0]: call(xs[k], w))
+    return calls
+
+
+def gemv_variants(m, order, weights, xs, steps):
+    """The decode step under each GEMV launch option (programmatic dependent launch, grid size)."""
+    ext = cuda_backend.extension()
+    default = ext.gemv_get_options()
+    try:
+        for pdl, div in GEMV_VARIANTS:
+            ext.gemv_set_options(pdl, div)
+            ms_ = time_graph(step_calls(order, weights, xs, ours_call("gemv")), 10)
+            steps.append({"m": m, "backend": f"ours_gemv_pdl{int(pdl)}_div{div}", "ms": round(ms_, 4)})
+            print(f"  gemv pdl={int(pdl)} wave_div={div}: m={m} step {ms_:.3f} ms", flush=True)
+    finally:
+        ext.gemv_set_options(*default)
+
+
+def interleaved_step(m, order, weights, xs, call, name, steps):
+    """The step with a small elementwise kernel writing the activations before every linear, as in
+    a model (norms, rope, residuals sit between the matmuls); its own time is measured and removed."""
+    def bump(k):
+        xs[k].mul_(1.0)
+
+    def with_bumps():
+        calls = []
+        for s, c in zip(order, step_calls(order, weights, xs, call)):
+            calls.append(lambda k=SHAPES[s][0]: bump(k))
+            calls.append(c)
+        return calls
+
+    total = time_graph(with_bumps(), 10)
+    bumps = time_graph([(lambda k=SHAPES[s][0]: bump(k)) for s in order], 10)
+    steps.append({"m": m, "backend": f"{name}_interleaved", "ms": round(total, 4),
+                  "elementwise_alone_ms": round(bumps, 4)})
+    print(f"  {name} interleaved with elementwise kernels: m={m} {total:.3f} ms "
+          f"(elementwise alone {bumps:.3f})", flush=True)
 
 
 def act_order_cost(weights, rows):

@@ -199,6 +199,14 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("qweight"), py::arg("scales"), py::arg("zeros"), py::arg("bias"), py::arg("workspace"),
         py::arg("counters"), py::arg("accum"), py::arg("accum_counters"), py::arg("n"), py::arg("bits"), py::arg("group_shift"), py::arg("zero_point"),
         py::arg("out") = py::none());
+  m.def("gemv_set_options", [](bool pdl, int64_t wave_div) { qs_gemv_set_options(pdl ? 1 : 0, int(wave_div)); },
+        "GEMV launch options (process-wide): programmatic dependent launch on sm_90+, grid = resident "
+        "blocks / wave_div", py::arg("pdl"), py::arg("wave_div"));
+  m.def("gemv_get_options", []() {
+        int pdl = 0, wave_div = 0;
+        qs_gemv_get_options(&pdl, &wave_div);
+        return std::make_tuple(bool(pdl), int64_t(wave_div));
+      }, "(pdl, wave_div) of the GEMV launches");
   m.def("gemv_max_m", &qs_gemv_max_m, "largest m the gemv op takes");
   m.def("gemv_accum_floats", [](int64_t n) { return qs_gemv_accum_floats(int(n)); },
         "accumulator floats the gemv op needs for n columns (counters: ceil(n/64))", py::arg("n"));

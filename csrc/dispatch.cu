@@ -1,4 +1,5 @@
 // The C entry points of quantserve_cuda.h that route to the per-dtype kernels.
+#include "gemv.cuh"
 #include "quantserve_cuda.h"
 
 cudaError_t qs_gemv_f16(const QsMatmulArgs& a, cudaStream_t s);
@@ -20,6 +21,16 @@ extern "C" cudaError_t qs_gemv(const QsMatmulArgs* a, cudaStream_t stream) {
   if (a->dtype == QS_F16) return qs_gemv_f16(*a, stream);
   if (a->dtype == QS_BF16) return qs_gemv_bf16(*a, stream);
   return cudaErrorInvalidValue;
+}
+
+extern "C" void qs_gemv_set_options(int pdl, int wave_div) {
+  qs::gemv_options().pdl = pdl ? 1 : 0;
+  qs::gemv_options().wave_div = wave_div < 1 ? 1 : wave_div;
+}
+
+extern "C" void qs_gemv_get_options(int* pdl, int* wave_div) {
+  *pdl = qs::gemv_options().pdl;
+  *wave_div = qs::gemv_options().wave_div;
 }
 
 extern "C" int qs_gemv_max_m(void) { return kGemvMaxM; }

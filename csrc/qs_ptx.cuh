@@ -82,6 +82,11 @@ __device__ __forceinline__ uint32_t lop3_and_or(uint32_t a, uint32_t magic) {
 // Streaming 16-byte load of packed weights (read once: read-only path, no L2 policy hints).
 __device__ __forceinline__ uint4 ldg128(const void* p) { return __ldg(reinterpret_cast<const uint4*>(p)); }
 
+// Pull the 128-byte line holding p into L2 (no register result, nothing to wait for).
+__device__ __forceinline__ void prefetch_l2(const void* p) {
+  asm volatile("prefetch.global.L2 [%0];\n" ::"l"(p));
+}
+
 // L2 (coherent) loads/stores for the split-K partials written by other blocks.
 __device__ __forceinline__ float4 ldcg4(const float* p) { return __ldcg(reinterpret_cast<const float4*>(p)); }
 __device__ __forceinline__ void stcg4(float* p, float4 v) { __stcg(reinterpret_cast<float4*>(p), v); }

@@ -49,6 +49,13 @@ typedef struct QsMatmulArgs {
 cudaError_t qs_gemv(const QsMatmulArgs* args, cudaStream_t stream);
 // Any M: cp.async-pipelined tensor-core GEMM; stream-K over (tile, k-stage) units.
 cudaError_t qs_gemm(const QsMatmulArgs* args, cudaStream_t stream);
+// GEMV launch options, process-wide (set them before capturing a CUDA graph): pdl = 1 launches
+// calls of up to 16 tokens with programmatic dependent launch on sm_90+ (each warp's first chunk of
+// codes is pulled into L2 during the previous kernel's tail); the grid is the resident blocks per
+// SM divided by wave_div (2 leaves room for the next launch's blocks; measured slower).
+// Defaults: pdl 1, wave_div 1.
+void qs_gemv_set_options(int pdl, int wave_div);
+void qs_gemv_get_options(int* pdl, int* wave_div);
 // Largest m handled by qs_gemv.
 int qs_gemv_max_m(void);
 // Accumulator floats qs_gemv needs for n output columns (its counters: ceil(n / 64)).

@@ -9,7 +9,9 @@ refused by `unsupported_reason` and falls to `dense`, which kernels.backend_coun
 Per call: x [M, K] fp16/bf16 -> y [M, N] in x.dtype, bias included. Act-order layers gather the
 activation columns with one index_select per call (x[:, perm]). float32 inputs take a dense path
 (dequantised once, cached), since the kernels multiply in 16-bit; so do M > 32 calls on GPUs whose
-shared memory fits no GEMM tile (sm_86/sm_89: 99 KB per block).
+shared memory fits no GEMM tile (sm_86/sm_89: 99 KB per block). On sm_90 the GEMV launches with
+programmatic dependent launch (its weights stream into L2 during the previous kernel's tail);
+QUANTSERVE_GEMV_PDL=0 turns that off.
 """
 
 from __future__ import annotations
@@ -82,7 +84,10 @@ def extension():
         if _EXT_ERROR is not None:
             raise ExtensionError(_EXT_ERROR)
         try:
-            _EXT = load(extension_spec(_archs_for_build()))
+            ext = load(extension_spec(_archs_for_build()))
+            if os.environ.get("QUANTSERVE_GEMV_PDL", "1") == "0":  # escape hatch: no PDL launches
+                ext.gemv_set_options(False, 1)
+            _EXT = ext
         except Exception as exc:  # noqa: BLE001 - the reason is reported per layer
             _EXT_ERROR = str(exc)
             raise ExtensionError(_EXT_ERROR) from exc

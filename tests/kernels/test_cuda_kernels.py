@@ -169,3 +169,63 @@ def test_bad_inputs_report_numbers():
     assert "qweight has shape [3, 36, 32, 4], expected [3, 35, 32, 4]" in out
     assert "x must be float16 or bfloat16, got Float" in out
     assert "NO ERROR" not in out
+
+
+def _unit_gain_layer(k, n, bits, group_size, sym=True, bias=False):
+    """A random layer whose scales are shrunk so that y = x @ W keeps x's magnitude (a chain of
+    them neither overflows fp16 nor vanishes)."""
+    layer = random_layer(k, n, bits, group_size, sym, FORMAT_V2, False, bias, seed=next(_SEED), device="cuda")
+    w = layer.dequantize(torch.float32)
+    with torch.no_grad():
+        layer.scales.mul_(1.0 / (k ** 0.5 * w.pow(2).mean().sqrt().item()))
+        if bias:
+            layer.bias.mul_(0.1)
+    assert layer.prepare("cuda") == "cuda"
+    return layer
+
+
+@pytest.mark.parametrize("pdl,wave_div", [(True, 1), (True, 2), (False, 1), (False, 2)])
+def test_gemv_chain_under_launch_options(pdl, wave_div):
+    """Each GEMV reads the output of the one before it, back to back (no other kernel between them),
+    and all share the split-K
+    accumulators: with programmatic dependent launch a kernel that touched its inputs or the
+    accumulators before its wait would read stale values; eager and graph-replayed runs both checked."""
+    ext = cuda_backend.extension()
+    default = ext.gemv_get_options()
+    chain = [_unit_gain_layer(4096, 4096, 4, 128, sym=False), _unit_gain_layer(4096, 11008, 4, 64),
+             _unit_gain_layer(11008, 4096, 4, 128, bias=True), _unit_gain_layer(4096, 192, 8, 32, sym=False),
+             _unit_gain_layer(192, 4096, 4, 32)]
+    try:
+        ext.gemv_set_options(pdl, wave_div)
+        assert ext.gemv_get_options() == (pdl, wave_div)
+        for m in (1, 5, 16, 32):
+            x = torch.randn(m, 4096, device="cuda", dtype=torch.float16)
+
+            def run(h):
+                outs = []
+                for layer in chain:
+                    h = cuda_backend.matmul(layer.kernel_state, h, op="gemv")
+                    outs.append(h)
+                return outs
+
+            def check(xin, outs):
+                h = xin
+                for layer, y in zip(chain, outs):
+                    ref = kernels.reference(layer, h)
+                    err = ((y.float() - ref).norm() / ref.norm()).item()
+                    assert err < TOL[torch.float16], (f"m={m} K={layer.in_features} N={layer.out_features}: rel "
+                                                      f"err {err:.2e}, max |y| {y.float().abs().max().item():.3g}, "
+                                                      f"max |ref| {ref.abs().max().item():.3g}")
+                    h = y
+
+            check(x, run(x))
+            static_x = x.clone()
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                static_outs = run(static_x)
+            for _ in range(3):
+                static_x.copy_(torch.randn_like(x))
+                graph.replay()
+                check(static_x, static_outs)
+    finally:
+        ext.gemv_set_options(*default)
