@@ -66,7 +66,8 @@ torch::Tensor run(bool gemv, const torch::Tensor& x, const torch::Tensor& qweigh
                   const c10::optional<torch::Tensor>& zeros, const c10::optional<torch::Tensor>& bias,
                   const torch::Tensor& workspace, const torch::Tensor& counters, const torch::Tensor& accum,
                   const torch::Tensor& accum_counters, int64_t n, int64_t bits, int64_t group_shift,
-                  int64_t zero_point, const c10::optional<torch::Tensor>& out) {
+                  int64_t zero_point, const c10::optional<torch::Tensor>& out,
+                  const c10::optional<torch::Tensor>& perm) {
   require(x.is_cuda(), "x must be a CUDA tensor, got ", x.device());
   require(x.dim() == 2, "x must be 2-D [m, k], got shape ", shape_str(x));
   require(x.is_contiguous(), "x must be contiguous, shape ", shape_str(x));
@@ -119,6 +120,14 @@ torch::Tensor run(bool gemv, const torch::Tensor& x, const torch::Tensor& qweigh
                 "no GEMM tile shape fits this GPU's shared memory (empty workspace)");
   }
 
+  if (perm) {
+    require(gemv, "perm (act-order gather) is taken by gemv only; gather x before gemm");
+    check_cuda(*perm, "perm", x);
+    require(perm->scalar_type() == torch::kInt32, "perm must be int32, got ", perm->scalar_type());
+    check_shape(*perm, "perm", {k});
+    require(perm->is_contiguous(), "perm must be contiguous");
+  }
+
   const c10::cuda::CUDAGuard guard(x.device());
   torch::Tensor y;
   if (out) {
@@ -155,6 +164,7 @@ torch::Tensor run(bool gemv, const torch::Tensor& x, const torch::Tensor& qweigh
   a.group_shift = int(group_shift);
   a.zero_point = int(zero_point);
   a.dtype = x.scalar_type() == torch::kHalf ? QS_F16 : QS_BF16;
+  a.perm = perm ? perm->data_ptr<int>() : nullptr;
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   cudaError_t err = gemv ? qs_gemv(&a, stream) : qs_gemm(&a, stream);
   require(err == cudaSuccess, gemv ? "qs_gemv" : "qs_gemm", " failed for m=", m, " n=", n, " k=", k,
@@ -166,18 +176,20 @@ torch::Tensor gemv(const torch::Tensor& x, const torch::Tensor& qweight, const t
                    const c10::optional<torch::Tensor>& zeros, const c10::optional<torch::Tensor>& bias,
                    const torch::Tensor& workspace, const torch::Tensor& counters, const torch::Tensor& accum,
                    const torch::Tensor& accum_counters, int64_t n, int64_t bits, int64_t group_shift,
-                   int64_t zero_point, const c10::optional<torch::Tensor>& out) {
+                   int64_t zero_point, const c10::optional<torch::Tensor>& out,
+                   const c10::optional<torch::Tensor>& perm) {
   return run(true, x, qweight, scales, zeros, bias, workspace, counters, accum, accum_counters, n, bits,
-             group_shift, zero_point, out);
+             group_shift, zero_point, out, perm);
 }
 
 torch::Tensor gemm(const torch::Tensor& x, const torch::Tensor& qweight, const torch::Tensor& scales,
                    const c10::optional<torch::Tensor>& zeros, const c10::optional<torch::Tensor>& bias,
                    const torch::Tensor& workspace, const torch::Tensor& counters, const torch::Tensor& accum,
                    const torch::Tensor& accum_counters, int64_t n, int64_t bits, int64_t group_shift,
-                   int64_t zero_point, const c10::optional<torch::Tensor>& out) {
+                   int64_t zero_point, const c10::optional<torch::Tensor>& out,
+                   const c10::optional<torch::Tensor>& perm) {
   return run(false, x, qweight, scales, zeros, bias, workspace, counters, accum, accum_counters, n, bits,
-             group_shift, zero_point, out);
+             group_shift, zero_point, out, perm);
 }
 
 std::tuple<int64_t, int64_t> workspace_need(int64_t device) {
@@ -194,11 +206,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("gemv", &gemv, "y[m, n] = x[m, k] @ W + bias for m <= 32 (repacked GPTQ codes)", py::arg("x"),
         py::arg("qweight"), py::arg("scales"), py::arg("zeros"), py::arg("bias"), py::arg("workspace"),
         py::arg("counters"), py::arg("accum"), py::arg("accum_counters"), py::arg("n"), py::arg("bits"), py::arg("group_shift"), py::arg("zero_point"),
-        py::arg("out") = py::none());
+        py::arg("out") = py::none(), py::arg("perm") = py::none());
   m.def("gemm", &gemm, "y[m, n] = x[m, k] @ W + bias for any m (repacked GPTQ codes)", py::arg("x"),
         py::arg("qweight"), py::arg("scales"), py::arg("zeros"), py::arg("bias"), py::arg("workspace"),
         py::arg("counters"), py::arg("accum"), py::arg("accum_counters"), py::arg("n"), py::arg("bits"), py::arg("group_shift"), py::arg("zero_point"),
-        py::arg("out") = py::none());
+        py::arg("out") = py::none(), py::arg("perm") = py::none());
   m.def("gemv_set_options", [](bool pdl, int64_t wave_div) { qs_gemv_set_options(pdl ? 1 : 0, int(wave_div)); },
         "GEMV launch options (process-wide): programmatic dependent launch on sm_90+, grid = resident "
         "blocks / wave_div", py::arg("pdl"), py::arg("wave_div"));

@@ -116,7 +116,7 @@ __device__ __forceinline__ void flush_strip(const QsMatmulArgs& a, const float (
 // fp32 accumulator (red.global.add, fire-and-forget) and bumps the strip's counter; the warp that
 // completes a strip writes y (+ bias) and zeroes the accumulator and counter for the next call.
 // On sm_90 the launch overlaps the previous kernel's tail (programmatic dependent launch).
-template <typename T, int BITS, int MB, int SPC>
+template <typename T, int BITS, int MB, int SPC, bool PERM>
 __global__ void __launch_bounds__(kGemvThreads) gemv_kernel(const QsMatmulArgs a) {
   pdl_launch_dependents();
   constexpr int U = gemv_steps<BITS, MB>();
@@ -176,16 +176,33 @@ __global__ void __launch_bounds__(kGemvThreads) gemv_kernel(const QsMatmulArgs a
         for (int v = 0; v < V; ++v)
           wq[i][v] = step0 + i < k_steps ? ldg128(wp + i * 32 * V + v) : make_uint4(0, 0, 0, 0);
       uint32_t xb[U][MB][2];
+      if constexpr (!PERM) {
 #pragma unroll
-      for (int i = 0; i < U; ++i)
+        for (int i = 0; i < U; ++i)
 #pragma unroll
-        for (int mb = 0; mb < MB; ++mb) {
-          const int m = mb * 8 + g;
-          const int k0 = (step0 + i) * 16 + 2 * t;
-          const unsigned int* xr = reinterpret_cast<const unsigned int*>(x + (long long)m * a.k + k0);
-          xb[i][mb][0] = (m < a.m && k0 < a.k) ? __ldg(xr) : 0u;
-          xb[i][mb][1] = (m < a.m && k0 + 8 < a.k) ? __ldg(xr + 4) : 0u;
+          for (int mb = 0; mb < MB; ++mb) {
+            const int m = mb * 8 + g;
+            const int k0 = (step0 + i) * 16 + 2 * t;
+            const unsigned int* xr = reinterpret_cast<const unsigned int*>(x + (long long)m * a.k + k0);
+            xb[i][mb][0] = (m < a.m && k0 < a.k) ? __ldg(xr) : 0u;
+            xb[i][mb][1] = (m < a.m && k0 + 8 < a.k) ? __ldg(xr + 4) : 0u;
+          }
+      } else {  // act-order: row k of the repacked weights is activation column perm[k]
+        const unsigned short* xs = reinterpret_cast<const unsigned short*>(x);
+#pragma unroll
+        for (int i = 0; i < U; ++i) {
+          const int k0 = (step0 + i) * 16 + 2 * t;  // even, and k % 8 == 0: k0 + 1 < k when k0 < k
+          const int2 p0 = k0 < a.k ? __ldg(reinterpret_cast<const int2*>(a.perm + k0)) : make_int2(0, 0);
+          const int2 p1 = k0 + 8 < a.k ? __ldg(reinterpret_cast<const int2*>(a.perm + k0 + 8)) : make_int2(0, 0);
+#pragma unroll
+          for (int mb = 0; mb < MB; ++mb) {
+            const int m = mb * 8 + g;
+            const unsigned short* xr = xs + (long long)m * a.k;
+            xb[i][mb][0] = (m < a.m && k0 < a.k) ? (uint32_t(__ldg(xr + p0.x)) | (uint32_t(__ldg(xr + p0.y)) << 16)) : 0u;
+            xb[i][mb][1] = (m < a.m && k0 + 8 < a.k) ? (uint32_t(__ldg(xr + p1.x)) | (uint32_t(__ldg(xr + p1.y)) << 16)) : 0u;
+          }
         }
+      }
       uint4 sraw[SPC], zraw[SPC];
 #pragma unroll
       for (int s = 0; s < SPC; ++s) {
@@ -227,12 +244,12 @@ __global__ void __launch_bounds__(kGemvThreads) gemv_kernel(const QsMatmulArgs a
 }
 
 
-template <typename T, int BITS, int MB, int SPC>
+template <typename T, int BITS, int MB, int SPC, bool PERM>
 cudaError_t launch_gemv(const QsMatmulArgs& a, cudaStream_t stream) {
   static int occ_slot[kMaxDevices];
   static int cc_major[kMaxDevices];
   constexpr int U = gemv_steps<BITS, MB>();
-  auto kernel = gemv_kernel<T, BITS, MB, SPC>;
+  auto kernel = gemv_kernel<T, BITS, MB, SPC, PERM>;
   DeviceInfo dev;
   int device = 0, occ = 0;
   cudaError_t err = device_info(&dev, &device);
@@ -268,35 +285,42 @@ cudaError_t launch_gemv(const QsMatmulArgs& a, cudaStream_t stream) {
   return cudaLaunchKernelEx(&cfg, kernel, a);
 }
 
-template <typename T, int BITS, int MB>
+template <typename T, int BITS, int MB, bool PERM>
 cudaError_t gemv_spc(const QsMatmulArgs& a, cudaStream_t s) {
   constexpr int U = gemv_steps<BITS, MB>();
   const int steps_per_group_log2 = a.group_shift;
   int spc = U;
   for (int i = 0; i < steps_per_group_log2 && spc > 1; ++i) spc >>= 1;
   switch (spc) {
-    case 1: return launch_gemv<T, BITS, MB, 1>(a, s);
-    case 2: return launch_gemv<T, BITS, MB, 2>(a, s);
+    case 1: return launch_gemv<T, BITS, MB, 1, PERM>(a, s);
+    case 2: return launch_gemv<T, BITS, MB, 2, PERM>(a, s);
     case 4:
-      if constexpr (U >= 4) return launch_gemv<T, BITS, MB, 4>(a, s);
+      if constexpr (U >= 4) return launch_gemv<T, BITS, MB, 4, PERM>(a, s);
       return cudaErrorInvalidValue;
     default:
-      if constexpr (U >= 8) return launch_gemv<T, BITS, MB, 8>(a, s);
+      if constexpr (U >= 8) return launch_gemv<T, BITS, MB, 8, PERM>(a, s);
       return cudaErrorInvalidValue;
   }
+}
+
+// Act-order layers (a.perm set) get their own instantiations: the gather's extra registers
+// would otherwise cost the plain kernel a resident block per SM.
+template <typename T, int BITS, int MB>
+cudaError_t gemv_perm(const QsMatmulArgs& a, cudaStream_t s) {
+  return a.perm != nullptr ? gemv_spc<T, BITS, MB, true>(a, s) : gemv_spc<T, BITS, MB, false>(a, s);
 }
 
 template <typename T>
 cudaError_t gemv_dtype(const QsMatmulArgs& a, cudaStream_t s) {
   if (a.bits == 4) {
-    if (a.m <= 8) return gemv_spc<T, 4, 1>(a, s);
-    if (a.m <= 16) return gemv_spc<T, 4, 2>(a, s);
-    return gemv_spc<T, 4, 4>(a, s);
+    if (a.m <= 8) return gemv_perm<T, 4, 1>(a, s);
+    if (a.m <= 16) return gemv_perm<T, 4, 2>(a, s);
+    return gemv_perm<T, 4, 4>(a, s);
   }
   if (a.bits == 8) {
-    if (a.m <= 8) return gemv_spc<T, 8, 1>(a, s);
-    if (a.m <= 16) return gemv_spc<T, 8, 2>(a, s);
-    return gemv_spc<T, 8, 4>(a, s);
+    if (a.m <= 8) return gemv_perm<T, 8, 1>(a, s);
+    if (a.m <= 16) return gemv_perm<T, 8, 2>(a, s);
+    return gemv_perm<T, 8, 4>(a, s);
   }
   return cudaErrorInvalidValue;
 }

@@ -43,6 +43,7 @@ typedef struct QsMatmulArgs {
   int group_shift;  // log2(group_size / 16); >= 30 means a single group
   int zero_point;   // zero point used for every column when zeros == NULL
   int dtype;        // QsDtype
+  const int* perm;  // GEMV only: int32 [k] act-order gather (row r of W multiplies x[:, perm[r]]), or NULL
 } QsMatmulArgs;
 
 // M <= 32: swap-AB tensor-core GEMV (weights are the MMA's A operand, tokens its n8 side).

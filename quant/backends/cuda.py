@@ -6,8 +6,9 @@ layer is prepared. A layer it cannot take (compute capability < 8.0, a group siz
 of two >= 16, an act-order g_idx whose groups are not runs of group_size rows, a failed build) is
 refused by `unsupported_reason` and falls to `dense`, which kernels.backend_counts records.
 
-Per call: x [M, K] fp16/bf16 -> y [M, N] in x.dtype, bias included. Act-order layers gather the
-activation columns with one index_select per call (x[:, perm]). float32 inputs take a dense path
+Per call: x [M, K] fp16/bf16 -> y [M, N] in x.dtype, bias included. Act-order layers: a GEMV
+with small activations (decode) reads x[:, perm] through the permutation as it loads them (no
+gather kernel); larger calls gather with one index_select first (FUSED_GATHER_BYTES). float32 inputs take a dense path
 (dequantised once, cached), since the kernels multiply in 16-bit; so do M > 32 calls on GPUs whose
 shared memory fits no GEMM tile (sm_86/sm_89: 99 KB per block). On sm_90 the GEMV launches with
 programmatic dependent launch (its weights stream into L2 during the previous kernel's tail);
@@ -40,6 +41,12 @@ HEADERS = ("quantserve_cuda.h", "qs_ptx.cuh", "qs_dequant.cuh", "qs_streamk.cuh"
 ALL_ARCHS = ("80", "86", "89", "90a")
 PRIORITY = 10
 ACCUM_MIN_N = 65536  # GEMV accumulators sized for at least this many output columns
+# Act-order GEMV calls whose activations fit this many bytes gather them inside the kernel (2-byte
+# loads through the permutation, served by L1); larger ones run one index_select first. H100, extra
+# us over the plain kernel, fused vs index_select: 4096x4096 M=1 2.0 vs 6.5, M=4 3.1 vs 6.6, M=16
+# 11.4 vs 7.2; 11008x4096 M=1 5.7 vs 7.2, M=2 7.1 vs 7.3, M=4 10.1 vs 7.8; 4096x12288 M=4 (32 KB)
+# 7.2 vs 7.2, M=8 8.7 vs 7.4: the in-kernel gather wins while x stays in L1.
+FUSED_GATHER_BYTES = 32 * 1024
 
 
 def arch_flags(archs: tuple[str, ...]) -> tuple[str, ...]:
@@ -180,23 +187,33 @@ class CudaBackend:
 
 
 def matmul(state: CudaLayout, x: torch.Tensor, out: torch.Tensor | None = None,
-           op: str | None = None) -> torch.Tensor:
+           op: str | None = None, gather: str | None = None) -> torch.Tensor:
     """y [M, N] = x [M, K] (fp16/bf16, contiguous) @ W + bias through the kernels.
 
     op: "gemv" (M <= 32) or "gemm"; None picks gemv for M <= CudaBackend.gemv_max_m.
+    gather (act-order layers): "fused" (the GEMV reads x through the permutation), "select" (one
+    index_select, then the plain kernel); None: fused for a GEMV whose x fits FUSED_GATHER_BYTES.
     out: optional preallocated y (tests poison it to prove every element is written)."""
+    if op is None:
+        op = "gemv" if x.shape[0] <= CudaBackend.gemv_max_m else "gemm"
+    perm = None
     if state.perm is not None:
-        x = x.index_select(1, state.perm)
+        if gather is None:
+            gather = "fused" if op == "gemv" and x.numel() * x.element_size() <= FUSED_GATHER_BYTES else "select"
+        if gather == "fused":  # no gather kernel: the GEMV loads x[:, perm] itself
+            if state.perm32 is None:
+                state.perm32 = state.perm.to(torch.int32).contiguous()
+            perm = state.perm32
+        else:
+            x = x.index_select(1, state.perm)
     if x.data_ptr() % 16:
         x = x.clone()
     scales, zeros, bias = state.constants[x.dtype]
     ws = workspace(x.device)
     ext = extension()
-    if op is None:
-        op = "gemv" if x.shape[0] <= CudaBackend.gemv_max_m else "gemm"
     fn = ext.gemv if op == "gemv" else ext.gemm
     return fn(x, state.qweight, scales, zeros, bias, ws.partials, ws.counters, ws.accum, ws.accum_counters,
-              state.n, state.bits, state.group_shift, state.zero_point, out)
+              state.n, state.bits, state.group_shift, state.zero_point, out, perm)
 
 
 def _register() -> None:
