@@ -42,8 +42,8 @@ def extension_spec() -> ext.ExtensionSpec:
         ldflags.append("-fopenmp")
     if _march_native_ok():
         cflags.append("-march=native")
-    return ext.ExtensionSpec(name="quantserve_cpu", sources=("cpu/gptq_cpu.cpp",),
-                             cflags=tuple(cflags), ldflags=tuple(ldflags))
+    return ext.ExtensionSpec(name="quantserve_cpu", sources=("cpu/gptq_cpu.cpp", "cpu/decode_ops.cpp"),
+                             cflags=tuple(cflags), ldflags=tuple(ldflags), headers=("cpu/cpu_common.h",))
 
 
 def _march_native_ok() -> bool:

@@ -1,4 +1,4 @@
-"""CPU float32 versions of the small per-layer ops of a decode step (csrc/cpu/gptq_cpu.cpp).
+"""CPU float32 versions of the small per-layer ops of a decode step (csrc/cpu/decode_ops.cpp).
 
 At batch 1 a decode step on the CPU is bound by torch dispatch, not arithmetic: RMSNorm is ~8
 torch ops (~12 us), rotary ~14 (~25 us), and paged decode attention gathers the context's blocks
