@@ -121,7 +121,8 @@ def gpu_main(args: argparse.Namespace) -> dict:
 def cpu_main(args: argparse.Namespace) -> dict:
     from transformers import AutoModelForCausalLM
 
-    from server.loader import default_gguf, load_model
+    from server.first_boot import default_gguf
+    from server.loader import load_model
 
     gguf = default_gguf()
     steps = args.steps

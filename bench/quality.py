@@ -102,7 +102,7 @@ def _calibration(row: Row, model, tokenizer, wiki_rest: torch.Tensor, args) -> t
 
 
 def run(args) -> dict:
-    from server.loader import default_gguf, load_float_from_gguf
+    from server.first_boot import default_gguf, load_float_from_gguf
 
     torch.set_num_threads(args.threads)
     model, _, tokenizer = load_float_from_gguf(default_gguf())

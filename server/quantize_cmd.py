@@ -18,9 +18,9 @@ import time
 from pathlib import Path
 
 from server.config import ModelConfig
-from server.loader import (DEFAULT_MODEL, LlamaForCausalLM, ModelLoadError, QuantizeSpec,
-                           _quantize_and_save, default_gguf, load_float_from_dir, load_float_from_gguf,
-                           resolve_model_dir)
+from server.first_boot import (DEFAULT_MODEL, ModelLoadError, QuantizeSpec, _quantize_and_save, default_gguf,
+                               load_float_from_dir, load_float_from_gguf, resolve_model_dir)
+from server.models.llama import LlamaForCausalLM
 
 log = logging.getLogger("quantserve")
 
@@ -108,7 +108,7 @@ def _eval_model(args: argparse.Namespace, mcfg: ModelConfig):
             raise ModelLoadError(f"{mcfg.model} is a quantized checkpoint; --unquantized needs a "
                                  f"plain model")
         model, _, tokenizer = load_float(mcfg.model)
-        from server.loader import pick_device
+        from server.first_boot import pick_device
 
         return model.to(pick_device(mcfg.device)), tokenizer, "float32 (unquantized)"
     from server.serve import quantize_spec

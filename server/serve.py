@@ -26,7 +26,8 @@ from server.config import EngineConfig, ModelConfig, ServerConfig
 from server.engine.async_engine import AsyncEngine, EngineDeadError
 from server.engine.engine import LLMEngine
 from quant.kernels import backend_counts
-from server.loader import LoadedModel, QuantizeSpec, load_model, read_generation_eos
+from server.first_boot import QuantizeSpec
+from server.loader import LoadedModel, load_model, read_generation_eos
 from server.selfcheck import SelfCheckConfig, run_self_check
 
 log = logging.getLogger("quantserve")

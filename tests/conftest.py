@@ -67,7 +67,7 @@ def default_tokenizer_dir(cache_root) -> Path:
     if not (out / "tokenizer.json").exists():
         from transformers import AutoTokenizer
 
-        from server.loader import default_gguf
+        from server.first_boot import default_gguf
 
         gguf = default_gguf()
         tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
@@ -80,7 +80,7 @@ def make_tiny_checkpoint(out: Path, tokenizer_dir: Path, bits: int = 4, group_si
     """A random tiny Llama quantised with RTN and written as a GPTQ checkpoint with a tokenizer."""
     from transformers import AutoTokenizer
 
-    from server.loader import QuantizeSpec, _quantize_and_save
+    from server.first_boot import QuantizeSpec, _quantize_and_save
     from server.models.config import LlamaConfig
     from server.models.llama import LlamaForCausalLM
 

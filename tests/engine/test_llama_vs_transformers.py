@@ -82,7 +82,7 @@ def test_paged_cache_decode_matches_full_forward():
 @torch.no_grad()
 def test_fused_projections_give_the_same_logits():
     """q/k/v and gate/up merged into single matmuls, dense and GPTQ-packed."""
-    from server.loader import quantize_float_model, QuantizeSpec
+    from server.first_boot import QuantizeSpec, quantize_float_model
 
     hf, ours = _pair()
     ids = torch.randint(0, 49152, (17,), generator=torch.Generator().manual_seed(2))

@@ -9,7 +9,7 @@ import time
 import torch
 
 from quant.checkpoint import open_checkpoint, save_checkpoint
-from server import loader
+from server import first_boot
 from server.models.config import LlamaConfig
 from server.models.llama import LlamaForCausalLM
 from tests.conftest import tiny_hf_config
@@ -33,16 +33,16 @@ def plain_model_dir(out, tokenizer_dir):
 def test_replicas_booting_together_quantize_once(tmp_path, default_tokenizer_dir, monkeypatch):
     source = plain_model_dir(tmp_path / "plain-tiny", default_tokenizer_dir)
     cache = tmp_path / "shared-cache"
-    spec = loader.QuantizeSpec(method="rtn", bits=4, group_size=32)
+    spec = first_boot.QuantizeSpec(method="rtn", bits=4, group_size=32)
     loads = []
-    real_load = loader.load_float_from_dir
+    real_load = first_boot.load_float_from_dir
 
     def slow_load(path):  # every replica reads the float weights first: make that take a while
         loads.append(threading.get_ident())
         time.sleep(0.5)
         return real_load(path)
 
-    monkeypatch.setattr(loader, "load_float_from_dir", slow_load)
+    monkeypatch.setattr(first_boot, "load_float_from_dir", slow_load)
     # Each thread opens the lock file itself, and flock treats separate opens as separate owners,
     # exactly as it treats separate processes (or pods on one volume).
     start = threading.Barrier(REPLICAS)
@@ -51,7 +51,7 @@ def test_replicas_booting_together_quantize_once(tmp_path, default_tokenizer_dir
     def boot():
         start.wait()
         try:
-            results.append(loader.ensure_quantized(str(source), cache, spec))
+            results.append(first_boot.ensure_quantized(str(source), cache, spec))
         except Exception as exc:  # noqa: BLE001 - the test reports any
             errors.append(exc)
 
@@ -70,5 +70,5 @@ def test_replicas_booting_together_quantize_once(tmp_path, default_tokenizer_dir
     leftovers = sorted(p.name for p in path.parent.iterdir() if p != path)
     assert leftovers == [f".{path.name}.lock"]
     # a later boot finds the checkpoint and neither loads nor waits
-    assert loader.ensure_quantized(str(source), cache, spec) == results[0]
+    assert first_boot.ensure_quantized(str(source), cache, spec) == results[0]
     assert len(loads) == 1

@@ -78,7 +78,8 @@ def test_gptq_beats_rtn_on_the_same_model(plain, tmp_path, text_file):
     closer to the float model's than RTN's on held-out text (a random model's perplexity is
     near the vocabulary size either way, so the logits are what can tell them apart)."""
     from quant.eval import tokenize
-    from server.loader import load_float_from_dir, load_model
+    from server.first_boot import load_float_from_dir
+    from server.loader import load_model
     from server.models.attention import CausalAttention
 
     float_model, _, tokenizer = load_float_from_dir(plain)
@@ -121,8 +122,9 @@ def test_bad_arguments_exit_with_one_line(plain, tmp_path, text_file):
 
 
 def test_first_boot_quantizes_with_gptq_by_default(plain, tmp_path, monkeypatch):
-    from server import loader
-    from server.loader import QuantizeSpec, load_model
+    from server import first_boot
+    from server.first_boot import QuantizeSpec
+    from server.loader import load_model
 
     spec = QuantizeSpec(group_size=32, calibration="builtin", num_samples=8, seq_len=64,
                         device="cpu")
@@ -135,7 +137,7 @@ def test_first_boot_quantizes_with_gptq_by_default(plain, tmp_path, monkeypatch)
     def no_second_quantization(*args, **kwargs):
         raise AssertionError("the cached checkpoint should have been loaded")
 
-    monkeypatch.setattr(loader, "quantize_float_model", no_second_quantization)
+    monkeypatch.setattr(first_boot, "quantize_float_model", no_second_quantization)
     again = load_model(str(plain), device="cpu", cache_dir=tmp_path, spec=spec)  # cached now
     assert again.path == loaded.path
 
@@ -144,14 +146,15 @@ def test_first_boot_quantizes_with_gptq_by_default(plain, tmp_path, monkeypatch)
 def test_first_boot_on_a_gpu_writes_calibration_there(plain, tmp_path):
     """Default calibration (the model writes half of it) with quantisation on CUDA: the float
     model goes to the GPU for the writing and comes back unchanged; the checkpoint serves there."""
-    from server.loader import QuantizeSpec, load_float_from_dir, load_model
+    from server.first_boot import QuantizeSpec, load_float_from_dir
+    from server.loader import load_model
 
     before = {k: v.clone() for k, v in load_float_from_dir(plain)[0].state_dict().items()}
     spec = QuantizeSpec(group_size=32, num_samples=8, seq_len=64, device="cuda")
     loaded = load_model(str(plain), device="cuda", cache_dir=tmp_path, spec=spec)
     assert next(loaded.model.parameters()).device.type == "cuda"
     assert json.loads((loaded.path / "quantize_config.json").read_text())["meta"]["method"] == "gptq"
-    from server.loader import quantize_float_model
+    from server.first_boot import quantize_float_model
 
     model, _, tokenizer = load_float_from_dir(plain)
     real_to = model.to
