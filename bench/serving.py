@@ -16,22 +16,15 @@ import asyncio
 import os
 import shlex
 import signal
-import socket
 import subprocess
 import sys
-import time
 from dataclasses import asdict
 
 import httpx
 
 from bench.common import RESULTS, device_name, slug, write_result
 from clients.loadgen import LoadConfig, run_load
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from clients.local import NotReadyError, free_port, wait_ready
 
 
 def start_server(server_args: str, port: int, log_path) -> subprocess.Popen:
@@ -39,19 +32,12 @@ def start_server(server_args: str, port: int, log_path) -> subprocess.Popen:
            *shlex.split(server_args)]
     log = open(log_path, "w")
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=os.environ.copy())
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 900
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"server exited with {proc.returncode}; see {log_path}")
-        try:
-            if httpx.get(url + "/ready", timeout=2).status_code == 200:
-                return proc
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.5)
-    proc.kill()
-    raise RuntimeError("server did not become ready in 15 minutes")
+    try:
+        wait_ready(f"http://127.0.0.1:{port}", proc, timeout=900, interval=0.5)
+    except NotReadyError as exc:
+        proc.kill()
+        raise RuntimeError(f"{exc}; see {log_path}") from None
+    return proc
 
 
 def main() -> None:

@@ -2,23 +2,15 @@
 
 from __future__ import annotations
 
-import socket
 import threading
-import time
 from dataclasses import dataclass
 
-import httpx
 import uvicorn
 
+from clients.local import NotReadyError, free_port, wait_ready
 from server.api.app import create_app
 from server.config import EngineConfig, ModelConfig, ServerConfig
 from server.serve import build_engine
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @dataclass
@@ -54,13 +46,9 @@ def start_server(model: str, engine_config: EngineConfig | None = None,
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        try:
-            if httpx.get(url + "/ready", timeout=1).status_code == 200:
-                return LiveServer(url, app, server, thread)
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.05)
-    server.should_exit = True
-    raise RuntimeError("test server did not become ready")
+    try:
+        wait_ready(url, timeout=60, interval=0.05)
+    except NotReadyError:
+        server.should_exit = True
+        raise RuntimeError("test server did not become ready") from None
+    return LiveServer(url, app, server, thread)

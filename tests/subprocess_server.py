@@ -6,13 +6,10 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import httpx
-
-from tests.live_server import free_port
+from clients.local import NotReadyError, free_port, wait_ready
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -48,18 +45,12 @@ def start_server_process(model: Path, log_path: Path, *args: str, startup_timeou
     log.close()
     url = f"http://127.0.0.1:{port}"
     srv = ServerProcess(proc, url, log_path)
-    deadline = time.monotonic() + startup_timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"server exited with {proc.returncode}:\n{srv.log()[-3000:]}")
-        try:
-            if httpx.get(url + "/ready", timeout=1).status_code == 200:
-                return srv
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.1)
-    srv.stop()
-    raise RuntimeError(f"server not ready after {startup_timeout}s:\n{srv.log()[-3000:]}")
+    try:
+        wait_ready(url, proc, startup_timeout)
+    except NotReadyError as exc:
+        srv.stop()
+        raise RuntimeError(f"{exc}:\n{srv.log()[-3000:]}") from None
+    return srv
 
 
 def metric(text: str, name: str) -> float:
