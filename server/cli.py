@@ -91,10 +91,12 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--group-size", type=int, default=64, help="input channels per scale/zero "
                    "(-1: one group per row; the last group may be partial)")
     q.add_argument("--asym", action="store_true", help="asymmetric zero points (written as gptq_v2)")
-    q.add_argument("--desc-act", action="store_true",
-                   help="act-order: process channels by decreasing activation energy (GPTQ only)")
-    q.add_argument("--static-groups", action="store_true",
-                   help="with --desc-act: group scales fixed before any update (contiguous g_idx)")
+    q.add_argument("--desc-act", action=argparse.BooleanOptionalAction, default=None,
+                   help="act-order: process channels by decreasing activation energy (GPTQ only; "
+                        "on by default for GPTQ)")
+    q.add_argument("--static-groups", action=argparse.BooleanOptionalAction, default=None,
+                   help="with --desc-act: group scales fixed before any update, so g_idx stays "
+                        "contiguous and serving needs no permutation (on by default with --desc-act)")
     q.add_argument("--calibration", default=None,
                    help="default (offline: built-in text + text the model writes), builtin, "
                         "generated, a text file, or hf:NAME[:CONFIG][:SPLIT]")

@@ -45,6 +45,9 @@ class QuantizeSpec:
     the result: two specs with the same tag() give the same checkpoint.
 
     method        "gptq" (default) or "rtn" (round-to-nearest, no calibration)
+    desc_act,     None: the method's default. GPTQ: both on (act-order processing with group
+    static_groups scales fixed up front, so g_idx stays k // group_size and serving needs no
+                  permutation: same speed, lower perplexity, bench/NOTES.md). RTN: both off.
     calibration   GPTQ calibration source as quant.data.load_calibration reads it: None/"default"
                   (offline: built-in text + text the model writes itself), "builtin", "generated",
                   a text file, or "hf:NAME[:CONFIG][:SPLIT]"
@@ -55,13 +58,20 @@ class QuantizeSpec:
     bits: int = 4
     group_size: int = 64
     sym: bool = True
-    desc_act: bool = False
-    static_groups: bool = False
+    desc_act: bool | None = None
+    static_groups: bool | None = None
     calibration: str | None = None
     num_samples: int = 64
     seq_len: int = 256
     damp_percent: float = 0.01
     device: str = "auto"
+
+    def __post_init__(self) -> None:
+        gptq = self.method == "gptq"
+        if self.desc_act is None:
+            object.__setattr__(self, "desc_act", gptq)
+        if self.static_groups is None:
+            object.__setattr__(self, "static_groups", gptq and self.desc_act)
 
     def config(self) -> QuantConfig:
         return QuantConfig(bits=self.bits, group_size=self.group_size, sym=self.sym,

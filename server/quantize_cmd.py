@@ -58,6 +58,8 @@ def spec_from_args(args: argparse.Namespace) -> QuantizeSpec:
         raise ValueError("--static-groups applies to GPTQ only")
     if args.desc_act and args.method != "gptq":
         raise ValueError("--desc-act applies to GPTQ only (RTN has no processing order)")
+    if args.static_groups and args.desc_act is False:
+        raise ValueError("--static-groups needs act-order (drop --no-desc-act)")
     if args.group_size != -1 and args.group_size < 1:
         raise ValueError(f"--group-size must be -1 or positive, got {args.group_size}")
     if args.num_samples < 1 or args.seq_len < 2:

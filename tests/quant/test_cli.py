@@ -48,8 +48,8 @@ def text_file(tmp_path_factory):
 def test_quantize_gptq_writes_a_sharded_checkpoint_that_serves(plain, tmp_path, text_file):
     out = tmp_path / "q"
     proc = cli("quantize", str(plain), str(out), "--bits", "4", "--group-size", "32", "--asym",
-               "--desc-act", "--calibration", "builtin", "--num-samples", "8", "--seq-len", "64",
-               "--shard-size", "3MB", "--device", "cpu", "--json")
+               "--desc-act", "--no-static-groups", "--calibration", "builtin", "--num-samples", "8",
+               "--seq-len", "64", "--shard-size", "3MB", "--device", "cpu", "--json")
     report = last_json(proc)
     assert report["method"] == "gptq" and report["order"] == "act" and report["layers"] == 14
     assert report["loss_sum"] > 0 and report["num_samples"] == 8 and report["seq_len"] == 64
@@ -70,6 +70,24 @@ def test_quantize_gptq_writes_a_sharded_checkpoint_that_serves(plain, tmp_path, 
     assert quant["tokens"] == fp["tokens"] > 500
     assert math.isfinite(quant["perplexity"]) and quant["perplexity"] > 1
     assert abs(math.log(quant["perplexity"] / fp["perplexity"])) < 0.1
+
+
+def test_quantize_defaults_to_act_order_with_static_groups(plain, tmp_path):
+    """GPTQ's default: act-order processing with static groups, so the checkpoint says desc_act but
+    keeps g_idx = k // group_size (no permutation when served); RTN keeps both off."""
+    out = tmp_path / "q"
+    report = last_json(cli("quantize", str(plain), str(out), "--group-size", "32", "--calibration",
+                           "builtin", "--num-samples", "4", "--seq-len", "32", "--device", "cpu", "--json"))
+    assert report["order"] == "act" and report["desc_act"] is True and report["static_groups"] is True
+    qc = json.loads((out / "quantize_config.json").read_text())
+    assert qc["desc_act"] is True and qc["static_groups"] is True
+    g_idx = dict(open_checkpoint(out).tensors())["model.layers.0.mlp.down_proj.g_idx"]
+    assert torch.equal(g_idx, torch.arange(128, dtype=g_idx.dtype) // 32)
+    rtn = last_json(cli("quantize", str(plain), str(tmp_path / "r"), "--method", "rtn", "--device", "cpu",
+                        "--json"))
+    assert rtn["desc_act"] is False and rtn["static_groups"] is False
+    bad = cli("quantize", str(plain), str(tmp_path / "b"), "--no-desc-act", "--static-groups", check=False)
+    assert bad.returncode != 0 and "--static-groups needs act-order" in bad.stderr
 
 
 @torch.no_grad()
@@ -131,7 +149,7 @@ def test_first_boot_quantizes_with_gptq_by_default(plain, tmp_path, monkeypatch)
     assert QuantizeSpec().method == "gptq"
     loaded = load_model(str(plain), device="cpu", cache_dir=tmp_path, spec=spec)
     assert loaded.path.parent == tmp_path / "models"
-    assert loaded.path.name.startswith("plain") and "gptq-4bit-g32-cal" in loaded.path.name
+    assert loaded.path.name.startswith("plain") and "gptq-4bit-g32-act-static-cal" in loaded.path.name
     meta = json.loads((loaded.path / "quantize_config.json").read_text())
     assert meta["meta"]["method"] == "gptq" and meta["group_size"] == 32
     def no_second_quantization(*args, **kwargs):
