@@ -1,4 +1,4 @@
-"""The real default model (SmolLM2-135M-Instruct, quantised to 4-bit g64 on first boot)."""
+"""The real default model (SmolLM2-135M-Instruct, GPTQ 4-bit g64 on first boot)."""
 
 import openai
 import pytest
@@ -26,8 +26,10 @@ def test_capital_of_france_is_paris(live):
 
 
 def test_second_boot_uses_the_cache(cache_root, live):
-    cached = list((cache_root / "models").glob("SmolLM2-135M-Instruct-*"))
-    assert cached and (cached[0] / "quantize_config.json").exists()
+    from server.first_boot import DEFAULT_MODEL_NAME, QuantizeSpec, quantized_cache_path
+
+    cached = [quantized_cache_path(cache_root, DEFAULT_MODEL_NAME, QuantizeSpec())]  # today's default
+    assert (cached[0] / "quantize_config.json").exists()
     assert live.state.loaded.path == cached[0]
     # every decoder linear is quantised (30 layers x 7 projections in the checkpoint), and served
     # fused: q/k/v and gate/up as single matmuls, so 30 x 4 packed layers, plus the lm_head that
