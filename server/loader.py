@@ -38,7 +38,7 @@ class LoadedModel:
     quant_config: QuantConfig | None
     backends: dict[str, int] = field(default_factory=dict)
     load_seconds: float = 0.0
-    self_check: object = None  # server.selfcheck.SelfCheckReport, set by server.serve.build_engine
+    self_check: object = None  # server.selfcheck_report.SelfCheckReport, set by server.serve.build_engine
 
     @property
     def weight_bytes(self) -> int:

@@ -171,7 +171,7 @@ def create_app(loaded: LoadedModel, engine: AsyncEngine, config: ServerConfig,
                            expose_headers=["Retry-After"])
 
     e = engine.engine
-    report = loaded.self_check  # server.selfcheck.SelfCheckReport, or None if never run
+    report = loaded.self_check  # server.selfcheck_report.SelfCheckReport, or None if never run
     if report is not None:
         state.self_check = report.to_dict()
         state.fallbacks.update(report.fallbacks)

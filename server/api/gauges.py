@@ -147,7 +147,7 @@ SELF_CHECK_STATES = ("passed", "fallback", "skipped", "not_run")
 
 
 def self_check_gauges(report) -> GaugeSource:
-    """`report`: server.selfcheck.SelfCheckReport, or None when the check was never run."""
+    """`report`: server.selfcheck_report.SelfCheckReport, or None when the check was never run."""
     current = report.status if report is not None else "not_run"
 
     def collect() -> list[GaugeMetricFamily]:

@@ -15,8 +15,8 @@ from server import cli
 from server.config import EngineConfig, ModelConfig
 from server.engine.engine import LLMEngine
 from server.loader import load_model
-from server.selfcheck import (COLUMN_FACTOR, RTOL, SelfCheckConfig, SelfCheckError,
-                              relative_errors, run_self_check)
+from server.selfcheck import RTOL, relative_errors, run_self_check
+from server.selfcheck_report import COLUMN_FACTOR, SelfCheckConfig, SelfCheckError
 from server.serve import build_engine, eos_token_ids
 from tests.live_server import free_port, start_server
 
