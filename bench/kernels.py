@@ -13,6 +13,7 @@ weights come from HBM, not L2. Random data. Writes bench/results/kernels-<gpu>.j
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import re
 import statistics
@@ -163,16 +164,11 @@ def step_calls(order, weights, xs, call):
 
 def gemv_variants(m, order, weights, xs, steps):
     """The decode step under each GEMV launch option (programmatic dependent launch, grid size)."""
-    ext = cuda_backend.extension()
-    default = ext.gemv_get_options()
-    try:
-        for pdl, div in GEMV_VARIANTS:
-            ext.gemv_set_options(pdl, div)
+    for pdl, div in GEMV_VARIANTS:
+        with cuda_backend.gemv_launch_options(pdl, div):
             ms_ = time_graph(step_calls(order, weights, xs, ours_call("gemv")), 10)
-            steps.append({"m": m, "backend": f"ours_gemv_pdl{int(pdl)}_div{div}", "ms": round(ms_, 4)})
-            print(f"  gemv pdl={int(pdl)} wave_div={div}: m={m} step {ms_:.3f} ms", flush=True)
-    finally:
-        ext.gemv_set_options(*default)
+        steps.append({"m": m, "backend": f"ours_gemv_pdl{int(pdl)}_div{div}", "ms": round(ms_, 4)})
+        print(f"  gemv pdl={int(pdl)} wave_div={div}: m={m} step {ms_:.3f} ms", flush=True)
 
 
 def interleaved_step(m, order, weights, xs, call, name, steps):
@@ -205,7 +201,7 @@ def act_order_cost(weights, rows):
             x = torch.randn(m, k, device="cuda", dtype=torch.float16)
             perm = torch.randperm(k, device="cuda")
             base = weights[s]
-            permuted = [CudaLayout(**{**w.__dict__, "perm": perm}) for w in base]
+            permuted = [dataclasses.replace(w, perm=perm) for w in base]
             t0 = time_graph([(lambda w=w: cuda_backend.matmul(w, x)) for w in base], 20) / len(base)
             t1 = time_graph([(lambda w=w: cuda_backend.matmul(w, x)) for w in permuted], 20) / len(base)
             rows.append({"layer": s, "k": k, "n": n, "m": m, "backend": "ours_act_order",

@@ -4,8 +4,8 @@
 // tile, fp32 accumulation, and no CUDA-core FMAs per weight. Each lane streams one 16-byte load per
 // k16 step of a 64-column strip (8 steps in flight per chunk); a warp-level stream-K grid of one
 // resident wave balances the bytes over the SMs (qs_streamk.cuh), and on sm_90 a launch overlaps the
-// previous kernel's tail (programmatic dependent launch: each warp's first chunk of codes is in
-// registers before the kernel waits for its inputs).
+// previous kernel's tail (programmatic dependent launch: each warp pulls its first chunk of codes
+// into L2 before the kernel waits for its inputs).
 #pragma once
 
 #include "qs_dequant.cuh"

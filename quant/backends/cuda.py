@@ -8,15 +8,16 @@ refused by `unsupported_reason` and falls to `dense`, which kernels.backend_coun
 
 Per call: x [M, K] fp16/bf16 -> y [M, N] in x.dtype, bias included. Act-order layers: a GEMV
 with small activations (decode) reads x[:, perm] through the permutation as it loads them (no
-gather kernel); larger calls gather with one index_select first (FUSED_GATHER_BYTES). float32 inputs take a dense path
-(dequantised once, cached), since the kernels multiply in 16-bit; so do M > 32 calls on GPUs whose
-shared memory fits no GEMM tile (sm_86/sm_89: 99 KB per block). On sm_90 the GEMV launches with
+gather kernel); larger calls gather with one index_select first (FUSED_GATHER_BYTES). float32
+inputs take a dense path (dequantised once, cached), since the kernels multiply in 16-bit; so do
+M > 32 calls on GPUs whose shared memory fits no GEMM tile (sm_86/sm_89: 99 KB per block). On sm_90 the GEMV launches with
 programmatic dependent launch (its weights stream into L2 during the previous kernel's tail);
 QUANTSERVE_GEMV_PDL=0 turns that off.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import threading
 from dataclasses import dataclass
@@ -93,7 +94,7 @@ def extension():
         try:
             ext = load(extension_spec(_archs_for_build()))
             if os.environ.get("QUANTSERVE_GEMV_PDL", "1") == "0":  # escape hatch: no PDL launches
-                ext.gemv_set_options(False, 1)
+                ext.gemv_set_options(False, ext.gemv_get_options()[1])
             _EXT = ext
         except Exception as exc:  # noqa: BLE001 - the reason is reported per layer
             _EXT_ERROR = str(exc)
@@ -186,6 +187,19 @@ class CudaBackend:
         return torch.nn.functional.linear(x, w, bias)
 
 
+@contextlib.contextmanager
+def gemv_launch_options(pdl: bool | None = None, wave_div: int | None = None):
+    """Set the GEMV launch options for the duration (process-wide, so before capturing a graph);
+    None keeps an option as it is. The previous options come back on exit."""
+    ext = extension()
+    saved = ext.gemv_get_options()
+    ext.gemv_set_options(saved[0] if pdl is None else pdl, saved[1] if wave_div is None else wave_div)
+    try:
+        yield
+    finally:
+        ext.gemv_set_options(*saved)
+
+
 def matmul(state: CudaLayout, x: torch.Tensor, out: torch.Tensor | None = None,
            op: str | None = None, gather: str | None = None) -> torch.Tensor:
     """y [M, N] = x [M, K] (fp16/bf16, contiguous) @ W + bias through the kernels.
@@ -201,8 +215,6 @@ def matmul(state: CudaLayout, x: torch.Tensor, out: torch.Tensor | None = None,
         if gather is None:
             gather = "fused" if op == "gemv" and x.numel() * x.element_size() <= FUSED_GATHER_BYTES else "select"
         if gather == "fused":  # no gather kernel: the GEMV loads x[:, perm] itself
-            if state.perm32 is None:
-                state.perm32 = state.perm.to(torch.int32).contiguous()
             perm = state.perm32
         else:
             x = x.index_select(1, state.perm)

@@ -49,10 +49,13 @@ class CudaLayout:
     group_shift: int  # log2(group_size / 16), SINGLE_GROUP_SHIFT for one group
     zero_point: int  # used when every zero point is this value (zeros below are then None)
     perm: torch.Tensor | None  # int64 [k] activation columns to gather (act-order), or None
-    perm32: torch.Tensor | None = None  # the same as int32, which the GEMV gathers with as it loads x
     constants: dict[torch.dtype, tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]] = field(
         default_factory=dict)  # dtype -> (scales, zeros or None, bias or None)
     dense: dict[torch.dtype, torch.Tensor] = field(default_factory=dict)  # float32-input fallback weights
+    perm32: torch.Tensor | None = field(init=False, repr=False)  # perm as int32: the GEMV gathers with it
+
+    def __post_init__(self) -> None:
+        self.perm32 = None if self.perm is None else self.perm.to(torch.int32).contiguous()
 
 
 def group_shift(in_features: int, group_size: int) -> int:
@@ -126,8 +129,7 @@ def build(layer, dtypes: tuple[torch.dtype, ...] = (torch.float16, torch.bfloat1
     uniform = bool((zeros == zeros.flatten()[0]).all())
     zero_point = int(zeros.flatten()[0]) if uniform else 0
     layout = CudaLayout(qweight=qweight, bits=kbits, n=n, k=k, groups=layer.scales.shape[0],
-                        group_shift=shift, zero_point=zero_point, perm=perm,
-                        perm32=None if perm is None else perm.to(torch.int32).contiguous())
+                        group_shift=shift, zero_point=zero_point, perm=perm)
     for dtype in dtypes:
         scales = pack_columns(layer.scales, dtype)
         zeros_k = None if uniform else pack_columns(zeros, dtype)

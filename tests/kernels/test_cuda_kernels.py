@@ -217,16 +217,14 @@ def _unit_gain_layer(k, n, bits, group_size, sym=True, bias=False):
 @pytest.mark.parametrize("pdl,wave_div", [(True, 1), (True, 2), (False, 1), (False, 2)])
 def test_gemv_chain_under_launch_options(pdl, wave_div):
     """Each GEMV reads the output of the one before it, back to back (no other kernel between them),
-    and all share the split-K
-    accumulators: with programmatic dependent launch a kernel that touched its inputs or the
-    accumulators before its wait would read stale values; eager and graph-replayed runs both checked."""
+    and all share the split-K accumulators: with programmatic dependent launch a kernel that
+    touched its inputs or the accumulators before its wait would read stale values; eager and
+    graph-replayed runs both checked."""
     ext = cuda_backend.extension()
-    default = ext.gemv_get_options()
     chain = [_unit_gain_layer(4096, 4096, 4, 128, sym=False), _unit_gain_layer(4096, 11008, 4, 64),
              _unit_gain_layer(11008, 4096, 4, 128, bias=True), _unit_gain_layer(4096, 192, 8, 32, sym=False),
              _unit_gain_layer(192, 4096, 4, 32)]
-    try:
-        ext.gemv_set_options(pdl, wave_div)
+    with cuda_backend.gemv_launch_options(pdl, wave_div):
         assert ext.gemv_get_options() == (pdl, wave_div)
         for m in (1, 5, 16, 32):
             x = torch.randn(m, 4096, device="cuda", dtype=torch.float16)
@@ -257,5 +255,3 @@ def test_gemv_chain_under_launch_options(pdl, wave_div):
                 static_x.copy_(torch.randn_like(x))
                 graph.replay()
                 check(static_x, static_outs)
-    finally:
-        ext.gemv_set_options(*default)

@@ -1,0 +1,34 @@
+"""gemv_launch_options sets the GEMV launch options for a block and restores them (no GPU needed:
+the extension is replaced by a stand-in that records what it is told)."""
+
+import pytest
+
+from quant.backends import cuda as cuda_backend
+
+
+class _Ext:
+    def __init__(self):
+        self.options = (True, 1)
+        self.calls = []
+
+    def gemv_get_options(self):
+        return self.options
+
+    def gemv_set_options(self, pdl, wave_div):
+        self.calls.append((pdl, wave_div))
+        self.options = (pdl, wave_div)
+
+
+def test_options_apply_inside_and_come_back(monkeypatch):
+    ext = _Ext()
+    monkeypatch.setattr(cuda_backend, "extension", lambda: ext)
+    with cuda_backend.gemv_launch_options(False, 2):
+        assert ext.options == (False, 2)
+    assert ext.options == (True, 1)
+    with cuda_backend.gemv_launch_options(wave_div=3):  # None keeps pdl as it is
+        assert ext.options == (True, 3)
+    assert ext.options == (True, 1)
+    with pytest.raises(RuntimeError), cuda_backend.gemv_launch_options(pdl=False):
+        assert ext.options == (False, 1)
+        raise RuntimeError("the block failed")
+    assert ext.options == (True, 1) and ext.calls[-1] == (True, 1)
