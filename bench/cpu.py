@@ -89,10 +89,10 @@ def quantize_linear(weight: torch.Tensor, bits: int, group_size: int) -> QuantLi
 def write_checkpoint(out_dir: Path, method: str) -> Path:
     """The default model as a 4-bit g64 GPTQ checkpoint, written by the first boot's own code
     (server.loader: GGUF -> float model -> quantize -> save_checkpoint)."""
-    from server.first_boot import QuantizeSpec, _quantize_and_save, default_gguf, load_float_from_gguf
+    from server.first_boot import QuantizeSpec, default_gguf, load_float_from_gguf, quantize_and_save
 
     model, config, tokenizer = load_float_from_gguf(default_gguf())
-    _quantize_and_save(model, config, tokenizer, QuantizeSpec(method=method, device="cpu"), out_dir)
+    quantize_and_save(model, config, tokenizer, QuantizeSpec(method=method, device="cpu"), out_dir)
     return out_dir
 
 

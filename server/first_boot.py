@@ -221,7 +221,7 @@ def ensure_quantized(source: str, cache_dir: Path, spec: QuantizeSpec) -> tuple[
             if missing:
                 t0 = time.perf_counter()
                 model, config, tokenizer = load_float_from_gguf(gguf)
-                _quantize_and_save(model, config, tokenizer, spec, target)
+                quantize_and_save(model, config, tokenizer, spec, target)
                 log.info("quantized %s in %.1fs -> cache", DEFAULT_MODEL_NAME,
                          time.perf_counter() - t0)
         return target, DEFAULT_MODEL_NAME
@@ -235,7 +235,7 @@ def ensure_quantized(source: str, cache_dir: Path, spec: QuantizeSpec) -> tuple[
     with _cache_slot(target) as missing:
         if missing:
             model, config, tokenizer = load_float_from_dir(path)
-            _quantize_and_save(model, config, tokenizer, spec, target)
+            quantize_and_save(model, config, tokenizer, spec, target)
     return target, name
 
 
@@ -274,7 +274,7 @@ def _cache_slot(target: Path):
         yield not _complete(target)  # the lock goes with the file's close
 
 
-def _quantize_and_save(model: LlamaForCausalLM, config: dict, tokenizer: object,
+def quantize_and_save(model: LlamaForCausalLM, config: dict, tokenizer: object,
                        spec: QuantizeSpec, target: Path, max_shard_bytes: int | None = None):
     report = quantize_float_model(model, spec, tokenizer)
     state = model.state_dict()

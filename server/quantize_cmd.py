@@ -18,8 +18,8 @@ import time
 from pathlib import Path
 
 from server.config import ModelConfig
-from server.first_boot import (DEFAULT_MODEL, ModelLoadError, QuantizeSpec, _quantize_and_save, default_gguf,
-                               load_float_from_dir, load_float_from_gguf, resolve_model_dir)
+from server.first_boot import (DEFAULT_MODEL, ModelLoadError, QuantizeSpec, default_gguf, load_float_from_dir,
+                               load_float_from_gguf, pick_device, quantize_and_save, resolve_model_dir)
 from server.models.llama import LlamaForCausalLM
 
 log = logging.getLogger("quantserve")
@@ -82,7 +82,7 @@ def run_quantize(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     model, config, tokenizer = load_float(args.model)
     load_s = time.perf_counter() - t0
-    report = _quantize_and_save(model, config, tokenizer, spec, out, max_shard_bytes=shard_bytes)
+    report = quantize_and_save(model, config, tokenizer, spec, out, max_shard_bytes=shard_bytes)
     total = time.perf_counter() - t0
     files = sorted(p.name for p in out.glob("*.safetensors"))
     print(f"wrote {spec.tag()} GPTQ checkpoint to {out} ({len(files)} safetensors file"
@@ -110,8 +110,6 @@ def _eval_model(args: argparse.Namespace, mcfg: ModelConfig):
             raise ModelLoadError(f"{mcfg.model} is a quantized checkpoint; --unquantized needs a "
                                  f"plain model")
         model, _, tokenizer = load_float(mcfg.model)
-        from server.first_boot import pick_device
-
         return model.to(pick_device(mcfg.device)), tokenizer, "float32 (unquantized)"
     from server.serve import quantize_spec
     from server.loader import load_model

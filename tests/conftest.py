@@ -80,7 +80,7 @@ def make_tiny_checkpoint(out: Path, tokenizer_dir: Path, bits: int = 4, group_si
     """A random tiny Llama quantised with RTN and written as a GPTQ checkpoint with a tokenizer."""
     from transformers import AutoTokenizer
 
-    from server.first_boot import QuantizeSpec, _quantize_and_save
+    from server.first_boot import QuantizeSpec, quantize_and_save
     from server.models.config import LlamaConfig
     from server.models.llama import LlamaForCausalLM
 
@@ -94,7 +94,7 @@ def make_tiny_checkpoint(out: Path, tokenizer_dir: Path, bits: int = 4, group_si
         if edit is not None:  # a test's own change to the float weights before quantisation
             edit(model)
     spec = QuantizeSpec(method="rtn", bits=bits, group_size=group_size, sym=sym)
-    _quantize_and_save(model, cfg, AutoTokenizer.from_pretrained(str(tokenizer_dir)), spec, out)
+    quantize_and_save(model, cfg, AutoTokenizer.from_pretrained(str(tokenizer_dir)), spec, out)
     return out
 
 
