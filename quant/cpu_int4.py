@@ -43,7 +43,7 @@ def extension_spec() -> ext.ExtensionSpec:
     if _march_native_ok():
         cflags.append("-march=native")
     return ext.ExtensionSpec(name="quantserve_cpu", sources=("cpu/gptq_cpu.cpp", "cpu/decode_ops.cpp"),
-                             cflags=tuple(cflags), ldflags=tuple(ldflags), headers=("cpu/cpu_common.h",))
+                             cflags=tuple(cflags), ldflags=tuple(ldflags), headers=("cpu/cpu_common.h", "cpu/gemm_tiles.h"))
 
 
 def _march_native_ok() -> bool:
