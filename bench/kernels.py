@@ -137,10 +137,12 @@ def bench_backend(name, ms, layers, rows, steps, extra_ops):
                 interleaved_step(m, order, weights, xs, call, name, steps)
             elif name == "cublas_fp16" and m == 1:
                 interleaved_step(m, order, weights, xs, call, name, steps)
-            for label, (op, sub_ms) in extra_ops.items():
+            for label, (op, sub_ms, wgmma) in extra_ops.items():
                 if name == "ours" and m in sub_ms:
-                    calls2 = step_calls(order, weights, xs, ours_call(op))
-                    steps.append({"m": m, "backend": label, "ms": round(time_graph(calls2, 10), 4)})
+                    with cuda_backend.gemm_launch_options(wgmma):
+                        calls2 = step_calls(order, weights, xs, ours_call(op))
+                        steps.append({"m": m, "backend": label, "ms": round(time_graph(calls2, 10), 4)})
+                    print(f"  {label}: m={m} step {steps[-1]['ms']:.3f} ms", flush=True)
         except Exception as exc:  # noqa: BLE001
             print(f"{name} m={m}: {type(exc).__name__}: {str(exc)[:200]}", file=sys.stderr)
     if name == "ours":
@@ -281,12 +283,16 @@ def main() -> None:
     ms = [int(v) for v in args.ms.split(",")]
     gpu = torch.cuda.get_device_name()
     copy_bw, read_bw = bandwidths()
-    print(f"{gpu}: copy {copy_bw:.3f} TB/s (read+write), read {read_bw:.3f} TB/s", flush=True)
+    print(f"{gpu}: copy {copy_bw:.3f} TB/s (read+write), read {read_bw:.3f} TB/s; "
+          f"wgmma GEMM: {cuda_backend.wgmma_available()}", flush=True)
     rows, steps = [], []
-    extra = {"ours_gemm_forced": ("gemm", {16, 32})}
+    # (op, batch sizes, wgmma allowed): the GEMM where the GEMV is the default, and the mma.sync GEMM
+    # (the previous kernel) where the Hopper wgmma kernel is the default, timed in the same process.
+    extra = {"ours_gemm_forced": ("gemm", {16, 32}, True),
+             "ours_gemm_mma_sync": ("gemm", {16, 32, 64, 128}, False)}
     for name in args.backends.split(","):
         bench_backend(name, ms, args.layers, rows, steps, extra)
-    result = {"gpu": gpu, "torch": torch.__version__, "cuda": torch.version.cuda, "group_size": GROUP,
+    result = {"gpu": gpu, "torch": torch.__version__, "wgmma": cuda_backend.wgmma_available(), "cuda": torch.version.cuda, "group_size": GROUP,
               "layers": args.layers, "copy_bw_tbs": round(copy_bw, 3), "read_bw_tbs": round(read_bw, 3),
               "per_shape": rows, "decode_step": steps, "targets": targets(steps, rows, copy_bw)}
     out = Path(args.out)

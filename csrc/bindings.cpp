@@ -219,6 +219,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         qs_gemv_get_options(&pdl, &wave_div);
         return std::make_tuple(bool(pdl), int64_t(wave_div));
       }, "(pdl, wave_div) of the GEMV launches");
+  m.def("gemm_set_options", [](bool wgmma) { qs_gemm_set_options(wgmma ? 1 : 0); },
+        "GEMM options (process-wide): wgmma = False sends every call to the mma.sync kernel", py::arg("wgmma"));
+  m.def("gemm_get_options", []() { return bool(qs_gemm_get_options()); }, "whether Hopper GEMMs may use wgmma");
+  m.def("wgmma_available", [](int64_t device) { return bool(qs_wgmma_probe(int(device))); },
+        "whether the device runs the sm_90a wgmma GEMM (probed once)", py::arg("device"));
   m.def("gemv_max_m", &qs_gemv_max_m, "largest m the gemv op takes");
   m.def("gemv_accum_floats", [](int64_t n) { return qs_gemv_accum_floats(int(n)); },
         "accumulator floats the gemv op needs for n columns (counters: ceil(n/64))", py::arg("n"));

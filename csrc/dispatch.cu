@@ -1,4 +1,5 @@
 // The C entry points of quantserve_cuda.h that route to the per-dtype kernels.
+#include "gemm_wgmma.cuh"
 #include "gemv.cuh"
 #include "quantserve_cuda.h"
 
@@ -11,7 +12,9 @@ cudaError_t qs_gemm_bf16_need(long long* floats, int* counters);
 
 namespace {
 constexpr int kGemvMaxM = 32;
-constexpr long long kGemvAccumPerStrip = 32 * 64;  // = qs::kGemvAccumPerStrip (gemv.cuh)
+
+// 1 in the sm_90a code of this module, 0 in every other target's: tells which binary the driver loaded.
+__global__ void wgmma_probe_kernel(int* out) { *out = QS_HAS_WGMMA; }
 }  // namespace
 
 extern "C" cudaError_t qs_gemv(const QsMatmulArgs* a, cudaStream_t stream) {
@@ -35,7 +38,7 @@ extern "C" void qs_gemv_get_options(int* pdl, int* wave_div) {
 
 extern "C" int qs_gemv_max_m(void) { return kGemvMaxM; }
 
-extern "C" long long qs_gemv_accum_floats(int n) { return (long long)((n + 63) / 64) * kGemvAccumPerStrip; }
+extern "C" long long qs_gemv_accum_floats(int n) { return (long long)((n + 63) / 64) * qs::kAccumPerStrip; }
 
 extern "C" cudaError_t qs_gemm(const QsMatmulArgs* a, cudaStream_t stream) {
   if (a->perm != nullptr) return cudaErrorInvalidValue;  // the GEMM reads pre-gathered activations
@@ -46,9 +49,34 @@ extern "C" cudaError_t qs_gemm(const QsMatmulArgs* a, cudaStream_t stream) {
   return cudaErrorInvalidValue;
 }
 
+extern "C" void qs_gemm_set_options(int wgmma) { qs::gemm_options().wgmma = wgmma ? 1 : 0; }
+
+extern "C" int qs_gemm_get_options(void) { return qs::gemm_options().wgmma; }
+
+extern "C" int qs_wgmma_probe(int device) {
+  if (device < 0 || device >= qs::kMaxDevices) return 0;
+  int& ready = qs::wgmma_ready()[device];
+  if (ready != 0) return ready == 1;
+  int prev = 0, major = 0, found = 0;
+  cudaGetDevice(&prev);
+  if (cudaSetDevice(device) != cudaSuccess) return 0;
+  cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device);
+  int* flag = nullptr;
+  if (major == 9 && cudaMalloc(&flag, sizeof(int)) == cudaSuccess) {
+    wgmma_probe_kernel<<<1, 1>>>(flag);
+    if (cudaMemcpy(&found, flag, sizeof(int), cudaMemcpyDeviceToHost) != cudaSuccess) found = 0;
+    cudaFree(flag);
+  }
+  cudaGetLastError();  // a probe that could not run leaves no sticky error behind
+  ready = found == 1 ? 1 : 2;
+  cudaSetDevice(prev);
+  return found == 1;
+}
+
 extern "C" void qs_workspace_need(int device, long long* floats, int* counters) {
   *floats = 0;
   *counters = 0;
+  qs_wgmma_probe(device);  // at prepare time, outside any graph capture
   int prev = 0;
   cudaGetDevice(&prev);
   if (cudaSetDevice(device) != cudaSuccess) return;

@@ -50,6 +50,20 @@ __device__ __forceinline__ uint4 lds128(const void* smem) {
   return v;
 }
 
+__device__ __forceinline__ uint32_t lds32(const void* smem) {
+  uint32_t v;
+  uint32_t addr = static_cast<uint32_t>(__cvta_generic_to_shared(smem));
+  asm volatile("ld.shared.u32 %0, [%1];\n" : "=r"(v) : "r"(addr));
+  return v;
+}
+
+__device__ __forceinline__ uint2 lds64(const void* smem) {
+  uint2 v;
+  uint32_t addr = static_cast<uint32_t>(__cvta_generic_to_shared(smem));
+  asm volatile("ld.shared.v2.u32 {%0,%1}, [%2];\n" : "=r"(v.x), "=r"(v.y) : "r"(addr));
+  return v;
+}
+
 // 16-byte global -> shared copy; src_bytes 0 fills the destination with zeros (out-of-range tiles).
 __device__ __forceinline__ void cp_async16(void* smem, const void* gmem, bool valid) {
   uint32_t addr = static_cast<uint32_t>(__cvta_generic_to_shared(smem));
@@ -86,6 +100,10 @@ __device__ __forceinline__ uint4 ldg128(const void* p) { return __ldg(reinterpre
 __device__ __forceinline__ void prefetch_l2(const void* p) {
   asm volatile("prefetch.global.L2 [%0];\n" ::"l"(p));
 }
+
+// Release/acquire fence at GPU scope: orders a thread's reds before its arrival count (release) and
+// the arrival count before the reads of the sums (acquire). Cheaper than __threadfence (fence.sc).
+__device__ __forceinline__ void fence_acq_rel_gpu() { asm volatile("fence.acq_rel.gpu;\n" ::: "memory"); }
 
 // L2 (coherent) loads/stores for the split-K partials written by other blocks.
 __device__ __forceinline__ float4 ldcg4(const float* p) { return __ldcg(reinterpret_cast<const float4*>(p)); }

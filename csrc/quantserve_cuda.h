@@ -6,10 +6,10 @@
 //            words_per_lane = 4 (4-bit) or 8 (8-bit); zero codes in the padding
 //   scales   act  [groups, n_strips, 8, 8]                    lane group g, column c = 2j + h
 //   zeros    act  [groups, n_strips, 8, 8] (true integer zero points) or NULL -> zero_point
-// Activations fp16 or bf16, fp32 accumulation. Split-K state: the GEMV adds partial sums into
-// `accum` (fp32, zero, qs_gemv_accum_floats(n) floats) and counts arrivals in `accum_counters`
-// (zero, one per 64-column strip); the GEMM stores partial tiles in `workspace` (no init needed)
-// and counts in `counters` (zero). Every kernel leaves accumulators and counters at zero, so one
+// Activations fp16 or bf16, fp32 accumulation. Split-K state: the GEMV and the Hopper (wgmma) GEMM
+// add partial sums into `accum` (fp32, zero, qs_gemv_accum_floats(n) floats) and count arrivals in
+// `accum_counters` (zero, one per 64-column strip); the mma.sync GEMM stores partial tiles in
+// `workspace` (no init needed) and counts in `counters` (zero). Every kernel leaves accumulators and counters at zero, so one
 // set serves every layer of a stream; concurrent streams need one set each.
 #pragma once
 
@@ -33,8 +33,8 @@ typedef struct QsMatmulArgs {
   int* counters;        // GEMM arrival counters, num_counters ints, zero
   long long workspace_floats;
   int num_counters;
-  float* accum;         // GEMV strip accumulators, accum_floats floats, zero
-  int* accum_counters;  // GEMV strip counters, num_accum_counters ints, zero
+  float* accum;         // GEMV / wgmma GEMM strip accumulators, accum_floats floats, zero
+  int* accum_counters;  // their strip counters, num_accum_counters ints, zero
   long long accum_floats;
   int num_accum_counters;
   int m, n, k;
@@ -48,8 +48,16 @@ typedef struct QsMatmulArgs {
 
 // M <= 32: swap-AB tensor-core GEMV (weights are the MMA's A operand, tokens its n8 side).
 cudaError_t qs_gemv(const QsMatmulArgs* args, cudaStream_t stream);
-// Any M: cp.async-pipelined tensor-core GEMM; stream-K over (tile, k-stage) units.
+// Any M: cp.async-pipelined tensor-core GEMM; stream-K over (tile, k-stage) units. On a Hopper GPU
+// running the sm_90a code, m <= 128 takes the wgmma kernel when accum is large enough for n.
 cudaError_t qs_gemm(const QsMatmulArgs* args, cudaStream_t stream);
+// GEMM options, process-wide (set before capturing a graph): wgmma = 0 sends every call to the
+// mma.sync kernel. Default 1.
+void qs_gemm_set_options(int wgmma);
+int qs_gemm_get_options(void);
+// Whether `device` runs the wgmma kernel (sm_90a code loaded); probed once, by qs_workspace_need
+// or here (runs a one-thread kernel: call it outside graph capture).
+int qs_wgmma_probe(int device);
 // GEMV launch options, process-wide (set them before capturing a CUDA graph): pdl = 1 launches
 // calls of up to 16 tokens with programmatic dependent launch on sm_90+ (each warp's first chunk of
 // codes is pulled into L2 during the previous kernel's tail); the grid is the resident blocks per
@@ -59,7 +67,7 @@ void qs_gemv_set_options(int pdl, int wave_div);
 void qs_gemv_get_options(int* pdl, int* wave_div);
 // Largest m handled by qs_gemv.
 int qs_gemv_max_m(void);
-// Accumulator floats qs_gemv needs for n output columns (its counters: ceil(n / 64)).
+// Accumulator floats the GEMV and the wgmma GEMM need for n output columns (counters: ceil(n / 64)).
 long long qs_gemv_accum_floats(int n);
 // GEMM workspace and counter sizes that every launch configuration on `device` fits in
 // (0 floats when no GEMM tile shape fits the device's shared memory).

@@ -1,4 +1,5 @@
-"""The "cuda" kernel backend: fused int4/int8 dequant GEMV (M <= 32) and tensor-core GEMM (M > 32).
+"""The "cuda" kernel backend: fused int4/int8 dequant GEMV (M <= 32) and tensor-core GEMM (M > 32;
+on Hopper, up to 128 tokens run the wgmma kernel, above that the mma.sync one).
 
 Registered for device type "cuda" with priority 10 (ahead of `dense`, 50) through a loader, so the
 extension `quantserve_cuda` (csrc/, JIT-built by quant/ext.py) is compiled only when the first CUDA
@@ -12,7 +13,7 @@ gather kernel); larger calls gather with one index_select first (FUSED_GATHER_BY
 inputs take a dense path (dequantised once, cached), since the kernels multiply in 16-bit; so do
 M > 32 calls on GPUs whose shared memory fits no GEMM tile (sm_86/sm_89: 99 KB per block). On sm_90 the GEMV launches with
 programmatic dependent launch (its weights stream into L2 during the previous kernel's tail);
-QUANTSERVE_GEMV_PDL=0 turns that off.
+QUANTSERVE_GEMV_PDL=0 turns that off; QUANTSERVE_GEMM_WGMMA=0 keeps Hopper on the mma.sync GEMM.
 """
 
 from __future__ import annotations
@@ -35,19 +36,23 @@ if TYPE_CHECKING:
 
 
 SOURCES = ("bindings.cpp", "gemv_f16.cu", "gemv_bf16.cu", "gemm_f16.cu", "gemm_bf16.cu", "dispatch.cu")
-HEADERS = ("quantserve_cuda.h", "qs_ptx.cuh", "qs_dequant.cuh", "qs_streamk.cuh", "qs_launch.cuh", "gemv.cuh",
+HEADERS = ("quantserve_cuda.h", "qs_ptx.cuh", "qs_dequant.cuh", "qs_streamk.cuh", "qs_launch.cuh", "qs_wgmma.cuh",
+           "gemm_wgmma.cuh", "gemv.cuh",
            "gemm.cuh")
 # Every target the sources support; a JIT build compiles only for the GPU it runs on
 # (QUANTSERVE_CUDA_ARCHS="80;86;89;90a" builds them all, e.g. for an image).
 ALL_ARCHS = ("80", "86", "89", "90a")
 PRIORITY = 10
-ACCUM_MIN_N = 65536  # GEMV accumulators sized for at least this many output columns
+ACCUM_MIN_N = 65536  # strip accumulators sized for at least this many output columns (32 MB)
 # Act-order GEMV calls whose activations fit this many bytes gather them inside the kernel (2-byte
 # loads through the permutation, served by L1); larger ones run one index_select first. H100, extra
 # us over the plain kernel, fused vs index_select: 4096x4096 M=1 2.0 vs 6.5, M=4 3.1 vs 6.6, M=16
 # 11.4 vs 7.2; 11008x4096 M=1 5.7 vs 7.2, M=2 7.1 vs 7.3, M=4 10.1 vs 7.8; 4096x12288 M=4 (32 KB)
 # 7.2 vs 7.2, M=8 8.7 vs 7.4: the in-kernel gather wins while x stays in L1.
 FUSED_GATHER_BYTES = 32 * 1024
+# From this many tokens a GEMV-sized call (<= gemv_max_m) goes to the GEMM when it runs the Hopper
+# wgmma kernel. H200, decode-step linears: M=16 GEMV 2.97 ms vs wgmma 3.89; M=32 GEMV 5.50 vs 4.18.
+WGMMA_MIN_M = 17
 
 
 def arch_flags(archs: tuple[str, ...]) -> tuple[str, ...]:
@@ -95,6 +100,8 @@ def extension():
             ext = load(extension_spec(_archs_for_build()))
             if os.environ.get("QUANTSERVE_GEMV_PDL", "1") == "0":  # escape hatch: no PDL launches
                 ext.gemv_set_options(False, ext.gemv_get_options()[1])
+            if os.environ.get("QUANTSERVE_GEMM_WGMMA", "1") == "0":  # escape hatch: no wgmma GEMM
+                ext.gemm_set_options(False)
             _EXT = ext
         except Exception as exc:  # noqa: BLE001 - the reason is reported per layer
             _EXT_ERROR = str(exc)
@@ -104,8 +111,9 @@ def extension():
 
 @dataclass
 class Workspace:
-    """Split-K state of one device: GEMM partial tiles (float32, any content) with arrival counters,
-    and GEMV strip accumulators (float32) with counters. Counters and accumulators are zero and the
+    """Split-K state of one device: mma.sync GEMM partial tiles (float32, any content) with arrival
+    counters, and the strip accumulators of the GEMV and the Hopper wgmma GEMM (float32, 64 columns x
+    up to 128 tokens per strip) with counters. Counters and accumulators are zero and the
     kernels leave them zero, so one set serves every layer of a stream (concurrent streams on one
     device would need one each). Sized at prepare time, so a CUDA graph captured later keeps valid
     pointers; outgrown buffers are retired, not freed."""
@@ -114,6 +122,10 @@ class Workspace:
     counters: torch.Tensor
     accum: torch.Tensor
     accum_counters: torch.Tensor
+
+
+def _strips(n: int) -> int:
+    return (max(n, ACCUM_MIN_N) + 63) // 64
 
 
 def workspace(device: torch.device, n: int = 0) -> Workspace:
@@ -128,17 +140,18 @@ def workspace(device: torch.device, n: int = 0) -> Workspace:
         ws = Workspace(torch.empty(floats, dtype=torch.float32, device=dev),
                        torch.zeros(counters, dtype=torch.int32, device=dev),
                        torch.zeros(need_accum, dtype=torch.float32, device=dev),
-                       torch.zeros(need_accum // 2048 + 1, dtype=torch.int32, device=dev))
+                       torch.zeros(_strips(n), dtype=torch.int32, device=dev))
         _WORKSPACE[index] = ws
     elif ws.accum.numel() < need_accum:
         _RETIRED.append(Workspace(ws.partials, ws.counters, ws.accum, ws.accum_counters))
         ws.accum = torch.zeros(need_accum, dtype=torch.float32, device=dev)
-        ws.accum_counters = torch.zeros(need_accum // 2048 + 1, dtype=torch.int32, device=dev)
+        ws.accum_counters = torch.zeros(_strips(n), dtype=torch.int32, device=dev)
     return ws
 
 
 class CudaBackend:
-    """GEMV for M <= gemv_max_m, GEMM above; both read the CudaLayout built by `prepare`."""
+    """GEMV for M <= gemv_max_m, GEMM above (on Hopper from WGMMA_MIN_M tokens, where the wgmma GEMM
+    is faster than the GEMV); both read the CudaLayout built by `prepare`."""
 
     name = "cuda"
     gemv_max_m = 32
@@ -188,6 +201,41 @@ class CudaBackend:
 
 
 @contextlib.contextmanager
+def gemm_launch_options(wgmma: bool):
+    """Let Hopper GEMM calls of up to 128 tokens use the wgmma kernel (True, the default) or send
+    every GEMM call to the mma.sync kernel (False), for the duration (process-wide, so before
+    capturing a graph). The previous setting comes back on exit."""
+    ext = extension()
+    saved = ext.gemm_get_options()
+    ext.gemm_set_options(wgmma)
+    try:
+        yield
+    finally:
+        ext.gemm_set_options(saved)
+
+
+_WGMMA: dict[int, bool] = {}
+
+
+def _wgmma(device: torch.device) -> bool:
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    found = _WGMMA.get(index)
+    if found is None:
+        found = _WGMMA[index] = bool(extension().wgmma_available(index))
+    return found
+
+
+def wgmma_available(device: torch.device | int | None = None) -> bool:
+    """Whether GEMM calls of up to 128 tokens on this device run the sm_90a wgmma kernel."""
+    if device is None:
+        index = torch.cuda.current_device()
+    else:
+        d = torch.device("cuda", device) if isinstance(device, int) else torch.device(device)
+        index = d.index if d.index is not None else torch.cuda.current_device()
+    return bool(extension().wgmma_available(index))
+
+
+@contextlib.contextmanager
 def gemv_launch_options(pdl: bool | None = None, wave_div: int | None = None):
     """Set the GEMV launch options for the duration (process-wide, so before capturing a graph);
     None keeps an option as it is. The previous options come back on exit."""
@@ -204,12 +252,16 @@ def matmul(state: CudaLayout, x: torch.Tensor, out: torch.Tensor | None = None,
            op: str | None = None, gather: str | None = None) -> torch.Tensor:
     """y [M, N] = x [M, K] (fp16/bf16, contiguous) @ W + bias through the kernels.
 
-    op: "gemv" (M <= 32) or "gemm"; None picks gemv for M <= CudaBackend.gemv_max_m.
+    op: "gemv" (M <= 32) or "gemm"; None picks gemv for M <= CudaBackend.gemv_max_m, except from
+    WGMMA_MIN_M tokens on a GPU that runs the wgmma GEMM.
     gather (act-order layers): "fused" (the GEMV reads x through the permutation), "select" (one
     index_select, then the plain kernel); None: fused for a GEMV whose x fits FUSED_GATHER_BYTES.
     out: optional preallocated y (tests poison it to prove every element is written)."""
+    ws = workspace(x.device)  # first use on a device probes for the wgmma kernel (outside capture)
     if op is None:
-        op = "gemv" if x.shape[0] <= CudaBackend.gemv_max_m else "gemm"
+        m = x.shape[0]
+        use_gemv = m <= CudaBackend.gemv_max_m and not (m >= WGMMA_MIN_M and _wgmma(x.device))
+        op = "gemv" if use_gemv else "gemm"
     perm = None
     if state.perm is not None:
         if gather is None:
@@ -221,7 +273,6 @@ def matmul(state: CudaLayout, x: torch.Tensor, out: torch.Tensor | None = None,
     if x.data_ptr() % 16:
         x = x.clone()
     scales, zeros, bias = state.constants[x.dtype]
-    ws = workspace(x.device)
     ext = extension()
     fn = ext.gemv if op == "gemv" else ext.gemm
     return fn(x, state.qweight, scales, zeros, bias, ws.partials, ws.counters, ws.accum, ws.accum_counters,

@@ -1,5 +1,5 @@
-"""gemv_launch_options sets the GEMV launch options for a block and restores them (no GPU needed:
-the extension is replaced by a stand-in that records what it is told)."""
+"""gemv_launch_options / gemm_launch_options set the kernel launch options for a block and restore
+them (no GPU needed: the extension is replaced by a stand-in that records what it is told)."""
 
 import pytest
 
@@ -18,6 +18,15 @@ class _Ext:
         self.calls.append((pdl, wave_div))
         self.options = (pdl, wave_div)
 
+    wgmma = True
+
+    def gemm_get_options(self):
+        return self.wgmma
+
+    def gemm_set_options(self, wgmma):
+        self.calls.append(("gemm", wgmma))
+        self.wgmma = wgmma
+
 
 def test_options_apply_inside_and_come_back(monkeypatch):
     ext = _Ext()
@@ -32,3 +41,14 @@ def test_options_apply_inside_and_come_back(monkeypatch):
         assert ext.options == (False, 1)
         raise RuntimeError("the block failed")
     assert ext.options == (True, 1) and ext.calls[-1] == (True, 1)
+
+
+def test_gemm_option_applies_inside_and_comes_back(monkeypatch):
+    ext = _Ext()
+    monkeypatch.setattr(cuda_backend, "extension", lambda: ext)
+    with cuda_backend.gemm_launch_options(False):
+        assert ext.wgmma is False
+    assert ext.wgmma is True
+    with pytest.raises(RuntimeError), cuda_backend.gemm_launch_options(False):
+        raise RuntimeError("the block failed")
+    assert ext.wgmma is True and ext.calls[-1] == ("gemm", True)
