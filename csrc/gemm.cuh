@@ -11,6 +11,7 @@
 #include "gemm_wgmma.cuh"
 #include "qs_dequant.cuh"
 #include "qs_launch.cuh"
+#include "qs_stage.cuh"
 #include "qs_streamk.cuh"
 #include "quantserve_cuda.h"
 
@@ -68,9 +69,7 @@ __global__ void __launch_bounds__(GemmCfg<T, BITS, MT, NT, WM, WN>::kThreads)
   const T* bias = reinterpret_cast<const T*>(a.bias);
   T* y = reinterpret_cast<T*>(a.y);
   const uint4* qw = reinterpret_cast<const uint4*>(a.qweight);
-  const uint4* sc = reinterpret_cast<const uint4*>(a.scales);
-  const uint4* zs = reinterpret_cast<const uint4*>(a.zeros);
-  const bool has_zeros = zs != nullptr;
+  const bool has_zeros = a.zeros != nullptr;
 
   uint8_t* bdq_base = smem + stages * Cfg::STAGE_BYTES;
   auto stage_a = [&](int buf) { return reinterpret_cast<T*>(smem + buf * Cfg::STAGE_BYTES); };
@@ -83,16 +82,8 @@ __global__ void __launch_bounds__(GemmCfg<T, BITS, MT, NT, WM, WN>::kThreads)
   };
   auto bdq = [&](int dbuf) { return reinterpret_cast<T*>(bdq_base + dbuf * Cfg::BDQ_BYTES); };
 
-  // (tile, stage) of a unit, advanced by one per call: no 64-bit division in the main loop.
-  struct Cursor {
-    int tile, st;
-  };
-  auto advance = [&](Cursor& c) {
-    if (++c.st == nst) {
-      c.st = 0;
-      ++c.tile;
-    }
-  };
+  using Cursor = StageCursor;
+  auto advance = [&](Cursor& c) { c.advance(nst); };
   auto load_unit = [&](const Cursor& cu, int buf) {
     const int tile = cu.tile, st = cu.st;
     const int nblk = tile / mblocks, mblk = tile - nblk * mblocks;
@@ -111,20 +102,7 @@ __global__ void __launch_bounds__(GemmCfg<T, BITS, MT, NT, WM, WN>::kThreads)
       const bool ok = strip < n_strips && step < k_steps;
       cp_async16(sb + idx, ok ? qw + (((long long)strip * k_steps + step) * 32 + ln) * V + v : qw, ok);
     }
-    const int gfirst = step0 >> a.group_shift;
-    const int ng = (min(step0 + KB - 1, k_steps - 1) >> a.group_shift) - gfirst + 1;
-    uint4* ss = stage_s(buf);
-    uint4* sz = stage_z(buf);
-    for (int idx = tid; idx < STRIPS * ng * 8; idx += NTH) {
-      const int g8 = idx % 8, gg = (idx / 8) % ng, w = idx / (8 * ng);
-      const int strip = strip0 + w;
-      const int gi = min(gfirst + gg, a.groups - 1);
-      const bool ok = strip < n_strips;
-      const long long off = ((long long)gi * n_strips + strip) * 8 + g8;
-      const int dst = (w * KB + gg) * 8 + g8;
-      cp_async16(ss + dst, ok ? sc + off : sc, ok);
-      if (has_zeros) cp_async16(sz + dst, ok ? zs + off : zs, ok);
-    }
+    stage_group_consts<STRIPS, KB, NTH>(a, stage_s(buf), stage_z(buf), strip0, step0, n_strips, k_steps, tid);
   };
 
   // Widen the stage's codes into the [BN][BK] tile: warp-sized (strip, step) pieces, 16 x 32-bit
@@ -317,21 +295,11 @@ cudaError_t launch_gemm(const QsMatmulArgs& a, cudaStream_t stream, long long* n
   static int occ_slot[kMaxDevices];
   static int stage_slot[kMaxDevices];
   auto kernel = gemm_kernel<T, BITS, MT, NT, WM, WN>;
-  DeviceInfo dev;
-  int device = 0, occ = 0;
-  cudaError_t err = device_info(&dev, &device);
+  PipelineShape ps;
+  cudaError_t err = pipeline_shape(kernel, Cfg::kThreads, 4, Cfg::smem_bytes, stage_slot, occ_slot, &ps);
   if (err != cudaSuccess) return err;
-  if (stage_slot[device] == 0) {
-    int stages = 4;
-    while (stages > 3 && Cfg::smem_bytes(stages) > dev.max_smem_optin) --stages;
-    if (Cfg::smem_bytes(stages) > dev.max_smem_optin) return cudaErrorInvalidConfiguration;
-    stage_slot[device] = stages;
-  }
-  const int stages = stage_slot[device];
-  const int smem = Cfg::smem_bytes(stages);
-  err = resident_blocks(kernel, Cfg::kThreads, smem, device, occ_slot, &occ);
-  if (err != cudaSuccess) return err;
-  long long blocks = (long long)dev.sms * occ;
+  const int stages = ps.stages, smem = ps.smem;
+  long long blocks = (long long)ps.dev.sms * ps.occ;
   if (need_floats != nullptr) {
     *need_floats = 2 * blocks * Cfg::REGION;
     *need_counters = int(blocks);

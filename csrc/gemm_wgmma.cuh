@@ -13,6 +13,7 @@
 
 #include "qs_dequant.cuh"
 #include "qs_launch.cuh"
+#include "qs_stage.cuh"
 #include "qs_streamk.cuh"
 #include "qs_wgmma.cuh"
 #include "quantserve_cuda.h"
@@ -74,9 +75,7 @@ __global__ void __launch_bounds__(256, NTOK * SPW <= 128 && BITS == 4 ? 2 : 1) g
   const T* bias = reinterpret_cast<const T*>(a.bias);
   T* y = reinterpret_cast<T*>(a.y);
   const uint4* qw = reinterpret_cast<const uint4*>(a.qweight);
-  const uint4* sc = reinterpret_cast<const uint4*>(a.scales);
-  const uint4* zs = reinterpret_cast<const uint4*>(a.zeros);
-  const bool has_zeros = zs != nullptr;
+  const bool has_zeros = a.zeros != nullptr;
 
   auto stage_x = [&](int buf) { return reinterpret_cast<T*>(smem + buf * Cfg::X_BYTES); };
   auto rest = [&](int buf) { return smem + stages * Cfg::X_BYTES + buf * Cfg::REST_BYTES; };
@@ -84,15 +83,8 @@ __global__ void __launch_bounds__(256, NTOK * SPW <= 128 && BITS == 4 ? 2 : 1) g
   auto stage_s = [&](int buf) { return reinterpret_cast<uint4*>(rest(buf) + Cfg::W_BYTES); };
   auto stage_z = [&](int buf) { return reinterpret_cast<uint4*>(rest(buf) + Cfg::W_BYTES + Cfg::S_BYTES); };
 
-  struct Cursor {
-    int tile, st;
-  };
-  auto advance = [&](Cursor& c) {
-    if (++c.st == nst) {
-      c.st = 0;
-      ++c.tile;
-    }
-  };
+  using Cursor = StageCursor;
+  auto advance = [&](Cursor& c) { c.advance(nst); };
   // One stage: x [NTOK][64] (rows >= m and k >= K zero-filled), the codes of STRIPS strips x 4
   // steps, and their scales / zeros.
   auto load_unit = [&](const Cursor& cu, int buf) {
@@ -114,20 +106,7 @@ __global__ void __launch_bounds__(256, NTOK * SPW <= 128 && BITS == 4 ? 2 : 1) g
       const bool ok = strip < n_strips && step < k_steps;
       cp_async16(sw + idx, ok ? qw + (((long long)strip * k_steps + step) * 32 + ln) * V + v : qw, ok);
     }
-    const int gfirst = step0 >> a.group_shift;
-    const int ng = (min(step0 + KB - 1, k_steps - 1) >> a.group_shift) - gfirst + 1;
-    uint4* ss = stage_s(buf);
-    uint4* sz = stage_z(buf);
-    for (int idx = tid; idx < STRIPS * ng * 8; idx += NTH) {
-      const int g8 = idx % 8, gg = (idx / 8) % ng, w = idx / (8 * ng);
-      const int strip = strip0 + w;
-      const int gi = min(gfirst + gg, a.groups - 1);
-      const bool ok = strip < n_strips;
-      const long long off = ((long long)gi * n_strips + strip) * 8 + g8;
-      const int dst = (w * KB + gg) * 8 + g8;
-      cp_async16(ss + dst, ok ? sc + off : sc, ok);
-      if (has_zeros) cp_async16(sz + dst, ok ? zs + off : zs, ok);
-    }
+    stage_group_consts<STRIPS, KB, NTH>(a, stage_s(buf), stage_z(buf), strip0, step0, n_strips, k_steps, tid);
   };
 
   float acc[SPW][NACC];
@@ -347,25 +326,14 @@ cudaError_t launch_gemm_wgmma(const QsMatmulArgs& a, cudaStream_t stream) {
   static int occ_slot[kMaxDevices];
   static int stage_slot[kMaxDevices];
   auto kernel = gemm_wgmma_kernel<T, BITS, NTOK, SPW>;
-  DeviceInfo dev;
-  int device = 0, occ = 0;
-  cudaError_t err = device_info(&dev, &device);
-  if (err != cudaSuccess) return err;
-  if (stage_slot[device] == 0) {
-    int stages = 5;
-    while (stages > 3 && Cfg::smem_bytes(stages) > dev.max_smem_optin) --stages;
-    if (Cfg::smem_bytes(stages) > dev.max_smem_optin) return cudaErrorInvalidConfiguration;
-    stage_slot[device] = stages;
-  }
-  const int stages = stage_slot[device];
-  const int smem = Cfg::smem_bytes(stages);
-  err = resident_blocks(kernel, Cfg::kThreads, smem, device, occ_slot, &occ);
+  PipelineShape ps;
+  cudaError_t err = pipeline_shape(kernel, Cfg::kThreads, 5, Cfg::smem_bytes, stage_slot, occ_slot, &ps);
   if (err != cudaSuccess) return err;
   const long long n_strips = (a.n + 63) / 64, k_steps = (a.k + 15) / 16;
   const long long total = ((n_strips + Cfg::STRIPS - 1) / Cfg::STRIPS) * ((k_steps + Cfg::KB - 1) / Cfg::KB);
-  long long blocks = (long long)dev.sms * occ;
+  long long blocks = (long long)ps.dev.sms * ps.occ;
   blocks = blocks < total ? blocks : total;
-  kernel<<<int(blocks), Cfg::kThreads, smem, stream>>>(a, stages);
+  kernel<<<int(blocks), Cfg::kThreads, ps.smem, stream>>>(a, ps.stages);
   return cudaGetLastError();
 }
 

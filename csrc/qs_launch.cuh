@@ -54,4 +54,28 @@ inline cudaError_t resident_blocks(Kernel kernel, int threads, int smem, int dev
   return cudaSuccess;
 }
 
+// Launch shape of a cp.async-pipelined kernel on the current device: the deepest pipeline from
+// `most` stages down to 3 whose shared memory (smem_of(stages) bytes) fits the device, and the
+// resident blocks per SM at that depth. Cached per device in the caller's static slots.
+struct PipelineShape {
+  DeviceInfo dev;
+  int device = 0, stages = 0, smem = 0, occ = 0;
+};
+
+template <typename Kernel, typename SmemOf>
+inline cudaError_t pipeline_shape(Kernel kernel, int threads, int most, SmemOf smem_of, int (&stage_slot)[kMaxDevices],
+                                  int (&occ_slot)[kMaxDevices], PipelineShape* out) {
+  cudaError_t err = device_info(&out->dev, &out->device);
+  if (err != cudaSuccess) return err;
+  if (stage_slot[out->device] == 0) {
+    int stages = most;
+    while (stages > 3 && smem_of(stages) > out->dev.max_smem_optin) --stages;
+    if (smem_of(stages) > out->dev.max_smem_optin) return cudaErrorInvalidConfiguration;
+    stage_slot[out->device] = stages;
+  }
+  out->stages = stage_slot[out->device];
+  out->smem = smem_of(out->stages);
+  return resident_blocks(kernel, threads, out->smem, out->device, occ_slot, &out->occ);
+}
+
 }  // namespace qs

@@ -35,6 +35,18 @@ __device__ __forceinline__ long long region_of(int b, long long tile_first, long
   return 2LL * b + tail;
 }
 
+// (tile, stage) of a GEMM's stream-K unit, advanced by one per call: no 64-bit division by the
+// stages per tile in the main loop.
+struct StageCursor {
+  int tile, st;
+  __device__ __forceinline__ void advance(int nst) {
+    if (++st == nst) {
+      st = 0;
+      ++tile;
+    }
+  }
+};
+
 // Split-K accumulator floats per 64-column strip: a [64 columns][up to 128 tokens] fp32 block (the
 // GEMV uses [64][32] of it, the Hopper GEMM [64][N tokens]).
 constexpr int kAccumPerStrip = 128 * 64;

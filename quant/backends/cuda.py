@@ -36,7 +36,8 @@ if TYPE_CHECKING:
 
 
 SOURCES = ("bindings.cpp", "gemv_f16.cu", "gemv_bf16.cu", "gemm_f16.cu", "gemm_bf16.cu", "dispatch.cu")
-HEADERS = ("quantserve_cuda.h", "qs_ptx.cuh", "qs_dequant.cuh", "qs_streamk.cuh", "qs_launch.cuh", "qs_wgmma.cuh",
+HEADERS = ("quantserve_cuda.h", "qs_ptx.cuh", "qs_dequant.cuh", "qs_streamk.cuh", "qs_launch.cuh", "qs_stage.cuh",
+           "qs_wgmma.cuh",
            "gemm_wgmma.cuh", "gemv.cuh",
            "gemm.cuh")
 # Every target the sources support; a JIT build compiles only for the GPU it runs on
