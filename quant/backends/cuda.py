@@ -22,6 +22,7 @@ import contextlib
 import os
 import threading
 from dataclasses import dataclass
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 import torch
@@ -249,6 +250,14 @@ def gemv_launch_options(pdl: bool | None = None, wave_div: int | None = None):
         ext.gemv_set_options(*saved)
 
 
+def pick_op(m: int, wgmma: Callable[[], bool]) -> str:
+    """"gemv" or "gemm" for a call of m tokens: the GEMV up to CudaBackend.gemv_max_m tokens, except
+    from WGMMA_MIN_M tokens where `wgmma()` says the device runs the Hopper wgmma GEMM."""
+    if m > CudaBackend.gemv_max_m or (m >= WGMMA_MIN_M and wgmma()):
+        return "gemm"
+    return "gemv"
+
+
 def matmul(state: CudaLayout, x: torch.Tensor, out: torch.Tensor | None = None,
            op: str | None = None, gather: str | None = None) -> torch.Tensor:
     """y [M, N] = x [M, K] (fp16/bf16, contiguous) @ W + bias through the kernels.
@@ -260,9 +269,7 @@ def matmul(state: CudaLayout, x: torch.Tensor, out: torch.Tensor | None = None,
     out: optional preallocated y (tests poison it to prove every element is written)."""
     ws = workspace(x.device)  # first use on a device probes for the wgmma kernel (outside capture)
     if op is None:
-        m = x.shape[0]
-        use_gemv = m <= CudaBackend.gemv_max_m and not (m >= WGMMA_MIN_M and _wgmma(x.device))
-        op = "gemv" if use_gemv else "gemm"
+        op = pick_op(x.shape[0], lambda: _wgmma(x.device))
     perm = None
     if state.perm is not None:
         if gather is None:
