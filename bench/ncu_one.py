@@ -1,9 +1,10 @@
 """One warm call of our kernels on one layer shape, for `ncu` (Nsight Compute) to profile.
 
-    ncu -k regex:gemm_wgmma -c 1 --set full python bench/ncu_one.py --k 4096 --n 4096 --m 64
+    ncu -k regex:gemm_wgmma -s 3 -c 1 --set full python bench/ncu_one.py --k 4096 --n 4096 --m 64
 
-Random 4-bit g128 weights in the kernel layout (as bench/kernels.py builds them); the call is run
-a few times first so the profiled launch is warm (extension built, workspace sized).
+Random 4-bit g128 weights in the kernel layout (as bench/kernels.py builds them), a fresh copy per
+call so every call streams its weights from HBM; the earlier calls warm up the extension and the
+workspace, so profile the last one (`-s calls-1 -c 1`). Also a target for compute-sanitizer.
 """
 
 from __future__ import annotations
@@ -25,10 +26,10 @@ def main() -> None:
     p.add_argument("--no-wgmma", action="store_true", help="GEMM calls take the mma.sync kernel")
     p.add_argument("--calls", type=int, default=4, help="calls in a row (profile the last with -c/-s)")
     args = p.parse_args()
-    w = ours_make(args.k, args.n)
+    ws = [ours_make(args.k, args.n) for _ in range(args.calls)]
     x = torch.randn(args.m, args.k, device="cuda", dtype=torch.float16)
     with cuda_backend.gemm_launch_options(not args.no_wgmma):
-        for _ in range(args.calls):
+        for w in ws:
             cuda_backend.matmul(w, x, op=args.op)
     torch.cuda.synchronize()
     print(f"m={args.m} k={args.k} n={args.n} op={args.op or 'auto'} wgmma={not args.no_wgmma}: done")

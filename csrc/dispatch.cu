@@ -57,12 +57,13 @@ extern "C" int qs_wgmma_probe(int device) {
   if (device < 0 || device >= qs::kMaxDevices) return 0;
   int& ready = qs::wgmma_ready()[device];
   if (ready != 0) return ready == 1;
-  int prev = 0, major = 0, found = 0;
+  int prev = 0, found = 0, current = 0;
   cudaGetDevice(&prev);
   if (cudaSetDevice(device) != cudaSuccess) return 0;
-  cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device);
+  qs::DeviceInfo dev;
   int* flag = nullptr;
-  if (major == 9 && cudaMalloc(&flag, sizeof(int)) == cudaSuccess) {
+  if (qs::device_info(&dev, &current) == cudaSuccess && dev.cc_major == 9 &&
+      cudaMalloc(&flag, sizeof(int)) == cudaSuccess) {
     wgmma_probe_kernel<<<1, 1>>>(flag);
     if (cudaMemcpy(&found, flag, sizeof(int), cudaMemcpyDeviceToHost) != cudaSuccess) found = 0;
     cudaFree(flag);

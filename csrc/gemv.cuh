@@ -275,7 +275,6 @@ __global__ void __launch_bounds__(kGemvThreads) gemv_kernel(const QsMatmulArgs a
 template <typename T, int BITS, int MB, int SPC, bool PERM>
 cudaError_t launch_gemv(const QsMatmulArgs& a, cudaStream_t stream) {
   static int occ_slot[kMaxDevices];
-  static int cc_major[kMaxDevices];
   constexpr int U = gemv_steps<BITS, MB>();
   auto kernel = gemv_kernel<T, BITS, MB, SPC, PERM>;
   DeviceInfo dev;
@@ -284,10 +283,6 @@ cudaError_t launch_gemv(const QsMatmulArgs& a, cudaStream_t stream) {
   if (err != cudaSuccess) return err;
   err = resident_blocks(kernel, kGemvThreads, 0, device, occ_slot, &occ);
   if (err != cudaSuccess) return err;
-  if (cc_major[device] == 0) {
-    err = cudaDeviceGetAttribute(&cc_major[device], cudaDevAttrComputeCapabilityMajor, device);
-    if (err != cudaSuccess) return err;
-  }
   const GemvOptions opt = gemv_options();
   const int per_sm = opt.wave_div > 1 && occ >= opt.wave_div ? occ / opt.wave_div : occ;
   long long blocks = (long long)dev.sms * per_sm;
@@ -309,7 +304,7 @@ cudaError_t launch_gemv(const QsMatmulArgs& a, cudaStream_t stream) {
   cfg.attrs = attr;
   // PDL up to 16 tokens: measured 9 % (M=1) to 3 % (M=16) faster per decode step on H100, but 2 %
   // slower at M=32, where a warp's chunks are half the size and the prefetched share is small.
-  cfg.numAttrs = opt.pdl && MB <= 2 && cc_major[device] >= 9 ? 1 : 0;
+  cfg.numAttrs = opt.pdl && MB <= 2 && dev.cc_major >= 9 ? 1 : 0;
   return cudaLaunchKernelEx(&cfg, kernel, a);
 }
 

@@ -11,6 +11,7 @@ constexpr int kMaxDevices = 64;
 struct DeviceInfo {
   int sms = 0;
   int max_smem_optin = 0;
+  int cc_major = 0;
 };
 
 inline cudaError_t device_info(DeviceInfo* out, int* device) {
@@ -25,6 +26,10 @@ inline cudaError_t device_info(DeviceInfo* out, int* device) {
     if (err != cudaSuccess) return err;
     err = cudaDeviceGetAttribute(&smem, cudaDevAttrMaxSharedMemoryPerBlockOptin, *device);
     if (err != cudaSuccess) return err;
+    int major = 0;
+    err = cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, *device);
+    if (err != cudaSuccess) return err;
+    d.cc_major = major;
     d.max_smem_optin = smem;
     d.sms = sms;
   }

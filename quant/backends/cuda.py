@@ -126,13 +126,20 @@ class Workspace:
     accum_counters: torch.Tensor
 
 
+def _device_index(device: torch.device | int | None) -> int:
+    if device is None:
+        return torch.cuda.current_device()
+    d = torch.device("cuda", device) if isinstance(device, int) else torch.device(device)
+    return d.index if d.index is not None else torch.cuda.current_device()
+
+
 def _strips(n: int) -> int:
     return (max(n, ACCUM_MIN_N) + 63) // 64
 
 
 def workspace(device: torch.device, n: int = 0) -> Workspace:
     """The device's Workspace, grown to take GEMV layers with n output columns."""
-    index = device.index if device.index is not None else torch.cuda.current_device()
+    index = _device_index(device)
     ext = extension()
     ws = _WORKSPACE.get(index)
     dev = f"cuda:{index}"
@@ -219,22 +226,14 @@ def gemm_launch_options(wgmma: bool):
 _WGMMA: dict[int, bool] = {}
 
 
-def _wgmma(device: torch.device) -> bool:
-    index = device.index if device.index is not None else torch.cuda.current_device()
+def wgmma_available(device: torch.device | int | None = None) -> bool:
+    """Whether GEMM calls of up to 128 tokens on this device run the sm_90a wgmma kernel (asked of
+    the extension once per device)."""
+    index = _device_index(device)
     found = _WGMMA.get(index)
     if found is None:
         found = _WGMMA[index] = bool(extension().wgmma_available(index))
     return found
-
-
-def wgmma_available(device: torch.device | int | None = None) -> bool:
-    """Whether GEMM calls of up to 128 tokens on this device run the sm_90a wgmma kernel."""
-    if device is None:
-        index = torch.cuda.current_device()
-    else:
-        d = torch.device("cuda", device) if isinstance(device, int) else torch.device(device)
-        index = d.index if d.index is not None else torch.cuda.current_device()
-    return bool(extension().wgmma_available(index))
 
 
 @contextlib.contextmanager
@@ -269,7 +268,7 @@ def matmul(state: CudaLayout, x: torch.Tensor, out: torch.Tensor | None = None,
     out: optional preallocated y (tests poison it to prove every element is written)."""
     ws = workspace(x.device)  # first use on a device probes for the wgmma kernel (outside capture)
     if op is None:
-        op = pick_op(x.shape[0], lambda: _wgmma(x.device))
+        op = pick_op(x.shape[0], lambda: wgmma_available(x.device))
     perm = None
     if state.perm is not None:
         if gather is None:
