@@ -45,6 +45,9 @@ struct WgCfg {
   static_assert(X_CHUNKS % kThreads == 0 && W_CHUNKS % kThreads == 0, "whole cp.async rounds");
   static_assert(NTOK % 16 == 0 && NTOK <= 128, "NTOK: 16..128 tokens in steps of 16");
   static_assert(BN * NTOK <= STRIPS * kAccumPerStrip, "a tile's partials fit its strips' accumulators");
+  // Stages (stages - 2 of them in flight): 5 where two blocks share an SM (2 x 101 KB at 64
+  // tokens), 6 where one block has the SM.
+  static constexpr int kStages = NTOK * SPW <= 128 && BITS == 4 ? 5 : 6;
   static int smem_bytes(int stages) { return 1024 + stages * (X_BYTES + REST_BYTES); }
 };
 
@@ -86,25 +89,37 @@ __global__ void __launch_bounds__(256, NTOK * SPW <= 128 && BITS == 4 ? 2 : 1) g
   using Cursor = StageCursor;
   auto advance = [&](Cursor& c) { c.advance(nst); };
   // One stage: x [NTOK][64] (rows >= m and k >= K zero-filled), the codes of STRIPS strips x 4
-  // steps, and their scales / zeros.
+  // steps, and their scales / zeros. The per-thread parts of the addresses that do not move with the
+  // stage are computed once here: a stage's copies then cost a few adds each.
+  constexpr int XR = Cfg::X_CHUNKS / NTH, WR = Cfg::W_CHUNKS / NTH;
+  static_assert(NTH == 256, "x rows x_row + 32r: 8 chunks per row, 256 threads");
+  const int x_row = tid >> 3, x_ch = tid & 7;  // rows x_row + 32r, 16-byte chunk x_ch of the 128-byte row
+  const int x_dst = x_row * 64 + ((x_ch ^ (x_row & 7)) << 3);
+  const T* x_src = x + (long long)x_row * a.k + x_ch * 8;
+  int w_off[WR], w_strip[WR], w_step[WR];  // per copy: offset in the tile's code stream, strip, step
+#pragma unroll
+  for (int r = 0; r < WR; ++r) {
+    const int idx = tid + r * NTH;
+    const int v = idx % V, ln = (idx / V) % 32, s = (idx / (V * 32)) % KB, w = idx / (V * 32 * KB);
+    w_strip[r] = w;
+    w_step[r] = s;
+    w_off[r] = ((w * k_steps + s) * 32 + ln) * V + v;
+  }
   auto load_unit = [&](const Cursor& cu, int buf) {
     const int strip0 = cu.tile * STRIPS, step0 = cu.st * KB;
     T* sx = stage_x(buf);
+    const int gk = step0 * 16 + x_ch * 8;
 #pragma unroll
-    for (int r = 0; r < Cfg::X_CHUNKS / NTH; ++r) {
-      const int idx = tid + r * NTH, row = idx >> 3, ch = idx & 7;
-      const int gk = step0 * 16 + ch * 8;
-      const bool ok = row < a.m && gk < a.k;
-      cp_async16(sx + row * 64 + ((ch ^ (row & 7)) << 3), ok ? x + (long long)row * a.k + gk : x, ok);
+    for (int r = 0; r < XR; ++r) {
+      const bool ok = x_row + 32 * r < a.m && gk < a.k;
+      cp_async16(sx + x_dst + r * 32 * 64, ok ? x_src + (long long)(32 * r) * a.k + step0 * 16 : x, ok);
     }
     uint4* sw = stage_w(buf);
+    const uint4* wsrc = qw + ((long long)strip0 * k_steps + step0) * 32 * V;
 #pragma unroll
-    for (int r = 0; r < Cfg::W_CHUNKS / NTH; ++r) {
-      const int idx = tid + r * NTH;
-      const int v = idx % V, ln = (idx / V) % 32, s = (idx / (V * 32)) % KB, w = idx / (V * 32 * KB);
-      const int strip = strip0 + w, step = step0 + s;
-      const bool ok = strip < n_strips && step < k_steps;
-      cp_async16(sw + idx, ok ? qw + (((long long)strip * k_steps + step) * 32 + ln) * V + v : qw, ok);
+    for (int r = 0; r < WR; ++r) {
+      const bool ok = strip0 + w_strip[r] < n_strips && step0 + w_step[r] < k_steps;
+      cp_async16(sw + tid + r * NTH, ok ? wsrc + w_off[r] : qw, ok);
     }
     stage_group_consts<STRIPS, KB, NTH>(a, stage_s(buf), stage_z(buf), strip0, step0, n_strips, k_steps, tid);
   };
@@ -117,7 +132,12 @@ __global__ void __launch_bounds__(256, NTOK * SPW <= 128 && BITS == 4 ? 2 : 1) g
 
   // The 4 k16 steps of a stage. Steps past K multiply zero-filled x, so they add nothing and the
   // loop stays uniform. A registers are double-buffered: step kk's wgmmas run while step kk+1 is
-  // widened; wait_group 1 retires step kk before its registers may be reused.
+  // widened; wait_group 1 retires step kk - 1 before its registers are reused. The pipeline does
+  // not drain at the end of a stage: the last step's wgmmas are still running when the next
+  // stage's first step is widened (KB is even, so the buffers alternate across stages too), and
+  // only a flush waits for all of them.
+  static_assert(KB % 2 == 0, "A-register buffers alternate across stages");
+  uint32_t af[2][SPW][4];
   auto compute_unit = [&](const Cursor& cu, int buf) {
     const int step0 = cu.st * KB;
     const int gfirst = step0 >> a.group_shift;
@@ -125,7 +145,6 @@ __global__ void __launch_bounds__(256, NTOK * SPW <= 128 && BITS == 4 ? 2 : 1) g
     const uint4* sw = stage_w(buf);
     const uint4* ss = stage_s(buf);
     const uint4* sz = stage_z(buf);
-    uint32_t af[2][SPW][4];
     GroupConsts<T, BITS> gc[SPW];  // only columns 2wq, 2wq+1 (slots 0, 1) are used
     int gc_slot = -1;
 #pragma unroll
@@ -171,21 +190,19 @@ __global__ void __launch_bounds__(256, NTOK * SPW <= 128 && BITS == 4 ? 2 : 1) g
       for (int s = 0; s < SPW; ++s) wgmma_rs<T, NTOK>(acc[s], af[kk & 1][s], wgmma_desc_sw128(xaddr + kk * 32));
       wgmma_commit();
       wgmma_wait<1>();
-      if (kk > 0) {
 #pragma unroll
-        for (int s = 0; s < SPW; ++s) pin_regs(af[(kk - 1) & 1][s]);
-      }
+      for (int s = 0; s < SPW; ++s) pin_regs(af[(kk - 1) & 1][s]);
     }
+  };
+
+  // acc[s][4i + 2h + e]: column (strip0 + wg*SPW + s)*64 + 16wq + g + 8h, token 8i + 2t + e.
+  auto flush = [&](int tile, long long seg_first, long long seg_end) {
     wgmma_wait<0>();
 #pragma unroll
     for (int s = 0; s < SPW; ++s) {
       pin_regs(af[(KB - 1) & 1][s]);
       pin_acc(acc[s]);
     }
-  };
-
-  // acc[s][4i + 2h + e]: column (strip0 + wg*SPW + s)*64 + 16wq + g + 8h, token 8i + 2t + e.
-  auto flush = [&](int tile, long long seg_first, long long seg_end) {
     const int strip0 = tile * STRIPS;
     const long long tile_first = (long long)tile * nst;
     if (seg_first == tile_first && seg_end == tile_first + nst) {
@@ -278,34 +295,39 @@ __global__ void __launch_bounds__(256, NTOK * SPW <= 128 && BITS == 4 ? 2 : 1) g
       for (int r = 0; r < NACC; ++r) acc[s][r] = 0.f;
   };
 
+  // The pipeline: stages - 2 stages in flight ahead of the one computed. At the top of stage u the
+  // barrier also guarantees that every warp has retired stage u - 2's wgmmas (wait_group 1 after
+  // each step), so stage u + stages - 2 may be copied into that buffer. The loop runs one tile's
+  // segment at a time and flushes after it, outside the per-stage loop.
+  const int ahead = stages - 2;
   const Cursor first = {int(u0 / nst), int(u0 % nst)};
   Cursor loader = first, comp = first;
-  for (int i = 0; i < stages - 1; ++i) {
+  for (int i = 0; i < ahead; ++i) {
     if (u0 + i < u1) {
       load_unit(loader, i);
       advance(loader);
     }
     cp_async_commit();
   }
-  long long seg_first = u0;
-  int buf = 0, load_buf = stages - 1;
-  for (long long u = u0; u < u1; ++u) {
-    cp_async_wait(stages - 2);  // unit u has landed (this thread's copies)
-    fence_proxy_async_smem();   // ... and is visible to wgmma's operand reads
-    __syncthreads();            // every thread's copies; unit u-1's wgmmas all retired
-    if (u + stages - 1 < u1) {
-      load_unit(loader, load_buf);
-      advance(loader);
+  int buf = 0, load_buf = ahead;
+  for (long long u = u0; u < u1;) {
+    const int tile = comp.tile;
+    const long long seg_first = u, seg_end = min(u1, (long long)(tile + 1) * nst);
+    for (; u < seg_end; ++u) {
+      cp_async_wait(ahead - 1);  // stage u has landed (this thread's copies)
+      fence_proxy_async_smem();  // ... and is visible to wgmma's operand reads
+      __syncthreads();           // every thread's copies; stage u - 2's wgmmas all retired
+      if (u + ahead < u1) {
+        load_unit(loader, load_buf);
+        advance(loader);
+      }
+      cp_async_commit();
+      compute_unit(comp, buf);
+      advance(comp);
+      buf = buf + 1 == stages ? 0 : buf + 1;
+      load_buf = load_buf + 1 == stages ? 0 : load_buf + 1;
     }
-    cp_async_commit();
-    compute_unit(comp, buf);
-    if (comp.st == nst - 1 || u + 1 == u1) {
-      flush(comp.tile, seg_first, u + 1);
-      seg_first = u + 1;
-    }
-    advance(comp);
-    buf = buf + 1 == stages ? 0 : buf + 1;
-    load_buf = load_buf + 1 == stages ? 0 : load_buf + 1;
+    flush(tile, seg_first, seg_end);
   }
   cp_async_wait(0);
 #endif
@@ -327,7 +349,7 @@ cudaError_t launch_gemm_wgmma(const QsMatmulArgs& a, cudaStream_t stream) {
   static int stage_slot[kMaxDevices];
   auto kernel = gemm_wgmma_kernel<T, BITS, NTOK, SPW>;
   PipelineShape ps;
-  cudaError_t err = pipeline_shape(kernel, Cfg::kThreads, 5, Cfg::smem_bytes, stage_slot, occ_slot, &ps);
+  cudaError_t err = pipeline_shape(kernel, Cfg::kThreads, Cfg::kStages, Cfg::smem_bytes, stage_slot, occ_slot, &ps);
   if (err != cudaSuccess) return err;
   const long long n_strips = (a.n + 63) / 64, k_steps = (a.k + 15) / 16;
   const long long total = ((n_strips + Cfg::STRIPS - 1) / Cfg::STRIPS) * ((k_steps + Cfg::KB - 1) / Cfg::KB);
