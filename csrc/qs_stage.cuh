@@ -18,15 +18,20 @@ __device__ __forceinline__ void stage_group_consts(const QsMatmulArgs& a, uint4*
   const uint4* zs = reinterpret_cast<const uint4*>(a.zeros);
   const int gfirst = step0 >> a.group_shift;
   const int ng = (min(step0 + KB - 1, k_steps - 1) >> a.group_shift) - gfirst + 1;
-  for (int idx = tid; idx < STRIPS * ng * 8; idx += NTH) {
-    const int g8 = idx % 8, gg = (idx / 8) % ng, w = idx / (8 * ng);
+  // Every (strip, slot, lane group) of the stage's slot grid, in the smem order; slots >= ng idle.
+  // The grid's shape is compile-time, so the index splits into shifts (no integer division).
+#pragma unroll
+  for (int base = 0; base < STRIPS * KB * 8; base += NTH) {
+    const int idx = base + tid;
+    const int g8 = idx % 8, gg = (idx / 8) % KB, w = idx / (8 * KB);
+    if ((STRIPS * KB * 8) % NTH != 0 && idx >= STRIPS * KB * 8) break;
+    if (gg >= ng) continue;
     const int strip = strip0 + w;
     const int gi = min(gfirst + gg, a.groups - 1);
     const bool ok = strip < n_strips;
     const long long off = ((long long)gi * n_strips + strip) * 8 + g8;
-    const int dst = (w * KB + gg) * 8 + g8;
-    cp_async16(ss + dst, ok ? sc + off : sc, ok);
-    if (zs != nullptr) cp_async16(sz + dst, ok ? zs + off : zs, ok);
+    cp_async16(ss + idx, ok ? sc + off : sc, ok);
+    if (zs != nullptr) cp_async16(sz + idx, ok ? zs + off : zs, ok);
   }
 }
 
