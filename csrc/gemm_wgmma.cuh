@@ -80,6 +80,10 @@ __global__ void __launch_bounds__(256, NTOK * SPW <= 128 && BITS == 4 ? 2 : 1) g
   const uint4* qw = reinterpret_cast<const uint4*>(a.qweight);
   const bool has_zeros = a.zeros != nullptr;
 
+  // Stage buffers as 32-bit shared-window addresses (x tiles first, then codes / scales / zeros).
+  const uint32_t smem_addr = raw_addr + ((1024 - (raw_addr & 1023)) & 1023);
+  auto x_at = [&](int buf) { return smem_addr + uint32_t(buf * Cfg::X_BYTES); };
+  auto w_at = [&](int buf) { return smem_addr + uint32_t(stages * Cfg::X_BYTES + buf * Cfg::REST_BYTES); };
   auto stage_x = [&](int buf) { return reinterpret_cast<T*>(smem + buf * Cfg::X_BYTES); };
   auto rest = [&](int buf) { return smem + stages * Cfg::X_BYTES + buf * Cfg::REST_BYTES; };
   auto stage_w = [&](int buf) { return reinterpret_cast<uint4*>(rest(buf)); };
@@ -107,19 +111,19 @@ __global__ void __launch_bounds__(256, NTOK * SPW <= 128 && BITS == 4 ? 2 : 1) g
   }
   auto load_unit = [&](const Cursor& cu, int buf) {
     const int strip0 = cu.tile * STRIPS, step0 = cu.st * KB;
-    T* sx = stage_x(buf);
+    const uint32_t sx = x_at(buf) + uint32_t(x_dst * 2);
     const int gk = step0 * 16 + x_ch * 8;
 #pragma unroll
     for (int r = 0; r < XR; ++r) {
       const bool ok = x_row + 32 * r < a.m && gk < a.k;
-      cp_async16(sx + x_dst + r * 32 * 64, ok ? x_src + (long long)(32 * r) * a.k + step0 * 16 : x, ok);
+      cp_async16_at(sx + r * 32 * 128, ok ? x_src + (long long)(32 * r) * a.k + step0 * 16 : x, ok);
     }
-    uint4* sw = stage_w(buf);
+    const uint32_t sw = w_at(buf) + uint32_t(tid * 16);
     const uint4* wsrc = qw + ((long long)strip0 * k_steps + step0) * 32 * V;
 #pragma unroll
     for (int r = 0; r < WR; ++r) {
       const bool ok = strip0 + w_strip[r] < n_strips && step0 + w_step[r] < k_steps;
-      cp_async16(sw + tid + r * NTH, ok ? wsrc + w_off[r] : qw, ok);
+      cp_async16_at(sw + r * NTH * 16, ok ? wsrc + w_off[r] : qw, ok);
     }
     stage_group_consts<STRIPS, KB, NTH>(a, stage_s(buf), stage_z(buf), strip0, step0, n_strips, k_steps, tid);
   };
@@ -138,27 +142,31 @@ __global__ void __launch_bounds__(256, NTOK * SPW <= 128 && BITS == 4 ? 2 : 1) g
   // only a flush waits for all of them.
   static_assert(KB % 2 == 0, "A-register buffers alternate across stages");
   uint32_t af[2][SPW][4];
+  // Group constants stay in registers while the group does: a stage reloads them only when its
+  // steps reach a new group (g128: every other stage) or a new tile starts (gc_group = -1).
+  GroupConsts<T, BITS> gc[SPW];  // only columns 2wq, 2wq+1 (slots 0, 1) are used
+  int gc_group = -1;
+  // This lane's code word of warp n-tile wq in strip sl, step kk: [strip][step][lane] x V uint4.
+  const uint32_t w_lane = uint32_t(lane * V * 16 + (BITS == 4 ? 4 * wq : 8 * wq));
+  const uint32_t sc_lane = uint32_t(g * 16 + 4 * wq);  // scale / zero word of this lane's 2 columns
   auto compute_unit = [&](const Cursor& cu, int buf) {
     const int step0 = cu.st * KB;
     const int gfirst = step0 >> a.group_shift;
-    const uint32_t xaddr = static_cast<uint32_t>(__cvta_generic_to_shared(stage_x(buf)));
-    const uint4* sw = stage_w(buf);
-    const uint4* ss = stage_s(buf);
-    const uint4* sz = stage_z(buf);
-    GroupConsts<T, BITS> gc[SPW];  // only columns 2wq, 2wq+1 (slots 0, 1) are used
-    int gc_slot = -1;
+    const uint64_t desc0 = wgmma_desc_sw128(x_at(buf));
+    const uint32_t sw = w_at(buf) + w_lane;
+    const uint32_t ss = w_at(buf) + uint32_t(Cfg::W_BYTES) + sc_lane;
 #pragma unroll
     for (int kk = 0; kk < KB; ++kk) {
-      // A group spans >= 4 steps from g64 on: one scale load per stage and strip.
-      // Steps past K (zero x) reuse the last loaded group: the stage loaded scales only up to it.
-      const int slot = (min(step0 + kk, k_steps - 1) >> a.group_shift) - gfirst;
-      if (slot != gc_slot) {
-        gc_slot = slot;
+      // Steps past K (zero x) keep the last group: the stage staged scales only up to it.
+      const int grp = min(step0 + kk, k_steps - 1) >> a.group_shift;
+      if (grp != gc_group) {
+        gc_group = grp;
+        const int slot = grp - gfirst;
 #pragma unroll
         for (int s = 0; s < SPW; ++s) {
-          const int off = ((wg * SPW + s) * KB + slot) * 8 + g;  // this lane's word wq: 2 columns
-          const uint32_t sw32 = lds32(reinterpret_cast<const uint32_t*>(ss + off) + wq);
-          const uint32_t zw32 = has_zeros ? lds32(reinterpret_cast<const uint32_t*>(sz + off) + wq) : 0u;
+          const uint32_t off = uint32_t((((wg * SPW + s) * KB + slot) * 8) * 16);
+          const uint32_t sw32 = lds32_at(ss + off);
+          const uint32_t zw32 = has_zeros ? lds32_at(ss + uint32_t(Cfg::S_BYTES) + off) : 0u;
           gc[s].load(make_uint4(sw32, 0, 0, 0), make_uint4(zw32, 0, 0, 0), has_zeros, a.zero_point);
         }
       }
@@ -169,11 +177,11 @@ __global__ void __launch_bounds__(256, NTOK * SPW <= 128 && BITS == 4 ? 2 : 1) g
 #pragma unroll
         for (int i = 0; i < WPL; ++i) words[i] = 0;
         // This warp's n-tile wq of the step: word wq (4-bit) or words 2wq, 2wq+1 (8-bit) of the lane.
-        const uint32_t* lane_words = reinterpret_cast<const uint32_t*>(sw + ((sl * KB + kk) * 32 + lane) * V);
+        const uint32_t at = sw + uint32_t((sl * KB + kk) * 32 * V * 16);
         if constexpr (BITS == 4) {
-          words[0] = lds32(lane_words + wq);
+          words[0] = lds32_at(at);
         } else {
-          const uint2 q = lds64(lane_words + 2 * wq);
+          const uint2 q = lds64_at(at);
           words[0] = q.x;
           words[1] = q.y;
         }
@@ -187,7 +195,7 @@ __global__ void __launch_bounds__(256, NTOK * SPW <= 128 && BITS == 4 ? 2 : 1) g
       }
       wgmma_fence();
 #pragma unroll
-      for (int s = 0; s < SPW; ++s) wgmma_rs<T, NTOK>(acc[s], af[kk & 1][s], wgmma_desc_sw128(xaddr + kk * 32));
+      for (int s = 0; s < SPW; ++s) wgmma_rs<T, NTOK>(acc[s], af[kk & 1][s], desc0 + uint64_t(2 * kk));
       wgmma_commit();
       wgmma_wait<1>();
 #pragma unroll
@@ -313,6 +321,7 @@ __global__ void __launch_bounds__(256, NTOK * SPW <= 128 && BITS == 4 ? 2 : 1) g
   for (long long u = u0; u < u1;) {
     const int tile = comp.tile;
     const long long seg_first = u, seg_end = min(u1, (long long)(tile + 1) * nst);
+    gc_group = -1;  // a new tile: new strips, new scales
     for (; u < seg_end; ++u) {
       cp_async_wait(ahead - 1);  // stage u has landed (this thread's copies)
       fence_proxy_async_smem();  // ... and is visible to wgmma's operand reads

@@ -64,6 +64,26 @@ __device__ __forceinline__ uint2 lds64(const void* smem) {
   return v;
 }
 
+// The same loads from a 32-bit shared-window address (computed once per kernel, then added to: the
+// generic-pointer forms above re-derive the window base on every call).
+__device__ __forceinline__ uint32_t lds32_at(uint32_t addr) {
+  uint32_t v;
+  asm volatile("ld.shared.u32 %0, [%1];\n" : "=r"(v) : "r"(addr));
+  return v;
+}
+
+__device__ __forceinline__ uint2 lds64_at(uint32_t addr) {
+  uint2 v;
+  asm volatile("ld.shared.v2.u32 {%0,%1}, [%2];\n" : "=r"(v.x), "=r"(v.y) : "r"(addr));
+  return v;
+}
+
+// 16-byte global -> shared copy to a 32-bit shared-window address; src_bytes 0 zero-fills.
+__device__ __forceinline__ void cp_async16_at(uint32_t addr, const void* gmem, bool valid) {
+  int src_bytes = valid ? 16 : 0;
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(addr), "l"(gmem), "r"(src_bytes));
+}
+
 // 16-byte global -> shared copy; src_bytes 0 fills the destination with zeros (out-of-range tiles).
 __device__ __forceinline__ void cp_async16(void* smem, const void* gmem, bool valid) {
   uint32_t addr = static_cast<uint32_t>(__cvta_generic_to_shared(smem));
