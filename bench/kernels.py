@@ -137,9 +137,9 @@ def bench_backend(name, ms, layers, rows, steps, extra_ops):
                 interleaved_step(m, order, weights, xs, call, name, steps)
             elif name == "cublas_fp16" and m == 1:
                 interleaved_step(m, order, weights, xs, call, name, steps)
-            for label, (op, sub_ms, wgmma) in extra_ops.items():
+            for label, (op, sub_ms, wgmma, pdl) in extra_ops.items():
                 if name == "ours" and m in sub_ms:
-                    with cuda_backend.gemm_launch_options(wgmma):
+                    with cuda_backend.gemm_launch_options(wgmma, pdl):
                         calls2 = step_calls(order, weights, xs, ours_call(op))
                         steps.append({"m": m, "backend": label, "ms": round(time_graph(calls2, 10), 4)})
                     print(f"  {label}: m={m} step {steps[-1]['ms']:.3f} ms", flush=True)
@@ -286,10 +286,12 @@ def main() -> None:
     print(f"{gpu}: copy {copy_bw:.3f} TB/s (read+write), read {read_bw:.3f} TB/s; "
           f"wgmma GEMM: {cuda_backend.wgmma_available()}", flush=True)
     rows, steps = [], []
-    # (op, batch sizes, wgmma allowed): the GEMM where the GEMV is the default, and the mma.sync GEMM
-    # (the previous kernel) where the Hopper wgmma kernel is the default, timed in the same process.
-    extra = {"ours_gemm_forced": ("gemm", {16, 32}, True),
-             "ours_gemm_mma_sync": ("gemm", {16, 32, 64, 128}, False)}
+    # (op, batch sizes, wgmma allowed, PDL for the wgmma kernel): the GEMM where the GEMV is the
+    # default, the wgmma kernel without PDL, and the mma.sync GEMM (the previous kernel) where the
+    # Hopper wgmma kernel is the default, timed in the same process.
+    extra = {"ours_gemm_forced": ("gemm", {16, 32}, True, True),
+             "ours_wgmma_no_pdl": ("gemm", {32, 64, 128}, True, False),
+             "ours_gemm_mma_sync": ("gemm", {16, 32, 64, 128}, False, True)}
     for name in args.backends.split(","):
         bench_backend(name, ms, args.layers, rows, steps, extra)
     result = {"gpu": gpu, "torch": torch.__version__, "wgmma": cuda_backend.wgmma_available(), "cuda": torch.version.cuda, "group_size": GROUP,

@@ -219,9 +219,14 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         qs_gemv_get_options(&pdl, &wave_div);
         return std::make_tuple(bool(pdl), int64_t(wave_div));
       }, "(pdl, wave_div) of the GEMV launches");
-  m.def("gemm_set_options", [](bool wgmma) { qs_gemm_set_options(wgmma ? 1 : 0); },
-        "GEMM options (process-wide): wgmma = False sends every call to the mma.sync kernel", py::arg("wgmma"));
-  m.def("gemm_get_options", []() { return bool(qs_gemm_get_options()); }, "whether Hopper GEMMs may use wgmma");
+  m.def("gemm_set_options", [](bool wgmma, bool pdl) { qs_gemm_set_options(wgmma ? 1 : 0, pdl ? 1 : 0); },
+        "GEMM options (process-wide): wgmma = False sends every call to the mma.sync kernel; pdl = False "
+        "launches the wgmma kernel without programmatic dependent launch", py::arg("wgmma"), py::arg("pdl"));
+  m.def("gemm_get_options", []() {
+        int wgmma = 0, pdl = 0;
+        qs_gemm_get_options(&wgmma, &pdl);
+        return std::make_tuple(bool(wgmma), bool(pdl));
+      }, "(wgmma, pdl) of the Hopper GEMM");
   m.def("wgmma_available", [](int64_t device) { return bool(qs_wgmma_probe(int(device))); },
         "whether the device runs the sm_90a wgmma GEMM (probed once)", py::arg("device"));
   m.def("gemv_max_m", &qs_gemv_max_m, "largest m the gemv op takes");

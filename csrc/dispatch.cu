@@ -49,9 +49,15 @@ extern "C" cudaError_t qs_gemm(const QsMatmulArgs* a, cudaStream_t stream) {
   return cudaErrorInvalidValue;
 }
 
-extern "C" void qs_gemm_set_options(int wgmma) { qs::gemm_options().wgmma = wgmma ? 1 : 0; }
+extern "C" void qs_gemm_set_options(int wgmma, int pdl) {
+  qs::gemm_options().wgmma = wgmma ? 1 : 0;
+  qs::gemm_options().pdl = pdl ? 1 : 0;
+}
 
-extern "C" int qs_gemm_get_options(void) { return qs::gemm_options().wgmma; }
+extern "C" void qs_gemm_get_options(int* wgmma, int* pdl) {
+  *wgmma = qs::gemm_options().wgmma;
+  *pdl = qs::gemm_options().pdl;
+}
 
 extern "C" int qs_wgmma_probe(int device) {
   if (device < 0 || device >= qs::kMaxDevices) return 0;

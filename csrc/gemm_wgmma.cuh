@@ -109,8 +109,8 @@ __global__ void __launch_bounds__(256, NTOK * SPW <= 128 && BITS == 4 ? 2 : 1) g
     w_step[r] = s;
     w_off[r] = ((w * k_steps + s) * 32 + ln) * V + v;
   }
-  auto load_unit = [&](const Cursor& cu, int buf) {
-    const int strip0 = cu.tile * STRIPS, step0 = cu.st * KB;
+  auto load_x = [&](const Cursor& cu, int buf) {
+    const int step0 = cu.st * KB;
     const uint32_t sx = x_at(buf) + uint32_t(x_dst * 2);
     const int gk = step0 * 16 + x_ch * 8;
 #pragma unroll
@@ -118,6 +118,11 @@ __global__ void __launch_bounds__(256, NTOK * SPW <= 128 && BITS == 4 ? 2 : 1) g
       const bool ok = x_row + 32 * r < a.m && gk < a.k;
       cp_async16_at(sx + r * 32 * 128, ok ? x_src + (long long)(32 * r) * a.k + step0 * 16 : x, ok);
     }
+  };
+  // The stage's codes, scales and zeros: constants of the layer, so they may be copied before
+  // the kernels this one depends on have finished (programmatic dependent launch).
+  auto load_weights = [&](const Cursor& cu, int buf) {
+    const int strip0 = cu.tile * STRIPS, step0 = cu.st * KB;
     const uint32_t sw = w_at(buf) + uint32_t(tid * 16);
     const uint4* wsrc = qw + ((long long)strip0 * k_steps + step0) * 32 * V;
 #pragma unroll
@@ -126,6 +131,10 @@ __global__ void __launch_bounds__(256, NTOK * SPW <= 128 && BITS == 4 ? 2 : 1) g
       cp_async16_at(sw + r * NTH * 16, ok ? wsrc + w_off[r] : qw, ok);
     }
     stage_group_consts<STRIPS, KB, NTH>(a, stage_s(buf), stage_z(buf), strip0, step0, n_strips, k_steps, tid);
+  };
+  auto load_unit = [&](const Cursor& cu, int buf) {
+    load_x(cu, buf);
+    load_weights(cu, buf);
   };
 
   float acc[SPW][NACC];
@@ -308,11 +317,23 @@ __global__ void __launch_bounds__(256, NTOK * SPW <= 128 && BITS == 4 ? 2 : 1) g
   // each step), so stage u + stages - 2 may be copied into that buffer. The loop runs one tile's
   // segment at a time and flushes after it, outside the per-stage loop.
   const int ahead = stages - 2;
+  // Prologue: the first stages' weights are copied before griddepcontrol.wait (they overlap the
+  // tail of the kernel before this one); x, the accumulators and y belong to earlier kernels until
+  // the wait. Group i then holds stage i's x (and group 0 every prologue stage's weights).
   const Cursor first = {int(u0 / nst), int(u0 % nst)};
   Cursor loader = first, comp = first;
   for (int i = 0; i < ahead; ++i) {
     if (u0 + i < u1) {
-      load_unit(loader, i);
+      load_weights(loader, i);
+      advance(loader);
+    }
+  }
+  pdl_launch_dependents();
+  pdl_wait();
+  loader = first;
+  for (int i = 0; i < ahead; ++i) {
+    if (u0 + i < u1) {
+      load_x(loader, i);
       advance(loader);
     }
     cp_async_commit();
@@ -345,6 +366,7 @@ __global__ void __launch_bounds__(256, NTOK * SPW <= 128 && BITS == 4 ? 2 : 1) g
 // Process-wide GEMM options (set through qs_gemm_set_options before capture).
 struct GemmOptions {
   int wgmma = 1;  // Hopper: 17..128 tokens take the wgmma kernel (0: the mma.sync GEMM)
+  int pdl = 1;    // wgmma kernel: programmatic dependent launch (weights prefetched before the wait)
 };
 inline GemmOptions& gemm_options() {
   static GemmOptions o;
@@ -364,8 +386,17 @@ cudaError_t launch_gemm_wgmma(const QsMatmulArgs& a, cudaStream_t stream) {
   const long long total = ((n_strips + Cfg::STRIPS - 1) / Cfg::STRIPS) * ((k_steps + Cfg::KB - 1) / Cfg::KB);
   long long blocks = (long long)ps.dev.sms * ps.occ;
   blocks = blocks < total ? blocks : total;
-  kernel<<<int(blocks), Cfg::kThreads, ps.smem, stream>>>(a, ps.stages);
-  return cudaGetLastError();
+  cudaLaunchConfig_t cfg = {};
+  cfg.gridDim = dim3(unsigned(blocks));
+  cfg.blockDim = dim3(Cfg::kThreads);
+  cfg.dynamicSmemBytes = ps.smem;
+  cfg.stream = stream;
+  cudaLaunchAttribute attr[1];
+  attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  attr[0].val.programmaticStreamSerializationAllowed = 1;
+  cfg.attrs = attr;
+  cfg.numAttrs = gemm_options().pdl ? 1 : 0;
+  return cudaLaunchKernelEx(&cfg, kernel, a, ps.stages);
 }
 
 // Whether this call can take the wgmma kernel: option on, sm_90a code loaded on this device,

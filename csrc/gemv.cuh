@@ -28,21 +28,6 @@ inline GemvOptions& gemv_options() {
   return o;
 }
 
-// Programmatic dependent launch (sm_90): `launch_dependents` lets the next kernel of the stream
-// (launched with the PDL attribute) start its blocks while this one runs; `wait` blocks until
-// every earlier grid of the stream has finished and its writes are visible. No-ops below sm_90
-// and for kernels launched without the attribute.
-__device__ __forceinline__ void pdl_launch_dependents() {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  asm volatile("griddepcontrol.launch_dependents;\n" ::: "memory");
-#endif
-}
-__device__ __forceinline__ void pdl_wait() {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  asm volatile("griddepcontrol.wait;\n" ::: "memory");
-#endif
-}
-
 // Steps per chunk: 4 KB of codes per warp (2 KB when 32 tokens need the registers).
 template <int BITS, int MB>
 __host__ __device__ constexpr int gemv_steps() {

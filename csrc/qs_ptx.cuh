@@ -84,6 +84,21 @@ __device__ __forceinline__ void cp_async16_at(uint32_t addr, const void* gmem, b
   asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(addr), "l"(gmem), "r"(src_bytes));
 }
 
+// Programmatic dependent launch (sm_90): `launch_dependents` lets the next kernel of the stream
+// (launched with the PDL attribute) start its blocks while this one runs; `wait` blocks until
+// every earlier grid of the stream has finished and its writes are visible. No-ops below sm_90
+// and for kernels launched without the attribute.
+__device__ __forceinline__ void pdl_launch_dependents() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.launch_dependents;\n" ::: "memory");
+#endif
+}
+__device__ __forceinline__ void pdl_wait() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.wait;\n" ::: "memory");
+#endif
+}
+
 // 16-byte global -> shared copy; src_bytes 0 fills the destination with zeros (out-of-range tiles).
 __device__ __forceinline__ void cp_async16(void* smem, const void* gmem, bool valid) {
   uint32_t addr = static_cast<uint32_t>(__cvta_generic_to_shared(smem));

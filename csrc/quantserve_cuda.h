@@ -52,9 +52,10 @@ cudaError_t qs_gemv(const QsMatmulArgs* args, cudaStream_t stream);
 // running the sm_90a code, m <= 128 takes the wgmma kernel when accum is large enough for n.
 cudaError_t qs_gemm(const QsMatmulArgs* args, cudaStream_t stream);
 // GEMM options, process-wide (set before capturing a graph): wgmma = 0 sends every call to the
-// mma.sync kernel. Default 1.
-void qs_gemm_set_options(int wgmma);
-int qs_gemm_get_options(void);
+// mma.sync kernel; pdl = 0 launches the wgmma kernel without programmatic dependent launch.
+// Default 1, 1.
+void qs_gemm_set_options(int wgmma, int pdl);
+void qs_gemm_get_options(int* wgmma, int* pdl);
 // Whether `device` runs the wgmma kernel (sm_90a code loaded); probed once, by qs_workspace_need
 // or here (runs a one-thread kernel: call it outside graph capture).
 int qs_wgmma_probe(int device);

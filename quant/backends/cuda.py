@@ -103,7 +103,7 @@ def extension():
             if os.environ.get("QUANTSERVE_GEMV_PDL", "1") == "0":  # escape hatch: no PDL launches
                 ext.gemv_set_options(False, ext.gemv_get_options()[1])
             if os.environ.get("QUANTSERVE_GEMM_WGMMA", "1") == "0":  # escape hatch: no wgmma GEMM
-                ext.gemm_set_options(False)
+                ext.gemm_set_options(False, ext.gemm_get_options()[1])
             _EXT = ext
         except Exception as exc:  # noqa: BLE001 - the reason is reported per layer
             _EXT_ERROR = str(exc)
@@ -210,17 +210,19 @@ class CudaBackend:
 
 
 @contextlib.contextmanager
-def gemm_launch_options(wgmma: bool):
-    """Let Hopper GEMM calls of up to 128 tokens use the wgmma kernel (True, the default) or send
-    every GEMM call to the mma.sync kernel (False), for the duration (process-wide, so before
-    capturing a graph). The previous setting comes back on exit."""
+def gemm_launch_options(wgmma: bool | None = None, pdl: bool | None = None):
+    """For the duration (process-wide, so before capturing a graph): wgmma lets Hopper GEMM calls
+    of up to 128 tokens use the wgmma kernel (True, the default) or sends every GEMM call to the
+    mma.sync kernel (False); pdl launches the wgmma kernel with programmatic dependent launch (True,
+    the default: its first weight stages are copied while the kernel before it finishes) or
+    without. None keeps an option as it is; the previous options come back on exit."""
     ext = extension()
     saved = ext.gemm_get_options()
-    ext.gemm_set_options(wgmma)
+    ext.gemm_set_options(saved[0] if wgmma is None else wgmma, saved[1] if pdl is None else pdl)
     try:
         yield
     finally:
-        ext.gemm_set_options(saved)
+        ext.gemm_set_options(*saved)
 
 
 _WGMMA: dict[int, bool] = {}

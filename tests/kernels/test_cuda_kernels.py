@@ -117,6 +117,49 @@ def test_gemm_kernels_at_17_to_128_tokens(wgmma, k, n, bits, group_size, sym):
             _check(layer, (17, 33, 48, 64, 65, 100, 128), dtype, ops=("gemm",))
 
 
+@pytest.mark.parametrize("pdl", [True, False])
+def test_chained_gemms_see_the_previous_output(pdl):
+    """Back-to-back GEMM calls on one stream, each reading the previous call's output (written into
+    NaN-poisoned buffers) and sharing the split-K accumulators, eagerly and in a CUDA graph. With
+    programmatic dependent launch a kernel copies its weights before the previous one has
+    finished but must not read x or touch the accumulators until it has: a misplaced wait shows as
+    NaN or a result that is not layer(previous output)."""
+    layers = [_layer(4096, 4096, 4, 128, sym=False), _layer(4096, 11008, 4, 128),
+              _layer(11008, 4096, 4, 32, sym=False), _layer(4096, 4096, 8, 64)]
+    with cuda_backend.gemm_launch_options(pdl=pdl):
+        for m in (24, 64, 100):
+            x0 = torch.randn(m, 4096, device="cuda", dtype=torch.float16) * 0.01  # ~5x growth per layer
+            outs = [torch.empty(m, layer.out_features, device="cuda", dtype=torch.float16) for layer in layers]
+
+            def chain():
+                h = x0
+                for layer, out in zip(layers, outs):
+                    h = cuda_backend.matmul(layer.kernel_state, h, out=out, op="gemm")
+
+            def check(how):
+                torch.cuda.synchronize()
+                h = x0
+                for i, (layer, out) in enumerate(zip(layers, outs)):
+                    assert torch.isfinite(out).all(), f"{how} m={m}: layer {i} left unwritten or read NaN"
+                    ref = kernels.reference(layer, h)
+                    err = ((out.float() - ref).norm() / ref.norm()).item()
+                    assert err < TOL[torch.float16], f"{how} m={m}: layer {i} is not layer(previous): {err:.2e}"
+                    h = out
+
+            for out in outs:
+                out.fill_(float("nan"))
+            chain()
+            check("eager")
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                chain()
+            for _ in range(2):
+                for out in outs:
+                    out.fill_(float("nan"))
+                graph.replay()
+                check("graph")
+
+
 def test_dispatch_graph_capture_and_repeatability():
     layer = _layer(4096, 4096, 4, 128, sym=False)
     model = torch.nn.Sequential(layer)

@@ -18,14 +18,14 @@ class _Ext:
         self.calls.append((pdl, wave_div))
         self.options = (pdl, wave_div)
 
-    wgmma = True
+    gemm = (True, True)
 
     def gemm_get_options(self):
-        return self.wgmma
+        return self.gemm
 
-    def gemm_set_options(self, wgmma):
-        self.calls.append(("gemm", wgmma))
-        self.wgmma = wgmma
+    def gemm_set_options(self, wgmma, pdl):
+        self.calls.append(("gemm", wgmma, pdl))
+        self.gemm = (wgmma, pdl)
 
 
 def test_options_apply_inside_and_come_back(monkeypatch):
@@ -47,11 +47,15 @@ def test_gemm_option_applies_inside_and_comes_back(monkeypatch):
     ext = _Ext()
     monkeypatch.setattr(cuda_backend, "extension", lambda: ext)
     with cuda_backend.gemm_launch_options(False):
-        assert ext.wgmma is False
-    assert ext.wgmma is True
-    with pytest.raises(RuntimeError), cuda_backend.gemm_launch_options(False):
+        assert ext.gemm == (False, True)  # pdl kept
+    assert ext.gemm == (True, True)
+    with cuda_backend.gemm_launch_options(pdl=False):  # None keeps wgmma as it is
+        assert ext.gemm == (True, False)
+    assert ext.gemm == (True, True)
+    with pytest.raises(RuntimeError), cuda_backend.gemm_launch_options(False, False):
+        assert ext.gemm == (False, False)
         raise RuntimeError("the block failed")
-    assert ext.wgmma is True and ext.calls[-1] == ("gemm", True)
+    assert ext.gemm == (True, True) and ext.calls[-1] == ("gemm", True, True)
 
 
 def test_pick_op_sends_17_to_32_tokens_to_the_wgmma_gemm_only_where_it_runs():
