@@ -289,7 +289,7 @@ def main() -> None:
     # (op, batch sizes, wgmma allowed, PDL for the wgmma kernel): the GEMM where the GEMV is the
     # default, the wgmma kernel without PDL, and the mma.sync GEMM (the previous kernel) where the
     # Hopper wgmma kernel is the default, timed in the same process.
-    extra = {"ours_gemm_forced": ("gemm", {16, 32}, True, True),
+    extra = {"ours_gemm_forced": ("gemm", {8, 12, 16, 32}, True, True),
              "ours_wgmma_no_pdl": ("gemm", {32, 64, 128}, True, False),
              "ours_gemm_mma_sync": ("gemm", {16, 32, 64, 128}, False, True)}
     for name in args.backends.split(","):

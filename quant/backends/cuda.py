@@ -53,8 +53,9 @@ ACCUM_MIN_N = 65536  # strip accumulators sized for at least this many output co
 # 7.2 vs 7.2, M=8 8.7 vs 7.4: the in-kernel gather wins while x stays in L1.
 FUSED_GATHER_BYTES = 32 * 1024
 # From this many tokens a GEMV-sized call (<= gemv_max_m) goes to the GEMM when it runs the Hopper
-# wgmma kernel. H200, decode-step linears: M=16 GEMV 2.97 ms vs wgmma 3.89; M=32 GEMV 5.50 vs 4.18.
-WGMMA_MIN_M = 17
+# wgmma kernel. H100, decode-step linears, one process (v5d): M=16 GEMV 2.912 ms vs wgmma 2.818;
+# M=32 GEMV 5.360 vs 3.086 (v4 on H200 had M=16 at GEMV 2.97 vs wgmma 3.89).
+WGMMA_MIN_M = 16
 
 
 def arch_flags(archs: tuple[str, ...]) -> tuple[str, ...]:

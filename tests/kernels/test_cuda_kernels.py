@@ -114,7 +114,7 @@ def test_gemm_kernels_at_17_to_128_tokens(wgmma, k, n, bits, group_size, sym):
     layer = _layer(k, n, bits, group_size, sym=sym, bias=bits == 8)
     with cuda_backend.gemm_launch_options(wgmma):
         for dtype in (torch.float16, torch.bfloat16):
-            _check(layer, (17, 33, 48, 64, 65, 100, 128), dtype, ops=("gemm",))
+            _check(layer, (16, 17, 33, 48, 64, 65, 100, 128), dtype, ops=("gemm",))
 
 
 @pytest.mark.parametrize("pdl", [True, False])
