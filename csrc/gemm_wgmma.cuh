@@ -414,6 +414,14 @@ template <typename T, int BITS>
 cudaError_t gemm_wgmma_by_m(const QsMatmulArgs& a, cudaStream_t s) {
   // 4 strips per block in both: one strip per warpgroup (128 columns) measured 1.5% faster at M=64
   // and 5% slower at M=128 on H200.
+  // Narrow layers (o, down of a 7B: 16 tiles of 256 columns) split each tile over ~16 blocks; from
+  // 33 tokens 128-column tiles (half the partial, and the reds, per block) are faster. H100, decode
+  // step with n <= 8192 narrow: M=64 4.268 vs 4.629 ms, M=128 7.112 vs 7.624; but M=16 3.048 vs
+  // 2.871, M=32 3.208 vs 3.079, so up to 32 tokens the tiles stay 256 columns wide.
+  if (a.n <= 8192 && a.m > 32) {
+    if (a.m <= 64) return launch_gemm_wgmma<T, BITS, 64, 1>(a, s);
+    return launch_gemm_wgmma<T, BITS, 128, 1>(a, s);
+  }
   if (a.m <= 64) return launch_gemm_wgmma<T, BITS, 64, 2>(a, s);
   return launch_gemm_wgmma<T, BITS, 128, 2>(a, s);
 }
