@@ -291,7 +291,7 @@ def main() -> None:
     # Hopper wgmma kernel is the default, timed in the same process.
     extra = {"ours_gemm_forced": ("gemm", {8, 12, 16, 32}, True, True),
              "ours_wgmma_no_pdl": ("gemm", {32, 64, 128}, True, False),
-             "ours_gemm_mma_sync": ("gemm", {16, 32, 64, 128}, False, True)}
+             "ours_gemm_mma_sync": ("gemm", {16, 32, 64, 128, 256, 512}, False, True)}
     for name in args.backends.split(","):
         bench_backend(name, ms, args.layers, rows, steps, extra)
     result = {"gpu": gpu, "torch": torch.__version__, "wgmma": cuda_backend.wgmma_available(), "cuda": torch.version.cuda, "group_size": GROUP,

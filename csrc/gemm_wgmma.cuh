@@ -399,6 +399,11 @@ cudaError_t launch_gemm_wgmma(const QsMatmulArgs& a, cudaStream_t stream) {
   return cudaLaunchKernelEx(&cfg, kernel, a, ps.stages);
 }
 
+// Calls of 129 to this many tokens run the wgmma kernel over 128-token slices (gemm.cuh). H100,
+// decode-step linears: M=256 14.65 ms vs 16.96 with the mma.sync GEMM, M=512 29.73 vs 31.46; larger
+// calls (prefill chunks) keep the mma.sync GEMM until measured.
+constexpr int kWgmmaSlicedMaxM = 512;
+
 // Whether this call can take the wgmma kernel: option on, sm_90a code loaded on this device,
 // m <= 128, and strip accumulators sized for n.
 inline bool wgmma_usable(const QsMatmulArgs& a) {

@@ -49,7 +49,8 @@ typedef struct QsMatmulArgs {
 // M <= 32: swap-AB tensor-core GEMV (weights are the MMA's A operand, tokens its n8 side).
 cudaError_t qs_gemv(const QsMatmulArgs* args, cudaStream_t stream);
 // Any M: cp.async-pipelined tensor-core GEMM; stream-K over (tile, k-stage) units. On a Hopper GPU
-// running the sm_90a code, m <= 128 takes the wgmma kernel when accum is large enough for n.
+// running the sm_90a code, m <= 512 takes the wgmma kernel (above 128 in 128-token slices) when accum
+// is large enough for n.
 cudaError_t qs_gemm(const QsMatmulArgs* args, cudaStream_t stream);
 // GEMM options, process-wide (set before capturing a graph): wgmma = 0 sends every call to the
 // mma.sync kernel; pdl = 0 launches the wgmma kernel without programmatic dependent launch.
