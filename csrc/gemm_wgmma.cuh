@@ -1,5 +1,6 @@
-// Hopper GEMM for 17-128 tokens: warpgroup MMA (wgmma) with the dequantised weights as the
-// register A operand and the tokens as the shared-memory B operand (swap-AB, like the GEMV).
+// Hopper GEMM for 16-128 tokens (gemm.cuh runs it over 128-token slices up to 512): warpgroup MMA
+// (wgmma) with the dequantised weights as the register A operand and the tokens as the shared-memory
+// B operand (swap-AB, like the GEMV).
 // Why this shape: at 64-128 tokens the mma.sync GEMM (gemm.cuh) spends its time widening codes
 // into a shared-memory tile, reading it back with ldmatrix and waiting on barriers; here each warp
 // widens only its own 16 output columns of a k16 step (one 4-byte shared load, 4 LOP3 + 8 packed
@@ -84,9 +85,7 @@ __global__ void __launch_bounds__(256, NTOK * SPW <= 128 && BITS == 4 ? 2 : 1) g
   const uint32_t smem_addr = raw_addr + ((1024 - (raw_addr & 1023)) & 1023);
   auto x_at = [&](int buf) { return smem_addr + uint32_t(buf * Cfg::X_BYTES); };
   auto w_at = [&](int buf) { return smem_addr + uint32_t(stages * Cfg::X_BYTES + buf * Cfg::REST_BYTES); };
-  auto stage_x = [&](int buf) { return reinterpret_cast<T*>(smem + buf * Cfg::X_BYTES); };
   auto rest = [&](int buf) { return smem + stages * Cfg::X_BYTES + buf * Cfg::REST_BYTES; };
-  auto stage_w = [&](int buf) { return reinterpret_cast<uint4*>(rest(buf)); };
   auto stage_s = [&](int buf) { return reinterpret_cast<uint4*>(rest(buf) + Cfg::W_BYTES); };
   auto stage_z = [&](int buf) { return reinterpret_cast<uint4*>(rest(buf) + Cfg::W_BYTES + Cfg::S_BYTES); };
 
