@@ -33,9 +33,14 @@ __device__ __forceinline__ void mma_16816<__nv_bfloat16>(float (&d)[4], const ui
       : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
 }
 
+// The 32-bit shared-window address of a generic pointer into shared memory.
+__device__ __forceinline__ uint32_t smem_u32(const void* smem) {
+  return static_cast<uint32_t>(__cvta_generic_to_shared(smem));
+}
+
 // Four 8x8 b16 matrices from shared memory; lane l supplies the row address of matrix l/8.
 __device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], const void* smem) {
-  uint32_t addr = static_cast<uint32_t>(__cvta_generic_to_shared(smem));
+  const uint32_t addr = smem_u32(smem);
   asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
                : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
                : "r"(addr));
@@ -43,29 +48,15 @@ __device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], const void* smem) 
 
 __device__ __forceinline__ uint4 lds128(const void* smem) {
   uint4 v;
-  uint32_t addr = static_cast<uint32_t>(__cvta_generic_to_shared(smem));
+  const uint32_t addr = smem_u32(smem);
   asm volatile("ld.shared.v4.u32 {%0,%1,%2,%3}, [%4];\n"
                : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
                : "r"(addr));
   return v;
 }
 
-__device__ __forceinline__ uint32_t lds32(const void* smem) {
-  uint32_t v;
-  uint32_t addr = static_cast<uint32_t>(__cvta_generic_to_shared(smem));
-  asm volatile("ld.shared.u32 %0, [%1];\n" : "=r"(v) : "r"(addr));
-  return v;
-}
-
-__device__ __forceinline__ uint2 lds64(const void* smem) {
-  uint2 v;
-  uint32_t addr = static_cast<uint32_t>(__cvta_generic_to_shared(smem));
-  asm volatile("ld.shared.v2.u32 {%0,%1}, [%2];\n" : "=r"(v.x), "=r"(v.y) : "r"(addr));
-  return v;
-}
-
-// The same loads from a 32-bit shared-window address (computed once per kernel, then added to: the
-// generic-pointer forms above re-derive the window base on every call).
+// Shared-memory loads and cp.async copies take 32-bit shared-window addresses; a kernel that
+// computes its window offsets once adds to them (the generic-pointer forms below convert per call).
 __device__ __forceinline__ uint32_t lds32_at(uint32_t addr) {
   uint32_t v;
   asm volatile("ld.shared.u32 %0, [%1];\n" : "=r"(v) : "r"(addr));
@@ -78,10 +69,16 @@ __device__ __forceinline__ uint2 lds64_at(uint32_t addr) {
   return v;
 }
 
-// 16-byte global -> shared copy to a 32-bit shared-window address; src_bytes 0 zero-fills.
+// 16-byte global -> shared copy; src_bytes 0 fills the destination with zeros (out-of-range tiles).
 __device__ __forceinline__ void cp_async16_at(uint32_t addr, const void* gmem, bool valid) {
   int src_bytes = valid ? 16 : 0;
   asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(addr), "l"(gmem), "r"(src_bytes));
+}
+
+__device__ __forceinline__ uint32_t lds32(const void* smem) { return lds32_at(smem_u32(smem)); }
+__device__ __forceinline__ uint2 lds64(const void* smem) { return lds64_at(smem_u32(smem)); }
+__device__ __forceinline__ void cp_async16(void* smem, const void* gmem, bool valid) {
+  cp_async16_at(smem_u32(smem), gmem, valid);
 }
 
 // Programmatic dependent launch (sm_90): `launch_dependents` lets the next kernel of the stream
@@ -97,14 +94,6 @@ __device__ __forceinline__ void pdl_wait() {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
   asm volatile("griddepcontrol.wait;\n" ::: "memory");
 #endif
-}
-
-// 16-byte global -> shared copy; src_bytes 0 fills the destination with zeros (out-of-range tiles).
-__device__ __forceinline__ void cp_async16(void* smem, const void* gmem, bool valid) {
-  uint32_t addr = static_cast<uint32_t>(__cvta_generic_to_shared(smem));
-  int src_bytes = valid ? 16 : 0;
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(addr), "l"(gmem),
-               "r"(src_bytes));
 }
 
 __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
