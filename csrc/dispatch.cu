@@ -1,5 +1,5 @@
 // The C entry points of quantserve_cuda.h that route to the per-dtype kernels.
-#include "gemm_wgmma.cuh"
+#include "gemm_wgmma_launch.cuh"
 #include "gemv.cuh"
 #include "quantserve_cuda.h"
 

@@ -8,7 +8,7 @@
 // MMAs of stage u, with one barrier per stage.
 #pragma once
 
-#include "gemm_wgmma.cuh"
+#include "gemm_wgmma_launch.cuh"
 #include "qs_dequant.cuh"
 #include "qs_launch.cuh"
 #include "qs_stage.cuh"
@@ -318,26 +318,11 @@ cudaError_t launch_gemm(const QsMatmulArgs& a, cudaStream_t stream, long long* n
 }
 
 // Tile shape by batch size (warp tiles 64x32 or 64x64, 8 warps); on Hopper up to 512 tokens go to
-// the wgmma kernel (gemm_wgmma.cuh; above 128 in slices) unless qs_gemm_set_options turned it off.
+// the wgmma kernel (gemm_wgmma_launch.cuh; above 128 in slices) unless qs_gemm_set_options turned
+// it off.
 template <typename T, int BITS>
 cudaError_t gemm_by_m(const QsMatmulArgs& a, cudaStream_t s, long long* nf, int* nc) {
-  if (nf == nullptr && wgmma_usable(a)) return gemm_wgmma_by_m<T, BITS>(a, s);  // Hopper, m <= 128
-  if (nf == nullptr && a.m <= kWgmmaSlicedMaxM) {
-    // Hopper, 129..kWgmmaSlicedMaxM tokens: the wgmma kernel over 128-token slices of x and y, one
-    // launch each (they share the strip accumulators, re-zeroed by each launch's drains).
-    QsMatmulArgs c = a;
-    c.m = 128;
-    if (wgmma_usable(c)) {
-      for (int m0 = 0; m0 < a.m; m0 += 128) {
-        c.m = a.m - m0 < 128 ? a.m - m0 : 128;
-        c.x = static_cast<const T*>(a.x) + (long long)m0 * a.k;
-        c.y = static_cast<T*>(a.y) + (long long)m0 * a.n;
-        const cudaError_t err = gemm_wgmma_by_m<T, BITS>(c, s);
-        if (err != cudaSuccess) return err;
-      }
-      return cudaSuccess;
-    }
-  }
+  if (nf == nullptr && wgmma_usable(a)) return gemm_wgmma_by_m<T, BITS>(a, s);  // Hopper, m <= 512
   if (a.m <= 64) return launch_gemm<T, BITS, 4, 2, 1, 8>(a, s, nf, nc);   // 64 x 256
   if (a.m <= 128) return launch_gemm<T, BITS, 4, 4, 2, 4>(a, s, nf, nc);  // 128 x 256
   return launch_gemm<T, BITS, 4, 4, 4, 2>(a, s, nf, nc);                  // 256 x 128

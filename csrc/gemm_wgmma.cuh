@@ -1,6 +1,6 @@
-// Hopper GEMM for 16-128 tokens (gemm.cuh runs it over 128-token slices up to 512): warpgroup MMA
-// (wgmma) with the dequantised weights as the register A operand and the tokens as the shared-memory
-// B operand (swap-AB, like the GEMV).
+// Hopper GEMM kernel for up to 128 tokens (gemm_wgmma_launch.cuh launches it, over 128-token slices
+// up to 512): warpgroup MMA (wgmma) with the dequantised weights as the register A operand and the
+// tokens as the shared-memory B operand (swap-AB, like the GEMV).
 // Why this shape: at 64-128 tokens the mma.sync GEMM (gemm.cuh) spends its time widening codes
 // into a shared-memory tile, reading it back with ldmatrix and waiting on barriers; here each warp
 // widens only its own 16 output columns of a k16 step (one 4-byte shared load, 4 LOP3 + 8 packed
@@ -20,12 +20,6 @@
 #include "quantserve_cuda.h"
 
 namespace qs {
-
-// Per device: 1 when the loaded binary has the sm_90a wgmma code (set by qs_wgmma_probe).
-inline int (&wgmma_ready())[kMaxDevices] {
-  static int ready[kMaxDevices];
-  return ready;
-}
 
 template <typename T, int BITS, int NTOK, int SPW>
 struct WgCfg {
@@ -360,74 +354,6 @@ __global__ void __launch_bounds__(256, NTOK * SPW <= 128 && BITS == 4 ? 2 : 1) g
   }
   cp_async_wait(0);
 #endif
-}
-
-// Process-wide GEMM options (set through qs_gemm_set_options before capture).
-struct GemmOptions {
-  int wgmma = 1;  // Hopper: 17..128 tokens take the wgmma kernel (0: the mma.sync GEMM)
-  int pdl = 1;    // wgmma kernel: programmatic dependent launch (weights prefetched before the wait)
-};
-inline GemmOptions& gemm_options() {
-  static GemmOptions o;
-  return o;
-}
-
-template <typename T, int BITS, int NTOK, int SPW>
-cudaError_t launch_gemm_wgmma(const QsMatmulArgs& a, cudaStream_t stream) {
-  using Cfg = WgCfg<T, BITS, NTOK, SPW>;
-  static int occ_slot[kMaxDevices];
-  static int stage_slot[kMaxDevices];
-  auto kernel = gemm_wgmma_kernel<T, BITS, NTOK, SPW>;
-  PipelineShape ps;
-  cudaError_t err = pipeline_shape(kernel, Cfg::kThreads, Cfg::kStages, Cfg::smem_bytes, stage_slot, occ_slot, &ps);
-  if (err != cudaSuccess) return err;
-  const long long n_strips = (a.n + 63) / 64, k_steps = (a.k + 15) / 16;
-  const long long total = ((n_strips + Cfg::STRIPS - 1) / Cfg::STRIPS) * ((k_steps + Cfg::KB - 1) / Cfg::KB);
-  long long blocks = (long long)ps.dev.sms * ps.occ;
-  blocks = blocks < total ? blocks : total;
-  cudaLaunchConfig_t cfg = {};
-  cfg.gridDim = dim3(unsigned(blocks));
-  cfg.blockDim = dim3(Cfg::kThreads);
-  cfg.dynamicSmemBytes = ps.smem;
-  cfg.stream = stream;
-  cudaLaunchAttribute attr[1];
-  attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
-  attr[0].val.programmaticStreamSerializationAllowed = 1;
-  cfg.attrs = attr;
-  cfg.numAttrs = gemm_options().pdl ? 1 : 0;
-  return cudaLaunchKernelEx(&cfg, kernel, a, ps.stages);
-}
-
-// Calls of 129 to this many tokens run the wgmma kernel over 128-token slices (gemm.cuh). H100,
-// decode-step linears: M=256 14.65 ms vs 16.96 with the mma.sync GEMM, M=512 29.73 vs 31.46; larger
-// calls (prefill chunks) keep the mma.sync GEMM until measured.
-constexpr int kWgmmaSlicedMaxM = 512;
-
-// Whether this call can take the wgmma kernel: option on, sm_90a code loaded on this device,
-// m <= 128, and strip accumulators sized for n.
-inline bool wgmma_usable(const QsMatmulArgs& a) {
-  if (!gemm_options().wgmma || a.m > 128 || a.accum == nullptr || a.accum_counters == nullptr) return false;
-  int device = 0;
-  if (cudaGetDevice(&device) != cudaSuccess || device < 0 || device >= kMaxDevices) return false;
-  const long long n_strips = (a.n + 63) / 64;
-  return wgmma_ready()[device] == 1 && a.accum_floats >= n_strips * kAccumPerStrip &&
-         a.num_accum_counters >= n_strips;
-}
-
-template <typename T, int BITS>
-cudaError_t gemm_wgmma_by_m(const QsMatmulArgs& a, cudaStream_t s) {
-  // 4 strips per block in both: one strip per warpgroup (128 columns) measured 1.5% faster at M=64
-  // and 5% slower at M=128 on H200.
-  // Narrow layers (o, down of a 7B: 16 tiles of 256 columns) split each tile over ~16 blocks; from
-  // 33 tokens 128-column tiles (half the partial, and the reds, per block) are faster. H100, decode
-  // step with n <= 8192 narrow: M=64 4.268 vs 4.629 ms, M=128 7.112 vs 7.624; but M=16 3.048 vs
-  // 2.871, M=32 3.208 vs 3.079, so up to 32 tokens the tiles stay 256 columns wide.
-  if (a.n <= 8192 && a.m > 32) {
-    if (a.m <= 64) return launch_gemm_wgmma<T, BITS, 64, 1>(a, s);
-    return launch_gemm_wgmma<T, BITS, 128, 1>(a, s);
-  }
-  if (a.m <= 64) return launch_gemm_wgmma<T, BITS, 64, 2>(a, s);
-  return launch_gemm_wgmma<T, BITS, 128, 2>(a, s);
 }
 
 }  // namespace qs
