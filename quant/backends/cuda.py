@@ -211,27 +211,33 @@ class CudaBackend:
 
 
 @contextlib.contextmanager
+def _scoped_options(get: Callable[[], tuple], set_: Callable[..., None], new: tuple):
+    """Set process-wide extension options for the duration: `new` holds one value per option, None
+    keeping that option as it is; the previous options come back on exit, also on an error."""
+    saved = get()
+    set_(*(old if value is None else value for old, value in zip(saved, new)))
+    try:
+        yield
+    finally:
+        set_(*saved)
+
+
 def gemm_launch_options(wgmma: bool | None = None, pdl: bool | None = None):
     """For the duration (process-wide, so before capturing a graph): wgmma lets Hopper GEMM calls
-    of up to 128 tokens use the wgmma kernel (True, the default) or sends every GEMM call to the
+    of 16-512 tokens use the wgmma kernel (True, the default) or sends every GEMM call to the
     mma.sync kernel (False); pdl launches the wgmma kernel with programmatic dependent launch (True,
     the default: its first weight stages are copied while the kernel before it finishes) or
     without. None keeps an option as it is; the previous options come back on exit."""
     ext = extension()
-    saved = ext.gemm_get_options()
-    ext.gemm_set_options(saved[0] if wgmma is None else wgmma, saved[1] if pdl is None else pdl)
-    try:
-        yield
-    finally:
-        ext.gemm_set_options(*saved)
+    return _scoped_options(ext.gemm_get_options, ext.gemm_set_options, (wgmma, pdl))
 
 
 _WGMMA: dict[int, bool] = {}
 
 
 def wgmma_available(device: torch.device | int | None = None) -> bool:
-    """Whether GEMM calls of up to 128 tokens on this device run the sm_90a wgmma kernel (asked of
-    the extension once per device)."""
+    """Whether GEMM calls of 16-512 tokens on this device run the sm_90a wgmma kernel (asked of the
+    extension once per device)."""
     index = _device_index(device)
     found = _WGMMA.get(index)
     if found is None:
@@ -239,17 +245,11 @@ def wgmma_available(device: torch.device | int | None = None) -> bool:
     return found
 
 
-@contextlib.contextmanager
 def gemv_launch_options(pdl: bool | None = None, wave_div: int | None = None):
     """Set the GEMV launch options for the duration (process-wide, so before capturing a graph);
     None keeps an option as it is. The previous options come back on exit."""
     ext = extension()
-    saved = ext.gemv_get_options()
-    ext.gemv_set_options(saved[0] if pdl is None else pdl, saved[1] if wave_div is None else wave_div)
-    try:
-        yield
-    finally:
-        ext.gemv_set_options(*saved)
+    return _scoped_options(ext.gemv_get_options, ext.gemv_set_options, (pdl, wave_div))
 
 
 def pick_op(m: int, wgmma: Callable[[], bool]) -> str:
