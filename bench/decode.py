@@ -76,16 +76,36 @@ def time_decode(engine: LLMEngine, batch: int, steps: int, warmup: int = 8) -> d
             "mean_context": PROMPT_LEN + warmup + steps / 2}
 
 
+def time_prefill(engine: LLMEngine, prompt_len: int, reps: int = 3) -> dict:
+    """Time to first token of one prompt of `prompt_len` tokens on an idle engine (the scheduler
+    prefills it in chunks of max_num_batched_tokens); median of `reps` after one warm-up."""
+    vocab = engine.model.config.vocab_size
+    params = SamplingParams(max_tokens=1, temperature=0.0, ignore_eos=True)
+    g = torch.Generator().manual_seed(prompt_len)
+    times = []
+    for i in range(reps + 1):
+        prompt = torch.randint(0, vocab, (prompt_len,), generator=g).tolist()
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        engine.add_request(f"p{prompt_len}-{i}", prompt, params)
+        while engine.requests:
+            engine.step()
+        torch.cuda.synchronize()
+        times.append(time.perf_counter() - t0)
+    ttft = sorted(times[1:])[len(times[1:]) // 2]
+    return {"prompt_len": prompt_len, "ttft_ms": ttft * 1e3, "prefill_tokens_per_s": prompt_len / ttft}
+
+
 def gpu_main(args: argparse.Namespace) -> dict:
     dev = torch.device("cuda")
     bw = copy_bandwidth()
     config = dummy_config(args.preset)
     quant = QuantConfig(bits=4, group_size=args.group_size)
-    max_len = PROMPT_LEN + args.steps + 64
-    ecfg = EngineConfig(max_model_len=max_len, max_num_seqs=max(args.batch),
-                        max_num_batched_tokens=max(1024, max(args.batch) * PROMPT_LEN),
-                        kv_cache_gb=args.kv_gb, cuda_graph_max_batch=max(args.batch))
-    rows = []
+    max_len = max([PROMPT_LEN + args.steps + 64] + [p + 8 for p in args.prefill])
+    ecfg = EngineConfig(max_model_len=max_len, max_num_seqs=max(args.batch, default=1),
+                        max_num_batched_tokens=max(1024, max(args.batch, default=1) * PROMPT_LEN),
+                        kv_cache_gb=args.kv_gb, cuda_graph_max_batch=max(args.batch, default=1))
+    rows, prefill = [], []
     variants = [("int4", quant)] + ([] if args.no_fp16 else [("fp16", None)])
     for label, q in variants:
         try:
@@ -97,6 +117,12 @@ def gpu_main(args: argparse.Namespace) -> dict:
         lin, head = weight_bytes(model)
         per_tok_kv = kv_bytes_per_token(model)
         engine = LLMEngine(model, ecfg, eos_token_ids=[])
+        for p_len in args.prefill:
+            r = time_prefill(engine, p_len)
+            r.update(variant=label, backends=backends)
+            prefill.append(r)
+            print(f"{label:5s} prefill {p_len:6d} tokens: TTFT {r['ttft_ms']:.1f} ms, "
+                  f"{r['prefill_tokens_per_s']:.0f} tok/s")
         for b in args.batch:
             r = time_decode(engine, b, args.steps)
             step_bytes = lin + head + b * per_tok_kv * r["mean_context"]
@@ -114,8 +140,12 @@ def gpu_main(args: argparse.Namespace) -> dict:
         base = next((x for x in rows if x["variant"] == "fp16" and x["batch"] == r["batch"]), None)
         if base is not None:
             r["speedup_vs_fp16"] = r["tokens_per_s"] / base["tokens_per_s"]
+    for r in prefill:
+        base = next((x for x in prefill if x["variant"] == "fp16" and x["prompt_len"] == r["prompt_len"]), None)
+        if base is not None:
+            r["speedup_vs_fp16"] = base["ttft_ms"] / r["ttft_ms"]
     return {"preset": args.preset, "group_size": args.group_size, "copy_bandwidth_bytes_per_s": bw,
-            "results": rows}
+            "max_num_batched_tokens": ecfg.max_num_batched_tokens, "results": rows, "prefill": prefill}
 
 
 def cpu_main(args: argparse.Namespace) -> dict:
@@ -149,7 +179,9 @@ def cpu_main(args: argparse.Namespace) -> dict:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--preset", default="llama-2-7b")
-    p.add_argument("--batch", type=int, nargs="+", default=[1])
+    p.add_argument("--batch", type=int, nargs="*", default=[1])
+    p.add_argument("--prefill", type=int, nargs="*", default=[],
+                   help="prompt lengths whose time to first token is measured (GPU)")
     p.add_argument("--steps", type=int, default=256)
     p.add_argument("--group-size", type=int, default=128)
     p.add_argument("--kv-gb", type=float, default=4.0)

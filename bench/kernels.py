@@ -112,7 +112,7 @@ def step_order(layers: int) -> list[str]:
     return [name for _ in range(layers) for name in ("qkv", "o", "gate_up", "down")] + ["lm_head"]
 
 
-def bench_backend(name, ms, layers, rows, steps, extra_ops):
+def bench_backend(name, ms, layers, rows, steps, extra_ops, sweep=False):
     make, call, dtype, nbytes = BACKENDS[name]
     try:
         weights = {s: [make(*SHAPES[s]) for _ in range(layers if s != "lm_head" else 4)] for s in SHAPES}
@@ -137,6 +137,8 @@ def bench_backend(name, ms, layers, rows, steps, extra_ops):
                 interleaved_step(m, order, weights, xs, call, name, steps)
             elif name == "cublas_fp16" and m == 1:
                 interleaved_step(m, order, weights, xs, call, name, steps)
+            if name == "ours" and sweep and m in DEQUANT_SWEEP_MS:
+                dequant_variants(m, order, weights, xs, steps)
             for label, (op, sub_ms, wgmma, pdl) in extra_ops.items():
                 if name == "ours" and m in sub_ms:
                     with cuda_backend.gemm_launch_options(wgmma, pdl):
@@ -152,6 +154,10 @@ def bench_backend(name, ms, layers, rows, steps, extra_ops):
 
 
 GEMV_VARIANTS = ((False, 1), (False, 2), (True, 1), (True, 2))  # (pdl, wave_div)
+# With --dequant-sweep: token counts at which the dequantise + cuBLAS path is timed over scratch
+# chunk sizes (MB; 0: the whole layer in one chunk), next to the dequantisation alone.
+DEQUANT_SWEEP_MS = {128, 256, 512, 1024, 2048}
+DEQUANT_CHUNKS_MB = (8, 16, 32, 64, 128, 0)
 
 
 def step_calls(order, weights, xs, call):
@@ -171,6 +177,36 @@ def gemv_variants(m, order, weights, xs, steps):
             ms_ = time_graph(step_calls(order, weights, xs, ours_call("gemv")), 10)
         steps.append({"m": m, "backend": f"ours_gemv_pdl{int(pdl)}_div{div}", "ms": round(ms_, 4)})
         print(f"  gemv pdl={int(pdl)} wave_div={div}: m={m} step {ms_:.3f} ms", flush=True)
+
+
+def dequant_variants(m, order, weights, xs, steps):
+    """The step through dequant_matmul at each scratch chunk size, and the dequantisation alone (the
+    same chunks, no GEMM), in this process."""
+    biggest = max(64 * (-(-n // 64)) * 16 * (-(-k // 16)) * 2 for k, n in SHAPES.values())
+    cuda_backend.workspace(torch.device("cuda"), scratch=biggest)
+    ext = cuda_backend.extension()
+
+    def widen_only(chunk_bytes):
+        def call(x, w):
+            scales, zeros, _ = w.constants[x.dtype]
+            ns, ks = w.qweight.shape[:2]
+            strip = 64 * 16 * ks * 2
+            per = max(1, min(ns, chunk_bytes // strip))
+            buf = cuda_backend.workspace(x.device).scratch[:per * strip].view(x.dtype).view(per * 64, 16 * ks)
+            for s0 in range(0, ns, per):
+                cnt = min(per, ns - s0)
+                ext.dequant(w.qweight, scales, zeros, buf[:cnt * 64], s0, w.bits, w.group_shift, w.zero_point)
+        return call
+
+    for mb in DEQUANT_CHUNKS_MB:
+        cb = biggest if mb == 0 else mb << 20
+        tag = "whole" if mb == 0 else f"{mb}mb"
+        calls = step_calls(order, weights, xs, lambda x, w, cb=cb: cuda_backend.dequant_matmul(w, x, chunk_bytes=cb))
+        steps.append({"m": m, "backend": f"ours_dequant_cublas_{tag}", "ms": round(time_graph(calls, 10), 4)})
+        alone = time_graph(step_calls(order, weights, xs, widen_only(cb)), 10)
+        steps.append({"m": m, "backend": f"ours_dequant_only_{tag}", "ms": round(alone, 4)})
+        print(f"  dequant+cuBLAS chunk {tag}: m={m} step {steps[-2]['ms']:.3f} ms (dequant alone {alone:.3f})",
+              flush=True)
 
 
 def interleaved_step(m, order, weights, xs, call, name, steps):
@@ -275,10 +311,12 @@ def plot(steps, copy_bw, path, gpu):
 
 def main() -> None:
     p = argparse.ArgumentParser()
-    p.add_argument("--ms", default="1,4,16,32,64,128,256")
+    p.add_argument("--ms", default="1,4,16,32,64,128,256,512,1024")
     p.add_argument("--layers", type=int, default=32)
     p.add_argument("--backends", default="ours,cublas_fp16,torch_int4")
     p.add_argument("--out", default=str(RESULTS))
+    p.add_argument("--dequant-sweep", action="store_true",
+                   help="also time the dequantise + cuBLAS path over scratch chunk sizes")
     args = p.parse_args()
     ms = [int(v) for v in args.ms.split(",")]
     gpu = torch.cuda.get_device_name()
@@ -287,13 +325,16 @@ def main() -> None:
           f"wgmma GEMM: {cuda_backend.wgmma_available()}", flush=True)
     rows, steps = [], []
     # (op, batch sizes, wgmma allowed, PDL for the wgmma kernel): the GEMM where the GEMV is the
-    # default, the wgmma kernel without PDL, and the mma.sync GEMM (the previous kernel) where the
-    # Hopper wgmma kernel is the default, timed in the same process.
+    # default, the wgmma kernel without PDL, the mma.sync GEMM (the previous kernel) where the
+    # Hopper wgmma kernel is the default, and the dequantise + cuBLAS path and the fused GEMM kernels
+    # on both sides of DEQUANT_MIN_M, timed in the same process.
     extra = {"ours_gemm_forced": ("gemm", {8, 12, 16, 32}, True, True),
              "ours_wgmma_no_pdl": ("gemm", {32, 64, 128}, True, False),
-             "ours_gemm_mma_sync": ("gemm", {16, 32, 64, 128, 256, 512}, False, True)}
+             "ours_gemm_mma_sync": ("gemm", {16, 32, 64, 128, 256, 512}, False, True),
+             "ours_dequant_cublas": ("dequant", {64, 128, 160, 192, 224, 256}, True, True),
+             "ours_fused_gemm": ("gemm", {160, 192, 224, 256, 512, 1024, 2048}, True, True)}
     for name in args.backends.split(","):
-        bench_backend(name, ms, args.layers, rows, steps, extra)
+        bench_backend(name, ms, args.layers, rows, steps, extra, args.dequant_sweep)
     result = {"gpu": gpu, "torch": torch.__version__, "wgmma": cuda_backend.wgmma_available(), "cuda": torch.version.cuda, "group_size": GROUP,
               "layers": args.layers, "copy_bw_tbs": round(copy_bw, 3), "read_bw_tbs": round(read_bw, 3),
               "per_shape": rows, "decode_step": steps, "targets": targets(steps, rows, copy_bw)}

@@ -22,7 +22,7 @@ def main() -> None:
     p.add_argument("--k", type=int, default=4096)
     p.add_argument("--n", type=int, default=4096)
     p.add_argument("--m", type=int, default=64)
-    p.add_argument("--op", choices=("gemv", "gemm"), default=None)
+    p.add_argument("--op", choices=("gemv", "gemm", "dequant"), default=None)
     p.add_argument("--no-wgmma", action="store_true", help="GEMM calls take the mma.sync kernel")
     p.add_argument("--calls", type=int, default=4, help="calls in a row (profile the last with -c/-s)")
     args = p.parse_args()

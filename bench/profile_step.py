@@ -1,6 +1,7 @@
 """Where one decode step's time goes: torch.profiler over engine steps of a dummy model.
 
     python -m bench.profile_step --preset llama-2-7b --batch 1 [--kernel NAME] [--eager]
+    python -m bench.profile_step --prefill 1024     # one prompt's prefill instead of decode steps
 Prints the wall time per step, the GPU time per step, and the top kernels by GPU time.
 """
 
@@ -28,26 +29,42 @@ def main() -> None:
     p.add_argument("--fp16", action="store_true", help="dense fp16 model instead of int4")
     p.add_argument("--eager", action="store_true")
     p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--prefill", type=int, default=0, help="profile the prefill of one prompt of this many tokens")
     args = p.parse_args()
+    if args.prefill:
+        args.steps = 1
     quant = None if args.fp16 else QuantConfig(bits=4, group_size=128)
     model = build_dummy_model(dummy_config(args.preset), quant, torch.device("cuda"), torch.float16)
     print("backends", finalize(model, args.kernel) if quant is not None else model.fuse_projections())
-    eng = LLMEngine(model, EngineConfig(max_model_len=512, kv_cache_gb=2, enforce_eager=args.eager,
+    eng = LLMEngine(model, EngineConfig(max_model_len=max(512, args.prefill + 8), kv_cache_gb=2,
+                                        enforce_eager=args.eager,
                                         cuda_graph_max_batch=max(1, args.batch)), [])
     params = SamplingParams(max_tokens=400, temperature=0, ignore_eos=True)
-    for i in range(args.batch):
-        eng.add_request(str(i), list(range(1, 33)), params)
-    for _ in range(10):
-        eng.step()
+    if args.prefill:
+        params = SamplingParams(max_tokens=1, temperature=0, ignore_eos=True)
+
+        def run() -> None:  # one whole prompt, chunked by the scheduler's token budget
+            eng.add_request(f"p{time.perf_counter()}", list(range(1, args.prefill + 1)), params)
+            while eng.requests:
+                eng.step()
+    else:
+        for i in range(args.batch):
+            eng.add_request(str(i), list(range(1, 33)), params)
+        for _ in range(10):
+            eng.step()
+
+        def run() -> None:
+            eng.step()
+    run()
     torch.cuda.synchronize()
     t0 = time.perf_counter()
     for _ in range(args.steps):
-        eng.step()
+        run()
     torch.cuda.synchronize()
     wall = (time.perf_counter() - t0) / args.steps
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         for _ in range(args.steps):
-            eng.step()
+            run()
         torch.cuda.synchronize()
     events = prof.key_averages()
     gpu_total = sum(e.self_device_time_total for e in events if e.self_device_time_total > 0)

@@ -192,6 +192,65 @@ torch::Tensor gemm(const torch::Tensor& x, const torch::Tensor& qweight, const t
              group_shift, zero_point, out, perm);
 }
 
+// Strips [strip_begin, strip_begin + out.size(0) / 64) of a repacked weight widened into out
+// [64 * strips, 16 * k_steps] (out's dtype, which the scales share): row r is column 64 * strip_begin + r.
+torch::Tensor dequant(const torch::Tensor& qweight, const torch::Tensor& scales,
+                      const c10::optional<torch::Tensor>& zeros, const torch::Tensor& out, int64_t strip_begin,
+                      int64_t bits, int64_t group_shift, int64_t zero_point) {
+  require(out.is_cuda(), "out must be a CUDA tensor, got ", out.device());
+  require(out.scalar_type() == torch::kHalf || out.scalar_type() == torch::kBFloat16,
+          "out must be float16 or bfloat16, got ", out.scalar_type());
+  require(out.dim() == 2 && out.is_contiguous(), "out must be a contiguous 2-D tensor, shape ", shape_str(out));
+  require(reinterpret_cast<uintptr_t>(out.data_ptr()) % 16 == 0, "out must be 16-byte aligned");
+  require(bits == 4 || bits == 8, "bits must be 4 or 8 (repacked code width), got ", bits);
+  require(group_shift >= 0 && group_shift <= 31, "group_shift must be in [0, 31], got ", group_shift);
+  check_cuda(qweight, "qweight", out);
+  require(qweight.scalar_type() == torch::kInt32, "qweight must be int32, got ", qweight.scalar_type());
+  require(qweight.dim() == 4, "qweight must be [n_strips, k_steps, 32, words], got ", shape_str(qweight));
+  const int64_t n_strips = qweight.size(0), k_steps = qweight.size(1);
+  check_shape(qweight, "qweight", {n_strips, k_steps, 32, bits == 4 ? 4 : 8});
+  require(out.size(0) % 64 == 0 && out.size(0) > 0, "out rows must be a positive multiple of 64, got ",
+          out.size(0));
+  const int64_t strips = out.size(0) / 64;
+  require(out.size(1) == k_steps * 16, "out must have ", k_steps * 16, " columns (16 * k_steps), got ",
+          out.size(1));
+  require(strip_begin >= 0 && strip_begin + strips <= n_strips, "strips [", strip_begin, ", ",
+          strip_begin + strips, ") are outside the layer's ", n_strips);
+  check_cuda(scales, "scales", out);
+  require(scales.scalar_type() == out.scalar_type(), "scales dtype ", scales.scalar_type(),
+          " differs from out dtype ", out.scalar_type());
+  require(scales.dim() == 4 && scales.size(0) >= 1, "scales must be [groups, ", n_strips, ", 8, 8], got ",
+          shape_str(scales));
+  const int64_t groups = scales.size(0);
+  check_shape(scales, "scales", {groups, n_strips, 8, 8});
+  if (zeros) {
+    check_cuda(*zeros, "zeros", out);
+    require(zeros->scalar_type() == out.scalar_type(), "zeros dtype ", zeros->scalar_type(),
+            " differs from out dtype ", out.scalar_type());
+    check_shape(*zeros, "zeros", {groups, n_strips, 8, 8});
+  }
+  const c10::cuda::CUDAGuard guard(out.device());
+  QsDequantArgs a = {};
+  a.qweight = qweight.data_ptr();
+  a.scales = scales.data_ptr();
+  a.zeros = zeros ? zeros->data_ptr() : nullptr;
+  a.w = out.data_ptr();
+  a.ldw = out.size(1);
+  a.n_strips = int(n_strips);
+  a.k_steps = int(k_steps);
+  a.strip_begin = int(strip_begin);
+  a.strip_count = int(strips);
+  a.bits = int(bits);
+  a.groups = int(groups);
+  a.group_shift = int(group_shift);
+  a.zero_point = int(zero_point);
+  a.dtype = out.scalar_type() == torch::kHalf ? QS_F16 : QS_BF16;
+  cudaError_t err = qs_dequant(&a, c10::cuda::getCurrentCUDAStream());
+  require(err == cudaSuccess, "qs_dequant failed for strips [", strip_begin, ", ", strip_begin + strips,
+          ") k_steps=", k_steps, " bits=", bits, ": ", cudaGetErrorString(err));
+  return out;
+}
+
 std::tuple<int64_t, int64_t> workspace_need(int64_t device) {
   long long floats = 0;
   int counters = 0;
@@ -211,6 +270,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("qweight"), py::arg("scales"), py::arg("zeros"), py::arg("bias"), py::arg("workspace"),
         py::arg("counters"), py::arg("accum"), py::arg("accum_counters"), py::arg("n"), py::arg("bits"), py::arg("group_shift"), py::arg("zero_point"),
         py::arg("out") = py::none(), py::arg("perm") = py::none());
+  m.def("dequant", &dequant, "widen strips of a repacked weight into out [64 * strips, 16 * k_steps] (W^T rows)",
+        py::arg("qweight"), py::arg("scales"), py::arg("zeros"), py::arg("out"), py::arg("strip_begin"),
+        py::arg("bits"), py::arg("group_shift"), py::arg("zero_point"));
   m.def("gemv_set_options", [](bool pdl, int64_t wave_div) { qs_gemv_set_options(pdl ? 1 : 0, int(wave_div)); },
         "GEMV launch options (process-wide): programmatic dependent launch on sm_90+, grid = resident "
         "blocks / wave_div", py::arg("pdl"), py::arg("wave_div"));

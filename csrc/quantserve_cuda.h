@@ -46,12 +46,28 @@ typedef struct QsMatmulArgs {
   const int* perm;  // GEMV only: int32 [k] act-order gather (row r of W multiplies x[:, perm[r]]), or NULL
 } QsMatmulArgs;
 
+// Dequantisation of whole 64-column strips into a plain 16-bit W^T, for calls that hand the product to
+// cuBLAS (prefill-sized m): w[r][k] = W[k][64 * strip_begin + r] for r < 64 * strip_count and
+// k < 16 * k_steps (rows past n and k past the layer's k hold padding values; the caller slices them off).
+typedef struct QsDequantArgs {
+  const void* qweight;  // repacked codes [n_strips, k_steps, 32, words]
+  const void* scales;   // act [groups, n_strips, 8, 8]
+  const void* zeros;    // act [groups, n_strips, 8, 8] or NULL -> zero_point
+  void* w;              // act [64 * strip_count, ldw] row-major, 16-byte aligned
+  long long ldw;        // row pitch in elements: >= 16 * k_steps, a multiple of 8
+  int n_strips, k_steps;
+  int strip_begin, strip_count;
+  int bits, groups, group_shift, zero_point, dtype;
+} QsDequantArgs;
+
 // M <= 32: swap-AB tensor-core GEMV (weights are the MMA's A operand, tokens its n8 side).
 cudaError_t qs_gemv(const QsMatmulArgs* args, cudaStream_t stream);
 // Any M: cp.async-pipelined tensor-core GEMM; stream-K over (tile, k-stage) units. On a Hopper GPU
 // running the sm_90a code, m <= 512 takes the wgmma kernel (above 128 in 128-token slices) when accum
 // is large enough for n.
 cudaError_t qs_gemm(const QsMatmulArgs* args, cudaStream_t stream);
+// Widen strips [strip_begin, strip_begin + strip_count) of a repacked weight into args->w.
+cudaError_t qs_dequant(const QsDequantArgs* args, cudaStream_t stream);
 // GEMM options, process-wide (set before capturing a graph): wgmma = 0 sends every call to the
 // mma.sync kernel; pdl = 0 launches the wgmma kernel without programmatic dependent launch.
 // Default 1, 1.

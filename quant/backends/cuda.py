@@ -1,5 +1,6 @@
-"""The "cuda" kernel backend: fused int4/int8 dequant GEMV (M <= 32) and tensor-core GEMM (M > 32;
-on Hopper, up to 128 tokens run the wgmma kernel, above that the mma.sync one).
+"""The "cuda" kernel backend: fused int4/int8 dequant GEMV (M <= 32), tensor-core GEMM (M > 32;
+on Hopper the wgmma kernel from 16 tokens, the mma.sync one elsewhere), and from DEQUANT_MIN_M
+tokens (prefill) dequantise-to-scratch + cuBLAS.
 
 Registered for device type "cuda" with priority 10 (ahead of `dense`, 50) through a loader, so the
 extension `quantserve_cuda` (csrc/, JIT-built by quant/ext.py) is compiled only when the first CUDA
@@ -10,8 +11,9 @@ refused by `unsupported_reason` and falls to `dense`, which kernels.backend_coun
 Per call: x [M, K] fp16/bf16 -> y [M, N] in x.dtype, bias included. Act-order layers: a GEMV
 with small activations (decode) reads x[:, perm] through the permutation as it loads them (no
 gather kernel); larger calls gather with one index_select first (FUSED_GATHER_BYTES). float32
-inputs take a dense path (dequantised once, cached), since the kernels multiply in 16-bit; so do
-M > 32 calls on GPUs whose shared memory fits no GEMM tile (sm_86/sm_89: 99 KB per block). On sm_90 the GEMV launches with
+inputs take a dense path (dequantised once, cached), since the kernels multiply in 16-bit. M > 32
+calls on GPUs whose shared memory fits no GEMM tile (sm_86/sm_89: 99 KB per block) take the
+dequantise + cuBLAS path (no cached dense copy). On sm_90 the GEMV launches with
 programmatic dependent launch (its weights stream into L2 during the previous kernel's tail);
 QUANTSERVE_GEMV_PDL=0 turns that off; QUANTSERVE_GEMM_WGMMA=0 keeps Hopper on the mma.sync GEMM.
 """
@@ -19,6 +21,7 @@ QUANTSERVE_GEMV_PDL=0 turns that off; QUANTSERVE_GEMM_WGMMA=0 keeps Hopper on th
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import threading
 from collections.abc import Callable
@@ -36,11 +39,12 @@ if TYPE_CHECKING:
     from quant.linear import QuantLinear
 
 
-SOURCES = ("bindings.cpp", "gemv_f16.cu", "gemv_bf16.cu", "gemm_f16.cu", "gemm_bf16.cu", "dispatch.cu")
+SOURCES = ("bindings.cpp", "gemv_f16.cu", "gemv_bf16.cu", "gemm_f16.cu", "gemm_bf16.cu", "dequant.cu",
+           "dispatch.cu")
 HEADERS = ("quantserve_cuda.h", "qs_ptx.cuh", "qs_dequant.cuh", "qs_streamk.cuh", "qs_launch.cuh", "qs_stage.cuh",
            "qs_wgmma.cuh",
            "gemm_wgmma.cuh", "gemm_wgmma_launch.cuh", "gemv.cuh",
-           "gemm.cuh")
+           "gemm.cuh", "dequant.cuh")
 # Every target the sources support; a JIT build compiles only for the GPU it runs on
 # (QUANTSERVE_CUDA_ARCHS="80;86;89;90a" builds them all, e.g. for an image).
 ALL_ARCHS = ("80", "86", "89", "90a")
@@ -56,6 +60,18 @@ FUSED_GATHER_BYTES = 32 * 1024
 # wgmma kernel. H100, decode-step linears, one process (v5d): M=16 GEMV 2.912 ms vs wgmma 2.818;
 # M=32 GEMV 5.360 vs 3.086 (v4 on H200 had M=16 at GEMV 2.97 vs wgmma 3.89).
 WGMMA_MIN_M = 16
+# From this many tokens a call dequantises the layer into a 16-bit scratch, a column chunk at a
+# time, and multiplies with cuBLAS (prefill: compute-bound, where cuBLAS's fp16 GEMM outruns ours).
+# H100, decode-step linears of the 7B shape, one process: M=192 fused 11.61 ms vs dequant 12.34,
+# M=224 13.10 vs 13.03, M=256 14.82 vs 12.83, M=1024 59.55 vs 26.14 (cuBLAS fp16 21.65).
+# QUANTSERVE_DEQUANT_MIN_M overrides it (a huge value keeps every call on the fused kernels).
+DEQUANT_MIN_M = int(os.environ.get("QUANTSERVE_DEQUANT_MIN_M", "224"))
+# The scratch of that path, per device: a layer runs as chunks of whole 64-column strips that fit it
+# (a smaller layer gets a scratch of its own size). H100, 7B decode-step linears at M=1024 by chunk
+# size: 8 MB 36.2 ms, 16 MB 29.3, 32 MB 26.6, 64 MB 26.1, 128 MB 26.0, whole layers 26.1 (at M=512:
+# 26.1 / 19.9 / 17.0 / 16.4 / 15.9 / 16.1): small chunks give cuBLAS too few tiles, and the
+# widened weights reach HBM at any size (the dequantisation alone takes ~5.5 ms per step from 16 MB).
+DEQUANT_SCRATCH_BYTES = 64 << 20
 
 
 def arch_flags(archs: tuple[str, ...]) -> tuple[str, ...]:
@@ -118,13 +134,15 @@ class Workspace:
     counters, and the strip accumulators of the GEMV and the Hopper wgmma GEMM (float32, 64 columns x
     up to 128 tokens per strip) with counters. Counters and accumulators are zero and the
     kernels leave them zero, so one set serves every layer of a stream (concurrent streams on one
-    device would need one each). Sized at prepare time, so a CUDA graph captured later keeps valid
+    device would need one each). `scratch` (uint8, any content) holds the dequantised 16-bit
+    chunk of a large-M call. Sized at prepare time, so a CUDA graph captured later keeps valid
     pointers; outgrown buffers are retired, not freed."""
 
     partials: torch.Tensor
     counters: torch.Tensor
     accum: torch.Tensor
     accum_counters: torch.Tensor
+    scratch: torch.Tensor
 
 
 def _device_index(device: torch.device | int | None) -> int:
@@ -138,8 +156,16 @@ def _strips(n: int) -> int:
     return (max(n, ACCUM_MIN_N) + 63) // 64
 
 
-def workspace(device: torch.device, n: int = 0) -> Workspace:
-    """The device's Workspace, grown to take GEMV layers with n output columns."""
+def scratch_bytes(n_strips: int, k_steps: int, cap: int | None = None) -> int:
+    """Scratch bytes a layer of n_strips x k_steps wants for dequant_matmul: the whole layer in 16
+    bits, or `cap` (DEQUANT_SCRATCH_BYTES) when it is larger, but never less than one strip."""
+    strip = 64 * 16 * k_steps * 2
+    return max(strip, min(n_strips * strip, DEQUANT_SCRATCH_BYTES if cap is None else cap))
+
+
+def workspace(device: torch.device, n: int = 0, scratch: int = 0) -> Workspace:
+    """The device's Workspace, grown to take GEMV layers with n output columns and dequant_matmul
+    chunks of `scratch` bytes."""
     index = _device_index(device)
     ext = extension()
     ws = _WORKSPACE.get(index)
@@ -150,12 +176,17 @@ def workspace(device: torch.device, n: int = 0) -> Workspace:
         ws = Workspace(torch.empty(floats, dtype=torch.float32, device=dev),
                        torch.zeros(counters, dtype=torch.int32, device=dev),
                        torch.zeros(need_accum, dtype=torch.float32, device=dev),
-                       torch.zeros(_strips(n), dtype=torch.int32, device=dev))
+                       torch.zeros(_strips(n), dtype=torch.int32, device=dev),
+                       torch.empty(scratch, dtype=torch.uint8, device=dev))
         _WORKSPACE[index] = ws
-    elif ws.accum.numel() < need_accum:
-        _RETIRED.append(Workspace(ws.partials, ws.counters, ws.accum, ws.accum_counters))
+        return ws
+    if ws.accum.numel() < need_accum or ws.scratch.numel() < scratch:
+        _RETIRED.append(dataclasses.replace(ws))
+    if ws.accum.numel() < need_accum:
         ws.accum = torch.zeros(need_accum, dtype=torch.float32, device=dev)
         ws.accum_counters = torch.zeros(_strips(n), dtype=torch.int32, device=dev)
+    if ws.scratch.numel() < scratch:
+        ws.scratch = torch.empty(scratch, dtype=torch.uint8, device=dev)
     return ws
 
 
@@ -189,8 +220,9 @@ class CudaBackend:
 
     def prepare(self, layer: "QuantLinear") -> CudaLayout:
         with torch.cuda.device(layer.qweight.device):
-            workspace(layer.qweight.device, layer.out_features)
             state = cuda_layout.build(layer)
+            workspace(layer.qweight.device, layer.out_features,
+                      scratch_bytes(*state.qweight.shape[:2]))
         layer.offload_packed()  # the layout is a complete copy: keep the weights once on the GPU
         return state
 
@@ -198,7 +230,7 @@ class CudaBackend:
         if x.dtype not in state.constants:
             return self._dense(layer, state, x)
         if x.shape[0] > self.gemv_max_m and workspace(x.device).partials.numel() == 0:
-            return self._dense(layer, state, x)  # no GEMM tile fits this GPU's shared memory
+            return matmul(state, x, op="dequant")  # no GEMM tile fits this GPU's shared memory
         return matmul(state, x)
 
     @staticmethod
@@ -253,8 +285,11 @@ def gemv_launch_options(pdl: bool | None = None, wave_div: int | None = None):
 
 
 def pick_op(m: int, wgmma: Callable[[], bool]) -> str:
-    """"gemv" or "gemm" for a call of m tokens: the GEMV up to CudaBackend.gemv_max_m tokens, except
-    from WGMMA_MIN_M tokens where `wgmma()` says the device runs the Hopper wgmma GEMM."""
+    """"gemv", "gemm" or "dequant" for a call of m tokens: the GEMV up to CudaBackend.gemv_max_m
+    tokens, except from WGMMA_MIN_M tokens where `wgmma()` says the device runs the Hopper wgmma
+    GEMM; from DEQUANT_MIN_M tokens the dequantise + cuBLAS path."""
+    if m >= DEQUANT_MIN_M:
+        return "dequant"
     if m > CudaBackend.gemv_max_m or (m >= WGMMA_MIN_M and wgmma()):
         return "gemm"
     return "gemv"
@@ -264,8 +299,7 @@ def matmul(state: CudaLayout, x: torch.Tensor, out: torch.Tensor | None = None,
            op: str | None = None, gather: str | None = None) -> torch.Tensor:
     """y [M, N] = x [M, K] (fp16/bf16, contiguous) @ W + bias through the kernels.
 
-    op: "gemv" (M <= 32) or "gemm"; None picks gemv for M <= CudaBackend.gemv_max_m, except from
-    WGMMA_MIN_M tokens on a GPU that runs the wgmma GEMM.
+    op: "gemv" (M <= 32), "gemm" or "dequant" (dequant_matmul); None asks pick_op.
     gather (act-order layers): "fused" (the GEMV reads x through the permutation), "select" (one
     index_select, then the plain kernel); None: fused for a GEMV whose x fits FUSED_GATHER_BYTES.
     out: optional preallocated y (tests poison it to prove every element is written)."""
@@ -273,6 +307,10 @@ def matmul(state: CudaLayout, x: torch.Tensor, out: torch.Tensor | None = None,
     if op is None:
         op = pick_op(x.shape[0], lambda: wgmma_available(x.device))
     perm = None
+    if op == "dequant":
+        if state.perm is not None:
+            x = x.index_select(1, state.perm)
+        return dequant_matmul(state, x, out)
     if state.perm is not None:
         if gather is None:
             gather = "fused" if op == "gemv" and x.numel() * x.element_size() <= FUSED_GATHER_BYTES else "select"
@@ -287,6 +325,46 @@ def matmul(state: CudaLayout, x: torch.Tensor, out: torch.Tensor | None = None,
     fn = ext.gemv if op == "gemv" else ext.gemm
     return fn(x, state.qweight, scales, zeros, bias, ws.partials, ws.counters, ws.accum, ws.accum_counters,
               state.n, state.bits, state.group_shift, state.zero_point, out, perm)
+
+
+def dequant_matmul(state: CudaLayout, x: torch.Tensor, out: torch.Tensor | None = None,
+                   chunk_bytes: int | None = None) -> torch.Tensor:
+    """y [M, N] = x [M, K] @ W + bias, W dequantised into the device's scratch a chunk of whole
+    64-column strips at a time (qs_dequant), each chunk multiplied by cuBLAS straight into its
+    columns of y. x: fp16/bf16 [M, K], already in the layout's row order (act-order: gathered).
+    chunk_bytes: at most this many scratch bytes per chunk (default DEQUANT_SCRATCH_BYTES; never less
+    than one strip, and never more than the scratch holds)."""
+    ws = workspace(x.device)
+    scales, zeros, bias = state.constants[x.dtype]
+    n_strips, k_steps = state.qweight.shape[:2]
+    kp = 16 * k_steps
+    strip = 64 * kp * x.element_size()
+    want = DEQUANT_SCRATCH_BYTES if chunk_bytes is None else chunk_bytes
+    if ws.scratch.numel() < strip:  # a layout that did not come through prepare
+        if torch.cuda.is_current_stream_capturing():
+            raise RuntimeError(f"dequant scratch of {ws.scratch.numel()} bytes is smaller than one strip "
+                               f"({strip} bytes, K={state.k}); prepare the layer before capturing a graph")
+        ws = workspace(x.device, scratch=scratch_bytes(n_strips, k_steps, want))
+    budget = max(strip, min(want, ws.scratch.numel()))
+    per = budget // strip
+    m = x.shape[0]
+    y = out if out is not None else torch.empty(m, state.n, dtype=x.dtype, device=x.device)
+    if m == 0:
+        return y
+    per = min(per, n_strips)
+    chunk = ws.scratch[:per * strip].view(x.dtype).view(per * 64, kp)
+    ext = extension()
+    for s0 in range(0, n_strips, per):
+        count = min(per, n_strips - s0)
+        w = chunk[:count * 64]
+        ext.dequant(state.qweight, scales, zeros, w, s0, state.bits, state.group_shift, state.zero_point)
+        n0, n1 = 64 * s0, min(state.n, 64 * (s0 + count))
+        wt = w[:n1 - n0, :state.k].t()  # [K, n1 - n0], leading dimension kp: cuBLAS takes it as is
+        if bias is None:
+            torch.mm(x, wt, out=y[:, n0:n1])
+        else:
+            torch.addmm(bias[n0:n1], x, wt, out=y[:, n0:n1])
+    return y
 
 
 def _register() -> None:
