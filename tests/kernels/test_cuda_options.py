@@ -70,6 +70,26 @@ def test_pick_op_sends_16_to_32_tokens_to_the_wgmma_gemm_only_where_it_runs():
     for m in (16, 24, 32):
         assert cuda_backend.pick_op(m, wgmma(True)) == "gemm"
         assert cuda_backend.pick_op(m, wgmma(False)) == "gemv"
-    for m in (33, 64, 300):
+    for m in (33, 64, 200, cuda_backend.DEQUANT_MIN_M - 1):
         assert cuda_backend.pick_op(m, wgmma(False)) == "gemm"
     assert cuda_backend.WGMMA_MIN_M == 16 and cuda_backend.CudaBackend.gemv_max_m == 32
+
+
+def test_pick_op_sends_prefill_sized_calls_to_dequant_and_cublas():
+    asked = []
+    for m in (cuda_backend.DEQUANT_MIN_M, 300, 1024, 8192):
+        for answer in (True, False):
+            assert cuda_backend.pick_op(m, lambda a=answer: asked.append(a) or a) == "dequant"
+    assert asked == [] and cuda_backend.DEQUANT_MIN_M == 224
+
+
+def test_dequant_threshold_comes_from_the_environment():
+    import os
+    import subprocess
+    import sys
+
+    code = "import quant.backends.cuda as c; print(c.DEQUANT_MIN_M)"
+    env = dict(os.environ, QUANTSERVE_DEQUANT_MIN_M="4096")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-500:]
+    assert out.stdout.strip() == "4096"
