@@ -116,3 +116,56 @@ def test_fused_triton_kernels_equal_torch(dtype):
         fused.rotary_(q, k, cos, sin)
         torch.testing.assert_close(q, want_q, atol=1e-2, rtol=1e-2)
         torch.testing.assert_close(k, want_k, atol=1e-2, rtol=1e-2)
+
+
+def test_quantized_linears_after_triton_kernels_read_finished_inputs():
+    """rms_norm -> GEMV -> silu_mul -> GEMV -> decode attention -> GEMV as in a decode step: the GEMVs
+    are launched with PDL (Hopper) after Triton kernels and must read their input only after the
+    kernel before them has finished, eagerly and in a graph."""
+    from quant import kernels
+    from quant.backends import cuda as cuda_backend
+    from server.models import fused
+    from server.models.triton_attention import max_partitions, paged_decode_attention
+    from tests.kernels.layers import random_layer
+
+    layers = [random_layer(*kn, 4, 128, seed=i, device="cuda") for i, kn in
+              enumerate([(4096, 2 * 4096), (4096, 4096), (4096, 4096)])]
+    for layer in layers:
+        assert layer.prepare("cuda") == "cuda"
+    g = torch.Generator(device="cuda").manual_seed(3)
+    w = torch.rand(4096, device="cuda", dtype=torch.float16, generator=g) + 0.5
+    kc = torch.randn(64, 16, 32, 128, device="cuda", dtype=torch.float16, generator=g)
+    vc = torch.randn_like(kc)
+    for m in (1, 4):
+        tables = torch.arange(m * 4, device="cuda", dtype=torch.int32).view(m, 4)
+        ctx = torch.full((m,), 50, device="cuda", dtype=torch.int32)
+
+        def run(x):
+            h, _ = fused.rms_norm(x, w, 1e-5)
+            gu = cuda_backend.matmul(layers[0].kernel_state, h)
+            a = fused.silu_mul(gu)
+            y1 = cuda_backend.matmul(layers[1].kernel_state, a)
+            att = paged_decode_attention(y1.view(m, 32, 128), kc, vc, tables, ctx, max_partitions(512))
+            y2 = cuda_backend.matmul(layers[2].kernel_state, att.view(m, 4096))
+            return h, gu, a, y1, att, y2
+
+        def check(x, outs):
+            h, gu, a, y1, att, y2 = outs
+            for layer, xin, y in ((layers[0], h, gu), (layers[1], a, y1), (layers[2], att.view(m, 4096), y2)):
+                ref = kernels.reference(layer, xin)
+                assert ((y.float() - ref).norm() / ref.norm()).item() < 2e-3
+            torch.testing.assert_close(h, fused.rms_norm_torch(x, w, 1e-5)[0], atol=2e-2, rtol=1e-2)
+            torch.testing.assert_close(a, fused.silu_mul_torch(gu), atol=1e-2, rtol=1e-2)
+            want = decode_reference(y1.view(m, 32, 128).double(), kc.double(), vc.double(), tables, ctx)
+            assert ((att.double() - want).norm() / want.norm()).item() < 2e-3
+
+        x = torch.randn(m, 4096, device="cuda", dtype=torch.float16, generator=g)
+        check(x, run(x))
+        static_x = x.clone()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            outs = run(static_x)
+        for _ in range(3):
+            static_x.copy_(torch.randn(m, 4096, device="cuda", dtype=torch.float16, generator=g))
+            graph.replay()
+            check(static_x, outs)
