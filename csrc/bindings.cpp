@@ -61,6 +61,31 @@ void check_shape(const torch::Tensor& t, const char* name, std::initializer_list
   require(ok, name, " has shape ", shape_str(t), ", expected ", w, "]");
 }
 
+// The repacked weight (codes, scales, zeros) against n_strips x k_steps and the tensor `ref` it is
+// used with (same device; scales and zeros in its dtype; `ref_name` in the messages). Returns the
+// number of scale groups.
+int64_t check_packed(const torch::Tensor& qweight, const torch::Tensor& scales,
+                     const c10::optional<torch::Tensor>& zeros, int64_t n_strips, int64_t k_steps, int64_t bits,
+                     const torch::Tensor& ref, const char* ref_name) {
+  check_cuda(qweight, "qweight", ref);
+  require(qweight.scalar_type() == torch::kInt32, "qweight must be int32, got ", qweight.scalar_type());
+  check_shape(qweight, "qweight", {n_strips, k_steps, 32, bits == 4 ? 4 : 8});
+  check_cuda(scales, "scales", ref);
+  require(scales.scalar_type() == ref.scalar_type(), "scales dtype ", scales.scalar_type(), " differs from ",
+          ref_name, " dtype ", ref.scalar_type());
+  require(scales.dim() == 4 && scales.size(0) >= 1, "scales must be [groups, ", n_strips, ", 8, 8], got ",
+          shape_str(scales));
+  const int64_t groups = scales.size(0);
+  check_shape(scales, "scales", {groups, n_strips, 8, 8});
+  if (zeros) {
+    check_cuda(*zeros, "zeros", ref);
+    require(zeros->scalar_type() == ref.scalar_type(), "zeros dtype ", zeros->scalar_type(), " differs from ",
+            ref_name, " dtype ", ref.scalar_type());
+    check_shape(*zeros, "zeros", {groups, n_strips, 8, 8});
+  }
+  return groups;
+}
+
 // Shared by gemv and gemm: validates every tensor against x [m, k] and n, then launches.
 torch::Tensor run(bool gemv, const torch::Tensor& x, const torch::Tensor& qweight, const torch::Tensor& scales,
                   const c10::optional<torch::Tensor>& zeros, const c10::optional<torch::Tensor>& bias,
@@ -81,22 +106,7 @@ torch::Tensor run(bool gemv, const torch::Tensor& x, const torch::Tensor& qweigh
   require(group_shift >= 0 && group_shift <= 31, "group_shift must be in [0, 31], got ", group_shift);
   if (gemv) require(m <= qs_gemv_max_m(), "gemv takes m <= ", qs_gemv_max_m(), " rows, got m=", m);
   const int64_t n_strips = (n + 63) / 64, k_steps = (k + 15) / 16;
-  check_cuda(qweight, "qweight", x);
-  require(qweight.scalar_type() == torch::kInt32, "qweight must be int32, got ", qweight.scalar_type());
-  check_shape(qweight, "qweight", {n_strips, k_steps, 32, bits == 4 ? 4 : 8});
-  check_cuda(scales, "scales", x);
-  require(scales.scalar_type() == x.scalar_type(), "scales dtype ", scales.scalar_type(),
-              " differs from x dtype ", x.scalar_type());
-  require(scales.dim() == 4 && scales.size(0) >= 1, "scales must be [groups, ", n_strips,
-              ", 8, 8], got ", shape_str(scales));
-  const int64_t groups = scales.size(0);
-  check_shape(scales, "scales", {groups, n_strips, 8, 8});
-  if (zeros) {
-    check_cuda(*zeros, "zeros", x);
-    require(zeros->scalar_type() == x.scalar_type(), "zeros dtype ", zeros->scalar_type(),
-                " differs from x dtype ", x.scalar_type());
-    check_shape(*zeros, "zeros", {groups, n_strips, 8, 8});
-  }
+  const int64_t groups = check_packed(qweight, scales, zeros, n_strips, k_steps, bits, x, "x");
   if (bias) {
     check_cuda(*bias, "bias", x);
     require(bias->scalar_type() == x.scalar_type(), "bias dtype ", bias->scalar_type(),
@@ -204,11 +214,9 @@ torch::Tensor dequant(const torch::Tensor& qweight, const torch::Tensor& scales,
   require(reinterpret_cast<uintptr_t>(out.data_ptr()) % 16 == 0, "out must be 16-byte aligned");
   require(bits == 4 || bits == 8, "bits must be 4 or 8 (repacked code width), got ", bits);
   require(group_shift >= 0 && group_shift <= 31, "group_shift must be in [0, 31], got ", group_shift);
-  check_cuda(qweight, "qweight", out);
-  require(qweight.scalar_type() == torch::kInt32, "qweight must be int32, got ", qweight.scalar_type());
   require(qweight.dim() == 4, "qweight must be [n_strips, k_steps, 32, words], got ", shape_str(qweight));
   const int64_t n_strips = qweight.size(0), k_steps = qweight.size(1);
-  check_shape(qweight, "qweight", {n_strips, k_steps, 32, bits == 4 ? 4 : 8});
+  const int64_t groups = check_packed(qweight, scales, zeros, n_strips, k_steps, bits, out, "out");
   require(out.size(0) % 64 == 0 && out.size(0) > 0, "out rows must be a positive multiple of 64, got ",
           out.size(0));
   const int64_t strips = out.size(0) / 64;
@@ -216,19 +224,6 @@ torch::Tensor dequant(const torch::Tensor& qweight, const torch::Tensor& scales,
           out.size(1));
   require(strip_begin >= 0 && strip_begin + strips <= n_strips, "strips [", strip_begin, ", ",
           strip_begin + strips, ") are outside the layer's ", n_strips);
-  check_cuda(scales, "scales", out);
-  require(scales.scalar_type() == out.scalar_type(), "scales dtype ", scales.scalar_type(),
-          " differs from out dtype ", out.scalar_type());
-  require(scales.dim() == 4 && scales.size(0) >= 1, "scales must be [groups, ", n_strips, ", 8, 8], got ",
-          shape_str(scales));
-  const int64_t groups = scales.size(0);
-  check_shape(scales, "scales", {groups, n_strips, 8, 8});
-  if (zeros) {
-    check_cuda(*zeros, "zeros", out);
-    require(zeros->scalar_type() == out.scalar_type(), "zeros dtype ", zeros->scalar_type(),
-            " differs from out dtype ", out.scalar_type());
-    check_shape(*zeros, "zeros", {groups, n_strips, 8, 8});
-  }
   const c10::cuda::CUDAGuard guard(out.device());
   QsDequantArgs a = {};
   a.qweight = qweight.data_ptr();

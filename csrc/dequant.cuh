@@ -47,18 +47,10 @@ __global__ void __launch_bounds__(32 * kDqWarps) dequant_kernel(const QsDequantA
     const uint4 z_raw = zs != nullptr ? __ldg(zs + off) : make_uint4(0, 0, 0, 0);
     GroupConsts<T, BITS> gc;
     gc.load(s_raw, z_raw, zs != nullptr, a.zero_point);
-#pragma unroll
-    for (int j = 0; j < 4; ++j) {
-      uint32_t pr[4];
-      Dequant<T, BITS>::tile(words, j, gc, pr);
-      // pr[p], p = 2h + hk: rows 2t + 8hk and +1 of column 16j + g + 8h (tile row = column of W).
-#pragma unroll
-      for (int p = 0; p < 4; ++p) {
-        const int col = 16 * j + g + 8 * (p >> 1);
-        const int kk = 16 * warp + 2 * t + 8 * (p & 1);
-        *reinterpret_cast<uint32_t*>(&tile[col * kDqPitch + kk]) = pr[p];
-      }
-    }
+    // Tile row = column of W; its k runs along the row.
+    dequant_step_pairs(words, gc, lane, [&](int col, int hk, uint32_t v) {
+      *reinterpret_cast<uint32_t*>(&tile[col * kDqPitch + 16 * warp + 2 * t + 8 * hk]) = v;
+    });
   }
   __syncthreads();
   // 64 rows x 16 pieces of 16 bytes; pieces past the padded k are not ours to write.

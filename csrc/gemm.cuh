@@ -133,16 +133,9 @@ __global__ void __launch_bounds__(GemmCfg<T, BITS, MT, NT, WM, WN>::kThreads)
       const uint4 zraw = has_zeros ? lds128(sz + (w * KB + slot) * 8 + g) : make_uint4(0, 0, 0, 0);
       GroupConsts<T, BITS> gc;
       gc.load(sraw, zraw, has_zeros, a.zero_point);
-#pragma unroll
-      for (int j = 0; j < 4; ++j) {
-        uint32_t pr[4];
-        Dequant<T, BITS>::tile(words, j, gc, pr);
-#pragma unroll
-        for (int p = 0; p < 4; ++p) {
-          const int n = w * 64 + 16 * j + 8 * (p >> 1) + g;
-          *reinterpret_cast<uint32_t*>(dst + swz(n, s * 2 + (p & 1)) + 2 * t) = pr[p];
-        }
-      }
+      dequant_step_pairs(words, gc, lane, [&](int col, int hk, uint32_t v) {
+        *reinterpret_cast<uint32_t*>(dst + swz(w * 64 + col, s * 2 + hk) + 2 * t) = v;
+      });
     }
   };
 

@@ -167,4 +167,21 @@ struct Dequant<__nv_bfloat16, 8> {
   }
 };
 
+// Widen a lane's codes of one k16 step and hand every pair to store(col, hk, value): `value` holds
+// rows 2t + 8hk and 2t + 8hk + 1 (t = lane & 3) of column `col` = 16j + 8h + (lane >> 2) of the
+// 64-wide strip, as two 16-bit weights (low half = the lower row). For kernels that put the
+// widened weights somewhere (a shared tile, a global W^T) rather than straight into an MMA.
+template <typename T, int BITS, typename Store>
+__device__ __forceinline__ void dequant_step_pairs(const uint32_t* words, const GroupConsts<T, BITS>& gc, int lane,
+                                                   Store&& store) {
+  const int g = lane >> 2;
+#pragma unroll
+  for (int j = 0; j < 4; ++j) {
+    uint32_t pr[4];
+    Dequant<T, BITS>::tile(words, j, gc, pr);
+#pragma unroll
+    for (int p = 0; p < 4; ++p) store(16 * j + 8 * (p >> 1) + g, p & 1, pr[p]);
+  }
+}
+
 }  // namespace qs

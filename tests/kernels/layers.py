@@ -44,3 +44,17 @@ def random_layer(k: int, n: int, bits: int, group_size: int, sym: bool = True, f
     if bias:
         layer.bias.copy_(b.half())
     return layer
+
+
+def eager_then_graph(run, check, x: torch.Tensor, fresh, replays: int = 3) -> None:
+    """check(x, run(x)) eagerly; then capture run on a static copy of x in a CUDA graph and, `replays`
+    times, refill that copy with fresh() and check what the replay wrote into the captured outputs."""
+    check(x, run(x))
+    static_x = x.clone()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        outs = run(static_x)
+    for _ in range(replays):
+        static_x.copy_(fresh())
+        graph.replay()
+        check(static_x, outs)

@@ -13,7 +13,7 @@ import torch
 from quant import kernels
 from quant.backends import cuda as cuda_backend
 from quant.format import FORMAT_V1, FORMAT_V2
-from tests.kernels.layers import random_layer
+from tests.kernels.layers import eager_then_graph, random_layer
 
 pytestmark = pytest.mark.gpu
 
@@ -213,7 +213,7 @@ def test_prepared_layer_keeps_its_weights_once_on_the_gpu():
 BAD_INPUTS = """
 import torch
 from quant.backends import cuda as cb
-from tests.kernels.layers import random_layer
+from tests.kernels.layers import eager_then_graph, random_layer
 layer = random_layer(576, 192, 4, 128, device="cuda")
 assert layer.prepare("cuda") == "cuda"
 ext, st = cb.extension(), layer.kernel_state
@@ -306,12 +306,4 @@ def test_gemv_chain_under_launch_options(pdl, wave_div):
                                                       f"max |ref| {ref.abs().max().item():.3g}")
                     h = y
 
-            check(x, run(x))
-            static_x = x.clone()
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):
-                static_outs = run(static_x)
-            for _ in range(3):
-                static_x.copy_(torch.randn_like(x))
-                graph.replay()
-                check(static_x, static_outs)
+            eager_then_graph(run, check, x, lambda: torch.randn_like(x))

@@ -126,7 +126,7 @@ def test_quantized_linears_after_triton_kernels_read_finished_inputs():
     from quant.backends import cuda as cuda_backend
     from server.models import fused
     from server.models.triton_attention import max_partitions, paged_decode_attention
-    from tests.kernels.layers import random_layer
+    from tests.kernels.layers import eager_then_graph, random_layer
 
     layers = [random_layer(*kn, 4, 128, seed=i, device="cuda") for i, kn in
               enumerate([(4096, 2 * 4096), (4096, 4096), (4096, 4096)])]
@@ -159,13 +159,7 @@ def test_quantized_linears_after_triton_kernels_read_finished_inputs():
             want = decode_reference(y1.view(m, 32, 128).double(), kc.double(), vc.double(), tables, ctx)
             assert ((att.double() - want).norm() / want.norm()).item() < 2e-3
 
-        x = torch.randn(m, 4096, device="cuda", dtype=torch.float16, generator=g)
-        check(x, run(x))
-        static_x = x.clone()
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            outs = run(static_x)
-        for _ in range(3):
-            static_x.copy_(torch.randn(m, 4096, device="cuda", dtype=torch.float16, generator=g))
-            graph.replay()
-            check(static_x, outs)
+        def fresh():
+            return torch.randn(m, 4096, device="cuda", dtype=torch.float16, generator=g)
+
+        eager_then_graph(run, check, fresh(), fresh)
