@@ -62,10 +62,14 @@ FUSED_GATHER_BYTES = 32 * 1024
 WGMMA_MIN_M = 16
 # From this many tokens a call dequantises the layer into a 16-bit scratch, a column chunk at a
 # time, and multiplies with cuBLAS (prefill: compute-bound, where cuBLAS's fp16 GEMM outruns ours).
-# H100, decode-step linears of the 7B shape, one process: M=192 fused 11.61 ms vs dequant 12.34,
-# M=224 13.10 vs 13.03, M=256 14.82 vs 12.83, M=1024 59.55 vs 26.14 (cuBLAS fp16 21.65).
+# H100, decode-step linears of the 7B shape in a CUDA graph, one process: M=192 fused 11.61 ms vs
+# dequant 12.34, M=224 13.10 vs 13.03, M=256 14.82 vs 12.83, M=512 29.67 vs 16.36, M=1024 59.55
+# vs 26.14 (cuBLAS fp16 21.65). But calls this large run eagerly in the engine (its decode graphs
+# stop at 128), where the Python chunk loop's host time counts: batch-256 decode of the 7B shape
+# took 34.9 / 36.5 ms per step from 224 tokens vs 27.3 on the fused GEMM. Hence 512, where the GPU
+# saving (13 ms per step) is larger than any host cost; prefill chunks (1024) keep the gain.
 # QUANTSERVE_DEQUANT_MIN_M overrides it (a huge value keeps every call on the fused kernels).
-DEQUANT_MIN_M = int(os.environ.get("QUANTSERVE_DEQUANT_MIN_M", "224"))
+DEQUANT_MIN_M = int(os.environ.get("QUANTSERVE_DEQUANT_MIN_M", "512"))
 # The scratch of that path, per device: a layer runs as chunks of whole 64-column strips that fit it
 # (a smaller layer gets a scratch of its own size). H100, 7B decode-step linears at M=1024 by chunk
 # size: 8 MB 36.2 ms, 16 MB 29.3, 32 MB 26.6, 64 MB 26.1, 128 MB 26.0, whole layers 26.1 (at M=512:

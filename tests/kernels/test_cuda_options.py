@@ -77,10 +77,10 @@ def test_pick_op_sends_16_to_32_tokens_to_the_wgmma_gemm_only_where_it_runs():
 
 def test_pick_op_sends_prefill_sized_calls_to_dequant_and_cublas():
     asked = []
-    for m in (cuda_backend.DEQUANT_MIN_M, 300, 1024, 8192):
+    for m in (cuda_backend.DEQUANT_MIN_M, 1024, 8192):
         for answer in (True, False):
             assert cuda_backend.pick_op(m, lambda a=answer: asked.append(a) or a) == "dequant"
-    assert asked == [] and cuda_backend.DEQUANT_MIN_M == 224
+    assert asked == [] and cuda_backend.DEQUANT_MIN_M == 512
 
 
 def test_dequant_threshold_comes_from_the_environment():
