@@ -189,13 +189,9 @@ def dequant_variants(m, order, weights, xs, steps):
     def widen_only(chunk_bytes):
         def call(x, w):
             scales, zeros, _ = w.constants[x.dtype]
-            ns, ks = w.qweight.shape[:2]
-            strip = 64 * 16 * ks * 2
-            per = max(1, min(ns, chunk_bytes // strip))
-            buf = cuda_backend.workspace(x.device).scratch[:per * strip].view(x.dtype).view(per * 64, 16 * ks)
-            for s0 in range(0, ns, per):
-                cnt = min(per, ns - s0)
-                ext.dequant(w.qweight, scales, zeros, buf[:cnt * 64], s0, w.bits, w.group_shift, w.zero_point)
+            scratch = cuda_backend.workspace(x.device).scratch
+            for s0, buf, _, _ in cuda_backend.dequant_chunks(w, x.dtype, scratch, chunk_bytes):
+                ext.dequant(w.qweight, scales, zeros, buf, s0, w.bits, w.group_shift, w.zero_point)
         return call
 
     for mb in DEQUANT_CHUNKS_MB:

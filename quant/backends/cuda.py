@@ -314,7 +314,7 @@ def matmul(state: CudaLayout, x: torch.Tensor, out: torch.Tensor | None = None,
     if op == "dequant":
         if state.perm is not None:
             x = x.index_select(1, state.perm)
-        return dequant_matmul(state, x, out)
+        return dequant_matmul(state, x, out, ws=ws)
     if state.perm is not None:
         if gather is None:
             gather = "fused" if op == "gemv" and x.numel() * x.element_size() <= FUSED_GATHER_BYTES else "select"
@@ -331,18 +331,33 @@ def matmul(state: CudaLayout, x: torch.Tensor, out: torch.Tensor | None = None,
               state.n, state.bits, state.group_shift, state.zero_point, out, perm)
 
 
+def dequant_chunks(state: CudaLayout, dtype: torch.dtype, scratch: torch.Tensor, budget: int):
+    """The column chunks of a layer in `scratch` (uint8) at up to `budget` bytes each (at least one
+    strip): yields (s0, w, n0, n1), where strips [s0, s0 + w.shape[0] / 64) widen into w (a
+    [64 * strips, 16 * k_steps] view of the scratch) and give columns [n0, n1) of y."""
+    n_strips, k_steps = state.qweight.shape[:2]
+    kp = 16 * k_steps
+    strip = 64 * kp * dtype.itemsize
+    per = max(1, min(n_strips, budget // strip))
+    chunk = scratch[:per * strip].view(dtype).view(per * 64, kp)
+    for s0 in range(0, n_strips, per):
+        count = min(per, n_strips - s0)
+        yield s0, chunk[:count * 64], 64 * s0, min(state.n, 64 * (s0 + count))
+
+
 def dequant_matmul(state: CudaLayout, x: torch.Tensor, out: torch.Tensor | None = None,
-                   chunk_bytes: int | None = None) -> torch.Tensor:
+                   chunk_bytes: int | None = None, ws: Workspace | None = None) -> torch.Tensor:
     """y [M, N] = x [M, K] @ W + bias, W dequantised into the device's scratch a chunk of whole
     64-column strips at a time (qs_dequant), each chunk multiplied by cuBLAS straight into its
     columns of y. x: fp16/bf16 [M, K], already in the layout's row order (act-order: gathered).
     chunk_bytes: at most this many scratch bytes per chunk (default DEQUANT_SCRATCH_BYTES; never less
-    than one strip, and never more than the scratch holds)."""
-    ws = workspace(x.device)
+    than one strip, and never more than the scratch holds). ws: the device's Workspace when the
+    caller already has it."""
+    if ws is None:
+        ws = workspace(x.device)
     scales, zeros, bias = state.constants[x.dtype]
     n_strips, k_steps = state.qweight.shape[:2]
-    kp = 16 * k_steps
-    strip = 64 * kp * x.element_size()
+    strip = 64 * 16 * k_steps * x.element_size()
     want = DEQUANT_SCRATCH_BYTES if chunk_bytes is None else chunk_bytes
     if ws.scratch.numel() < strip:  # a layout that did not come through prepare
         if torch.cuda.is_current_stream_capturing():
@@ -350,19 +365,13 @@ def dequant_matmul(state: CudaLayout, x: torch.Tensor, out: torch.Tensor | None 
                                f"({strip} bytes, K={state.k}); prepare the layer before capturing a graph")
         ws = workspace(x.device, scratch=scratch_bytes(n_strips, k_steps, want))
     budget = max(strip, min(want, ws.scratch.numel()))
-    per = budget // strip
     m = x.shape[0]
     y = out if out is not None else torch.empty(m, state.n, dtype=x.dtype, device=x.device)
     if m == 0:
         return y
-    per = min(per, n_strips)
-    chunk = ws.scratch[:per * strip].view(x.dtype).view(per * 64, kp)
     ext = extension()
-    for s0 in range(0, n_strips, per):
-        count = min(per, n_strips - s0)
-        w = chunk[:count * 64]
+    for s0, w, n0, n1 in dequant_chunks(state, x.dtype, ws.scratch, budget):
         ext.dequant(state.qweight, scales, zeros, w, s0, state.bits, state.group_shift, state.zero_point)
-        n0, n1 = 64 * s0, min(state.n, 64 * (s0 + count))
         wt = w[:n1 - n0, :state.k].t()  # [K, n1 - n0], leading dimension kp: cuBLAS takes it as is
         if bias is None:
             torch.mm(x, wt, out=y[:, n0:n1])
