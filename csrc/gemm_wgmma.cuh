@@ -1,10 +1,10 @@
-// Hopper GEMM kernel for up to 128 tokens (gemm_wgmma_launch.cuh launches it, over 128-token slices
-// up to 512): warpgroup MMA (wgmma) with the dequantised weights as the register A operand and the
+// Hopper GEMM kernel for up to 256 tokens (gemm_wgmma_launch.cuh launches it, in 256-token slices
+// above): warpgroup MMA (wgmma) with the dequantised weights as the register A operand and the
 // tokens as the shared-memory B operand (swap-AB, like the GEMV).
 // Why this shape: at 64-128 tokens the mma.sync GEMM (gemm.cuh) spends its time widening codes
 // into a shared-memory tile, reading it back with ldmatrix and waiting on barriers; here each warp
 // widens only its own 16 output columns of a k16 step (one 4-byte shared load, 4 LOP3 + 8 packed
-// ops) straight into the A registers of an asynchronous m64nNk16 wgmma (N = 64 or 128 tokens),
+// ops) straight into the A registers of an asynchronous m64nNk16 wgmma (N = 16 to 256 tokens),
 // which reads the tokens from a 128-byte-swizzled tile that cp.async filled. Split tiles are summed
 // with fp32 reds into the zeroed strip accumulators (as in the GEMV); the last contributor writes y.
 //
@@ -37,17 +37,20 @@ struct WgCfg {
   static constexpr int NACC = NTOK / 2;  // fp32 accumulators per thread and strip
   static constexpr int X_CHUNKS = NTOK * 8;           // 16-byte chunks of x per stage
   static constexpr int W_CHUNKS = STRIPS * KB * 32 * V;  // 16-byte chunks of codes per stage
-  static_assert(X_CHUNKS % kThreads == 0 && W_CHUNKS % kThreads == 0, "whole cp.async rounds");
-  static_assert(NTOK % 16 == 0 && NTOK <= 128, "NTOK: 16..128 tokens in steps of 16");
+  static_assert((X_CHUNKS % kThreads == 0 || X_CHUNKS == 128) && W_CHUNKS % kThreads == 0, "whole cp.async rounds");
+  static_assert(NTOK == 16 || NTOK == 32 || NTOK == 64 || NTOK == 128 || NTOK == 256, "a wgmma N");
   static_assert(BN * NTOK <= STRIPS * kAccumPerStrip, "a tile's partials fit its strips' accumulators");
-  // Stages (stages - 2 of them in flight): 5 where two blocks share an SM (2 x 101 KB at 64
-  // tokens), 6 where one block has the SM.
-  static constexpr int kStages = NTOK * SPW <= 128 && BITS == 4 ? 5 : 6;
+  // Two blocks share an SM where their registers allow (4-bit, up to 128 accumulators per thread).
+  static constexpr int kBlocksPerSm = NTOK * SPW <= 128 && BITS == 4 ? 2 : 1;
+  // Stages (stages - 2 of them in flight): 5 where two blocks share an SM at 64 tokens (2 x 101 KB),
+  // 6 otherwise (2 x 97 KB at 32 tokens); pipeline_shape lowers it where a stage is larger (256
+  // tokens: 38 KB a stage, 5 fit).
+  static constexpr int kStages = kBlocksPerSm == 2 && NTOK >= 64 ? 5 : 6;
   static int smem_bytes(int stages) { return 1024 + stages * (X_BYTES + REST_BYTES); }
 };
 
 template <typename T, int BITS, int NTOK, int SPW>
-__global__ void __launch_bounds__(256, NTOK * SPW <= 128 && BITS == 4 ? 2 : 1) gemm_wgmma_kernel(const QsMatmulArgs a, int stages) {
+__global__ void __launch_bounds__(256, WgCfg<T, BITS, NTOK, SPW>::kBlocksPerSm) gemm_wgmma_kernel(const QsMatmulArgs a, int stages) {
 #if QS_HAS_WGMMA
   using Cfg = WgCfg<T, BITS, NTOK, SPW>;
   constexpr int KB = Cfg::KB, V = Cfg::V, WPL = Cfg::WPL, NACC = Cfg::NACC, STRIPS = Cfg::STRIPS;
@@ -88,7 +91,7 @@ __global__ void __launch_bounds__(256, NTOK * SPW <= 128 && BITS == 4 ? 2 : 1) g
   // One stage: x [NTOK][64] (rows >= m and k >= K zero-filled), the codes of STRIPS strips x 4
   // steps, and their scales / zeros. The per-thread parts of the addresses that do not move with the
   // stage are computed once here: a stage's copies then cost a few adds each.
-  constexpr int XR = Cfg::X_CHUNKS / NTH, WR = Cfg::W_CHUNKS / NTH;
+  constexpr int XR = (Cfg::X_CHUNKS + NTH - 1) / NTH, WR = Cfg::W_CHUNKS / NTH;  // 16 tokens: half the threads
   static_assert(NTH == 256, "x rows x_row + 32r: 8 chunks per row, 256 threads");
   const int x_row = tid >> 3, x_ch = tid & 7;  // rows x_row + 32r, 16-byte chunk x_ch of the 128-byte row
   const int x_dst = x_row * 64 + ((x_ch ^ (x_row & 7)) << 3);
@@ -108,6 +111,7 @@ __global__ void __launch_bounds__(256, NTOK * SPW <= 128 && BITS == 4 ? 2 : 1) g
     const int gk = step0 * 16 + x_ch * 8;
 #pragma unroll
     for (int r = 0; r < XR; ++r) {
+      if (NTOK < 32 && x_row >= NTOK) break;
       const bool ok = x_row + 32 * r < a.m && gk < a.k;
       cp_async16_at(sx + r * 32 * 128, ok ? x_src + (long long)(32 * r) * a.k + step0 * 16 : x, ok);
     }

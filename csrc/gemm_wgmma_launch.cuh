@@ -1,6 +1,6 @@
 // How the Hopper wgmma GEMM (gemm_wgmma.cuh) is chosen and launched: whether the loaded binary has
-// it, the process-wide options, the tile shape per call, the launch (PDL), and calls above 128 tokens
-// as 128-token slices.
+// it, the process-wide options, the tile shape per call, the launch (PDL), and calls above 256 tokens
+// as 256-token slices.
 #pragma once
 
 #include "gemm_wgmma.cuh"
@@ -15,7 +15,7 @@ inline int (&wgmma_ready())[kMaxDevices] {
 
 // Process-wide GEMM options (set through qs_gemm_set_options before capture).
 struct GemmOptions {
-  int wgmma = 1;  // Hopper: 16..kWgmmaSlicedMaxM tokens take the wgmma kernel (0: the mma.sync GEMM)
+  int wgmma = 1;  // Hopper: GEMM calls take the wgmma kernel (0: the mma.sync GEMM)
   int pdl = 1;    // wgmma kernel: programmatic dependent launch (weights prefetched before the wait)
 };
 inline GemmOptions& gemm_options() {
@@ -49,16 +49,11 @@ cudaError_t launch_gemm_wgmma(const QsMatmulArgs& a, cudaStream_t stream) {
   return cudaLaunchKernelEx(&cfg, kernel, a, ps.stages);
 }
 
-// Calls of 129 to this many tokens run the wgmma kernel over 128-token slices. H100,
-// decode-step linears: M=256 14.65 ms vs 16.96 with the mma.sync GEMM, M=512 29.73 vs 31.46; larger
-// calls (prefill chunks) keep the mma.sync GEMM until measured.
-constexpr int kWgmmaSlicedMaxM = 512;
-
-// Whether this call can take the wgmma kernel: option on, sm_90a code loaded on this device,
-// m <= kWgmmaSlicedMaxM, and strip accumulators sized for n.
+// Whether this call can take the wgmma kernel: option on, sm_90a code loaded on this device, and
+// strip accumulators sized for n. Any m: above 256 tokens it runs in 256-token slices (H100,
+// decode-step linears, v7: M=512 23.06 ms vs 31.43 with the mma.sync GEMM).
 inline bool wgmma_usable(const QsMatmulArgs& a) {
-  if (!gemm_options().wgmma || a.m > kWgmmaSlicedMaxM || a.accum == nullptr || a.accum_counters == nullptr)
-    return false;
+  if (!gemm_options().wgmma || a.accum == nullptr || a.accum_counters == nullptr) return false;
   int device = 0;
   if (cudaGetDevice(&device) != cudaSuccess || device < 0 || device >= kMaxDevices) return false;
   const long long n_strips = (a.n + 63) / 64;
@@ -66,16 +61,23 @@ inline bool wgmma_usable(const QsMatmulArgs& a) {
          a.num_accum_counters >= n_strips;
 }
 
-// Tile shape of a call of up to 128 tokens.
+// Tile shape of a call of up to 256 tokens: the wgmma N is the call's token count rounded up to
+// 16 / 32 / 64 / 128 / 256, so no tensor-core work and no zero-filled x rows are spent past the
+// next size. H100, decode-step linears, one process (v7): M=16 2.353 ms with 16-token tiles vs
+// 2.862 with 64; M=32 2.870 with 32-token tiles vs 3.170; M=256 11.41 with one 256-token tile
+// (one strip per warpgroup, 195 registers) vs 14.70 as two 128-token slices, each of which widened
+// every weight again.
 template <typename T, int BITS>
 cudaError_t gemm_wgmma_slice(const QsMatmulArgs& a, cudaStream_t s) {
+  if (a.m <= 16) return launch_gemm_wgmma<T, BITS, 16, 2>(a, s);
+  if (a.m <= 32) return launch_gemm_wgmma<T, BITS, 32, 2>(a, s);
+  if (a.m > 128) return launch_gemm_wgmma<T, BITS, 256, 1>(a, s);
   // 4 strips per block in both: one strip per warpgroup (128 columns) measured 1.5% faster at M=64
   // and 5% slower at M=128 on H200.
   // Narrow layers (o, down of a 7B: 16 tiles of 256 columns) split each tile over ~16 blocks; from
   // 33 tokens 128-column tiles (half the partial, and the reds, per block) are faster. H100, decode
-  // step with n <= 8192 narrow: M=64 4.268 vs 4.629 ms, M=128 7.112 vs 7.624; but M=16 3.048 vs
-  // 2.871, M=32 3.208 vs 3.079, so up to 32 tokens the tiles stay 256 columns wide.
-  if (a.n <= 8192 && a.m > 32) {
+  // step with n <= 8192 narrow: M=64 4.268 vs 4.629 ms, M=128 7.112 vs 7.624 (v5e).
+  if (a.n <= 8192) {
     if (a.m <= 64) return launch_gemm_wgmma<T, BITS, 64, 1>(a, s);
     return launch_gemm_wgmma<T, BITS, 128, 1>(a, s);
   }
@@ -83,13 +85,16 @@ cudaError_t gemm_wgmma_slice(const QsMatmulArgs& a, cudaStream_t s) {
   return launch_gemm_wgmma<T, BITS, 128, 2>(a, s);
 }
 
-// A call the wgmma kernel takes (wgmma_usable): 128-token slices of x and y, one launch each; the
+// Token rows per launch of the wgmma kernel: the largest tile.
+constexpr int kWgmmaSliceM = 256;
+
+// A call the wgmma kernel takes (wgmma_usable): 256-token slices of x and y, one launch each; the
 // launches share the strip accumulators, which each one's drains leave zeroed for the next.
 template <typename T, int BITS>
 cudaError_t gemm_wgmma_by_m(const QsMatmulArgs& a, cudaStream_t s) {
   QsMatmulArgs c = a;
-  for (int m0 = 0; m0 < a.m; m0 += 128) {
-    c.m = a.m - m0 < 128 ? a.m - m0 : 128;
+  for (int m0 = 0; m0 < a.m; m0 += kWgmmaSliceM) {
+    c.m = a.m - m0 < kWgmmaSliceM ? a.m - m0 : kWgmmaSliceM;
     c.x = static_cast<const T*>(a.x) + (long long)m0 * a.k;
     c.y = static_cast<T*>(a.y) + (long long)m0 * a.n;
     const cudaError_t err = gemm_wgmma_slice<T, BITS>(c, s);

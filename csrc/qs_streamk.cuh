@@ -47,9 +47,10 @@ struct StageCursor {
   }
 };
 
-// Split-K accumulator floats per 64-column strip: a [64 columns][up to 128 tokens] fp32 block (the
-// GEMV uses [64][32] of it, the Hopper GEMM [64][N tokens]).
-constexpr int kAccumPerStrip = 128 * 64;
+// Split-K accumulator floats per 64-column strip: a [64 columns][up to 256 tokens] fp32 block (the
+// GEMV uses [64][32] of it; the Hopper GEMM [64][N tokens], or, for 256-token tiles of one strip per
+// warpgroup, [128 columns][256 tokens] over the tile's two strips).
+constexpr int kAccumPerStrip = 256 * 64;
 
 // Adds one lane's fp32 partials of one output column into `col` ([tokens] contiguous, zeroed, 16-byte
 // aligned), for tokens base + 2t + {0, 1} (lo) and base + 8 + 2t + {0, 1} (hi), t = lane & 3 (the

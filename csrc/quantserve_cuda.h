@@ -63,8 +63,8 @@ typedef struct QsDequantArgs {
 // M <= 32: swap-AB tensor-core GEMV (weights are the MMA's A operand, tokens its n8 side).
 cudaError_t qs_gemv(const QsMatmulArgs* args, cudaStream_t stream);
 // Any M: cp.async-pipelined tensor-core GEMM; stream-K over (tile, k-stage) units. On a Hopper GPU
-// running the sm_90a code, m <= 512 takes the wgmma kernel (above 128 in 128-token slices) when accum
-// is large enough for n.
+// running the sm_90a code, the wgmma kernel takes it (above 256 tokens in 256-token slices) when
+// accum is large enough for n.
 cudaError_t qs_gemm(const QsMatmulArgs* args, cudaStream_t stream);
 // Widen strips [strip_begin, strip_begin + strip_count) of a repacked weight into args->w.
 cudaError_t qs_dequant(const QsDequantArgs* args, cudaStream_t stream);

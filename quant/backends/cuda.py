@@ -1,5 +1,5 @@
 """The "cuda" kernel backend: fused int4/int8 dequant GEMV (M <= 32), tensor-core GEMM (M > 32;
-on Hopper the wgmma kernel from 16 tokens, the mma.sync one elsewhere), and from DEQUANT_MIN_M
+on Hopper the wgmma kernel from WGMMA_MIN_M tokens, the mma.sync one elsewhere), and from DEQUANT_MIN_M
 tokens (prefill) dequantise-to-scratch + cuBLAS.
 
 Registered for device type "cuda" with priority 10 (ahead of `dense`, 50) through a loader, so the
@@ -49,7 +49,7 @@ HEADERS = ("quantserve_cuda.h", "qs_ptx.cuh", "qs_dequant.cuh", "qs_streamk.cuh"
 # (QUANTSERVE_CUDA_ARCHS="80;86;89;90a" builds them all, e.g. for an image).
 ALL_ARCHS = ("80", "86", "89", "90a")
 PRIORITY = 10
-ACCUM_MIN_N = 65536  # strip accumulators sized for at least this many output columns (32 MB)
+ACCUM_MIN_N = 32768  # strip accumulators sized for at least this many output columns (32 MB)
 # Act-order GEMV calls whose activations fit this many bytes gather them inside the kernel (2-byte
 # loads through the permutation, served by L1); larger ones run one index_select first. H100, extra
 # us over the plain kernel, fused vs index_select: 4096x4096 M=1 2.0 vs 6.5, M=4 3.1 vs 6.6, M=16
@@ -57,17 +57,19 @@ ACCUM_MIN_N = 65536  # strip accumulators sized for at least this many output co
 # 7.2 vs 7.2, M=8 8.7 vs 7.4: the in-kernel gather wins while x stays in L1.
 FUSED_GATHER_BYTES = 32 * 1024
 # From this many tokens a GEMV-sized call (<= gemv_max_m) goes to the GEMM when it runs the Hopper
-# wgmma kernel. H100, decode-step linears, one process (v5d): M=16 GEMV 2.912 ms vs wgmma 2.818;
-# M=32 GEMV 5.360 vs 3.086 (v4 on H200 had M=16 at GEMV 2.97 vs wgmma 3.89).
-WGMMA_MIN_M = 16
+# wgmma kernel. H100, decode-step linears, one process (v7, 16-token wgmma tiles): M=4 GEMV 1.940 ms
+# vs wgmma 2.343, M=8 2.304 vs 2.359, M=12 2.758 vs 2.350, M=16 (v5d) 2.912 vs 2.301.
+WGMMA_MIN_M = 12
 # From this many tokens a call dequantises the layer into a 16-bit scratch, a column chunk at a
 # time, and multiplies with cuBLAS (prefill: compute-bound, where cuBLAS's fp16 GEMM outruns ours).
-# H100, decode-step linears of the 7B shape in a CUDA graph, one process: M=192 fused 11.61 ms vs
-# dequant 12.34, M=224 13.10 vs 13.03, M=256 14.82 vs 12.83, M=512 29.67 vs 16.36, M=1024 59.55
-# vs 26.14 (cuBLAS fp16 21.65). But calls this large run eagerly in the engine (its decode graphs
-# stop at 128), where the Python chunk loop's host time counts: batch-256 decode of the 7B shape
-# took 34.9 / 36.5 ms per step from 224 tokens vs 27.3 on the fused GEMM. Hence 512, where the GPU
-# saving (13 ms per step) is larger than any host cost; prefill chunks (1024) keep the gain.
+# H100, decode-step linears of the 7B shape in a CUDA graph, one process (v7: the fused GEMM with
+# 256-token tiles): M=192 fused 9.99 ms vs dequant 12.34, M=256 11.41 vs 12.75, M=320 15.46 vs
+# 14.30, M=384 18.78 vs 14.27, M=448 21.37 vs 16.56, M=512 22.88 vs 16.33, M=1024 45.92 vs 27.11
+# (cuBLAS fp16 21.22). But calls this large run eagerly in the engine (its decode graphs stop at
+# 128), where the Python chunk loop's host time counts: with the earlier fused GEMM (14.7 ms at
+# 256), batch-256 decode of the 7B shape took 34.9 / 36.5 ms per step on the dequant path vs 27.3 on
+# the fused GEMM. Hence 512, where the GPU saving (6.5 ms per step) is larger than that host cost;
+# prefill chunks (1024) keep the gain.
 # QUANTSERVE_DEQUANT_MIN_M overrides it (a huge value keeps every call on the fused kernels).
 DEQUANT_MIN_M = int(os.environ.get("QUANTSERVE_DEQUANT_MIN_M", "512"))
 # The scratch of that path, per device: a layer runs as chunks of whole 64-column strips that fit it
@@ -136,7 +138,7 @@ def extension():
 class Workspace:
     """Split-K state of one device: mma.sync GEMM partial tiles (float32, any content) with arrival
     counters, and the strip accumulators of the GEMV and the Hopper wgmma GEMM (float32, 64 columns x
-    up to 128 tokens per strip) with counters. Counters and accumulators are zero and the
+    up to 256 tokens per strip) with counters. Counters and accumulators are zero and the
     kernels leave them zero, so one set serves every layer of a stream (concurrent streams on one
     device would need one each). `scratch` (uint8, any content) holds the dequantised 16-bit
     chunk of a large-M call. Sized at prepare time, so a CUDA graph captured later keeps valid

@@ -18,7 +18,7 @@ from tests.kernels.layers import random_layer
 CASES = [  # k, n, bits, group_size, sym, desc_act, bias, ms
     (576, 192, 4, 128, True, False, False, (1, 16, 64, 100, 256)),
     (584, 72, 8, 64, False, False, True, (3, 33)),
-    (4096, 4096, 4, 128, True, False, False, (1, 9, 64, 130)),
+    (4096, 4096, 4, 128, True, False, False, (1, 9, 64, 130, 300)),
     (1536, 576, 4, 32, False, True, True, (2, 40)),
     (576, 192, 8, 64, True, True, False, (1, 12, 24)),  # act-order, gathered inside the GEMV
     (256, 128, 3, 64, False, False, False, (5, 20)),

@@ -105,17 +105,17 @@ def test_act_order_fused_gather_every_m(k, n, bits, group_size, sym):
 @pytest.mark.parametrize("k,n,bits,group_size,sym", [(576, 192, 4, 128, True), (584, 72, 8, 64, False),
                                                      (4096, 4096, 4, 32, False), (11008, 1024, 4, -1, True),
                                                      (1536, 576, 8, 128, True)])
-def test_gemm_kernels_at_17_to_128_tokens(wgmma, k, n, bits, group_size, sym):
-    """Both GEMM kernels over the token counts the Hopper wgmma kernel takes (16-64: 64-token
-    tiles, 65-128: 128-token tiles, above: 128-token slices), split and whole tiles, partial
-    strips, both dtypes. On an
-    sm_90 GPU the sm_90a code must be the one loaded, so wgmma=True really runs wgmma."""
+def test_gemm_kernels_over_token_counts(wgmma, k, n, bits, group_size, sym):
+    """Both GEMM kernels over every tile size of the Hopper wgmma kernel (16/32/64/128/256-token
+    tiles, partly filled, and 256-token slices above), split and whole tiles, partial strips, both
+    dtypes. On an sm_90 GPU the sm_90a code must be the one loaded, so wgmma=True really runs
+    wgmma."""
     if wgmma and torch.cuda.get_device_capability() == (9, 0):
         assert cuda_backend.wgmma_available(), "H100/H200 without the sm_90a wgmma kernel"
     layer = _layer(k, n, bits, group_size, sym=sym, bias=bits == 8)
     with cuda_backend.gemm_launch_options(wgmma):
         for dtype in (torch.float16, torch.bfloat16):
-            _check(layer, (16, 17, 33, 48, 64, 65, 100, 128, 130, 256), dtype, ops=("gemm",))
+            _check(layer, (5, 16, 17, 32, 33, 48, 64, 65, 100, 128, 130, 256, 257, 513), dtype, ops=("gemm",))
 
 
 @pytest.mark.parametrize("pdl", [True, False])
