@@ -311,6 +311,8 @@ def main() -> None:
     p.add_argument("--layers", type=int, default=32)
     p.add_argument("--backends", default="ours,cublas_fp16,torch_int4")
     p.add_argument("--out", default=str(RESULTS))
+    p.add_argument("--no-extras", action="store_true",
+                   help="time only the default path of each backend (no forced-op comparisons)")
     p.add_argument("--dequant-sweep", action="store_true",
                    help="also time the dequantise + cuBLAS path over scratch chunk sizes")
     args = p.parse_args()
@@ -324,11 +326,13 @@ def main() -> None:
     # default, the wgmma kernel without PDL, the mma.sync GEMM (the previous kernel) where the
     # Hopper wgmma kernel is the default, and the dequantise + cuBLAS path and the fused GEMM kernels
     # on both sides of DEQUANT_MIN_M, timed in the same process.
-    extra = {"ours_gemm_forced": ("gemm", {4, 8, 12, 16, 32}, True, True),
+    extra = {"ours_gemm_forced": ("gemm", {4, 8, 9, 10, 11, 12, 16, 32}, True, True),
              "ours_wgmma_no_pdl": ("gemm", {32, 64, 128}, True, False),
              "ours_gemm_mma_sync": ("gemm", {16, 32, 64, 128, 256, 512}, False, True),
              "ours_dequant_cublas": ("dequant", {128, 192, 256, 320, 384, 448}, True, True),
              "ours_fused_gemm": ("gemm", {320, 384, 448, 512, 1024, 2048}, True, True)}
+    if args.no_extras:
+        extra = {}
     for name in args.backends.split(","):
         bench_backend(name, ms, args.layers, rows, steps, extra, args.dequant_sweep)
     result = {"gpu": gpu, "torch": torch.__version__, "wgmma": cuda_backend.wgmma_available(), "cuda": torch.version.cuda, "group_size": GROUP,

@@ -57,9 +57,10 @@ ACCUM_MIN_N = 32768  # strip accumulators sized for at least this many output co
 # 7.2 vs 7.2, M=8 8.7 vs 7.4: the in-kernel gather wins while x stays in L1.
 FUSED_GATHER_BYTES = 32 * 1024
 # From this many tokens a GEMV-sized call (<= gemv_max_m) goes to the GEMM when it runs the Hopper
-# wgmma kernel. H100, decode-step linears, one process (v7, 16-token wgmma tiles): M=4 GEMV 1.940 ms
-# vs wgmma 2.343, M=8 2.304 vs 2.359, M=12 2.758 vs 2.350, M=16 (v5d) 2.912 vs 2.301.
-WGMMA_MIN_M = 12
+# wgmma kernel. H100, decode-step linears (v7, 16-token wgmma tiles): M=4 GEMV 1.940 ms vs wgmma
+# 2.343, M=8 2.304 vs 2.359, M=12 2.758 vs 2.350 (one process); M=9 / 10 / 11 2.636 / 2.654 / 2.694
+# vs 2.385 / 2.390 / 2.385 (another run, same machine).
+WGMMA_MIN_M = 9
 # From this many tokens a call dequantises the layer into a 16-bit scratch, a column chunk at a
 # time, and multiplies with cuBLAS (prefill: compute-bound, where cuBLAS's fp16 GEMM outruns ours).
 # H100, decode-step linears of the 7B shape in a CUDA graph, one process (v7: the fused GEMM with

@@ -58,21 +58,21 @@ def test_gemm_option_applies_inside_and_comes_back(monkeypatch):
     assert ext.gemm == (True, True) and ext.calls[-1] == ("gemm", True, True)
 
 
-def test_pick_op_sends_12_to_32_tokens_to_the_wgmma_gemm_only_where_it_runs():
+def test_pick_op_sends_9_to_32_tokens_to_the_wgmma_gemm_only_where_it_runs():
     asked = []
 
     def wgmma(answer):
         return lambda: asked.append(answer) or answer
 
-    for m in (1, 8, 11):
+    for m in (1, 4, 8):
         assert cuda_backend.pick_op(m, wgmma(True)) == "gemv"
     assert asked == []  # below WGMMA_MIN_M the device is not even asked
-    for m in (12, 16, 24, 32):
+    for m in (9, 12, 16, 24, 32):
         assert cuda_backend.pick_op(m, wgmma(True)) == "gemm"
         assert cuda_backend.pick_op(m, wgmma(False)) == "gemv"
     for m in (33, 64, 200, cuda_backend.DEQUANT_MIN_M - 1):
         assert cuda_backend.pick_op(m, wgmma(False)) == "gemm"
-    assert cuda_backend.WGMMA_MIN_M == 12 and cuda_backend.CudaBackend.gemv_max_m == 32
+    assert cuda_backend.WGMMA_MIN_M == 9 and cuda_backend.CudaBackend.gemv_max_m == 32
 
 
 def test_pick_op_sends_prefill_sized_calls_to_dequant_and_cublas():
