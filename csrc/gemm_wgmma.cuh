@@ -9,7 +9,8 @@
 // with fp32 reds into the zeroed strip accumulators (as in the GEMV); the last contributor writes y.
 //
 // Block: 2 warpgroups x SPW strips of 64 columns; warp w of a warpgroup owns columns 16w..16w+15
-// of each of its strips. A stage is 4 k16 steps (64 k: one 128-byte row of x per token).
+// of each of its strips. A stage is KB k16 steps: 4 (64 k: one 128-byte swizzled row of x per
+// token) or, for tiles of up to 32 tokens, 8 (two such x sub-tiles).
 #pragma once
 
 #include "qs_dequant.cuh"
@@ -27,25 +28,33 @@ struct WgCfg {
   static constexpr int kThreads = 128 * kWarpgroups;
   static constexpr int STRIPS = kWarpgroups * SPW;
   static constexpr int BN = 64 * STRIPS;
-  static constexpr int KB = 4;
+  // k16 steps per stage: 8 (128 k, x in two 64-k sub-tiles) for tiles of up to 32 tokens, where
+  // the per-stage work (barrier, copies, addresses) is a large share of a stage's instructions;
+  // 4 above, where the x tile is large. H100, decode-step linears, M=24 / 32: 2.532-2.596 /
+  // 2.694 ms vs 2.732 / 2.800 with 4 steps (v7d).
+  static constexpr int KB = NTOK <= 32 ? 8 : 4;
+  static constexpr int XSUB = KB / 4;  // 64-k sub-tiles of x per stage
   static constexpr int WPL = Dequant<T, BITS>::kWordsPerLane;
   static constexpr int V = WPL / 4;
-  static constexpr int X_BYTES = NTOK * 128;  // [NTOK][64] 16-bit, a multiple of 1024
+  static constexpr int X_SUB_BYTES = NTOK * 128;  // [NTOK][64] 16-bit, a multiple of 1024
+  static constexpr int X_BYTES = XSUB * X_SUB_BYTES;
   static constexpr int W_BYTES = STRIPS * KB * 32 * V * 16;
   static constexpr int S_BYTES = STRIPS * KB * 8 * 16;  // up to KB groups per stage and strip
   static constexpr int REST_BYTES = W_BYTES + 2 * S_BYTES;
   static constexpr int NACC = NTOK / 2;  // fp32 accumulators per thread and strip
-  static constexpr int X_CHUNKS = NTOK * 8;           // 16-byte chunks of x per stage
+  static constexpr int X_CHUNKS = NTOK * 8 * XSUB;    // 16-byte chunks of x per stage
   static constexpr int W_CHUNKS = STRIPS * KB * 32 * V;  // 16-byte chunks of codes per stage
   static_assert((X_CHUNKS % kThreads == 0 || X_CHUNKS == 128) && W_CHUNKS % kThreads == 0, "whole cp.async rounds");
   static_assert(NTOK == 16 || NTOK == 32 || NTOK == 64 || NTOK == 128 || NTOK == 256, "a wgmma N");
   static_assert(BN * NTOK <= STRIPS * kAccumPerStrip, "a tile's partials fit its strips' accumulators");
   // Two blocks share an SM where their registers allow (4-bit, up to 128 accumulators per thread).
   static constexpr int kBlocksPerSm = NTOK * SPW <= 128 && BITS == 4 ? 2 : 1;
-  // Stages (stages - 2 of them in flight): 5 where two blocks share an SM at 64 tokens (2 x 101 KB),
-  // 6 otherwise (2 x 97 KB at 32 tokens); pipeline_shape lowers it where a stage is larger (256
-  // tokens: 38 KB a stage, 5 fit).
-  static constexpr int kStages = kBlocksPerSm == 2 && NTOK >= 64 ? 5 : 6;
+  // Stages (stages - 2 of them in flight): 3 of 128 k where two blocks share an SM at up to 32
+  // tokens (2 x 97 KB at 32; 4 stages at 16 tokens fill the SM to the byte and measured slower;
+  // 4 where one block has the SM),
+  // 5 at 64 tokens (2 x 101 KB), 6 otherwise; pipeline_shape lowers it where a stage is larger
+  // (256 tokens: 38 KB a stage, 5 fit).
+  static constexpr int kStages = KB == 8 ? (kBlocksPerSm == 2 ? 3 : 4) : kBlocksPerSm == 2 && NTOK >= 64 ? 5 : 6;
   static int smem_bytes(int stages) { return 1024 + stages * (X_BYTES + REST_BYTES); }
 };
 
@@ -91,11 +100,13 @@ __global__ void __launch_bounds__(256, WgCfg<T, BITS, NTOK, SPW>::kBlocksPerSm) 
   // One stage: x [NTOK][64] (rows >= m and k >= K zero-filled), the codes of STRIPS strips x 4
   // steps, and their scales / zeros. The per-thread parts of the addresses that do not move with the
   // stage are computed once here: a stage's copies then cost a few adds each.
-  constexpr int XR = (Cfg::X_CHUNKS + NTH - 1) / NTH, WR = Cfg::W_CHUNKS / NTH;  // 16 tokens: half the threads
-  static_assert(NTH == 256, "x rows x_row + 32r: 8 chunks per row, 256 threads");
-  const int x_row = tid >> 3, x_ch = tid & 7;  // rows x_row + 32r, 16-byte chunk x_ch of the 128-byte row
-  const int x_dst = x_row * 64 + ((x_ch ^ (x_row & 7)) << 3);
-  const T* x_src = x + (long long)x_row * a.k + x_ch * 8;
+  constexpr int XR = (Cfg::X_CHUNKS + NTH - 1) / NTH, WR = Cfg::W_CHUNKS / NTH;  // 16 tokens, KB 4: half the threads
+  constexpr int XCPR = 8 * Cfg::XSUB, XRS = NTH / XCPR;  // x chunks per token row; rows per copy round
+  static_assert(NTH == 256 && XRS % 8 == 0, "x rows x_row + XRS r keep the row's swizzle phase");
+  // This thread copies chunk x_cc of rows x_row + XRS r: sub-tile x_cc / 8, 16-byte chunk x_cc % 8.
+  const int x_row = tid / XCPR, x_cc = tid % XCPR;
+  const int x_dst = (x_cc >> 3) * (NTOK * 64) + x_row * 64 + (((x_cc & 7) ^ (x_row & 7)) << 3);
+  const T* x_src = x + (long long)x_row * a.k + x_cc * 8;
   int w_off[WR], w_strip[WR], w_step[WR];  // per copy: offset in the tile's code stream, strip, step
 #pragma unroll
   for (int r = 0; r < WR; ++r) {
@@ -108,12 +119,12 @@ __global__ void __launch_bounds__(256, WgCfg<T, BITS, NTOK, SPW>::kBlocksPerSm) 
   auto load_x = [&](const Cursor& cu, int buf) {
     const int step0 = cu.st * KB;
     const uint32_t sx = x_at(buf) + uint32_t(x_dst * 2);
-    const int gk = step0 * 16 + x_ch * 8;
+    const int gk = step0 * 16 + x_cc * 8;
 #pragma unroll
     for (int r = 0; r < XR; ++r) {
-      if (NTOK < 32 && x_row >= NTOK) break;
-      const bool ok = x_row + 32 * r < a.m && gk < a.k;
-      cp_async16_at(sx + r * 32 * 128, ok ? x_src + (long long)(32 * r) * a.k + step0 * 16 : x, ok);
+      if (Cfg::X_CHUNKS % NTH != 0 && x_row >= NTOK) break;
+      const bool ok = x_row + XRS * r < a.m && gk < a.k;
+      cp_async16_at(sx + r * XRS * 128, ok ? x_src + (long long)(XRS * r) * a.k + step0 * 16 : x, ok);
     }
   };
   // The stage's codes, scales and zeros: constants of the layer, so they may be copied before
@@ -152,20 +163,25 @@ __global__ void __launch_bounds__(256, WgCfg<T, BITS, NTOK, SPW>::kBlocksPerSm) 
   // steps reach a new group (g128: every other stage) or a new tile starts (gc_group = -1).
   GroupConsts<T, BITS> gc[SPW];  // only columns 2wq, 2wq+1 (slots 0, 1) are used
   int gc_group = -1;
+  const bool group_per_stage = (1 << a.group_shift) >= KB;
   // This lane's code word of warp n-tile wq in strip sl, step kk: [strip][step][lane] x V uint4.
   const uint32_t w_lane = uint32_t(lane * V * 16 + (BITS == 4 ? 4 * wq : 8 * wq));
   const uint32_t sc_lane = uint32_t(g * 16 + 4 * wq);  // scale / zero word of this lane's 2 columns
   auto compute_unit = [&](const Cursor& cu, int buf) {
     const int step0 = cu.st * KB;
     const int gfirst = step0 >> a.group_shift;
-    const uint64_t desc0 = wgmma_desc_sw128(x_at(buf));
+    uint64_t desc[Cfg::XSUB];
+#pragma unroll
+    for (int i = 0; i < Cfg::XSUB; ++i) desc[i] = wgmma_desc_sw128(x_at(buf) + uint32_t(i * Cfg::X_SUB_BYTES));
     const uint32_t sw = w_at(buf) + w_lane;
     const uint32_t ss = w_at(buf) + uint32_t(Cfg::W_BYTES) + sc_lane;
 #pragma unroll
     for (int kk = 0; kk < KB; ++kk) {
       // Steps past K (zero x) keep the last group: the stage staged scales only up to it.
       const int grp = min(step0 + kk, k_steps - 1) >> a.group_shift;
-      if (grp != gc_group) {
+      // Groups of KB steps or more start on a stage boundary: only a stage's first step can meet
+      // a new one (g128 at 4 or 8 steps a stage, g64 at 4).
+      if ((kk == 0 || !group_per_stage) && grp != gc_group) {
         gc_group = grp;
         const int slot = grp - gfirst;
 #pragma unroll
@@ -201,7 +217,7 @@ __global__ void __launch_bounds__(256, WgCfg<T, BITS, NTOK, SPW>::kBlocksPerSm) 
       }
       wgmma_fence();
 #pragma unroll
-      for (int s = 0; s < SPW; ++s) wgmma_rs<T, NTOK>(acc[s], af[kk & 1][s], desc0 + uint64_t(2 * kk));
+      for (int s = 0; s < SPW; ++s) wgmma_rs<T, NTOK>(acc[s], af[kk & 1][s], desc[kk >> 2] + uint64_t(2 * (kk & 3)));
       wgmma_commit();
       wgmma_wait<1>();
 #pragma unroll
