@@ -28,11 +28,11 @@ struct WgCfg {
   static constexpr int kThreads = 128 * kWarpgroups;
   static constexpr int STRIPS = kWarpgroups * SPW;
   static constexpr int BN = 64 * STRIPS;
-  // k16 steps per stage: 8 (128 k, x in two 64-k sub-tiles) for tiles of up to 32 tokens, where
+  // k16 steps per stage: 8 (128 k, x in two 64-k sub-tiles) for tiles of up to 64 tokens, where
   // the per-stage work (barrier, copies, addresses) is a large share of a stage's instructions;
-  // 4 above, where the x tile is large. H100, decode-step linears, M=24 / 32: 2.532-2.596 /
-  // 2.694 ms vs 2.732 / 2.800 with 4 steps (v7d).
-  static constexpr int KB = NTOK <= 32 ? 8 : 4;
+  // 4 above, where the x tile is large. H100, decode-step linears: M=24 / 32 2.532-2.596 / 2.694 ms
+  // vs 2.732 / 2.800 with 4 steps (v7d); M=40 / 64 3.327-3.347 / 3.868 vs 3.549 / 4.237 (v7e).
+  static constexpr int KB = NTOK <= 64 ? 8 : 4;
   static constexpr int XSUB = KB / 4;  // 64-k sub-tiles of x per stage
   static constexpr int WPL = Dequant<T, BITS>::kWordsPerLane;
   static constexpr int V = WPL / 4;
@@ -49,11 +49,11 @@ struct WgCfg {
   static_assert(BN * NTOK <= STRIPS * kAccumPerStrip, "a tile's partials fit its strips' accumulators");
   // Two blocks share an SM where their registers allow (4-bit, up to 128 accumulators per thread).
   static constexpr int kBlocksPerSm = NTOK * SPW <= 128 && BITS == 4 ? 2 : 1;
-  // Stages (stages - 2 of them in flight): 3 of 128 k where two blocks share an SM at up to 32
-  // tokens (2 x 97 KB at 32; 4 stages at 16 tokens fill the SM to the byte and measured slower;
-  // 4 where one block has the SM),
-  // 5 at 64 tokens (2 x 101 KB), 6 otherwise; pipeline_shape lowers it where a stage is larger
-  // (256 tokens: 38 KB a stage, 5 fit).
+  // Stages (stages - 2 of them in flight): 3 of 128 k where two blocks share an SM at up to 64
+  // tokens (2 x 97 KB at 32, 2 x 85 KB at 64 with one strip per warpgroup; 4 stages at 16 tokens
+  // fill the SM to the byte and measured slower), 4 where one block has the SM; 5 of 64 k at 128
+  // tokens, one strip per warpgroup (2 x 101 KB), 6 otherwise; pipeline_shape lowers it where a
+  // stage is larger (256 tokens: 38 KB a stage, 5 fit).
   static constexpr int kStages = KB == 8 ? (kBlocksPerSm == 2 ? 3 : 4) : kBlocksPerSm == 2 && NTOK >= 64 ? 5 : 6;
   static int smem_bytes(int stages) { return 1024 + stages * (X_BYTES + REST_BYTES); }
 };

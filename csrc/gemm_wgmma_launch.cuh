@@ -71,17 +71,17 @@ template <typename T, int BITS>
 cudaError_t gemm_wgmma_slice(const QsMatmulArgs& a, cudaStream_t s) {
   if (a.m <= 16) return launch_gemm_wgmma<T, BITS, 16, 2>(a, s);
   if (a.m <= 32) return launch_gemm_wgmma<T, BITS, 32, 2>(a, s);
+  // 33-64 tokens: one strip per warpgroup (128-column tiles), whose smaller stages leave room for
+  // 128-k stages with two blocks per SM. H100, decode-step linears (v7e): M=40 3.327 ms vs 3.549
+  // with 2 strips per warpgroup on the big layers and 64-k stages, M=64 3.868 vs 4.237; one strip
+  // with 64-k stages gave 3.60-3.70 / 4.11.
+  if (a.m <= 64) return launch_gemm_wgmma<T, BITS, 64, 1>(a, s);
   if (a.m > 128) return launch_gemm_wgmma<T, BITS, 256, 1>(a, s);
-  // 4 strips per block in both: one strip per warpgroup (128 columns) measured 1.5% faster at M=64
-  // and 5% slower at M=128 on H200.
-  // Narrow layers (o, down of a 7B: 16 tiles of 256 columns) split each tile over ~16 blocks; from
-  // 33 tokens 128-column tiles (half the partial, and the reds, per block) are faster. H100, decode
-  // step with n <= 8192 narrow: M=64 4.268 vs 4.629 ms, M=128 7.112 vs 7.624 (v5e).
-  if (a.n <= 8192) {
-    if (a.m <= 64) return launch_gemm_wgmma<T, BITS, 64, 1>(a, s);
-    return launch_gemm_wgmma<T, BITS, 128, 1>(a, s);
-  }
-  if (a.m <= 64) return launch_gemm_wgmma<T, BITS, 64, 2>(a, s);
+  // 65-128 tokens: 4 strips per block; one strip per warpgroup (128 columns) measured 5% slower at
+  // M=128 on H200. Narrow layers (o, down of a 7B: 16 tiles of 256 columns) split each tile over
+  // ~16 blocks; there 128-column tiles (half the partial, and the reds, per block) are faster.
+  // H100, decode step with n <= 8192 narrow: M=128 7.112 vs 7.624 (v5e).
+  if (a.n <= 8192) return launch_gemm_wgmma<T, BITS, 128, 1>(a, s);
   return launch_gemm_wgmma<T, BITS, 128, 2>(a, s);
 }
 
