@@ -44,7 +44,8 @@ struct WgCfg {
   static constexpr int NACC = NTOK / 2;  // fp32 accumulators per thread and strip
   static constexpr int X_CHUNKS = NTOK * 8 * XSUB;    // 16-byte chunks of x per stage
   static constexpr int W_CHUNKS = STRIPS * KB * 32 * V;  // 16-byte chunks of codes per stage
-  static_assert((X_CHUNKS % kThreads == 0 || X_CHUNKS == 128) && W_CHUNKS % kThreads == 0, "whole cp.async rounds");
+  static_assert((X_CHUNKS % kThreads == 0 || X_CHUNKS == 128) && W_CHUNKS % kThreads == 0,
+                "whole cp.async rounds");
   static_assert(NTOK == 16 || NTOK == 32 || NTOK == 64 || NTOK == 128 || NTOK == 256, "a wgmma N");
   static_assert(BN * NTOK <= STRIPS * kAccumPerStrip, "a tile's partials fit its strips' accumulators");
   // Two blocks share an SM where their registers allow (4-bit, up to 128 accumulators per thread).
@@ -52,14 +53,15 @@ struct WgCfg {
   // Stages (stages - 2 of them in flight): 3 of 128 k where two blocks share an SM at up to 64
   // tokens (2 x 97 KB at 32, 2 x 85 KB at 64 with one strip per warpgroup; 4 stages at 16 tokens
   // fill the SM to the byte and measured slower), 4 where one block has the SM; 5 of 64 k at 128
-  // tokens, one strip per warpgroup (2 x 101 KB), 6 otherwise; pipeline_shape lowers it where a
+  // tokens, one strip per warpgroup (2 x 111 KB), 6 otherwise; pipeline_shape lowers it where a
   // stage is larger (256 tokens: 38 KB a stage, 5 fit).
-  static constexpr int kStages = KB == 8 ? (kBlocksPerSm == 2 ? 3 : 4) : kBlocksPerSm == 2 && NTOK >= 64 ? 5 : 6;
+  static constexpr int kStages = KB == 8 ? (kBlocksPerSm == 2 ? 3 : 4) : kBlocksPerSm == 2 ? 5 : 6;
   static int smem_bytes(int stages) { return 1024 + stages * (X_BYTES + REST_BYTES); }
 };
 
 template <typename T, int BITS, int NTOK, int SPW>
-__global__ void __launch_bounds__(256, WgCfg<T, BITS, NTOK, SPW>::kBlocksPerSm) gemm_wgmma_kernel(const QsMatmulArgs a, int stages) {
+__global__ void __launch_bounds__(256, WgCfg<T, BITS, NTOK, SPW>::kBlocksPerSm)
+    gemm_wgmma_kernel(const QsMatmulArgs a, int stages) {
 #if QS_HAS_WGMMA
   using Cfg = WgCfg<T, BITS, NTOK, SPW>;
   constexpr int KB = Cfg::KB, V = Cfg::V, WPL = Cfg::WPL, NACC = Cfg::NACC, STRIPS = Cfg::STRIPS;
@@ -100,7 +102,8 @@ __global__ void __launch_bounds__(256, WgCfg<T, BITS, NTOK, SPW>::kBlocksPerSm) 
   // One stage: x [NTOK][64] (rows >= m and k >= K zero-filled), the codes of STRIPS strips x 4
   // steps, and their scales / zeros. The per-thread parts of the addresses that do not move with the
   // stage are computed once here: a stage's copies then cost a few adds each.
-  constexpr int XR = (Cfg::X_CHUNKS + NTH - 1) / NTH, WR = Cfg::W_CHUNKS / NTH;  // 16 tokens, KB 4: half the threads
+  // (x rounds: at 16 tokens with 64-k stages only half the threads copy x.)
+  constexpr int XR = (Cfg::X_CHUNKS + NTH - 1) / NTH, WR = Cfg::W_CHUNKS / NTH;
   constexpr int XCPR = 8 * Cfg::XSUB, XRS = NTH / XCPR;  // x chunks per token row; rows per copy round
   static_assert(NTH == 256 && XRS % 8 == 0, "x rows x_row + XRS r keep the row's swizzle phase");
   // This thread copies chunk x_cc of rows x_row + XRS r: sub-tile x_cc / 8, 16-byte chunk x_cc % 8.
