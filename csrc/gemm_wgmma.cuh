@@ -99,8 +99,8 @@ __global__ void __launch_bounds__(256, WgCfg<T, BITS, NTOK, SPW>::kBlocksPerSm)
 
   using Cursor = StageCursor;
   auto advance = [&](Cursor& c) { c.advance(nst); };
-  // One stage: x [NTOK][64] (rows >= m and k >= K zero-filled), the codes of STRIPS strips x 4
-  // steps, and their scales / zeros. The per-thread parts of the addresses that do not move with the
+  // One stage: x [XSUB][NTOK][64] (rows >= m and k >= K zero-filled), the codes of STRIPS strips x
+  // KB steps, and their scales / zeros. The per-thread parts of the addresses that do not move with the
   // stage are computed once here: a stage's copies then cost a few adds each.
   // (x rounds: at 16 tokens with 64-k stages only half the threads copy x.)
   constexpr int XR = (Cfg::X_CHUNKS + NTH - 1) / NTH, WR = Cfg::W_CHUNKS / NTH;
@@ -175,7 +175,8 @@ __global__ void __launch_bounds__(256, WgCfg<T, BITS, NTOK, SPW>::kBlocksPerSm)
     const int gfirst = step0 >> a.group_shift;
     uint64_t desc[Cfg::XSUB];
 #pragma unroll
-    for (int i = 0; i < Cfg::XSUB; ++i) desc[i] = wgmma_desc_sw128(x_at(buf) + uint32_t(i * Cfg::X_SUB_BYTES));
+    for (int i = 0; i < Cfg::XSUB; ++i)  // one descriptor per 64-k sub-tile of x
+      desc[i] = wgmma_desc_sw128(x_at(buf) + uint32_t(i * Cfg::X_SUB_BYTES));
     const uint32_t sw = w_at(buf) + w_lane;
     const uint32_t ss = w_at(buf) + uint32_t(Cfg::W_BYTES) + sc_lane;
 #pragma unroll
@@ -220,7 +221,8 @@ __global__ void __launch_bounds__(256, WgCfg<T, BITS, NTOK, SPW>::kBlocksPerSm)
       }
       wgmma_fence();
 #pragma unroll
-      for (int s = 0; s < SPW; ++s) wgmma_rs<T, NTOK>(acc[s], af[kk & 1][s], desc[kk >> 2] + uint64_t(2 * (kk & 3)));
+      for (int s = 0; s < SPW; ++s)
+        wgmma_rs<T, NTOK>(acc[s], af[kk & 1][s], desc[kk >> 2] + uint64_t(2 * (kk & 3)));
       wgmma_commit();
       wgmma_wait<1>();
 #pragma unroll
