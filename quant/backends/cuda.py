@@ -263,7 +263,7 @@ def _scoped_options(get: Callable[[], tuple], set_: Callable[..., None], new: tu
 
 def gemm_launch_options(wgmma: bool | None = None, pdl: bool | None = None):
     """For the duration (process-wide, so before capturing a graph): wgmma lets Hopper GEMM calls
-    of 16-512 tokens use the wgmma kernel (True, the default) or sends every GEMM call to the
+    use the wgmma kernel (True, the default) or sends every GEMM call to the
     mma.sync kernel (False); pdl launches the wgmma kernel with programmatic dependent launch (True,
     the default: its first weight stages are copied while the kernel before it finishes) or
     without. None keeps an option as it is; the previous options come back on exit."""
@@ -275,8 +275,8 @@ _WGMMA: dict[int, bool] = {}
 
 
 def wgmma_available(device: torch.device | int | None = None) -> bool:
-    """Whether GEMM calls of 16-512 tokens on this device run the sm_90a wgmma kernel (asked of the
-    extension once per device)."""
+    """Whether GEMM calls on this device run the sm_90a wgmma kernel (asked of the extension once
+    per device)."""
     index = _device_index(device)
     found = _WGMMA.get(index)
     if found is None:
