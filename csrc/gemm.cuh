@@ -310,12 +310,12 @@ cudaError_t launch_gemm(const QsMatmulArgs& a, cudaStream_t stream, long long* n
   return cudaGetLastError();
 }
 
-// Tile shape by batch size (warp tiles 64x32 or 64x64, 8 warps); on Hopper up to 512 tokens go to
-// the wgmma kernel (gemm_wgmma_launch.cuh; above 128 in slices) unless qs_gemm_set_options turned
-// it off.
+// Tile shape by batch size (warp tiles 64x32 or 64x64, 8 warps); on Hopper every call goes to the
+// wgmma kernel (gemm_wgmma_launch.cuh; above 256 tokens in slices) unless qs_gemm_set_options
+// turned it off.
 template <typename T, int BITS>
 cudaError_t gemm_by_m(const QsMatmulArgs& a, cudaStream_t s, long long* nf, int* nc) {
-  if (nf == nullptr && wgmma_usable(a)) return gemm_wgmma_by_m<T, BITS>(a, s);  // Hopper, m <= 512
+  if (nf == nullptr && wgmma_usable(a)) return gemm_wgmma_by_m<T, BITS>(a, s);  // Hopper
   if (a.m <= 64) return launch_gemm<T, BITS, 4, 2, 1, 8>(a, s, nf, nc);   // 64 x 256
   if (a.m <= 128) return launch_gemm<T, BITS, 4, 4, 2, 4>(a, s, nf, nc);  // 128 x 256
   return launch_gemm<T, BITS, 4, 4, 4, 2>(a, s, nf, nc);                  // 256 x 128
