@@ -163,10 +163,15 @@ def _strips(n: int) -> int:
     return (max(n, ACCUM_MIN_N) + 63) // 64
 
 
+def strip_bytes(k_steps: int) -> int:
+    """Bytes of one 64-column strip of k_steps k16 steps widened to 16 bits (the dequant unit)."""
+    return 64 * 16 * k_steps * 2
+
+
 def scratch_bytes(n_strips: int, k_steps: int, cap: int | None = None) -> int:
     """Scratch bytes a layer of n_strips x k_steps wants for dequant_matmul: the whole layer in 16
     bits, or `cap` (DEQUANT_SCRATCH_BYTES) when it is larger, but never less than one strip."""
-    strip = 64 * 16 * k_steps * 2
+    strip = strip_bytes(k_steps)
     return max(strip, min(n_strips * strip, DEQUANT_SCRATCH_BYTES if cap is None else cap))
 
 
@@ -340,7 +345,7 @@ def dequant_chunks(state: CudaLayout, dtype: torch.dtype, scratch: torch.Tensor,
     [64 * strips, 16 * k_steps] view of the scratch) and give columns [n0, n1) of y."""
     n_strips, k_steps = state.qweight.shape[:2]
     kp = 16 * k_steps
-    strip = 64 * kp * dtype.itemsize
+    strip = strip_bytes(k_steps)
     per = max(1, min(n_strips, budget // strip))
     chunk = scratch[:per * strip].view(dtype).view(per * 64, kp)
     for s0 in range(0, n_strips, per):
@@ -360,7 +365,7 @@ def dequant_matmul(state: CudaLayout, x: torch.Tensor, out: torch.Tensor | None 
         ws = workspace(x.device)
     scales, zeros, bias = state.constants[x.dtype]
     n_strips, k_steps = state.qweight.shape[:2]
-    strip = 64 * 16 * k_steps * x.element_size()
+    strip = strip_bytes(k_steps)
     want = DEQUANT_SCRATCH_BYTES if chunk_bytes is None else chunk_bytes
     if ws.scratch.numel() < strip:  # a layout that did not come through prepare
         if torch.cuda.is_current_stream_capturing():
