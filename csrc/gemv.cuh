@@ -1,7 +1,10 @@
 // Tensor-core GEMV for M <= 32 tokens (decode): the one kernel that has to run at HBM speed.
 // Why this shape: swap A and B of the MMA so the dequantised weights fill the 16-row A operand
 // (16 output columns) and the few tokens sit in the 8-wide n side: one m16n8k16 per 16x16 weight
-// tile, fp32 accumulation, and no CUDA-core FMAs per weight. Each lane streams one 16-byte load per
+// tile, fp32 accumulation, and no CUDA-core FMAs per weight. The codes are widened raw (code - offset:
+// one LOP3 and one packed op per pair of weights, no per-column constant) and each group's scale and
+// zero are applied once to its fp32 MMA sums, a ones-row MMA giving the sum of x the zero needs (v8:
+// 25% fewer instructions per chunk than scaling every pair). Each lane streams one 16-byte load per
 // k16 step of a 64-column strip (8 steps in flight per chunk); a warp-level stream-K grid of one
 // resident wave balances the bytes over the SMs (qs_streamk.cuh), and on sm_90 a launch overlaps the
 // previous kernel's tail (programmatic dependent launch: each warp pulls its first chunk of codes
@@ -123,6 +126,112 @@ __device__ __forceinline__ void flush_strip(const QsMatmulArgs& a, const float (
   }
 }
 
+// x of one chunk as m16n8k16 B fragments: xb[i][mb] holds tokens mb*8 + g at rows k0, k0 + 1 and
+// k0 + 8, k0 + 9 of step step0 + i (k0 = 16 (step0 + i) + 2t); zero past m and past k. PERM: row k
+// of the repacked weights is activation column perm[k] (act-order), gathered 2 bytes at a time.
+template <typename T, int U, int MB, bool PERM>
+__device__ __forceinline__ void load_x_chunk(const QsMatmulArgs& a, int step0, int lane, uint32_t (&xb)[U][MB][2]) {
+  const int g = lane >> 2, t = lane & 3;
+  if constexpr (!PERM) {
+    const T* x = reinterpret_cast<const T*>(a.x);
+#pragma unroll
+    for (int i = 0; i < U; ++i)
+#pragma unroll
+      for (int mb = 0; mb < MB; ++mb) {
+        const int m = mb * 8 + g;
+        const int k0 = (step0 + i) * 16 + 2 * t;
+        const unsigned int* xr = reinterpret_cast<const unsigned int*>(x + (long long)m * a.k + k0);
+        xb[i][mb][0] = (m < a.m && k0 < a.k) ? __ldg(xr) : 0u;
+        xb[i][mb][1] = (m < a.m && k0 + 8 < a.k) ? __ldg(xr + 4) : 0u;
+      }
+  } else {
+    const unsigned short* xs = reinterpret_cast<const unsigned short*>(a.x);
+#pragma unroll
+    for (int i = 0; i < U; ++i) {
+      const int k0 = (step0 + i) * 16 + 2 * t;  // even, and k % 8 == 0: k0 + 1 < k when k0 < k
+      const int2 p0 = k0 < a.k ? __ldg(reinterpret_cast<const int2*>(a.perm + k0)) : make_int2(0, 0);
+      const int2 p1 = k0 + 8 < a.k ? __ldg(reinterpret_cast<const int2*>(a.perm + k0 + 8)) : make_int2(0, 0);
+#pragma unroll
+      for (int mb = 0; mb < MB; ++mb) {
+        const int m = mb * 8 + g;
+        const unsigned short* xr = xs + (long long)m * a.k;
+        xb[i][mb][0] = (m < a.m && k0 < a.k) ? (uint32_t(__ldg(xr + p0.x)) | (uint32_t(__ldg(xr + p0.y)) << 16)) : 0u;
+        xb[i][mb][1] = (m < a.m && k0 + 8 < a.k) ? (uint32_t(__ldg(xr + p1.x)) | (uint32_t(__ldg(xr + p1.y)) << 16)) : 0u;
+      }
+    }
+  }
+}
+
+// One chunk (U k16 steps of one 64-column strip) into acc. wq: the lane's codes of each step;
+// sraw/zraw: the lane's 16-byte rows of scales / zeros of the chunk's SPC groups. Each run of
+// U / SPC steps shares one group: its MMAs sum x * (code - offset) unscaled into `part`, a ones-row
+// MMA sums x itself into `xs`, and the run is folded into acc in fp32 as
+// s * (part - (z - offset) * xs). Steps past k have zero x, so whatever codes they hold add nothing.
+template <typename T, int BITS, int U, int MB, int SPC>
+__device__ __forceinline__ void gemv_chunk(const uint4 (&wq)[U][Dequant<T, BITS>::kWordsPerLane / 4],
+                                           const uint32_t (&xb)[U][MB][2], const uint4 (&sraw)[SPC],
+                                           const uint4 (&zraw)[SPC], bool has_z, int zero_point,
+                                           float (&acc)[MB][4][4]) {
+  constexpr int WPL = Dequant<T, BITS>::kWordsPerLane;
+  constexpr int V = WPL / 4;
+  constexpr int SSTEP = U / SPC;
+  static_assert(SSTEP >= 1, "more scale loads than steps");
+#pragma unroll
+  for (int r = 0; r < SPC; ++r) {
+    float part[MB][4][4], xs[MB][4];
+#pragma unroll
+    for (int mb = 0; mb < MB; ++mb) {
+#pragma unroll
+      for (int c = 0; c < 4; ++c) xs[mb][c] = 0.f;
+#pragma unroll
+      for (int j = 0; j < 4; ++j)
+#pragma unroll
+        for (int c = 0; c < 4; ++c) part[mb][j][c] = 0.f;
+    }
+#pragma unroll
+    for (int ii = 0; ii < SSTEP; ++ii) {
+      const int i = r * SSTEP + ii;
+      uint32_t words[WPL];
+#pragma unroll
+      for (int v = 0; v < V; ++v) {
+        words[4 * v + 0] = wq[i][v].x;
+        words[4 * v + 1] = wq[i][v].y;
+        words[4 * v + 2] = wq[i][v].z;
+        words[4 * v + 3] = wq[i][v].w;
+      }
+#pragma unroll
+      for (int j = 0; j < 4; ++j) {
+        uint32_t pr[4];
+        Widen<T, BITS>::tile(words, j, pr);
+        // A = W^T tile (rows = 16 columns of W): a0 (col g, k lo), a1 (col g+8, k lo),
+        // a2 (col g, k hi), a3 (col g+8, k hi).
+        const uint32_t af[4] = {pr[0], pr[2], pr[1], pr[3]};
+#pragma unroll
+        for (int mb = 0; mb < MB; ++mb) mma_16816<T>(part[mb][j], af, xb[i][mb]);
+      }
+      const uint32_t ones[4] = {Act<T>::kOne2, Act<T>::kOne2, Act<T>::kOne2, Act<T>::kOne2};
+#pragma unroll
+      for (int mb = 0; mb < MB; ++mb) mma_16816<T>(xs[mb], ones, xb[i][mb]);
+    }
+    FoldConsts<T> fc;
+    fc.load(sraw[r], zraw[r], has_z, zero_point, Widen<T, BITS>::kOffset);
+#pragma unroll
+    for (int mb = 0; mb < MB; ++mb)
+#pragma unroll
+      for (int j = 0; j < 4; ++j)
+#pragma unroll
+        for (int c = 0; c < 4; ++c) {
+          const int col = 2 * j + (c >> 1);
+          acc[mb][j][c] = fmaf(fc.s[col], fmaf(-fc.z[col], xs[mb][c & 1], part[mb][j][c]), acc[mb][j][c]);
+        }
+  }
+}
+
+// Offset, in 16-byte units, of a lane's scale (or zero) row for group gi of a strip.
+__device__ __forceinline__ long long group_row(int gi, int n_strips, int strip, int g) {
+  return ((long long)gi * n_strips + strip) * 8 + g;
+}
+
 // MB: token blocks of 8 (m <= 8*MB). SPC: scale loads per chunk (groups met in a chunk).
 // Warp-level stream-K: warp w of W takes chunks [T*w/W, T*(w+1)/W) of the strip-major chunk
 // space, accumulates while the strip stays the same, then adds its partial into the strip's
@@ -133,13 +242,11 @@ template <typename T, int BITS, int MB, int SPC, bool PERM>
 __global__ void __launch_bounds__(kGemvThreads) gemv_kernel(const QsMatmulArgs a) {
   pdl_launch_dependents();
   constexpr int U = gemv_steps<BITS, MB>();
-  constexpr int WPL = Dequant<T, BITS>::kWordsPerLane;  // 32-bit words per lane per step
-  constexpr int V = WPL / 4;                            // 16-byte loads per lane per step
-  constexpr int SSTEP = U / SPC;                        // steps sharing one scale load
-  static_assert(SSTEP >= 1, "more scale loads than steps");
+  constexpr int V = Dequant<T, BITS>::kWordsPerLane / 4;  // 16-byte loads per lane per step
+  constexpr int SSTEP = U / SPC;                          // steps sharing one scale load
 
   const int lane = threadIdx.x & 31;
-  const int g = lane >> 2, t = lane & 3;
+  const int g = lane >> 2;
   const int n_strips = (a.n + 63) >> 6;
   const int k_steps = (a.k + 15) >> 4;
   const int cps = (k_steps + U - 1) / U;  // chunks per strip
@@ -148,10 +255,10 @@ __global__ void __launch_bounds__(kGemvThreads) gemv_kernel(const QsMatmulArgs a
   const int w = blockIdx.x * kGemvWarps + (threadIdx.x >> 5);
   const long long u_begin_w = unit_begin(total, w, warps);
   const long long u_end = unit_begin(total, w + 1, warps);
-  const T* x = reinterpret_cast<const T*>(a.x);
   const uint4* qw = reinterpret_cast<const uint4*>(a.qweight);
   const uint4* sc = reinterpret_cast<const uint4*>(a.scales);
   const uint4* zs = reinterpret_cast<const uint4*>(a.zeros);
+  const uint32_t opaque_zero = uint32_t(a.m) >> 31;  // m >= 1: always 0
 
   // Before waiting for the previous kernel (PDL), pull this warp's first chunk of codes into L2:
   // the weight stream starts during the previous kernel's tail, and the loads below hit L2.
@@ -182,73 +289,32 @@ __global__ void __launch_bounds__(kGemvThreads) gemv_kernel(const QsMatmulArgs a
     for (int ch = c_begin; ch < c_end; ++ch) {
       const int step0 = ch * U;
       uint4 wq[U][V];
-      const uint4* wp = qw + (((long long)strip * k_steps + step0) * 32 + lane) * V;
+      const uint4* wp = qw + ((long long)strip * k_steps * 32 + lane) * V;
+      // Steps past k re-read the strip's last step: their x is zero and raw codes are finite integers,
+      // so they add nothing, and the loads need no branch (which would split the chunk's basic block).
 #pragma unroll
       for (int i = 0; i < U; ++i)
 #pragma unroll
-        for (int v = 0; v < V; ++v)
-          wq[i][v] = step0 + i < k_steps ? ldg128(wp + i * 32 * V + v) : make_uint4(0, 0, 0, 0);
+        for (int v = 0; v < V; ++v) wq[i][v] = ldg128(wp + (long long)min(step0 + i, k_steps - 1) * 32 * V + v);
+      // The first step's codes and x depend on every load of the chunk (through a zero the compiler
+      // cannot see), so ptxas issues them all before any MMA instead of interleaving them with the
+      // steps to save registers, which would serialise their memory latencies.
+      uint32_t gate = opaque_zero;
+#pragma unroll
+      for (int i = 1; i < U; ++i) gate &= wq[i][V - 1].x | wq[i][0].y;
+      wq[0][0].x |= gate;
       uint32_t xb[U][MB][2];
-      if constexpr (!PERM) {
+      load_x_chunk<T, U, MB, PERM>(a, step0, lane, xb);
 #pragma unroll
-        for (int i = 0; i < U; ++i)
-#pragma unroll
-          for (int mb = 0; mb < MB; ++mb) {
-            const int m = mb * 8 + g;
-            const int k0 = (step0 + i) * 16 + 2 * t;
-            const unsigned int* xr = reinterpret_cast<const unsigned int*>(x + (long long)m * a.k + k0);
-            xb[i][mb][0] = (m < a.m && k0 < a.k) ? __ldg(xr) : 0u;
-            xb[i][mb][1] = (m < a.m && k0 + 8 < a.k) ? __ldg(xr + 4) : 0u;
-          }
-      } else {  // act-order: row k of the repacked weights is activation column perm[k]
-        const unsigned short* xs = reinterpret_cast<const unsigned short*>(x);
-#pragma unroll
-        for (int i = 0; i < U; ++i) {
-          const int k0 = (step0 + i) * 16 + 2 * t;  // even, and k % 8 == 0: k0 + 1 < k when k0 < k
-          const int2 p0 = k0 < a.k ? __ldg(reinterpret_cast<const int2*>(a.perm + k0)) : make_int2(0, 0);
-          const int2 p1 = k0 + 8 < a.k ? __ldg(reinterpret_cast<const int2*>(a.perm + k0 + 8)) : make_int2(0, 0);
-#pragma unroll
-          for (int mb = 0; mb < MB; ++mb) {
-            const int m = mb * 8 + g;
-            const unsigned short* xr = xs + (long long)m * a.k;
-            xb[i][mb][0] = (m < a.m && k0 < a.k) ? (uint32_t(__ldg(xr + p0.x)) | (uint32_t(__ldg(xr + p0.y)) << 16)) : 0u;
-            xb[i][mb][1] = (m < a.m && k0 + 8 < a.k) ? (uint32_t(__ldg(xr + p1.x)) | (uint32_t(__ldg(xr + p1.y)) << 16)) : 0u;
-          }
-        }
-      }
+      for (int mb = 0; mb < MB; ++mb) xb[0][mb][0] |= gate;
       uint4 sraw[SPC], zraw[SPC];
 #pragma unroll
       for (int s = 0; s < SPC; ++s) {
-        const int gi = min((step0 + s * SSTEP) >> a.group_shift, a.groups - 1);
-        const long long off = ((long long)gi * n_strips + strip) * 8 + g;
+        const long long off = group_row(min((step0 + s * SSTEP) >> a.group_shift, a.groups - 1), n_strips, strip, g);
         sraw[s] = __ldg(sc + off);
         zraw[s] = zs != nullptr ? __ldg(zs + off) : make_uint4(0, 0, 0, 0);
       }
-      GroupConsts<T, BITS> gc;
-#pragma unroll
-      for (int i = 0; i < U; ++i) {
-        if (i % SSTEP == 0) gc.load(sraw[i / SSTEP], zraw[i / SSTEP], zs != nullptr, a.zero_point);
-        if (step0 + i < k_steps) {
-          uint32_t words[WPL];
-#pragma unroll
-          for (int v = 0; v < V; ++v) {
-            words[4 * v + 0] = wq[i][v].x;
-            words[4 * v + 1] = wq[i][v].y;
-            words[4 * v + 2] = wq[i][v].z;
-            words[4 * v + 3] = wq[i][v].w;
-          }
-#pragma unroll
-          for (int j = 0; j < 4; ++j) {
-            uint32_t pr[4];
-            Dequant<T, BITS>::tile(words, j, gc, pr);
-            // A = W^T tile (rows = 16 columns of W): a0 (col g, k lo), a1 (col g+8, k lo),
-            // a2 (col g, k hi), a3 (col g+8, k hi).
-            const uint32_t af[4] = {pr[0], pr[2], pr[1], pr[3]};
-#pragma unroll
-            for (int mb = 0; mb < MB; ++mb) mma_16816<T>(acc[mb][j], af, xb[i][mb]);
-          }
-        }
-      }
+      gemv_chunk<T, BITS, U, MB, SPC>(wq, xb, sraw, zraw, zs != nullptr, a.zero_point, acc);
     }
 
     flush_strip<T, MB>(a, acc, strip, c_begin, c_end, cps, lane);

@@ -1,7 +1,8 @@
 // Int4 / int8 codes -> fp16 / bf16 MMA fragments in registers.
 // Why: the weights stay 4 (or 8) bits in HBM; they are widened only in registers, right before the
 // tensor-core instruction, with the exponent-magic trick (code | 0x6400 is the half 1024 + code),
-// so one LOP3 (or PRMT) and two packed 16-bit ops turn 2 codes into 2 dequantised weights.
+// so one LOP3 (or PRMT) and two packed 16-bit ops turn 2 codes into 2 dequantised weights (Dequant),
+// or one LOP3 and one packed op into 2 raw codes whose scale the caller applies later (Widen).
 //
 // Fragment convention (shared with quant/backends/cuda_layout.py, which packs the codes):
 // for a 16 (k) x 16 (n) tile, lane = 4*g + t holds the codes of columns g and g+8 at rows
@@ -22,6 +23,7 @@ struct Act<__half> {
   using T = __half;
   using T2 = __half2;
   static constexpr uint32_t kMagic2 = 0x64006400u;  // 1024.0 in both halves
+  static constexpr uint32_t kOne2 = 0x3C003C00u;    // 1.0 in both halves
   static constexpr int kMagic = 1024;
   __device__ static __forceinline__ T from_float(float v) { return __float2half_rn(v); }
   __device__ static __forceinline__ float to_float(T v) { return __half2float(v); }
@@ -36,6 +38,7 @@ struct Act<__nv_bfloat16> {
   using T = __nv_bfloat16;
   using T2 = __nv_bfloat162;
   static constexpr uint32_t kMagic2 = 0x43004300u;  // 128.0 in both halves
+  static constexpr uint32_t kOne2 = 0x3F803F80u;    // 1.0 in both halves
   static constexpr int kMagic = 128;
   __device__ static __forceinline__ T from_float(float v) { return __float2bfloat16_rn(v); }
   __device__ static __forceinline__ float to_float(T v) { return __bfloat162float(v); }
@@ -52,6 +55,12 @@ __device__ __forceinline__ typename Act<T>::T2 as_t2(uint32_t v) {
 template <typename T>
 __device__ __forceinline__ uint32_t as_u32(typename Act<T>::T2 v) {
   return *reinterpret_cast<uint32_t*>(&v);
+}
+
+template <typename T>
+__device__ __forceinline__ T bit_half(uint32_t bits) {
+  const unsigned short b = static_cast<unsigned short>(bits);
+  return *reinterpret_cast<const T*>(&b);
 }
 
 __device__ __forceinline__ uint32_t word_of(const uint4& v, int i) {
@@ -163,6 +172,98 @@ struct Dequant<__nv_bfloat16, 8> {
         float b = __uint_as_float(__byte_perm(w, 0x4B000000u, hk ? 0x7443 : 0x7442));
         out[2 * h + hk] = Act<__nv_bfloat16>::pack2((a - gc.zf[c]) * gc.s[c], (b - gc.zf[c]) * gc.s[c]);
       }
+    }
+  }
+};
+
+// Raw widening for kernels that apply the group's scale and zero in fp32 after the MMA (the GEMV):
+// the fragment holds (code - kOffset) exactly, with no per-column constant, so a pair costs one
+// LOP3/PRMT and one packed op instead of three (no HMUL2 by the scale, no per-column zero). The caller
+// folds each group's MMA sums as s * (sum_k x_k (q_k - kOffset) - (z - kOffset) * sum_k x_k).
+// fp16 4-bit: pairs 0 and 2 are code | 0x6400 = 1024 + q (minus 1024); pairs 1 and 3 keep their
+// nibble 4 bits up, 1024 + 16q, and one HFMA2 by 1/16 minus 64 gives q: one shift per word, not three.
+// bf16 has 7 mantissa bits, so a nibble 4 bits up would reach the exponent: every pair is shifted.
+template <typename T, int BITS>
+struct Widen;
+
+template <>
+struct Widen<__half, 4> {
+  static constexpr float kOffset = 0.f;
+  __device__ static __forceinline__ void tile(const uint32_t* words, int j, uint32_t (&out)[4]) {
+    const uint32_t q = words[j];
+    const uint32_t q8 = q >> 8;
+    const __half2 m1024 = __halves2half2(__ushort_as_half(0xE400u), __ushort_as_half(0xE400u));  // -1024
+    const __half2 m64 = __halves2half2(__ushort_as_half(0xD400u), __ushort_as_half(0xD400u));     // -64
+    const __half2 r16 = __halves2half2(__ushort_as_half(0x2C00u), __ushort_as_half(0x2C00u));     // 1/16
+    out[0] = as_u32<__half>(__hadd2(as_t2<__half>(lop3_and_or<0x000f000fu>(q, 0x64006400u)), m1024));
+    out[1] = as_u32<__half>(__hfma2(as_t2<__half>(lop3_and_or<0x00f000f0u>(q, 0x64006400u)), r16, m64));
+    out[2] = as_u32<__half>(__hadd2(as_t2<__half>(lop3_and_or<0x000f000fu>(q8, 0x64006400u)), m1024));
+    out[3] = as_u32<__half>(__hfma2(as_t2<__half>(lop3_and_or<0x00f000f0u>(q8, 0x64006400u)), r16, m64));
+  }
+};
+
+template <>
+struct Widen<__nv_bfloat16, 4> {
+  static constexpr float kOffset = 0.f;
+  __device__ static __forceinline__ void tile(const uint32_t* words, int j, uint32_t (&out)[4]) {
+    const uint32_t q = words[j];
+    const __nv_bfloat162 m128 = as_t2<__nv_bfloat16>(0xC300C300u);  // -128
+#pragma unroll
+    for (int p = 0; p < 4; ++p)
+      out[p] = as_u32<__nv_bfloat16>(
+          __hadd2(as_t2<__nv_bfloat16>(lop3_and_or<0x000f000fu>(q >> (4 * p), 0x43004300u)), m128));
+  }
+};
+
+template <>
+struct Widen<__half, 8> {
+  static constexpr float kOffset = 0.f;  // codes 0..255 are exact in fp16
+  __device__ static __forceinline__ void tile(const uint32_t* words, int j, uint32_t (&out)[4]) {
+    const __half2 m1024 = __halves2half2(__ushort_as_half(0xE400u), __ushort_as_half(0xE400u));
+#pragma unroll
+    for (int h = 0; h < 2; ++h)
+#pragma unroll
+      for (int hk = 0; hk < 2; ++hk)
+        out[2 * h + hk] = as_u32<__half>(
+            __hadd2(as_t2<__half>(__byte_perm(words[2 * j + h], 0x64646464u, hk ? 0x4341 : 0x4240)), m1024));
+  }
+};
+
+template <>
+struct Widen<__nv_bfloat16, 8> {
+  static constexpr float kOffset = 128.f;  // code - 128 in [-128, 127] is exact in bf16; code itself is not
+  __device__ static __forceinline__ void tile(const uint32_t* words, int j, uint32_t (&out)[4]) {
+#pragma unroll
+    for (int h = 0; h < 2; ++h)
+#pragma unroll
+      for (int hk = 0; hk < 2; ++hk) {
+        const uint32_t w = words[2 * j + h];
+        const float a = __uint_as_float(__byte_perm(w, 0x4B000000u, hk ? 0x7441 : 0x7440)) - 8388736.0f;
+        const float b = __uint_as_float(__byte_perm(w, 0x4B000000u, hk ? 0x7443 : 0x7442)) - 8388736.0f;
+        out[2 * h + hk] = Act<__nv_bfloat16>::pack2(a, b);
+      }
+  }
+};
+
+// One lane's fp32 scale and zero for its 8 columns c = 2j + h of a strip (the GEMV's fold), from the
+// raw 16-byte rows of the scales and zeros (8 halves each; zeros absent: the layer's zero point).
+template <typename T>
+struct FoldConsts {
+  float s[8];
+  float z[8];  // z - kOffset of the widening
+
+  __device__ __forceinline__ void load(const uint4& s_raw, const uint4& z_raw, bool has_z, int zero_point,
+                                       float offset) {
+#pragma unroll
+    for (int c = 0; c < 8; ++c) {
+      const uint32_t w = word_of(s_raw, c >> 1);
+      s[c] = Act<T>::to_float(bit_half<T>(c & 1 ? w >> 16 : w & 0xffffu));
+      float zv = float(zero_point);
+      if (has_z) {
+        const uint32_t zw = word_of(z_raw, c >> 1);
+        zv = Act<T>::to_float(bit_half<T>(c & 1 ? zw >> 16 : zw & 0xffffu));
+      }
+      z[c] = zv - offset;
     }
   }
 };
