@@ -153,9 +153,7 @@ def bench_backend(name, ms, layers, rows, steps, extra_ops, sweep=False):
     torch.cuda.empty_cache()
 
 
-# (pdl, wave_div) of the register GEMV; (pdl, blocks per SM) of the copy-engine GEMV (sm_90, <= 8 tokens)
-GEMV_VARIANTS = ((False, 1), (False, 2), (True, 1), (True, 2))
-TMA_GEMV_VARIANTS = ((True, 1), (True, 2), (False, 1))
+GEMV_VARIANTS = ((False, 1), (False, 2), (True, 1), (True, 2))  # (pdl, wave_div)
 # With --dequant-sweep: token counts at which the dequantise + cuBLAS path is timed over scratch
 # chunk sizes (MB; 0: the whole layer in one chunk), next to the dequantisation alone.
 DEQUANT_SWEEP_MS = {128, 256, 512, 1024, 2048}
@@ -173,20 +171,12 @@ def step_calls(order, weights, xs, call):
 
 
 def gemv_variants(m, order, weights, xs, steps):
-    """The decode step under each GEMV launch option: the register GEMV (programmatic dependent
-    launch, grid size) and, up to 8 tokens on sm_90, the copy-engine GEMV (PDL, blocks per SM)."""
+    """The decode step under each GEMV launch option (programmatic dependent launch, grid size)."""
     for pdl, div in GEMV_VARIANTS:
-        with cuda_backend.gemv_launch_options(pdl, div, tma=False):
+        with cuda_backend.gemv_launch_options(pdl, div):
             ms_ = time_graph(step_calls(order, weights, xs, ours_call("gemv")), 10)
         steps.append({"m": m, "backend": f"ours_gemv_pdl{int(pdl)}_div{div}", "ms": round(ms_, 4)})
         print(f"  gemv pdl={int(pdl)} wave_div={div}: m={m} step {ms_:.3f} ms", flush=True)
-    if m > 8 or torch.cuda.get_device_capability()[0] < 9:
-        return
-    for pdl, blocks in TMA_GEMV_VARIANTS:
-        with cuda_backend.gemv_launch_options(pdl, tma=True, tma_blocks=blocks):
-            ms_ = time_graph(step_calls(order, weights, xs, ours_call("gemv")), 10)
-        steps.append({"m": m, "backend": f"ours_gemv_tma_pdl{int(pdl)}_b{blocks}", "ms": round(ms_, 4)})
-        print(f"  gemv tma pdl={int(pdl)} blocks/SM={blocks}: m={m} step {ms_:.3f} ms", flush=True)
 
 
 def dequant_variants(m, order, weights, xs, steps):

@@ -268,18 +268,14 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("dequant", &dequant, "widen strips of a repacked weight into out [64 * strips, 16 * k_steps] (W^T rows)",
         py::arg("qweight"), py::arg("scales"), py::arg("zeros"), py::arg("out"), py::arg("strip_begin"),
         py::arg("bits"), py::arg("group_shift"), py::arg("zero_point"));
-  m.def("gemv_set_options", [](bool pdl, int64_t wave_div, bool tma, int64_t tma_blocks) {
-        qs_gemv_set_options(pdl ? 1 : 0, int(wave_div), tma ? 1 : 0, int(tma_blocks));
-      },
-        "GEMV launch options (process-wide): programmatic dependent launch on sm_90+; the register GEMV's "
-        "grid = resident blocks / wave_div; tma: calls of up to 8 tokens on sm_90+ take the copy-engine "
-        "GEMV, whose grid is tma_blocks blocks per SM", py::arg("pdl"), py::arg("wave_div"), py::arg("tma"),
-        py::arg("tma_blocks"));
+  m.def("gemv_set_options", [](bool pdl, int64_t wave_div) { qs_gemv_set_options(pdl ? 1 : 0, int(wave_div)); },
+        "GEMV launch options (process-wide): programmatic dependent launch on sm_90+, grid = resident "
+        "blocks / wave_div", py::arg("pdl"), py::arg("wave_div"));
   m.def("gemv_get_options", []() {
-        int pdl = 0, wave_div = 0, tma = 0, tma_blocks = 0;
-        qs_gemv_get_options(&pdl, &wave_div, &tma, &tma_blocks);
-        return std::make_tuple(bool(pdl), int64_t(wave_div), bool(tma), int64_t(tma_blocks));
-      }, "(pdl, wave_div, tma, tma_blocks) of the GEMV launches");
+        int pdl = 0, wave_div = 0;
+        qs_gemv_get_options(&pdl, &wave_div);
+        return std::make_tuple(bool(pdl), int64_t(wave_div));
+      }, "(pdl, wave_div) of the GEMV launches");
   m.def("gemm_set_options", [](bool wgmma, bool pdl) { qs_gemm_set_options(wgmma ? 1 : 0, pdl ? 1 : 0); },
         "GEMM options (process-wide): wgmma = False sends every call to the mma.sync kernel; pdl = False "
         "launches the wgmma kernel without programmatic dependent launch", py::arg("wgmma"), py::arg("pdl"));

@@ -26,18 +26,14 @@ extern "C" cudaError_t qs_gemv(const QsMatmulArgs* a, cudaStream_t stream) {
   return cudaErrorInvalidValue;
 }
 
-extern "C" void qs_gemv_set_options(int pdl, int wave_div, int tma, int tma_blocks_per_sm) {
+extern "C" void qs_gemv_set_options(int pdl, int wave_div) {
   qs::gemv_options().pdl = pdl ? 1 : 0;
   qs::gemv_options().wave_div = wave_div < 1 ? 1 : wave_div;
-  qs::gemv_options().tma = tma ? 1 : 0;
-  qs::gemv_options().tma_blocks_per_sm = tma_blocks_per_sm < 1 ? 1 : tma_blocks_per_sm;
 }
 
-extern "C" void qs_gemv_get_options(int* pdl, int* wave_div, int* tma, int* tma_blocks_per_sm) {
+extern "C" void qs_gemv_get_options(int* pdl, int* wave_div) {
   *pdl = qs::gemv_options().pdl;
   *wave_div = qs::gemv_options().wave_div;
-  *tma = qs::gemv_options().tma;
-  *tma_blocks_per_sm = qs::gemv_options().tma_blocks_per_sm;
 }
 
 extern "C" int qs_gemv_max_m(void) { return kGemvMaxM; }

@@ -11,10 +11,6 @@
 // into L2 before the kernel waits for its inputs).
 #pragma once
 
-#ifndef QS_TMA_GEMV_STAGES
-#define QS_TMA_GEMV_STAGES 2  // chunks in flight per warp of the copy-engine GEMV (gemv_tma.cuh)
-#endif
-
 #include "qs_dequant.cuh"
 #include "qs_launch.cuh"
 #include "qs_streamk.cuh"
@@ -29,8 +25,6 @@ constexpr int kGemvThreads = 32 * kGemvWarps;
 struct GemvOptions {
   int pdl = 1;       // programmatic dependent launch on sm_90+: weights stream before the wait
   int wave_div = 1;  // grid = resident blocks / wave_div (2 leaves room for the next launch's blocks)
-  int tma = 1;       // up to 8 tokens on sm_90: the copy-engine GEMV (gemv_tma.cuh)
-  int tma_blocks_per_sm = 1;  // its grid: blocks per SM (the rest of the SM is for the next launches)
 };
 inline GemvOptions& gemv_options() {
   static GemvOptions o;

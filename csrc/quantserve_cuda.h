@@ -81,8 +81,8 @@ int qs_wgmma_probe(int device);
 // codes is pulled into L2 during the previous kernel's tail); the grid is the resident blocks per
 // SM divided by wave_div (2 leaves room for the next launch's blocks; measured slower).
 // Defaults: pdl 1, wave_div 1.
-void qs_gemv_set_options(int pdl, int wave_div, int tma, int tma_blocks_per_sm);
-void qs_gemv_get_options(int* pdl, int* wave_div, int* tma, int* tma_blocks_per_sm);
+void qs_gemv_set_options(int pdl, int wave_div);
+void qs_gemv_get_options(int* pdl, int* wave_div);
 // Largest m handled by qs_gemv.
 int qs_gemv_max_m(void);
 // Accumulator floats the GEMV and the wgmma GEMM need for n output columns (counters: ceil(n / 64)).

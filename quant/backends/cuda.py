@@ -43,7 +43,7 @@ SOURCES = ("bindings.cpp", "gemv_f16.cu", "gemv_bf16.cu", "gemm_f16.cu", "gemm_b
            "dispatch.cu")
 HEADERS = ("quantserve_cuda.h", "qs_ptx.cuh", "qs_dequant.cuh", "qs_streamk.cuh", "qs_launch.cuh", "qs_stage.cuh",
            "qs_wgmma.cuh",
-           "gemm_wgmma.cuh", "gemm_wgmma_launch.cuh", "gemv.cuh", "gemv_tma.cuh",
+           "gemm_wgmma.cuh", "gemm_wgmma_launch.cuh", "gemv.cuh",
            "gemm.cuh", "dequant.cuh")
 # Every target the sources support; a JIT build compiles only for the GPU it runs on
 # (QUANTSERVE_CUDA_ARCHS="80;86;89;90a" builds them all, e.g. for an image).
@@ -125,10 +125,7 @@ def extension():
         try:
             ext = load(extension_spec(_archs_for_build()))
             if os.environ.get("QUANTSERVE_GEMV_PDL", "1") == "0":  # escape hatch: no PDL launches
-                ext.gemv_set_options(False, *ext.gemv_get_options()[1:])
-            if os.environ.get("QUANTSERVE_GEMV_TMA", "1") == "0":  # escape hatch: register GEMV only
-                pdl, wave_div, _, tma_blocks = ext.gemv_get_options()
-                ext.gemv_set_options(pdl, wave_div, False, tma_blocks)
+                ext.gemv_set_options(False, ext.gemv_get_options()[1])
             if os.environ.get("QUANTSERVE_GEMM_WGMMA", "1") == "0":  # escape hatch: no wgmma GEMM
                 ext.gemm_set_options(False, ext.gemm_get_options()[1])
             _EXT = ext
@@ -292,15 +289,11 @@ def wgmma_available(device: torch.device | int | None = None) -> bool:
     return found
 
 
-def gemv_launch_options(pdl: bool | None = None, wave_div: int | None = None, tma: bool | None = None,
-                        tma_blocks: int | None = None):
+def gemv_launch_options(pdl: bool | None = None, wave_div: int | None = None):
     """Set the GEMV launch options for the duration (process-wide, so before capturing a graph);
-    None keeps an option as it is. The previous options come back on exit. pdl: programmatic
-    dependent launch on sm_90+; wave_div: the register GEMV's grid is the resident blocks / wave_div;
-    tma: calls of up to 8 tokens on sm_90+ take the copy-engine GEMV (the default), whose grid is
-    tma_blocks blocks per SM (default 1)."""
+    None keeps an option as it is. The previous options come back on exit."""
     ext = extension()
-    return _scoped_options(ext.gemv_get_options, ext.gemv_set_options, (pdl, wave_div, tma, tma_blocks))
+    return _scoped_options(ext.gemv_get_options, ext.gemv_set_options, (pdl, wave_div))
 
 
 def pick_op(m: int, wgmma: Callable[[], bool]) -> str:

@@ -30,23 +30,19 @@ def _layer(k, n, bits, group_size, sym=True, fmt=FORMAT_V1, desc_act=False, bias
 
 
 def _check(layer, ms, dtype, ops=("auto",)):
-    """ops: "auto" (the dispatch), "gemv", "gemm"; "gemv" also runs the register GEMV up to 8 tokens,
-    where sm_90 takes the copy-engine GEMV by default (tma=False; the same kernel on other GPUs)."""
     g = torch.Generator(device="cuda").manual_seed(next(_SEED))
     for m in ms:
         x = torch.randn(m, layer.in_features, device="cuda", dtype=dtype, generator=g)
         ref = kernels.reference(layer, x)
-        runs = [(op, None) for op in ops if op != "gemv" or m <= cuda_backend.CudaBackend.gemv_max_m]
-        if "gemv" in ops and m <= 8:
-            runs.append(("gemv", False))
-        for op, tma in runs:
+        for op in ops:
+            if op == "gemv" and m > cuda_backend.CudaBackend.gemv_max_m:
+                continue
             out = torch.full((m, layer.out_features), float("nan"), device="cuda", dtype=dtype)
-            with cuda_backend.gemv_launch_options(tma=tma):
-                y = cuda_backend.matmul(layer.kernel_state, x, out=out, op=None if op == "auto" else op)
+            y = cuda_backend.matmul(layer.kernel_state, x, out=out, op=None if op == "auto" else op)
             assert y.data_ptr() == out.data_ptr()
             assert torch.isfinite(y).all(), f"unwritten or non-finite outputs at m={m} op={op}"
             err = ((y.float() - ref).norm() / ref.norm()).item()
-            assert err < TOL[dtype], (f"m={m} op={op} tma={tma} K={layer.in_features} N={layer.out_features} "
+            assert err < TOL[dtype], (f"m={m} op={op} K={layer.in_features} N={layer.out_features} "
                                       f"bits={layer.bits} g={layer.group_size} {dtype}: rel err {err:.2e}")
 
 
@@ -71,7 +67,7 @@ def test_smollm_and_odd_shapes(k, n, bits, group_size, sym):
 def test_llama_shapes(k, n):
     layer = _layer(k, n, 4, 128, sym=True)
     ms = M_ALL if (k, n) == (4096, 4096) else (1, 4, 16, 33, 128, 256)
-    _check(layer, ms, torch.float16, ops=("auto", "gemv"))
+    _check(layer, ms, torch.float16)
     _check(layer, (1, 16, 64), torch.bfloat16)
 
 
@@ -278,10 +274,8 @@ def _unit_gain_layer(k, n, bits, group_size, sym=True, bias=False):
     return layer
 
 
-@pytest.mark.parametrize("pdl,wave_div,tma,tma_blocks", [(True, 1, True, 1), (True, 1, True, 2), (False, 1, True, 1),
-                                                        (True, 1, False, 1), (True, 2, False, 1),
-                                                        (False, 1, False, 1), (False, 2, False, 1)])
-def test_gemv_chain_under_launch_options(pdl, wave_div, tma, tma_blocks):
+@pytest.mark.parametrize("pdl,wave_div", [(True, 1), (True, 2), (False, 1), (False, 2)])
+def test_gemv_chain_under_launch_options(pdl, wave_div):
     """Each GEMV reads the output of the one before it, back to back (no other kernel between them),
     and all share the split-K accumulators: with programmatic dependent launch a kernel that
     touched its inputs or the accumulators before its wait would read stale values; eager and
@@ -290,8 +284,8 @@ def test_gemv_chain_under_launch_options(pdl, wave_div, tma, tma_blocks):
     chain = [_unit_gain_layer(4096, 4096, 4, 128, sym=False), _unit_gain_layer(4096, 11008, 4, 64),
              _unit_gain_layer(11008, 4096, 4, 128, bias=True), _unit_gain_layer(4096, 192, 8, 32, sym=False),
              _unit_gain_layer(192, 4096, 4, 32)]
-    with cuda_backend.gemv_launch_options(pdl, wave_div, tma, tma_blocks):
-        assert ext.gemv_get_options() == (pdl, wave_div, tma, tma_blocks)
+    with cuda_backend.gemv_launch_options(pdl, wave_div):
+        assert ext.gemv_get_options() == (pdl, wave_div)
         for m in (1, 5, 16, 32):
             x = torch.randn(m, 4096, device="cuda", dtype=torch.float16)
 

@@ -8,15 +8,15 @@ from quant.backends import cuda as cuda_backend
 
 class _Ext:
     def __init__(self):
-        self.options = (True, 1, True, 1)
+        self.options = (True, 1)
         self.calls = []
 
     def gemv_get_options(self):
         return self.options
 
-    def gemv_set_options(self, pdl, wave_div, tma, tma_blocks):
-        self.calls.append((pdl, wave_div, tma, tma_blocks))
-        self.options = (pdl, wave_div, tma, tma_blocks)
+    def gemv_set_options(self, pdl, wave_div):
+        self.calls.append((pdl, wave_div))
+        self.options = (pdl, wave_div)
 
     gemm = (True, True)
 
@@ -32,17 +32,15 @@ def test_options_apply_inside_and_come_back(monkeypatch):
     ext = _Ext()
     monkeypatch.setattr(cuda_backend, "extension", lambda: ext)
     with cuda_backend.gemv_launch_options(False, 2):
-        assert ext.options == (False, 2, True, 1)
-    assert ext.options == (True, 1, True, 1)
-    with cuda_backend.gemv_launch_options(wave_div=3):  # None keeps the others as they are
-        assert ext.options == (True, 3, True, 1)
-    with cuda_backend.gemv_launch_options(tma=False, tma_blocks=2):
-        assert ext.options == (True, 1, False, 2)
-    assert ext.options == (True, 1, True, 1)
+        assert ext.options == (False, 2)
+    assert ext.options == (True, 1)
+    with cuda_backend.gemv_launch_options(wave_div=3):  # None keeps pdl as it is
+        assert ext.options == (True, 3)
+    assert ext.options == (True, 1)
     with pytest.raises(RuntimeError), cuda_backend.gemv_launch_options(pdl=False):
-        assert ext.options == (False, 1, True, 1)
+        assert ext.options == (False, 1)
         raise RuntimeError("the block failed")
-    assert ext.options == (True, 1, True, 1) and ext.calls[-1] == (True, 1, True, 1)
+    assert ext.options == (True, 1) and ext.calls[-1] == (True, 1)
 
 
 def test_gemm_option_applies_inside_and_comes_back(monkeypatch):
