@@ -246,6 +246,28 @@ torch::Tensor dequant(const torch::Tensor& qweight, const torch::Tensor& scales,
   return out;
 }
 
+// y[:, j] = x[:, perm[j]] for act-order layers (the permutation built at load: a bijection of [0, k)).
+torch::Tensor gather_cols(const torch::Tensor& x, const torch::Tensor& perm, bool pdl) {
+  require(x.is_cuda(), "x must be a CUDA tensor, got ", x.device());
+  require(x.scalar_type() == torch::kHalf || x.scalar_type() == torch::kBFloat16,
+          "x must be float16 or bfloat16, got ", x.scalar_type());
+  require(x.dim() == 2 && x.is_contiguous(), "x must be a contiguous 2-D tensor, shape ", shape_str(x));
+  check_cuda(perm, "perm", x);
+  require(perm.scalar_type() == torch::kInt32, "perm must be int32, got ", perm.scalar_type());
+  const int64_t m = x.size(0), k = x.size(1);
+  require(perm.dim() == 1 && perm.size(0) == k, "perm must be [", k, "], got ", shape_str(perm));
+  require(k % 8 == 0 && k > 0, "gather takes k a positive multiple of 8, got ", k);
+  require(reinterpret_cast<uintptr_t>(perm.data_ptr()) % 16 == 0, "perm must be 16-byte aligned");
+  require(m <= INT32_MAX && k <= INT32_MAX, "x is too large: ", shape_str(x));
+  torch::Tensor y = torch::empty_like(x);
+  if (m == 0) return y;
+  const c10::cuda::CUDAGuard guard(x.device());
+  cudaError_t err = qs_gather_cols(x.data_ptr(), perm.data_ptr<int>(), y.data_ptr(), int(m), int(k), pdl ? 1 : 0,
+                                   c10::cuda::getCurrentCUDAStream());
+  require(err == cudaSuccess, "qs_gather_cols failed for m=", m, " k=", k, ": ", cudaGetErrorString(err));
+  return y;
+}
+
 std::tuple<int64_t, int64_t> workspace_need(int64_t device) {
   long long floats = 0;
   int counters = 0;
@@ -268,6 +290,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("dequant", &dequant, "widen strips of a repacked weight into out [64 * strips, 16 * k_steps] (W^T rows)",
         py::arg("qweight"), py::arg("scales"), py::arg("zeros"), py::arg("out"), py::arg("strip_begin"),
         py::arg("bits"), py::arg("group_shift"), py::arg("zero_point"));
+  m.def("gather", &gather_cols,
+        "y[:, j] = x[:, perm[j]] (act-order; int32 perm of [0, k), k a multiple of 8); pdl: programmatic "
+        "dependent launch on sm_90+", py::arg("x"), py::arg("perm"), py::arg("pdl") = true);
   m.def("gemv_set_options", [](bool pdl, int64_t wave_div) { qs_gemv_set_options(pdl ? 1 : 0, int(wave_div)); },
         "GEMV launch options (process-wide): programmatic dependent launch on sm_90+, grid = resident "
         "blocks / wave_div", py::arg("pdl"), py::arg("wave_div"));

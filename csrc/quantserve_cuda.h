@@ -68,6 +68,10 @@ cudaError_t qs_gemv(const QsMatmulArgs* args, cudaStream_t stream);
 cudaError_t qs_gemm(const QsMatmulArgs* args, cudaStream_t stream);
 // Widen strips [strip_begin, strip_begin + strip_count) of a repacked weight into args->w.
 cudaError_t qs_dequant(const QsDequantArgs* args, cudaStream_t stream);
+// Act-order gather y[r][j] = x[r][perm[j]] of 16-bit x [m, k] (row-major) into y [m, k] (16-byte
+// aligned); perm int32 [k], 16-byte aligned, entries in [0, k); k a multiple of 8. pdl = 1 launches
+// it with programmatic dependent launch on sm_90+ (perm read before the wait, x and y after it).
+cudaError_t qs_gather_cols(const void* x, const int* perm, void* y, int m, int k, int pdl, cudaStream_t stream);
 // GEMM options, process-wide (set before capturing a graph): wgmma = 0 sends every call to the
 // mma.sync kernel; pdl = 0 launches the wgmma kernel without programmatic dependent launch.
 // Default 1, 1.

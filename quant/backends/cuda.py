@@ -8,14 +8,15 @@ layer is prepared. A layer it cannot take (compute capability < 8.0, a group siz
 of two >= 16, an act-order g_idx whose groups are not runs of group_size rows, a failed build) is
 refused by `unsupported_reason` and falls to `dense`, which kernels.backend_counts records.
 
-Per call: x [M, K] fp16/bf16 -> y [M, N] in x.dtype, bias included. Act-order layers: a GEMV
-with small activations (decode) reads x[:, perm] through the permutation as it loads them (no
-gather kernel); larger calls gather with one index_select first (FUSED_GATHER_BYTES). float32
+Per call: x [M, K] fp16/bf16 -> y [M, N] in x.dtype, bias included. Act-order layers: x[:, perm]
+is gathered first by our gather kernel (cheaper than the GEMV reading x through the permutation
+as it loads it, which stays available as gather="fused"; FUSED_GATHER_BYTES). float32
 inputs take a dense path (dequantised once, cached), since the kernels multiply in 16-bit. M > 32
 calls on GPUs whose shared memory fits no GEMM tile (sm_86/sm_89: 99 KB per block) take the
 dequantise + cuBLAS path (no cached dense copy). On sm_90 the GEMV launches with
-programmatic dependent launch (its weights stream into L2 during the previous kernel's tail);
-QUANTSERVE_GEMV_PDL=0 turns that off; QUANTSERVE_GEMM_WGMMA=0 keeps Hopper on the mma.sync GEMM.
+programmatic dependent launch (its weights stream into L2 during the previous kernel's tail), and
+so does the act-order gather (the kernel after it starts copying its weights during it);
+QUANTSERVE_GEMV_PDL=0 turns both off; QUANTSERVE_GEMM_WGMMA=0 keeps Hopper on the mma.sync GEMM.
 """
 
 from __future__ import annotations
@@ -40,7 +41,7 @@ if TYPE_CHECKING:
 
 
 SOURCES = ("bindings.cpp", "gemv_f16.cu", "gemv_bf16.cu", "gemm_f16.cu", "gemm_bf16.cu", "dequant.cu",
-           "dispatch.cu")
+           "gather.cu", "dispatch.cu")
 HEADERS = ("quantserve_cuda.h", "qs_ptx.cuh", "qs_dequant.cuh", "qs_streamk.cuh", "qs_launch.cuh", "qs_stage.cuh",
            "qs_wgmma.cuh",
            "gemm_wgmma.cuh", "gemm_wgmma_launch.cuh", "gemv.cuh",
@@ -50,12 +51,14 @@ HEADERS = ("quantserve_cuda.h", "qs_ptx.cuh", "qs_dequant.cuh", "qs_streamk.cuh"
 ALL_ARCHS = ("80", "86", "89", "90a")
 PRIORITY = 10
 ACCUM_MIN_N = 32768  # strip accumulators sized for at least this many output columns (32 MB)
-# Act-order GEMV calls whose activations fit this many bytes gather them inside the kernel (2-byte
-# loads through the permutation, served by L1); larger ones run one index_select first. H100, extra
-# us over the plain kernel, fused vs index_select: 4096x4096 M=1 2.0 vs 6.5, M=4 3.1 vs 6.6, M=16
-# 11.4 vs 7.2; 11008x4096 M=1 5.7 vs 7.2, M=2 7.1 vs 7.3, M=4 10.1 vs 7.8; 4096x12288 M=4 (32 KB)
-# 7.2 vs 7.2, M=8 8.7 vs 7.4: the in-kernel gather wins while x stays in L1.
-FUSED_GATHER_BYTES = 32 * 1024
+# Act-order layers: every call gathers x[:, perm] with our gather kernel first (gather_cols), which
+# launches with programmatic dependent launch on sm_90. The GEMV can also read x through the
+# permutation itself (gather="fused"), which v3-v7 did for x up to 32 KB. H100, extra us per call
+# over the same layer without act-order, gather kernel / fused / torch index_select
+# (results/act-order-gather-*.json): 4096x4096 M=1 1.56 / 2.23 / 6.49, M=8 1.40 / 3.84 / 7.80, M=64
+# 1.49 / - / 7.40; 11008x4096 M=1 2.08 / 6.15 / 7.09, M=64 4.27 / - / 10.14; 4096x12288 M=1
+# 1.75 / 6.20 / 6.88. Without PDL (the GPUs before sm_90): ~2.1 / 3.1-6.1 / ~4.7 at M=1.
+FUSED_GATHER_BYTES = 0  # x of at most this many bytes takes the fused gather by default (none)
 # From this many tokens a GEMV-sized call (<= gemv_max_m) goes to the GEMM when it runs the Hopper
 # wgmma kernel. H100, decode-step linears (v7, 16-token wgmma tiles): M=4 GEMV 1.940 ms vs wgmma
 # 2.343, M=8 2.304 vs 2.359, M=12 2.758 vs 2.350 (one process); M=9 / 10 / 11 2.636 / 2.654 / 2.694
@@ -307,13 +310,27 @@ def pick_op(m: int, wgmma: Callable[[], bool]) -> str:
     return "gemv"
 
 
+_GATHER_PDL = os.environ.get("QUANTSERVE_GEMV_PDL", "1") != "0"
+
+
+def gather_cols(x: torch.Tensor, state: CudaLayout) -> torch.Tensor:
+    """x[:, perm] of an act-order layer (x fp16/bf16 [M, K] contiguous): our gather kernel, launched
+    with programmatic dependent launch on sm_90 so the kernels on both sides overlap it;
+    index_select where it cannot take the call (K not a multiple of 8, a misaligned permutation)."""
+    perm = state.perm32
+    if x.shape[1] % 8 or perm.data_ptr() % 16 or not x.is_contiguous():
+        return x.index_select(1, state.perm)
+    return extension().gather(x, perm, _GATHER_PDL)
+
+
 def matmul(state: CudaLayout, x: torch.Tensor, out: torch.Tensor | None = None,
            op: str | None = None, gather: str | None = None) -> torch.Tensor:
     """y [M, N] = x [M, K] (fp16/bf16, contiguous) @ W + bias through the kernels.
 
     op: "gemv" (M <= 32), "gemm" or "dequant" (dequant_matmul); None asks pick_op.
     gather (act-order layers): "fused" (the GEMV reads x through the permutation), "select" (one
-    index_select, then the plain kernel); None: fused for a GEMV whose x fits FUSED_GATHER_BYTES.
+    gather kernel, gather_cols, then the plain kernel); None: fused for a GEMV whose x fits
+    FUSED_GATHER_BYTES (0: never), else select.
     out: optional preallocated y (tests poison it to prove every element is written)."""
     ws = workspace(x.device)  # first use on a device probes for the wgmma kernel (outside capture)
     if op is None:
@@ -321,7 +338,7 @@ def matmul(state: CudaLayout, x: torch.Tensor, out: torch.Tensor | None = None,
     perm = None
     if op == "dequant":
         if state.perm is not None:
-            x = x.index_select(1, state.perm)
+            x = gather_cols(x, state)
         return dequant_matmul(state, x, out, ws=ws)
     if state.perm is not None:
         if gather is None:
@@ -329,7 +346,7 @@ def matmul(state: CudaLayout, x: torch.Tensor, out: torch.Tensor | None = None,
         if gather == "fused":  # no gather kernel: the GEMV loads x[:, perm] itself
             perm = state.perm32
         else:
-            x = x.index_select(1, state.perm)
+            x = gather_cols(x, state)
     if x.data_ptr() % 16:
         x = x.clone()
     scales, zeros, bias = state.constants[x.dtype]

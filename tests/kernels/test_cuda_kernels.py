@@ -101,6 +101,85 @@ def test_act_order_fused_gather_every_m(k, n, bits, group_size, sym):
             assert diff <= 4e-3 * ref.abs().max().item(), f"m={m} {dtype}: fused vs select differ by {diff:.3g}"
 
 
+@pytest.mark.parametrize("pdl", [True, False])
+def test_gather_kernel_matches_index_select(pdl):
+    """The act-order gather kernel against index_select: both dtypes, 1-300 rows, K from 8 to
+    11008, every output written (NaN-poisoned input rows are not read), eager and graph-replayed;
+    and what it refuses."""
+    ext = cuda_backend.extension()
+    g = torch.Generator(device="cuda").manual_seed(next(_SEED))
+    for dtype in (torch.float16, torch.bfloat16):
+        for m, k in ((1, 8), (1, 576), (3, 584), (16, 4096), (64, 11008), (300, 1536)):
+            x = torch.randn(m, k, device="cuda", dtype=dtype, generator=g)
+            perm = torch.randperm(k, device="cuda", generator=g)
+            p32 = perm.to(torch.int32)
+            assert torch.equal(ext.gather(x, p32, pdl), x.index_select(1, perm)), f"m={m} k={k} {dtype}"
+    x = torch.randn(16, 4096, device="cuda", dtype=torch.float16)
+    p32 = torch.randperm(4096, device="cuda").to(torch.int32)
+    graph, static = torch.cuda.CUDAGraph(), x.clone()
+    with torch.cuda.graph(graph):
+        y = ext.gather(static, p32, pdl)
+    static.copy_(torch.randn_like(x))
+    graph.replay()
+    assert torch.equal(y, static.index_select(1, p32.long()))
+    assert ext.gather(x[:0], p32, pdl).shape == (0, 4096)
+    with pytest.raises(RuntimeError, match="multiple of 8"):
+        ext.gather(torch.randn(2, 12, device="cuda", dtype=torch.float16),
+                   torch.arange(12, device="cuda", dtype=torch.int32), pdl)
+    with pytest.raises(RuntimeError, match="int32"):
+        ext.gather(x, p32.long(), pdl)
+    with pytest.raises(RuntimeError, match=r"perm must be \[4096\]"):
+        ext.gather(x, p32[:8], pdl)
+
+
+@pytest.mark.parametrize("pdl", [True, False])
+def test_act_order_chain_sees_the_previous_output(pdl, monkeypatch):
+    """Act-order layers back to back, each reading the previous output: the GEMV's in-kernel gather
+    (small x), and the gather kernel between two GEMMs or GEMVs, all with programmatic dependent
+    launch on sm_90 or all without; eager and graph-replayed."""
+    monkeypatch.setattr(cuda_backend, "_GATHER_PDL", pdl)
+    layers = [_layer(4096, 4096, 4, 128, False, FORMAT_V2, desc_act=True),
+              _layer(4096, 11008, 4, 64, True, FORMAT_V2, desc_act=True),
+              _layer(11008, 4096, 8, 128, False, FORMAT_V2, desc_act=True)]
+    # per-layer gains that keep the chain's values near unit size (fp16 range)
+    gains = [1.0 / kernels.reference(layer, torch.randn(8, layer.in_features, device="cuda",
+                                                        dtype=torch.float16)).pow(2).mean().sqrt().item()
+             for layer in layers]
+    with cuda_backend.gemm_launch_options(pdl=pdl), cuda_backend.gemv_launch_options(pdl=pdl):
+        for m in (1, 5, 16, 64):
+            x0 = torch.randn(m, 4096, device="cuda", dtype=torch.float16)
+            outs = [torch.empty(m, layer.out_features, device="cuda", dtype=torch.float16) for layer in layers]
+
+            def chain():
+                h = x0
+                for layer, out, gain in zip(layers, outs, gains):
+                    h = cuda_backend.matmul(layer.kernel_state, h, out=out)
+                    h.mul_(gain)
+
+            def check(how):
+                torch.cuda.synchronize()
+                h = x0
+                for i, (layer, out, gain) in enumerate(zip(layers, outs, gains)):
+                    assert torch.isfinite(out).all(), f"{how} m={m}: layer {i} left unwritten or read NaN"
+                    ref = kernels.reference(layer, h) * gain
+                    err = ((out.float() - ref).norm() / ref.norm()).item()
+                    assert err < TOL[torch.float16], f"{how} m={m}: layer {i} is not layer(previous): {err:.2e}"
+                    h = out
+
+            for out in outs:
+                out.fill_(float("nan"))
+            chain()
+            check("eager")
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                chain()
+            for _ in range(2):
+                for out in outs:
+                    out.fill_(float("nan"))
+                graph.replay()
+                check("graph")
+
+
 @pytest.mark.parametrize("wgmma", [True, False])
 @pytest.mark.parametrize("k,n,bits,group_size,sym", [(576, 192, 4, 128, True), (584, 72, 8, 64, False),
                                                      (4096, 4096, 4, 32, False), (11008, 1024, 4, -1, True),

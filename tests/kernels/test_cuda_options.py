@@ -93,3 +93,20 @@ def test_dequant_threshold_comes_from_the_environment():
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr[-500:]
     assert out.stdout.strip() == "4096"
+
+
+def test_gather_falls_back_to_index_select_where_the_kernel_cannot_take_it(monkeypatch):
+    """K not a multiple of 8 (or a misaligned permutation) gathers with index_select, without the
+    extension (which would refuse the call)."""
+    import types
+
+    import torch
+
+    def no_extension():
+        raise AssertionError("the gather kernel was asked for a K it cannot take")
+
+    monkeypatch.setattr(cuda_backend, "extension", no_extension)
+    perm = torch.tensor([3, 0, 2, 1, 5, 4, 11, 10, 9, 8, 7, 6])
+    state = types.SimpleNamespace(perm=perm, perm32=perm.to(torch.int32))
+    x = torch.arange(24, dtype=torch.float16).reshape(2, 12)
+    assert torch.equal(cuda_backend.gather_cols(x, state), x[:, perm])
