@@ -100,7 +100,7 @@ def gpu_main(args: argparse.Namespace) -> dict:
     dev = torch.device("cuda")
     bw = copy_bandwidth()
     config = dummy_config(args.preset)
-    quant = QuantConfig(bits=4, group_size=args.group_size)
+    quant = QuantConfig(bits=4, group_size=args.group_size, desc_act=args.desc_act)
     max_len = max([PROMPT_LEN + args.steps + 64] + [p + 8 for p in args.prefill])
     ecfg = EngineConfig(max_model_len=max_len, max_num_seqs=max(args.batch, default=1),
                         max_num_batched_tokens=max(1024, max(args.batch, default=1) * PROMPT_LEN),
@@ -184,6 +184,8 @@ def main() -> None:
                    help="prompt lengths whose time to first token is measured (GPU)")
     p.add_argument("--steps", type=int, default=256)
     p.add_argument("--group-size", type=int, default=128)
+    p.add_argument("--desc-act", action="store_true",
+                   help="act-order weights (a random permuted g_idx per layer, as desc_act checkpoints have)")
     p.add_argument("--kv-gb", type=float, default=4.0)
     p.add_argument("--kernel", default=None, help="force a kernel backend")
     p.add_argument("--no-fp16", action="store_true", help="skip the dense fp16 baseline")

@@ -67,7 +67,8 @@ def build_dummy_model(config: dict, quant: QuantConfig | None, device: torch.dev
                       dtype: torch.dtype, seed: int = 0) -> LlamaForCausalLM:
     """Random GPTQ model of `config`'s shape: every decoder linear is a QuantLinear whose codes,
     scales and zeros are drawn on `device` (symmetric zero, v1 format). With `quant` None the
-    linears are dense `dtype` instead (the unquantised baseline of the same shape)."""
+    linears are dense `dtype` instead (the unquantised baseline of the same shape). quant.desc_act
+    draws a random act-order g_idx per layer (the checkpoints that need a gather per call)."""
     cfg = LlamaConfig.from_hf(config)
 
     def linear(in_features: int, out_features: int, bias: bool, name: str) -> nn.Module:
@@ -112,7 +113,11 @@ def _fill_quant(layer: QuantLinear, quant: QuantConfig, gen: torch.Generator) ->
     base = 0.5 / (code_std * math.sqrt(k))
     layer.scales.uniform_(0.5 * base, 1.5 * base, generator=gen)
     gs = k if layer.group_size == -1 else layer.group_size
-    layer.g_idx.copy_(torch.arange(k, device=words.device, dtype=torch.int32) // gs)
+    if quant.desc_act:  # act-order: channels join groups in a random order (a permuted g_idx)
+        order = torch.randperm(k, generator=gen, device=words.device)
+        layer.g_idx.copy_((order // gs).to(torch.int32))
+    else:
+        layer.g_idx.copy_(torch.arange(k, device=words.device, dtype=torch.int32) // gs)
     if layer.bias is not None:
         layer.bias.zero_()
 
