@@ -101,6 +101,47 @@ def test_act_order_fused_gather_every_m(k, n, bits, group_size, sym):
             assert diff <= 4e-3 * ref.abs().max().item(), f"m={m} {dtype}: fused vs select differ by {diff:.3g}"
 
 
+def _chain_eager_and_graph(layers, x0, op=None, gains=None):
+    """Runs `layers` back to back on x0, each reading the previous output (written into
+    NaN-poisoned buffers, then scaled by its gain), eagerly and twice replayed from a CUDA graph,
+    and checks every output against gain * layer(previous output): a kernel that read its input
+    or touched the shared accumulators before the previous kernel finished shows as NaN or a
+    wrong result."""
+    m = x0.shape[0]
+    gains = gains or [None] * len(layers)
+    outs = [torch.empty(m, layer.out_features, device="cuda", dtype=torch.float16) for layer in layers]
+
+    def chain():
+        h = x0
+        for layer, out, gain in zip(layers, outs, gains):
+            h = cuda_backend.matmul(layer.kernel_state, h, out=out, op=op)
+            if gain is not None:
+                h.mul_(gain)
+
+    def check(how):
+        torch.cuda.synchronize()
+        h = x0
+        for i, (layer, out, gain) in enumerate(zip(layers, outs, gains)):
+            assert torch.isfinite(out).all(), f"{how} m={m}: layer {i} left unwritten or read NaN"
+            ref = kernels.reference(layer, h) * (1.0 if gain is None else gain)
+            err = ((out.float() - ref).norm() / ref.norm()).item()
+            assert err < TOL[torch.float16], f"{how} m={m}: layer {i} is not layer(previous): {err:.2e}"
+            h = out
+
+    for out in outs:
+        out.fill_(float("nan"))
+    chain()
+    check("eager")
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        chain()
+    for _ in range(2):
+        for out in outs:
+            out.fill_(float("nan"))
+        graph.replay()
+        check("graph")
+
+
 @pytest.mark.parametrize("pdl", [True, False])
 def test_gather_kernel_matches_index_select(pdl):
     """The act-order gather kernel against index_select: both dtypes, 1-300 rows, K from 8 to
@@ -134,8 +175,8 @@ def test_gather_kernel_matches_index_select(pdl):
 
 @pytest.mark.parametrize("pdl", [True, False])
 def test_act_order_chain_sees_the_previous_output(pdl, monkeypatch):
-    """Act-order layers back to back, each reading the previous output: the GEMV's in-kernel gather
-    (small x), and the gather kernel between two GEMMs or GEMVs, all with programmatic dependent
+    """Act-order layers back to back, each reading the previous output through the gather kernel
+    (before the GEMVs at 1 and 5 tokens, the GEMMs at 16 and 64), all with programmatic dependent
     launch on sm_90 or all without; eager and graph-replayed."""
     monkeypatch.setattr(cuda_backend, "_GATHER_PDL", pdl)
     layers = [_layer(4096, 4096, 4, 128, False, FORMAT_V2, desc_act=True),
@@ -147,37 +188,7 @@ def test_act_order_chain_sees_the_previous_output(pdl, monkeypatch):
              for layer in layers]
     with cuda_backend.gemm_launch_options(pdl=pdl), cuda_backend.gemv_launch_options(pdl=pdl):
         for m in (1, 5, 16, 64):
-            x0 = torch.randn(m, 4096, device="cuda", dtype=torch.float16)
-            outs = [torch.empty(m, layer.out_features, device="cuda", dtype=torch.float16) for layer in layers]
-
-            def chain():
-                h = x0
-                for layer, out, gain in zip(layers, outs, gains):
-                    h = cuda_backend.matmul(layer.kernel_state, h, out=out)
-                    h.mul_(gain)
-
-            def check(how):
-                torch.cuda.synchronize()
-                h = x0
-                for i, (layer, out, gain) in enumerate(zip(layers, outs, gains)):
-                    assert torch.isfinite(out).all(), f"{how} m={m}: layer {i} left unwritten or read NaN"
-                    ref = kernels.reference(layer, h) * gain
-                    err = ((out.float() - ref).norm() / ref.norm()).item()
-                    assert err < TOL[torch.float16], f"{how} m={m}: layer {i} is not layer(previous): {err:.2e}"
-                    h = out
-
-            for out in outs:
-                out.fill_(float("nan"))
-            chain()
-            check("eager")
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):
-                chain()
-            for _ in range(2):
-                for out in outs:
-                    out.fill_(float("nan"))
-                graph.replay()
-                check("graph")
+            _chain_eager_and_graph(layers, torch.randn(m, 4096, device="cuda", dtype=torch.float16), gains=gains)
 
 
 @pytest.mark.parametrize("wgmma", [True, False])
@@ -209,35 +220,7 @@ def test_chained_gemms_see_the_previous_output(pdl):
     with cuda_backend.gemm_launch_options(pdl=pdl):
         for m in (24, 64, 100):
             x0 = torch.randn(m, 4096, device="cuda", dtype=torch.float16) * 0.01  # ~5x growth per layer
-            outs = [torch.empty(m, layer.out_features, device="cuda", dtype=torch.float16) for layer in layers]
-
-            def chain():
-                h = x0
-                for layer, out in zip(layers, outs):
-                    h = cuda_backend.matmul(layer.kernel_state, h, out=out, op="gemm")
-
-            def check(how):
-                torch.cuda.synchronize()
-                h = x0
-                for i, (layer, out) in enumerate(zip(layers, outs)):
-                    assert torch.isfinite(out).all(), f"{how} m={m}: layer {i} left unwritten or read NaN"
-                    ref = kernels.reference(layer, h)
-                    err = ((out.float() - ref).norm() / ref.norm()).item()
-                    assert err < TOL[torch.float16], f"{how} m={m}: layer {i} is not layer(previous): {err:.2e}"
-                    h = out
-
-            for out in outs:
-                out.fill_(float("nan"))
-            chain()
-            check("eager")
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):
-                chain()
-            for _ in range(2):
-                for out in outs:
-                    out.fill_(float("nan"))
-                graph.replay()
-                check("graph")
+            _chain_eager_and_graph(layers, x0, op="gemm")
 
 
 def test_dispatch_graph_capture_and_repeatability():
