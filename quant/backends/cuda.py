@@ -55,9 +55,9 @@ ACCUM_MIN_N = 32768  # strip accumulators sized for at least this many output co
 # launches with programmatic dependent launch on sm_90. The GEMV can also read x through the
 # permutation itself (gather="fused"), which v3-v7 did for x up to 32 KB. H100, extra us per call
 # over the same layer without act-order, gather kernel / fused / torch index_select
-# (results/act-order-gather-*.json): 4096x4096 M=1 1.56 / 2.23 / 6.49, M=8 1.40 / 3.84 / 7.80, M=64
-# 1.49 / - / 7.40; 11008x4096 M=1 2.08 / 6.15 / 7.09, M=64 4.27 / - / 10.14; 4096x12288 M=1
-# 1.75 / 6.20 / 6.88. Without PDL (the GPUs before sm_90): ~2.1 / 3.1-6.1 / ~4.7 at M=1.
+# (results/act-order-gather-*.json): 4096x4096 M=1 1.49 / 2.16 / 6.52, M=8 1.38 / 3.85 / 6.69, M=64
+# 1.61 / - / 7.32; 11008x4096 M=1 2.07 / 6.14 / 6.90, M=64 5.54 / - / 10.14; 4096x12288 M=1
+# 1.75 / 6.30 / 6.90. Without PDL (the GPUs before sm_90): ~2.1 / 3.1-6.1 / ~4.7 at M=1.
 FUSED_GATHER_BYTES = 0  # x of at most this many bytes takes the fused gather by default (none)
 # From this many tokens a GEMV-sized call (<= gemv_max_m) goes to the GEMM when it runs the Hopper
 # wgmma kernel. H100, decode-step linears (v7, 16-token wgmma tiles): M=4 GEMV 1.940 ms vs wgmma
