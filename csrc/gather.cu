@@ -1,5 +1,5 @@
-// Act-order gather y[m, k] = x[m, perm[k]] for the calls that do not read x through the
-// permutation themselves (the GEMMs, the dequant path, GEMVs whose x is large).
+// Act-order gather y[m, k] = x[m, perm[k]] before every act-order call's plain kernel (the GEMVs,
+// the GEMMs and the dequant path; only gather="fused" has the GEMV read x through the permutation).
 // Why our own kernel and not index_select: on sm_90 the kernels around it use programmatic
 // dependent launch. index_select neither lets the next kernel start early nor starts early itself,
 // so the GEMM after it cannot copy its first weight stages during it, and it cannot start during
@@ -58,11 +58,8 @@ extern "C" cudaError_t qs_gather_cols(const void* x, const int* perm, void* y, i
   cfg.gridDim = dim3(unsigned((items + qs::kGatherThreads - 1) / qs::kGatherThreads));
   cfg.blockDim = dim3(qs::kGatherThreads);
   cfg.stream = stream;
-  cudaLaunchAttribute attr[1];
-  attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
-  attr[0].val.programmaticStreamSerializationAllowed = 1;
-  cfg.attrs = attr;
-  cfg.numAttrs = pdl && dev.cc_major >= 9 ? 1 : 0;
+  cudaLaunchAttribute attr;
+  qs::set_pdl(cfg, attr, pdl && dev.cc_major >= 9);
   return cudaLaunchKernelEx(&cfg, qs::gather_cols_kernel, static_cast<const unsigned short*>(x), perm,
                             static_cast<unsigned short*>(y), m, k);
 }

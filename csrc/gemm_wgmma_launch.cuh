@@ -41,11 +41,8 @@ cudaError_t launch_gemm_wgmma(const QsMatmulArgs& a, cudaStream_t stream) {
   cfg.blockDim = dim3(Cfg::kThreads);
   cfg.dynamicSmemBytes = ps.smem;
   cfg.stream = stream;
-  cudaLaunchAttribute attr[1];
-  attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
-  attr[0].val.programmaticStreamSerializationAllowed = 1;
-  cfg.attrs = attr;
-  cfg.numAttrs = gemm_options().pdl ? 1 : 0;
+  cudaLaunchAttribute attr;
+  set_pdl(cfg, attr, gemm_options().pdl);
   return cudaLaunchKernelEx(&cfg, kernel, a, ps.stages);
 }
 

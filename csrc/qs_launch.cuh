@@ -37,6 +37,16 @@ inline cudaError_t device_info(DeviceInfo* out, int* device) {
   return cudaSuccess;
 }
 
+// Launch `cfg` with programmatic dependent launch when `on` (sm_90+: the kernel may start while the
+// previous one in the stream runs, and must griddepcontrol.wait before reading its outputs). `attr`
+// is the attribute storage cfg points to: it must live until the launch.
+inline void set_pdl(cudaLaunchConfig_t& cfg, cudaLaunchAttribute& attr, bool on) {
+  attr.id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  attr.val.programmaticStreamSerializationAllowed = 1;
+  cfg.attrs = &attr;
+  cfg.numAttrs = on ? 1 : 0;
+}
+
 // Resident blocks per SM of `kernel` with `threads` and `smem` dynamic bytes; raises the kernel's
 // dynamic shared memory limit first when needed. Cached per (kernel instantiation, device) by
 // the caller's static slot.
