@@ -11,6 +11,7 @@
 // into L2 before the kernel waits for its inputs).
 #pragma once
 
+#include "gemv_chunk.cuh"
 #include "qs_dequant.cuh"
 #include "qs_launch.cuh"
 #include "qs_streamk.cuh"
@@ -124,112 +125,6 @@ __device__ __forceinline__ void flush_strip(const QsMatmulArgs& a, const float (
       if (lane == 0) a.accum_counters[strip] = 0;
     }
   }
-}
-
-// x of one chunk as m16n8k16 B fragments: xb[i][mb] holds tokens mb*8 + g at rows k0, k0 + 1 and
-// k0 + 8, k0 + 9 of step step0 + i (k0 = 16 (step0 + i) + 2t); zero past m and past k. PERM: row k
-// of the repacked weights is activation column perm[k] (act-order), gathered 2 bytes at a time.
-template <typename T, int U, int MB, bool PERM>
-__device__ __forceinline__ void load_x_chunk(const QsMatmulArgs& a, int step0, int lane, uint32_t (&xb)[U][MB][2]) {
-  const int g = lane >> 2, t = lane & 3;
-  if constexpr (!PERM) {
-    const T* x = reinterpret_cast<const T*>(a.x);
-#pragma unroll
-    for (int i = 0; i < U; ++i)
-#pragma unroll
-      for (int mb = 0; mb < MB; ++mb) {
-        const int m = mb * 8 + g;
-        const int k0 = (step0 + i) * 16 + 2 * t;
-        const unsigned int* xr = reinterpret_cast<const unsigned int*>(x + (long long)m * a.k + k0);
-        xb[i][mb][0] = (m < a.m && k0 < a.k) ? __ldg(xr) : 0u;
-        xb[i][mb][1] = (m < a.m && k0 + 8 < a.k) ? __ldg(xr + 4) : 0u;
-      }
-  } else {
-    const unsigned short* xs = reinterpret_cast<const unsigned short*>(a.x);
-#pragma unroll
-    for (int i = 0; i < U; ++i) {
-      const int k0 = (step0 + i) * 16 + 2 * t;  // even, and k % 8 == 0: k0 + 1 < k when k0 < k
-      const int2 p0 = k0 < a.k ? __ldg(reinterpret_cast<const int2*>(a.perm + k0)) : make_int2(0, 0);
-      const int2 p1 = k0 + 8 < a.k ? __ldg(reinterpret_cast<const int2*>(a.perm + k0 + 8)) : make_int2(0, 0);
-#pragma unroll
-      for (int mb = 0; mb < MB; ++mb) {
-        const int m = mb * 8 + g;
-        const unsigned short* xr = xs + (long long)m * a.k;
-        xb[i][mb][0] = (m < a.m && k0 < a.k) ? (uint32_t(__ldg(xr + p0.x)) | (uint32_t(__ldg(xr + p0.y)) << 16)) : 0u;
-        xb[i][mb][1] = (m < a.m && k0 + 8 < a.k) ? (uint32_t(__ldg(xr + p1.x)) | (uint32_t(__ldg(xr + p1.y)) << 16)) : 0u;
-      }
-    }
-  }
-}
-
-// One chunk (U k16 steps of one 64-column strip) into acc. wq: the lane's codes of each step;
-// sraw/zraw: the lane's 16-byte rows of scales / zeros of the chunk's SPC groups. Each run of
-// U / SPC steps shares one group: its MMAs sum x * (code - offset) unscaled into `part`, a ones-row
-// MMA sums x itself into `xs`, and the run is folded into acc in fp32 as
-// s * (part - (z - offset) * xs). Steps past k have zero x, so whatever codes they hold add nothing.
-template <typename T, int BITS, int U, int MB, int SPC>
-__device__ __forceinline__ void gemv_chunk(const uint4 (&wq)[U][Dequant<T, BITS>::kWordsPerLane / 4],
-                                           const uint32_t (&xb)[U][MB][2], const uint4 (&sraw)[SPC],
-                                           const uint4 (&zraw)[SPC], bool has_z, int zero_point,
-                                           float (&acc)[MB][4][4]) {
-  constexpr int WPL = Dequant<T, BITS>::kWordsPerLane;
-  constexpr int V = WPL / 4;
-  constexpr int SSTEP = U / SPC;
-  static_assert(SSTEP >= 1, "more scale loads than steps");
-#pragma unroll
-  for (int r = 0; r < SPC; ++r) {
-    float part[MB][4][4], xs[MB][4];
-#pragma unroll
-    for (int mb = 0; mb < MB; ++mb) {
-#pragma unroll
-      for (int c = 0; c < 4; ++c) xs[mb][c] = 0.f;
-#pragma unroll
-      for (int j = 0; j < 4; ++j)
-#pragma unroll
-        for (int c = 0; c < 4; ++c) part[mb][j][c] = 0.f;
-    }
-#pragma unroll
-    for (int ii = 0; ii < SSTEP; ++ii) {
-      const int i = r * SSTEP + ii;
-      uint32_t words[WPL];
-#pragma unroll
-      for (int v = 0; v < V; ++v) {
-        words[4 * v + 0] = wq[i][v].x;
-        words[4 * v + 1] = wq[i][v].y;
-        words[4 * v + 2] = wq[i][v].z;
-        words[4 * v + 3] = wq[i][v].w;
-      }
-#pragma unroll
-      for (int j = 0; j < 4; ++j) {
-        uint32_t pr[4];
-        Widen<T, BITS>::tile(words, j, pr);
-        // A = W^T tile (rows = 16 columns of W): a0 (col g, k lo), a1 (col g+8, k lo),
-        // a2 (col g, k hi), a3 (col g+8, k hi).
-        const uint32_t af[4] = {pr[0], pr[2], pr[1], pr[3]};
-#pragma unroll
-        for (int mb = 0; mb < MB; ++mb) mma_16816<T>(part[mb][j], af, xb[i][mb]);
-      }
-      const uint32_t ones[4] = {Act<T>::kOne2, Act<T>::kOne2, Act<T>::kOne2, Act<T>::kOne2};
-#pragma unroll
-      for (int mb = 0; mb < MB; ++mb) mma_16816<T>(xs[mb], ones, xb[i][mb]);
-    }
-    FoldConsts<T> fc;
-    fc.load(sraw[r], zraw[r], has_z, zero_point, Widen<T, BITS>::kOffset);
-#pragma unroll
-    for (int mb = 0; mb < MB; ++mb)
-#pragma unroll
-      for (int j = 0; j < 4; ++j)
-#pragma unroll
-        for (int c = 0; c < 4; ++c) {
-          const int col = 2 * j + (c >> 1);
-          acc[mb][j][c] = fmaf(fc.s[col], fmaf(-fc.z[col], xs[mb][c & 1], part[mb][j][c]), acc[mb][j][c]);
-        }
-  }
-}
-
-// Offset, in 16-byte units, of a lane's scale (or zero) row for group gi of a strip.
-__device__ __forceinline__ long long group_row(int gi, int n_strips, int strip, int g) {
-  return ((long long)gi * n_strips + strip) * 8 + g;
 }
 
 // MB: token blocks of 8 (m <= 8*MB). SPC: scale loads per chunk (groups met in a chunk).

@@ -44,7 +44,7 @@ SOURCES = ("bindings.cpp", "gemv_f16.cu", "gemv_bf16.cu", "gemm_f16.cu", "gemm_b
            "gather.cu", "dispatch.cu")
 HEADERS = ("quantserve_cuda.h", "qs_ptx.cuh", "qs_dequant.cuh", "qs_streamk.cuh", "qs_launch.cuh", "qs_stage.cuh",
            "qs_wgmma.cuh",
-           "gemm_wgmma.cuh", "gemm_wgmma_launch.cuh", "gemv.cuh",
+           "gemm_wgmma.cuh", "gemm_wgmma_launch.cuh", "gemv.cuh", "gemv_chunk.cuh",
            "gemm.cuh", "dequant.cuh")
 # Every target the sources support; a JIT build compiles only for the GPU it runs on
 # (QUANTSERVE_CUDA_ARCHS="80;86;89;90a" builds them all, e.g. for an image).
