@@ -281,42 +281,54 @@ __global__ void __launch_bounds__(256, WgCfg<T, BITS, NTOK, SPW>::kBlocksPerSm)
       __syncthreads();
       if (s_last) {
         fence_acq_rel_gpu();
-        // Column pairs x token quads: 16-byte reads of the accumulator (a batch of loads in flight
-        // per thread: one L2 round trip per batch), then 4-byte (two-column) y stores.
+        // Items of 2 columns x 4 tokens, a warp's 32 items being 16 column pairs x the two token
+        // quads of one 8-token octet: the lane pair (2i, 2i+1) reads the two halves of each
+        // column's 32-byte sector of the [column][token] accumulator (whole sectors per load and
+        // zeroing store), and a y store writes 64 contiguous bytes in each of two rows. Before
+        // (v4-v8) the lanes ran along one column's tokens: each 4-byte y store was its own sector,
+        // and at 128-256 tokens the drains cost more than the reds. A batch of items' loads is in
+        // flight per thread: one L2 round trip per batch.
         const int cols = min(BN, a.n - strip0 * 64);
-        const int nq = (a.m + 3) >> 2;
-        const int items = (cols >> 1) * nq;
+        constexpr int CB = BN / 32;  // 16-pair column blocks of a tile
+        const int items = CB * 32 * ((a.m + 7) >> 3);
         constexpr int kBatch = NTOK * SPW <= 128 ? 4 : 8;  // 4 where registers are capped at 128
+        auto item_at = [&](int idx, int& cp, int& tq) {
+          const int grp = idx >> 5, l = idx & 31;
+          cp = (grp % CB) * 16 + (l >> 1);
+          tq = 2 * (grp / CB) + (l & 1);
+        };
         for (int base = 0; base < items; base += NTH * kBatch) {
           float4 v0[kBatch], v1[kBatch];
-          int cp[kBatch], tq[kBatch];
+          float b0[kBatch], b1[kBatch];
+          bool ok[kBatch];
 #pragma unroll
           for (int r = 0; r < kBatch; ++r) {
             const int idx = base + r * NTH + tid;
-            cp[r] = idx / nq;
-            tq[r] = idx < items ? idx - cp[r] * nq : -1;
-            const float* p0 = tacc + (2 * cp[r]) * NTOK + 4 * tq[r];
-            v0[r] = tq[r] >= 0 ? ldcg4(p0) : make_float4(0.f, 0.f, 0.f, 0.f);
-            v1[r] = tq[r] >= 0 ? ldcg4(p0 + NTOK) : make_float4(0.f, 0.f, 0.f, 0.f);
+            int cp, tq;
+            item_at(idx, cp, tq);
+            ok[r] = idx < items && 2 * cp < cols;
+            const float* p0 = tacc + (2 * cp) * NTOK + 4 * tq;
+            v0[r] = ok[r] ? ldcg4(p0) : make_float4(0.f, 0.f, 0.f, 0.f);
+            v1[r] = ok[r] ? ldcg4(p0 + NTOK) : make_float4(0.f, 0.f, 0.f, 0.f);
+            const int n = strip0 * 64 + 2 * cp;
+            b0[r] = ok[r] && bias != nullptr ? Act<T>::to_float(bias[n]) : 0.f;
+            b1[r] = ok[r] && bias != nullptr ? Act<T>::to_float(bias[n + 1]) : 0.f;
           }
 #pragma unroll
           for (int r = 0; r < kBatch; ++r) {
-            if (tq[r] < 0) continue;
-            float* p0 = tacc + (2 * cp[r]) * NTOK + 4 * tq[r];
+            if (!ok[r]) continue;
+            int cp, tq;
+            item_at(base + r * NTH + tid, cp, tq);
+            float* p0 = tacc + (2 * cp) * NTOK + 4 * tq;
             stcg4(p0, make_float4(0.f, 0.f, 0.f, 0.f));
             stcg4(p0 + NTOK, make_float4(0.f, 0.f, 0.f, 0.f));
-            const int n = strip0 * 64 + 2 * cp[r];
-            float b0 = 0.f, b1 = 0.f;
-            if (bias != nullptr) {
-              b0 = Act<T>::to_float(bias[n]);
-              b1 = Act<T>::to_float(bias[n + 1]);
-            }
+            const int n = strip0 * 64 + 2 * cp;
             const float r0[4] = {v0[r].x, v0[r].y, v0[r].z, v0[r].w}, r1[4] = {v1[r].x, v1[r].y, v1[r].z, v1[r].w};
 #pragma unroll
             for (int e = 0; e < 4; ++e) {
-              const int m = 4 * tq[r] + e;
+              const int m = 4 * tq + e;
               if (m < a.m)
-                *reinterpret_cast<uint32_t*>(y + (long long)m * a.n + n) = Act<T>::pack2(r0[e] + b0, r1[e] + b1);
+                *reinterpret_cast<uint32_t*>(y + (long long)m * a.n + n) = Act<T>::pack2(r0[e] + b0[r], r1[e] + b1[r]);
             }
           }
         }
