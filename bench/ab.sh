@@ -1,0 +1,84 @@
+#!/usr/bin/env bash
+# Same-session A/B of kernel versions: every version is built and benchmarked in one device call,
+# rounds alternating (base, new, base, new, ...), because run-to-run spread between machines and
+# sessions (1-4% on the decode step) is as large as most kernel changes.
+#
+# Here (a git checkout):   bench/ab.sh prepare base=HEAD new=WORKTREE [x=<commit>] ...
+#   writes each version's files into ab/<name>/ (WORKTREE: the working tree as it is, uncommitted
+#   changes and untracked files that git does not ignore included). ab/ is untracked, so the device call carries it; delete it afterwards.
+# On the device:           bench/ab.sh run
+#   builds every ab/<name> in parallel (its own extension dir), runs the GPU tests on $TESTV (if
+#   set) and compute-sanitizer memcheck on it, then $ROUNDS rounds of bench/kernels.py --backends
+#   ours at $MS for every version, then bench/decode.py at $DECODE_BATCH (if set). Prints one line
+#   per version and round; logs and result files go to $OUT/ab.tgz.
+# Knobs: MS (1,4,16,32,64,128,256), ROUNDS (2), TESTV, DECODE_BATCH ("64 128"), PYSITE (where the
+#   device's wheels were installed, /tmp/site).
+set -uo pipefail
+cd "$(dirname "$0")/.."
+
+prepare() {
+  rm -rf ab && mkdir -p ab
+  for spec in "$@"; do
+    local name=${spec%%=*} ref=${spec#*=}
+    mkdir -p "ab/$name"
+    if [ "$ref" = WORKTREE ]; then
+      git ls-files -z --cached --others --exclude-standard -- . ':!ab' | xargs -0 -I{} cp --parents {} "ab/$name/"
+    else
+      git archive "$ref" | tar -x -C "ab/$name"
+    fi
+    echo "ab/$name <- $ref"
+  done
+}
+
+run() {
+  local out=${OUT:-/tmp/ab-out} site=${PYSITE:-/tmp/site} t0
+  local versions
+  versions=$(cd ab && ls -d */ | tr -d /)
+  mkdir -p "$out/ab"
+  t0=$(date +%s)
+  nvidia-smi --query-gpu=name --format=csv,noheader
+  for v in $versions; do
+    (cd "ab/$v" && PYTHONPATH=$site:. QUANTSERVE_EXT_DIR=/tmp/ab-ext-$v python3 -c \
+      "from quant.backends import cuda; cuda.extension(); print('built $v')" >"$out/ab/build-$v.log" 2>&1) &
+  done
+  wait
+  tail -qn1 "$out"/ab/build-*.log
+  echo "builds $(($(date +%s) - t0)) s"
+  if [ -n "${TESTV:-}" ]; then
+    (cd "ab/$TESTV" && export PYTHONPATH=$site:. QUANTSERVE_EXT_DIR=/tmp/ab-ext-$TESTV &&
+      timeout 240 python3 -m pytest -q -p no:cacheprovider -m gpu tests/kernels tests/quant tests/engine \
+        -k "not every_cu_file" >"$out/ab/tests.log" 2>&1
+      tail -1 "$out/ab/tests.log"; grep -E "^(FAILED|ERROR)" "$out/ab/tests.log" | head -5
+      timeout 150 compute-sanitizer --tool memcheck --print-limit 20 python3 -m tests.kernels.sanitize_cuda \
+        >"$out/ab/sanitize.log" 2>&1
+      echo "memcheck rc=$?: $(grep -E 'ERROR SUMMARY' "$out/ab/sanitize.log" | head -1)")
+    echo "tests $(($(date +%s) - t0)) s"
+  fi
+  for round in $(seq "${ROUNDS:-2}"); do
+    for v in $versions; do
+      (cd "ab/$v" && mkdir -p "$out/ab/$v-$round" && PYTHONPATH=$site:. QUANTSERVE_EXT_DIR=/tmp/ab-ext-$v \
+        timeout 150 python3 bench/kernels.py --backends ours --ms "${MS:-1,4,16,32,64,128,256}" --no-extras \
+        --out "$out/ab/$v-$round" >"$out/ab/bench-$v-$round.log" 2>&1)
+      echo "$v r$round: $(grep -E '^ *M=' "$out/ab/bench-$v-$round.log" | awk '{print $1 $2, $3}' | tr '\n' ' ')"
+    done
+  done
+  echo "bench $(($(date +%s) - t0)) s"
+  if [ -n "${DECODE_BATCH:-}" ]; then
+    for round in $(seq "${ROUNDS:-2}"); do
+      for v in $versions; do
+        (cd "ab/$v" && PYTHONPATH=$site:. QUANTSERVE_EXT_DIR=/tmp/ab-ext-$v timeout 200 python3 bench/decode.py \
+          --batch $DECODE_BATCH --steps 64 --kv-gb 20 --no-fp16 --tag "ab-$v-$round" >"$out/ab/decode-$v-$round.log" 2>&1
+          cp bench/results/decode-*"ab-$v-$round"*.json "$out/ab/" 2>/dev/null)
+        echo "$v r$round: $(grep -E 'tok/s' "$out/ab/decode-$v-$round.log" | awk '{print $2 $3, $4}' | tr '\n' ' ')"
+      done
+    done
+  fi
+  echo "total $(($(date +%s) - t0)) s"
+  (cd "$out" && tar czf ab.tgz ab && rm -rf ab)
+}
+
+case ${1:-} in
+  prepare) shift; prepare "$@" ;;
+  run) run ;;
+  *) echo "usage: bench/ab.sh prepare name=<commit|WORKTREE> ... | bench/ab.sh run" >&2; exit 2 ;;
+esac
