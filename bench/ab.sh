@@ -12,7 +12,7 @@
 #   ours at $MS for every version, then bench/decode.py at $DECODE_BATCH (if set). Prints one line
 #   per version and round; logs and result files go to $OUT/ab.tgz.
 # Knobs: MS (1,4,16,32,64,128,256), ROUNDS (2), TESTV, DECODE_BATCH ("64 128"), PYSITE (where the
-#   device's wheels were installed, /tmp/site).
+#   carried .whl wheels are installed, /tmp/site). Carry .whl and .cache/test/smollm2-tokenizer.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
@@ -36,6 +36,10 @@ run() {
   versions=$(cd ab && ls -d */ | tr -d /)
   mkdir -p "$out/ab"
   t0=$(date +%s)
+  # The device image lacks the server's pure-Python deps (fastapi, gguf, ...): carried wheels.
+  if [ -d .whl ] && [ ! -d "$site" ]; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --target "$site" .whl/*.whl >/dev/null 2>&1
+  fi
   nvidia-smi --query-gpu=name --format=csv,noheader
   for v in $versions; do
     (cd "ab/$v" && PYTHONPATH=$site:. QUANTSERVE_EXT_DIR=/tmp/ab-ext-$v python3 -c \
