@@ -119,13 +119,18 @@ def pick_dtype(dtype: str, device: torch.device, hf_config: dict) -> torch.dtype
 
 def finalize(model: LlamaForCausalLM, kernel: str | None = None,
              lm_head: str = "auto") -> dict[str, int]:
-    """After loading: fuse q/k/v and gate/up, maybe pack lm_head, pick each layer's kernel.
+    """After loading: fuse q/k/v and gate/up, move act-order down_proj permutations into gate/up
+    (server.models.act_order: no gather before down_proj), maybe pack lm_head, pick each layer's
+    kernel.
 
     lm_head "int8": an 8-bit per-channel copy served by the packed kernels (the embedding table
     stays as it is). "auto" does that on the CPU, where the dense head is the largest read of a
     decode step (SmolLM2: 113 MB fp32 against ~53 MB of 4-bit decoder weights) and costs +0.85%
     perplexity when packed (bench/NOTES.md); on CUDA the head stays dense fp16/bf16."""
     model.fuse_projections()
+    moved = model.absorb_act_order()
+    if moved:
+        log.info("act-order: down_proj row order moved into gate/up in %d layers (no gather there)", moved)
     if lm_head not in ("auto", "dense", "int8"):
         raise ModelLoadError(f"--lm-head must be auto, dense or int8, got {lm_head!r}")
     if lm_head == "int8" or (lm_head == "auto" and model.device.type == "cpu" and kernel is None):

@@ -196,6 +196,14 @@ class LlamaForCausalLM(nn.Module):
             fused += layer.self_attn.fuse() + layer.mlp.fuse()
         return fused
 
+    def absorb_act_order(self) -> int:
+        """Move each act-order down_proj's row permutation into its gate/up output columns
+        (server.models.act_order), so down_proj needs no gather per call; returns how many layers
+        changed. Call after fuse_projections, before choosing kernels."""
+        from server.models.act_order import absorb_down_perm
+
+        return sum(absorb_down_perm(layer.mlp) for layer in self.model.layers)
+
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden [B, H] -> float32 logits [B, V]."""
         return self.lm_head(hidden).float()
