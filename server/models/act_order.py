@@ -18,27 +18,20 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from quant.format import effective_group_size
+from quant.backends.cuda_layout import LayoutError, act_order_perm
 from quant.linear import QuantLinear
 from quant.pack import pack_qweight, pack_qzeros, unpack_qweight, unpack_qzeros
-
-
-def natural_g_idx(in_features: int, group_size: int, device: torch.device | None = None) -> torch.Tensor:
-    """g_idx of a layer without act-order: k // group_size, int64 [K]."""
-    gs = effective_group_size(in_features, group_size)
-    return torch.arange(in_features, device=device, dtype=torch.int64) // gs
 
 
 def grouping_perm(layer: QuantLinear) -> torch.Tensor | None:
     """The row permutation (int64 [K]) that makes an act-order layer's g_idx k // group_size, or None
     when g_idx already is (or when no permutation makes it so: groups that are not runs of
-    group_size rows, which no kernel here takes without act-order handling)."""
-    g = layer.g_idx.to(torch.int64)
-    natural = natural_g_idx(layer.in_features, layer.group_size, g.device)
-    if torch.equal(g, natural):
+    group_size rows, which no kernel here takes without act-order handling). The kernels' own
+    rule, quant.backends.cuda_layout.act_order_perm."""
+    try:
+        return act_order_perm(layer.g_idx, layer.in_features, layer.group_size)
+    except LayoutError:
         return None
-    perm = torch.argsort(g, stable=True)
-    return perm if torch.equal(g[perm], natural) else None
 
 
 def permute_rows(layer: QuantLinear, perm: torch.Tensor) -> None:
