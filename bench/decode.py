@@ -104,7 +104,8 @@ def gpu_main(args: argparse.Namespace) -> dict:
     max_len = max([PROMPT_LEN + args.steps + 64] + [p + 8 for p in args.prefill])
     ecfg = EngineConfig(max_model_len=max_len, max_num_seqs=max(args.batch, default=1),
                         max_num_batched_tokens=max(1024, max(args.batch, default=1) * PROMPT_LEN),
-                        kv_cache_gb=args.kv_gb, cuda_graph_max_batch=max(args.batch, default=1))
+                        kv_cache_gb=args.kv_gb,
+                        cuda_graph_max_batch=args.graph_max_batch or max(args.batch, default=1))
     rows, prefill = [], []
     variants = [("int4", quant)] + ([] if args.no_fp16 else [("fp16", None)])
     for label, q in variants:
@@ -189,6 +190,9 @@ def main() -> None:
     p.add_argument("--kv-gb", type=float, default=4.0)
     p.add_argument("--kernel", default=None, help="force a kernel backend")
     p.add_argument("--no-fp16", action="store_true", help="skip the dense fp16 baseline")
+    p.add_argument("--graph-max-batch", type=int, default=None,
+                   help="largest batch replayed as a CUDA graph (default: the largest --batch); "
+                        "larger batches run eagerly")
     p.add_argument("--cpu", action="store_true", help="the CPU benchmark on the default model")
     p.add_argument("--tag", default="", help="suffix for the result file name")
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (CPU)")

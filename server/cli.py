@@ -72,6 +72,8 @@ def build_parser() -> argparse.ArgumentParser:
     _flag(s, "--kv-cache-gb", None, "KV cache size in GiB (CPU default 1)", type=float)
     _flag(s, "--prefix-caching", True, "share KV blocks of common prompt prefixes")
     _flag(s, "--enforce-eager", False, "no CUDA graphs")
+    _flag(s, "--cuda-graph-max-batch", None,
+          "largest decode batch replayed as a CUDA graph (default: --max-num-seqs)", type=int)
     _flag(s, "--max-queued-requests", 256, "requests waiting beyond this get 429", type=int)
     _flag(s, "--max-queued-tokens", 1_000_000, "queued prompt tokens beyond this get 429", type=int)
     _flag(s, "--max-body-bytes", 4 * 1024 * 1024, "largest request body (413 above)", type=int)
@@ -161,7 +163,8 @@ def serve(args: argparse.Namespace) -> int:
         block_size=args.block_size, max_num_seqs=args.max_num_seqs,
         max_num_batched_tokens=args.max_num_batched_tokens, max_model_len=args.max_model_len,
         gpu_memory_utilization=args.gpu_memory_utilization, kv_cache_gb=args.kv_cache_gb,
-        enable_prefix_caching=args.prefix_caching, enforce_eager=args.enforce_eager)
+        enable_prefix_caching=args.prefix_caching, enforce_eager=args.enforce_eager,
+        cuda_graph_max_batch=args.cuda_graph_max_batch)
     return run_server(model_config(args), engine_cfg, server_cfg)
 
 

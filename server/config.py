@@ -78,7 +78,7 @@ class EngineConfig:
     kv_cache_gb: float | None = None  # CPU default 1 GiB; on CUDA overrides the utilization rule
     enable_prefix_caching: bool = True
     enforce_eager: bool = False  # no CUDA graphs
-    cuda_graph_max_batch: int = 64
+    cuda_graph_max_batch: int | None = None  # largest decode batch replayed as a graph (None: max_num_seqs)
 
 
 @dataclass(frozen=True)

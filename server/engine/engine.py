@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 import torch
 
 from server.config import EngineConfig
+from server.engine.cuda_graphs import capture_sizes
 from server.engine.kv_cache import BlockAllocator, KVCache, KVCacheSpec
 from server.engine.runner import ModelRunner
 from server.engine.sampler import Sampler
@@ -105,9 +106,11 @@ class LLMEngine:
         self.runner = ModelRunner(model, self.kv, max_len)
         graph_sizes: list[int] = []
         if device.type == "cuda" and not config.enforce_eager:
-            sizes = [s for s in (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128)
-                     if s <= min(config.cuda_graph_max_batch, config.max_num_seqs)]
-            graph_sizes = self.runner.enable_cuda_graphs(sizes)
+            cap = config.max_num_seqs if config.cuda_graph_max_batch is None else config.cuda_graph_max_batch
+            if cap < 1:
+                raise ValueError(f"cuda_graph_max_batch must be at least 1, got {cap} "
+                                 "(enforce_eager turns CUDA graphs off)")
+            graph_sizes = self.runner.enable_cuda_graphs(capture_sizes(min(cap, config.max_num_seqs)))
         self.sampler = Sampler(mc.vocab_size)
         self.eos_ids = frozenset(eos_token_ids)
         self.limits = EngineLimits(num_blocks, config.block_size, max_len, self.kv.nbytes,

@@ -204,6 +204,9 @@ class LlamaForCausalLM(nn.Module):
 
         return sum(absorb_down_perm(layer.mlp) for layer in self.model.layers)
 
-    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """hidden [B, H] -> float32 logits [B, V]."""
-        return self.lm_head(hidden).float()
+    def compute_logits(self, hidden: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        """hidden [B, H] -> float32 logits [B, V], written into `out` ([B, V] float32) if given."""
+        logits = self.lm_head(hidden)
+        if out is None:
+            return logits.float()
+        return out.copy_(logits)

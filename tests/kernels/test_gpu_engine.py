@@ -71,6 +71,43 @@ def test_cuda_graph_decode_equals_eager_and_batched_equals_solo(tiny_gpu_model):
     assert graphs.allocator.num_free == graphs.allocator.num_blocks
 
 
+def test_batches_above_128_replay_graphs_and_match_eager(tiny_gpu_model):
+    """150 sequences: every decode step replays a graph (the ladder ends at max_num_seqs), and the
+    tokens equal the eager engine's. Long prompts stop first, so later steps' block tables are
+    narrower than earlier ones' (the graphs only rewrite the columns in use)."""
+    ps = _prompts(150)
+    order = sorted(range(len(ps)), key=lambda i: -len(ps[i]))
+    budgets = {i: 2 + 10 * rank // len(ps) for rank, i in enumerate(order)}
+    cfg = dict(kv_cache_gb=0.1, max_model_len=512, max_num_seqs=150, max_num_batched_tokens=4096)
+    eager = LLMEngine(tiny_gpu_model, EngineConfig(enforce_eager=True, **cfg), [])
+    graphs = LLMEngine(tiny_gpu_model, EngineConfig(**cfg), [])
+    assert graphs.limits.cuda_graph_batch_sizes[-2:] == (128, 150)
+    replayed, eager_decode = [], []
+    run, execute = graphs.runner.graphs.run, graphs.runner.execute
+
+    def counting_run(items):
+        replayed.append(len(items))
+        return run(items)
+
+    def counting_execute(batch):
+        before = len(replayed)
+        out = execute(batch)
+        if batch.is_decode_only and len(replayed) == before:
+            eager_decode.append(len(batch.seqs))
+        return out
+
+    graphs.runner.graphs.run, graphs.runner.execute = counting_run, counting_execute
+    outs = []
+    for eng in (eager, graphs):
+        seqs = [eng.add_request(f"r{i}", p, SamplingParams(max_tokens=budgets[i], temperature=0))
+                for i, p in enumerate(ps)]
+        while eng.has_unfinished():
+            eng.step()
+        outs.append([s.output_ids for s in seqs])
+    assert outs[0] == outs[1]
+    assert max(replayed) > 128 and not eager_decode, (max(replayed), eager_decode)
+
+
 @torch.no_grad()
 def test_gpu_engine_logprobs_follow_full_forward(tiny_gpu_model):
     p = _prompts(1)[0]
