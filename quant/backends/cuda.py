@@ -283,13 +283,15 @@ _WGMMA: dict[int, bool] = {}
 
 
 def wgmma_available(device: torch.device | int | None = None) -> bool:
-    """Whether GEMM calls on this device run the sm_90a wgmma kernel (asked of the extension once
-    per device)."""
+    """Whether GEMM calls on this device run the sm_90a wgmma kernel: the device has it (asked of
+    the extension once per device) and the launch option allows it (QUANTSERVE_GEMM_WGMMA=0 or
+    gemm_launch_options(wgmma=False) turn it off, and then 9-32-token calls take the GEMV, not the
+    mma.sync GEMM)."""
     index = _device_index(device)
     found = _WGMMA.get(index)
     if found is None:
         found = _WGMMA[index] = bool(extension().wgmma_available(index))
-    return found
+    return found and bool(extension().gemm_get_options()[0])
 
 
 def gemv_launch_options(pdl: bool | None = None, wave_div: int | None = None):

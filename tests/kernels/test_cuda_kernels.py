@@ -204,6 +204,9 @@ def test_gemm_kernels_over_token_counts(wgmma, k, n, bits, group_size, sym):
         assert cuda_backend.wgmma_available(), "H100/H200 without the sm_90a wgmma kernel"
     layer = _layer(k, n, bits, group_size, sym=sym, bias=bits == 8)
     with cuda_backend.gemm_launch_options(wgmma):
+        # with the wgmma kernel off, up to gemv_max_m tokens take the GEMV, as off Hopper
+        want = "gemm" if wgmma and cuda_backend.wgmma_available() else "gemv"
+        assert cuda_backend.pick_op(16, cuda_backend.wgmma_available) == want
         for dtype in (torch.float16, torch.bfloat16):
             _check(layer, (5, 16, 17, 32, 33, 48, 64, 65, 100, 128, 130, 256, 257, 513), dtype, ops=("gemm",))
 
