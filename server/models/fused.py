@@ -8,6 +8,12 @@ replace them with 4 per layer:
     rotary_(q, k, cos, sin)                   rotate q [T, nh, D] and k [T, nkv, D] in place
     silu_mul(gate_up)                         [T, 2I] -> [T, I] = silu(gate) * up
 
+On sm_90+ the kernels that run just before a quantized matmul (rms_norm, silu_mul, and the
+attention's combine step in triton_attention) signal programmatic dependent launch as they start
+(`griddepcontrol.launch_dependents`): the GEMV/GEMM after them, launched with PDL, then loads its
+weights while they run, instead of after they finish; it still waits for their results
+(`griddepcontrol.wait`) before reading its input. QUANTSERVE_TRITON_PDL=0 turns the signal off.
+
 Every function computes exactly what its torch fallback computes (fp32 math, the model dtype at
 the same rounding points as Hugging Face's Llama), so CPU and GPU paths agree. On the CPU in
 float32, rms_norm and rotary_ run one C++ call each (server.models.cpu_ops): rotary bit-identical
@@ -15,6 +21,8 @@ and in place (as on CUDA), rms_norm within ~1 ulp of F.rms_norm (another summati
 """
 
 from __future__ import annotations
+
+import os
 
 import torch
 
@@ -31,6 +39,22 @@ except ImportError:
 
 def _use_triton(x: torch.Tensor) -> bool:
     return HAVE_TRITON and x.is_cuda
+
+
+_PDL: dict[int, bool] = {}
+
+
+def pdl_trigger(x: torch.Tensor) -> bool:
+    """Whether Triton kernels on x's (CUDA) device signal dependent launch: sm_90+, a Triton with the
+    griddepcontrol ops, and QUANTSERVE_TRITON_PDL not 0."""
+    index = x.device.index if x.device.index is not None else torch.cuda.current_device()
+    found = _PDL.get(index)
+    if found is None:
+        cuda_ext = getattr(getattr(tl, "extra", None), "cuda", None) if HAVE_TRITON else None
+        found = _PDL[index] = (hasattr(cuda_ext, "gdc_launch_dependents")
+                               and torch.cuda.get_device_capability(index)[0] >= 9
+                               and os.environ.get("QUANTSERVE_TRITON_PDL", "1") != "0")
+    return found
 
 
 # ---------------------------------------------------------------------------------- torch paths
@@ -65,7 +89,9 @@ if HAVE_TRITON:
 
     @triton.jit
     def _rms_norm_kernel(x_ptr, res_ptr, w_ptr, out_ptr, res_out_ptr, stride_x, stride_r, stride_o,
-                         H, eps, HAS_RES: tl.constexpr, BLOCK: tl.constexpr):
+                         H, eps, HAS_RES: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr):
+        if PDL:  # the matmul after this may start loading its weights (module docstring)
+            tl.extra.cuda.gdc_launch_dependents()
         row = tl.program_id(0)
         cols = tl.arange(0, BLOCK)
         mask = cols < H
@@ -109,7 +135,10 @@ if HAVE_TRITON:
             tl.store(p1 + HALF, y2, mask=hm)
 
     @triton.jit
-    def _silu_mul_kernel(x_ptr, out_ptr, stride_x, stride_o, inter, BLOCK: tl.constexpr):
+    def _silu_mul_kernel(x_ptr, out_ptr, stride_x, stride_o, inter, BLOCK: tl.constexpr,
+                         PDL: tl.constexpr):
+        if PDL:
+            tl.extra.cuda.gdc_launch_dependents()
         row = tl.program_id(0)
         cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
         mask = cols < inter
@@ -138,7 +167,7 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float,
                            res_out if res_out is not None else out, x.stride(0),
                            residual.stride(0) if residual is not None else 0, out.stride(0), h, eps,
                            HAS_RES=residual is not None, BLOCK=triton.next_power_of_2(h),
-                           num_warps=4 if h <= 4096 else 8)
+                           PDL=pdl_trigger(x), num_warps=4 if h <= 4096 else 8)
     return out, res_out
 
 
@@ -172,5 +201,6 @@ def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
     out = torch.empty(t, inter, dtype=gate_up.dtype, device=gate_up.device)
     block = 1024
     _silu_mul_kernel[(t, triton.cdiv(inter, block))](gate_up, out, gate_up.stride(0), out.stride(0),
-                                                    inter, BLOCK=block, num_warps=4)
+                                                    inter, BLOCK=block, PDL=pdl_trigger(gate_up),
+                                                    num_warps=4)
     return out

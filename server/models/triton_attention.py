@@ -16,6 +16,8 @@ import math
 
 import torch
 
+from server.models.fused import pdl_trigger
+
 try:
     import triton
     import triton.language as tl
@@ -72,7 +74,9 @@ if HAVE_TRITON:
 
     @triton.jit
     def _decode_combine(acc_ptr, ml_ptr, out_ptr, stride_ob, stride_oh, num_heads, num_partitions,
-                        HEAD_DIM: tl.constexpr, NP_PAD: tl.constexpr):
+                        HEAD_DIM: tl.constexpr, NP_PAD: tl.constexpr, PDL: tl.constexpr):
+        if PDL:  # o_proj's matmul may start loading its weights (server.models.fused)
+            tl.extra.cuda.gdc_launch_dependents()
         b = tl.program_id(0)
         h = tl.program_id(1)
         p = tl.arange(0, NP_PAD)
@@ -114,7 +118,8 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
         KV_BLOCK=kv_block, PART=PARTITION, BLOCK=BLOCK_N, num_warps=4)
     _decode_combine[(batch, num_heads)](
         acc, ml, out, out.stride(0), out.stride(1), num_heads, num_partitions,
-        HEAD_DIM=head_dim, NP_PAD=max(2, triton.next_power_of_2(num_partitions)), num_warps=4)
+        HEAD_DIM=head_dim, NP_PAD=max(2, triton.next_power_of_2(num_partitions)), PDL=pdl_trigger(q),
+        num_warps=4)
     return out
 
 

@@ -158,7 +158,8 @@ def test_fused_triton_kernels_equal_torch(dtype):
 def test_quantized_linears_after_triton_kernels_read_finished_inputs():
     """rms_norm -> GEMV -> silu_mul -> GEMV -> decode attention -> GEMV as in a decode step: the GEMVs
     are launched with PDL (Hopper) after Triton kernels and must read their input only after the
-    kernel before them has finished, eagerly and in a graph."""
+    kernel before them has finished, eagerly and in a graph. On Hopper those Triton kernels signal
+    dependent launch as they start, so the matmuls really do start early. 64 tokens: the wgmma GEMM."""
     from quant import kernels
     from quant.backends import cuda as cuda_backend
     from server.models import fused
@@ -173,8 +174,10 @@ def test_quantized_linears_after_triton_kernels_read_finished_inputs():
     w = torch.rand(4096, device="cuda", dtype=torch.float16, generator=g) + 0.5
     kc = torch.randn(64, 16, 32, 128, device="cuda", dtype=torch.float16, generator=g)
     vc = torch.randn_like(kc)
-    for m in (1, 4):
-        tables = torch.arange(m * 4, device="cuda", dtype=torch.int32).view(m, 4)
+    if torch.cuda.get_device_capability()[0] >= 9:
+        assert fused.pdl_trigger(w), "Hopper, but the Triton kernels do not signal dependent launch"
+    for m in (1, 4, 64):
+        tables = torch.arange(m * 4, device="cuda", dtype=torch.int32).view(m, 4) % kc.shape[0]
         ctx = torch.full((m,), 50, device="cuda", dtype=torch.int32)
 
         def run(x):
