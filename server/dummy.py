@@ -68,7 +68,9 @@ def build_dummy_model(config: dict, quant: QuantConfig | None, device: torch.dev
     """Random GPTQ model of `config`'s shape: every decoder linear is a QuantLinear whose codes,
     scales and zeros are drawn on `device` (symmetric zero, v1 format). With `quant` None the
     linears are dense `dtype` instead (the unquantised baseline of the same shape). quant.desc_act
-    draws a random act-order g_idx per layer (the checkpoints that need a gather per call)."""
+    draws a random act-order g_idx per input (the checkpoints that need a gather per call): q/k/v
+    share one, as do gate/up, as GPTQ gives them (their Hessians come from the same input), so
+    they fuse as a real act-order checkpoint's do."""
     cfg = LlamaConfig.from_hf(config)
 
     def linear(in_features: int, out_features: int, bias: bool, name: str) -> nn.Module:
@@ -81,9 +83,16 @@ def build_dummy_model(config: dict, quant: QuantConfig | None, device: torch.dev
     model.to_empty(device=device)
     model.reset_non_persistent()
     gen = torch.Generator(device=device).manual_seed(seed)
-    for m in model.modules():
+    orders: dict[str, torch.Tensor] = {}  # act-order channel order per input (see the docstring)
+    for name, m in model.named_modules():
         if isinstance(m, QuantLinear):
-            _fill_quant(m, quant, gen)
+            order = None
+            if quant.desc_act:
+                key = _input_key(name)
+                if key not in orders:
+                    orders[key] = torch.randperm(m.in_features, generator=gen, device=device)
+                order = orders[key]
+            _fill_quant(m, quant, gen, order)
         else:
             for p in m.parameters(recurse=False):
                 p.data = p.data.to(dtype)
@@ -101,7 +110,20 @@ def build_dummy_model(config: dict, quant: QuantConfig | None, device: torch.dev
     return model.eval()
 
 
-def _fill_quant(layer: QuantLinear, quant: QuantConfig, gen: torch.Generator) -> None:
+def _input_key(name: str) -> str:
+    """Linears that read the same input share a key: a layer's q/k/v, a layer's gate/up."""
+    parent, _, leaf = name.rpartition(".")
+    if leaf in ("q_proj", "k_proj", "v_proj"):
+        return f"{parent}.qkv"
+    if leaf in ("gate_proj", "up_proj"):
+        return f"{parent}.gate_up"
+    return name
+
+
+def _fill_quant(layer: QuantLinear, quant: QuantConfig, gen: torch.Generator,
+                order: torch.Tensor | None = None) -> None:
+    """Random codes, scales and symmetric zeros; with `order` (a permutation of the K input
+    channels, desc_act) channel i joins group order[i] // group_size."""
     k, n = layer.in_features, layer.out_features
     words = layer.qweight
     words.copy_(torch.randint(-(2**31), 2**31, words.shape, generator=gen, device=words.device,
@@ -113,8 +135,7 @@ def _fill_quant(layer: QuantLinear, quant: QuantConfig, gen: torch.Generator) ->
     base = 0.5 / (code_std * math.sqrt(k))
     layer.scales.uniform_(0.5 * base, 1.5 * base, generator=gen)
     gs = k if layer.group_size == -1 else layer.group_size
-    if quant.desc_act:  # act-order: channels join groups in a random order (a permuted g_idx)
-        order = torch.randperm(k, generator=gen, device=words.device)
+    if order is not None:  # act-order: channels join groups in a random order (a permuted g_idx)
         layer.g_idx.copy_((order // gs).to(torch.int32))
     else:
         layer.g_idx.copy_(torch.arange(k, device=words.device, dtype=torch.int32) // gs)

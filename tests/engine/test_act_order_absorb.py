@@ -115,3 +115,16 @@ def test_model_logits_unchanged():
     assert model.absorb_act_order() == TINY["num_hidden_layers"]
     for k, w in want.items():
         torch.testing.assert_close(logits(model, k), w, rtol=1e-5, atol=1e-5)
+
+
+def test_dummy_act_order_is_shared_per_input_and_fuses():
+    """bench/decode.py --desc-act: q/k/v share one random g_idx and gate/up another (as GPTQ gives
+    them), o/down have their own, so the projections fuse as a real checkpoint's do."""
+    model = build_dummy_model(TINY, QuantConfig(bits=4, group_size=32, desc_act=True), torch.device("cpu"),
+                              torch.float32, seed=7)
+    attn, mlp = model.model.layers[0].self_attn, model.model.layers[0].mlp
+    assert torch.equal(attn.q_proj.g_idx, attn.k_proj.g_idx) and torch.equal(attn.q_proj.g_idx, attn.v_proj.g_idx)
+    assert torch.equal(mlp.gate_proj.g_idx, mlp.up_proj.g_idx)
+    assert not torch.equal(attn.q_proj.g_idx, model.model.layers[1].self_attn.q_proj.g_idx)
+    assert not torch.equal(mlp.gate_proj.g_idx.sort().values, mlp.gate_proj.g_idx)  # really act-order
+    assert model.fuse_projections() == 2 * TINY["num_hidden_layers"]
