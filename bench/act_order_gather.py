@@ -1,7 +1,8 @@
-"""Act-order cost per call: the in-kernel gather ("fused") vs our gather kernel before the plain
-kernel ("select") vs torch's index_select before it, against the same layer without act-order, for
-Llama-2-7B shapes and small M (what FUSED_GATHER_BYTES in quant/backends/cuda.py is set from).
-32 layers per shape (weights from HBM), CUDA-graph timing as in bench/kernels.py.
+"""Act-order cost per call: our gather kernel before the plain kernel vs torch's index_select before
+it, against the same layer without act-order, for Llama-2-7B shapes and small M. (Up to v8 it also
+timed the GEMV reading x through the permutation, the "fused" gather: results/act-order-gather-*.json
+of those runs have its column.) 32 layers per shape (weights from HBM), CUDA-graph timing as in
+bench/kernels.py.
 
     PYTHONPATH=. python bench/act_order_gather.py [--out bench/results]
 """
@@ -34,25 +35,20 @@ def main() -> None:
         for m in (int(v) for v in args.ms.split(",")):
             x = torch.randn(m, k, device="cuda", dtype=torch.float16)
 
-            def us(layers, gather=None, torch_select=False):
+            def us(layers, torch_select=False):
                 if torch_select:  # index_select, then the plain kernel (the layers without a perm)
                     calls = [(lambda w=w: cuda_backend.matmul(w, x.index_select(1, perm))) for w in base]
                 else:
-                    calls = [(lambda w=w: cuda_backend.matmul(w, x, gather=gather)) for w in layers]
+                    calls = [(lambda w=w: cuda_backend.matmul(w, x)) for w in layers]
                 return time_graph(calls, 20) / len(layers) * 1000
 
             plain = us(base)
-            # the in-kernel gather exists only in the GEMV (not where this m takes the GEMM)
-            gemv = cuda_backend.pick_op(m, lambda: cuda_backend.wgmma_available()) == "gemv"
             row = {"layer": s, "k": k, "n": n, "m": m, "x_kb": m * k * 2 / 1024, "plain_us": round(plain, 2),
-                   "fused_extra_us": round(us(permuted, "fused") - plain, 2) if gemv else None,
-                   "select_extra_us": round(us(permuted, "select") - plain, 2),
+                   "select_extra_us": round(us(permuted) - plain, 2),
                    "index_select_extra_us": round(us(base, torch_select=True) - plain, 2)}
             rows.append(row)
-            fused = "   -  " if row["fused_extra_us"] is None else f"{row['fused_extra_us']:6.2f}"
-            print(f"{s:5s} m={m:2d} plain {plain:6.2f} us  fused +{fused}  "
-                  f"gather kernel +{row['select_extra_us']:6.2f}  index_select "
-                  f"+{row['index_select_extra_us']:6.2f}  x={row['x_kb']:.0f} KB", flush=True)
+            print(f"{s:5s} m={m:2d} plain {plain:6.2f} us  gather kernel +{row['select_extra_us']:6.2f}  "
+                  f"index_select +{row['index_select_extra_us']:6.2f}  x={row['x_kb']:.0f} KB", flush=True)
     out = Path(args.out) / f"act-order-gather-{slug(gpu)}.json"
     out.write_text(json.dumps({"gpu": gpu, "torch": torch.__version__, "rows": rows}, indent=1))
     print(f"wrote {out}")

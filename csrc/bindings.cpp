@@ -91,8 +91,7 @@ torch::Tensor run(bool gemv, const torch::Tensor& x, const torch::Tensor& qweigh
                   const c10::optional<torch::Tensor>& zeros, const c10::optional<torch::Tensor>& bias,
                   const torch::Tensor& workspace, const torch::Tensor& counters, const torch::Tensor& accum,
                   const torch::Tensor& accum_counters, int64_t n, int64_t bits, int64_t group_shift,
-                  int64_t zero_point, const c10::optional<torch::Tensor>& out,
-                  const c10::optional<torch::Tensor>& perm) {
+                  int64_t zero_point, const c10::optional<torch::Tensor>& out) {
   require(x.is_cuda(), "x must be a CUDA tensor, got ", x.device());
   require(x.dim() == 2, "x must be 2-D [m, k], got shape ", shape_str(x));
   require(x.is_contiguous(), "x must be contiguous, shape ", shape_str(x));
@@ -128,14 +127,6 @@ torch::Tensor run(bool gemv, const torch::Tensor& x, const torch::Tensor& qweigh
   } else {
     require(workspace.numel() > 0 && counters.numel() > 0,
                 "no GEMM tile shape fits this GPU's shared memory (empty workspace)");
-  }
-
-  if (perm) {
-    require(gemv, "perm (act-order gather) is taken by gemv only; gather x before gemm");
-    check_cuda(*perm, "perm", x);
-    require(perm->scalar_type() == torch::kInt32, "perm must be int32, got ", perm->scalar_type());
-    check_shape(*perm, "perm", {k});
-    require(perm->is_contiguous(), "perm must be contiguous");
   }
 
   const c10::cuda::CUDAGuard guard(x.device());
@@ -174,7 +165,6 @@ torch::Tensor run(bool gemv, const torch::Tensor& x, const torch::Tensor& qweigh
   a.group_shift = int(group_shift);
   a.zero_point = int(zero_point);
   a.dtype = x.scalar_type() == torch::kHalf ? QS_F16 : QS_BF16;
-  a.perm = perm ? perm->data_ptr<int>() : nullptr;
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   cudaError_t err = gemv ? qs_gemv(&a, stream) : qs_gemm(&a, stream);
   require(err == cudaSuccess, gemv ? "qs_gemv" : "qs_gemm", " failed for m=", m, " n=", n, " k=", k,
@@ -186,20 +176,18 @@ torch::Tensor gemv(const torch::Tensor& x, const torch::Tensor& qweight, const t
                    const c10::optional<torch::Tensor>& zeros, const c10::optional<torch::Tensor>& bias,
                    const torch::Tensor& workspace, const torch::Tensor& counters, const torch::Tensor& accum,
                    const torch::Tensor& accum_counters, int64_t n, int64_t bits, int64_t group_shift,
-                   int64_t zero_point, const c10::optional<torch::Tensor>& out,
-                   const c10::optional<torch::Tensor>& perm) {
+                   int64_t zero_point, const c10::optional<torch::Tensor>& out) {
   return run(true, x, qweight, scales, zeros, bias, workspace, counters, accum, accum_counters, n, bits,
-             group_shift, zero_point, out, perm);
+             group_shift, zero_point, out);
 }
 
 torch::Tensor gemm(const torch::Tensor& x, const torch::Tensor& qweight, const torch::Tensor& scales,
                    const c10::optional<torch::Tensor>& zeros, const c10::optional<torch::Tensor>& bias,
                    const torch::Tensor& workspace, const torch::Tensor& counters, const torch::Tensor& accum,
                    const torch::Tensor& accum_counters, int64_t n, int64_t bits, int64_t group_shift,
-                   int64_t zero_point, const c10::optional<torch::Tensor>& out,
-                   const c10::optional<torch::Tensor>& perm) {
+                   int64_t zero_point, const c10::optional<torch::Tensor>& out) {
   return run(false, x, qweight, scales, zeros, bias, workspace, counters, accum, accum_counters, n, bits,
-             group_shift, zero_point, out, perm);
+             group_shift, zero_point, out);
 }
 
 // Strips [strip_begin, strip_begin + out.size(0) / 64) of a repacked weight widened into out
@@ -282,11 +270,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("gemv", &gemv, "y[m, n] = x[m, k] @ W + bias for m <= 32 (repacked GPTQ codes)", py::arg("x"),
         py::arg("qweight"), py::arg("scales"), py::arg("zeros"), py::arg("bias"), py::arg("workspace"),
         py::arg("counters"), py::arg("accum"), py::arg("accum_counters"), py::arg("n"), py::arg("bits"), py::arg("group_shift"), py::arg("zero_point"),
-        py::arg("out") = py::none(), py::arg("perm") = py::none());
+        py::arg("out") = py::none());
   m.def("gemm", &gemm, "y[m, n] = x[m, k] @ W + bias for any m (repacked GPTQ codes)", py::arg("x"),
         py::arg("qweight"), py::arg("scales"), py::arg("zeros"), py::arg("bias"), py::arg("workspace"),
         py::arg("counters"), py::arg("accum"), py::arg("accum_counters"), py::arg("n"), py::arg("bits"), py::arg("group_shift"), py::arg("zero_point"),
-        py::arg("out") = py::none(), py::arg("perm") = py::none());
+        py::arg("out") = py::none());
   m.def("dequant", &dequant, "widen strips of a repacked weight into out [64 * strips, 16 * k_steps] (W^T rows)",
         py::arg("qweight"), py::arg("scales"), py::arg("zeros"), py::arg("out"), py::arg("strip_begin"),
         py::arg("bits"), py::arg("group_shift"), py::arg("zero_point"));

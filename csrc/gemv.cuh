@@ -133,7 +133,7 @@ __device__ __forceinline__ void flush_strip(const QsMatmulArgs& a, const float (
 // fp32 accumulator (red.global.add, fire-and-forget) and bumps the strip's counter; the warp that
 // completes a strip writes y (+ bias) and zeroes the accumulator and counter for the next call.
 // On sm_90 the launch overlaps the previous kernel's tail (programmatic dependent launch).
-template <typename T, int BITS, int MB, int SPC, bool PERM>
+template <typename T, int BITS, int MB, int SPC>
 __global__ void __launch_bounds__(kGemvThreads) gemv_kernel(const QsMatmulArgs a) {
   pdl_launch_dependents();
   constexpr int U = gemv_steps<BITS, MB>();
@@ -199,7 +199,7 @@ __global__ void __launch_bounds__(kGemvThreads) gemv_kernel(const QsMatmulArgs a
       for (int i = 1; i < U; ++i) gate &= wq[i][V - 1].x | wq[i][0].y;
       wq[0][0].x |= gate;
       uint32_t xb[U][MB][2];
-      load_x_chunk<T, U, MB, PERM>(a, step0, lane, xb);
+      load_x_chunk<T, U, MB>(a, step0, lane, xb);
 #pragma unroll
       for (int mb = 0; mb < MB; ++mb) xb[0][mb][0] |= gate;
       uint4 sraw[SPC], zraw[SPC];
@@ -218,11 +218,11 @@ __global__ void __launch_bounds__(kGemvThreads) gemv_kernel(const QsMatmulArgs a
 }
 
 
-template <typename T, int BITS, int MB, int SPC, bool PERM>
+template <typename T, int BITS, int MB, int SPC>
 cudaError_t launch_gemv(const QsMatmulArgs& a, cudaStream_t stream) {
   static int occ_slot[kMaxDevices];
   constexpr int U = gemv_steps<BITS, MB>();
-  auto kernel = gemv_kernel<T, BITS, MB, SPC, PERM>;
+  auto kernel = gemv_kernel<T, BITS, MB, SPC>;
   DeviceInfo dev;
   int device = 0, occ = 0;
   cudaError_t err = device_info(&dev, &device);
@@ -251,42 +251,35 @@ cudaError_t launch_gemv(const QsMatmulArgs& a, cudaStream_t stream) {
   return cudaLaunchKernelEx(&cfg, kernel, a);
 }
 
-template <typename T, int BITS, int MB, bool PERM>
+template <typename T, int BITS, int MB>
 cudaError_t gemv_spc(const QsMatmulArgs& a, cudaStream_t s) {
   constexpr int U = gemv_steps<BITS, MB>();
   const int steps_per_group_log2 = a.group_shift;
   int spc = U;
   for (int i = 0; i < steps_per_group_log2 && spc > 1; ++i) spc >>= 1;
   switch (spc) {
-    case 1: return launch_gemv<T, BITS, MB, 1, PERM>(a, s);
-    case 2: return launch_gemv<T, BITS, MB, 2, PERM>(a, s);
+    case 1: return launch_gemv<T, BITS, MB, 1>(a, s);
+    case 2: return launch_gemv<T, BITS, MB, 2>(a, s);
     case 4:
-      if constexpr (U >= 4) return launch_gemv<T, BITS, MB, 4, PERM>(a, s);
+      if constexpr (U >= 4) return launch_gemv<T, BITS, MB, 4>(a, s);
       return cudaErrorInvalidValue;
     default:
-      if constexpr (U >= 8) return launch_gemv<T, BITS, MB, 8, PERM>(a, s);
+      if constexpr (U >= 8) return launch_gemv<T, BITS, MB, 8>(a, s);
       return cudaErrorInvalidValue;
   }
-}
-
-// Act-order layers (a.perm set) get their own instantiations: the gather's extra registers
-// would otherwise cost the plain kernel a resident block per SM.
-template <typename T, int BITS, int MB>
-cudaError_t gemv_perm(const QsMatmulArgs& a, cudaStream_t s) {
-  return a.perm != nullptr ? gemv_spc<T, BITS, MB, true>(a, s) : gemv_spc<T, BITS, MB, false>(a, s);
 }
 
 template <typename T>
 cudaError_t gemv_dtype(const QsMatmulArgs& a, cudaStream_t s) {
   if (a.bits == 4) {
-    if (a.m <= 8) return gemv_perm<T, 4, 1>(a, s);
-    if (a.m <= 16) return gemv_perm<T, 4, 2>(a, s);
-    return gemv_perm<T, 4, 4>(a, s);
+    if (a.m <= 8) return gemv_spc<T, 4, 1>(a, s);
+    if (a.m <= 16) return gemv_spc<T, 4, 2>(a, s);
+    return gemv_spc<T, 4, 4>(a, s);
   }
   if (a.bits == 8) {
-    if (a.m <= 8) return gemv_perm<T, 8, 1>(a, s);
-    if (a.m <= 16) return gemv_perm<T, 8, 2>(a, s);
-    return gemv_perm<T, 8, 4>(a, s);
+    if (a.m <= 8) return gemv_spc<T, 8, 1>(a, s);
+    if (a.m <= 16) return gemv_spc<T, 8, 2>(a, s);
+    return gemv_spc<T, 8, 4>(a, s);
   }
   return cudaErrorInvalidValue;
 }

@@ -9,39 +9,22 @@
 namespace qs {
 
 // x of one chunk as m16n8k16 B fragments: xb[i][mb] holds tokens mb*8 + g at rows k0, k0 + 1 and
-// k0 + 8, k0 + 9 of step step0 + i (k0 = 16 (step0 + i) + 2t); zero past m and past k. PERM: row k
-// of the repacked weights is activation column perm[k] (act-order), gathered 2 bytes at a time.
-template <typename T, int U, int MB, bool PERM>
+// k0 + 8, k0 + 9 of step step0 + i (k0 = 16 (step0 + i) + 2t); zero past m and past k. (Act-order
+// layers get x already gathered: gather.cu.)
+template <typename T, int U, int MB>
 __device__ __forceinline__ void load_x_chunk(const QsMatmulArgs& a, int step0, int lane, uint32_t (&xb)[U][MB][2]) {
   const int g = lane >> 2, t = lane & 3;
-  if constexpr (!PERM) {
-    const T* x = reinterpret_cast<const T*>(a.x);
+  const T* x = reinterpret_cast<const T*>(a.x);
 #pragma unroll
-    for (int i = 0; i < U; ++i)
+  for (int i = 0; i < U; ++i)
 #pragma unroll
-      for (int mb = 0; mb < MB; ++mb) {
-        const int m = mb * 8 + g;
-        const int k0 = (step0 + i) * 16 + 2 * t;
-        const unsigned int* xr = reinterpret_cast<const unsigned int*>(x + (long long)m * a.k + k0);
-        xb[i][mb][0] = (m < a.m && k0 < a.k) ? __ldg(xr) : 0u;
-        xb[i][mb][1] = (m < a.m && k0 + 8 < a.k) ? __ldg(xr + 4) : 0u;
-      }
-  } else {
-    const unsigned short* xs = reinterpret_cast<const unsigned short*>(a.x);
-#pragma unroll
-    for (int i = 0; i < U; ++i) {
-      const int k0 = (step0 + i) * 16 + 2 * t;  // even, and k % 8 == 0: k0 + 1 < k when k0 < k
-      const int2 p0 = k0 < a.k ? __ldg(reinterpret_cast<const int2*>(a.perm + k0)) : make_int2(0, 0);
-      const int2 p1 = k0 + 8 < a.k ? __ldg(reinterpret_cast<const int2*>(a.perm + k0 + 8)) : make_int2(0, 0);
-#pragma unroll
-      for (int mb = 0; mb < MB; ++mb) {
-        const int m = mb * 8 + g;
-        const unsigned short* xr = xs + (long long)m * a.k;
-        xb[i][mb][0] = (m < a.m && k0 < a.k) ? (uint32_t(__ldg(xr + p0.x)) | (uint32_t(__ldg(xr + p0.y)) << 16)) : 0u;
-        xb[i][mb][1] = (m < a.m && k0 + 8 < a.k) ? (uint32_t(__ldg(xr + p1.x)) | (uint32_t(__ldg(xr + p1.y)) << 16)) : 0u;
-      }
+    for (int mb = 0; mb < MB; ++mb) {
+      const int m = mb * 8 + g;
+      const int k0 = (step0 + i) * 16 + 2 * t;
+      const unsigned int* xr = reinterpret_cast<const unsigned int*>(x + (long long)m * a.k + k0);
+      xb[i][mb][0] = (m < a.m && k0 < a.k) ? __ldg(xr) : 0u;
+      xb[i][mb][1] = (m < a.m && k0 + 8 < a.k) ? __ldg(xr + 4) : 0u;
     }
-  }
 }
 
 // One chunk (U k16 steps of one 64-column strip) into acc. wq: the lane's codes of each step;

@@ -43,7 +43,6 @@ typedef struct QsMatmulArgs {
   int group_shift;  // log2(group_size / 16); >= 30 means a single group
   int zero_point;   // zero point used for every column when zeros == NULL
   int dtype;        // QsDtype
-  const int* perm;  // GEMV only: int32 [k] act-order gather (row r of W multiplies x[:, perm[r]]), or NULL
 } QsMatmulArgs;
 
 // Dequantisation of whole 64-column strips into a plain 16-bit W^T, for calls that hand the product to

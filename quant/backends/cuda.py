@@ -10,7 +10,7 @@ refused by `unsupported_reason` and falls to `dense`, which kernels.backend_coun
 
 Per call: x [M, K] fp16/bf16 -> y [M, N] in x.dtype, bias included. Act-order layers: x[:, perm]
 is gathered first by our gather kernel (cheaper than the GEMV reading x through the permutation
-as it loads it, which stays available as gather="fused"; FUSED_GATHER_BYTES). float32
+as it loads it, which v3-v8 could do and v9 removed). float32
 inputs take a dense path (dequantised once, cached), since the kernels multiply in 16-bit. M > 32
 calls on GPUs whose shared memory fits no GEMM tile (sm_86/sm_89: 99 KB per block) take the
 dequantise + cuBLAS path (no cached dense copy). On sm_90 the GEMV launches with
@@ -52,13 +52,12 @@ ALL_ARCHS = ("80", "86", "89", "90a")
 PRIORITY = 10
 ACCUM_MIN_N = 32768  # strip accumulators sized for at least this many output columns (32 MB)
 # Act-order layers: every call gathers x[:, perm] with our gather kernel first (gather_cols), which
-# launches with programmatic dependent launch on sm_90. The GEMV can also read x through the
-# permutation itself (gather="fused"), which v3-v7 did for x up to 32 KB. H100, extra us per call
-# over the same layer without act-order, gather kernel / fused / torch index_select
+# launches with programmatic dependent launch on sm_90. v3-v8 also had the GEMV read x through the
+# permutation itself (the "fused" gather; removed in v9, with its GEMV instantiations). H100, extra us
+# per call over the same layer without act-order, gather kernel / fused / torch index_select
 # (results/act-order-gather-*.json): 4096x4096 M=1 1.49 / 2.16 / 6.52, M=8 1.38 / 3.85 / 6.69, M=64
 # 1.61 / - / 7.32; 11008x4096 M=1 2.07 / 6.14 / 6.90, M=64 5.54 / - / 10.14; 4096x12288 M=1
 # 1.75 / 6.30 / 6.90. Without PDL (the GPUs before sm_90): ~2.1 / 3.1-6.1 / ~4.7 at M=1.
-FUSED_GATHER_BYTES = 0  # x of at most this many bytes takes the fused gather by default (none)
 # From this many tokens a GEMV-sized call (<= gemv_max_m) goes to the GEMM when it runs the Hopper
 # wgmma kernel. H100, decode-step linears (v7, 16-token wgmma tiles): M=4 GEMV 1.940 ms vs wgmma
 # 2.343, M=8 2.304 vs 2.359, M=12 2.758 vs 2.350 (one process); M=9 / 10 / 11 2.636 / 2.654 / 2.694
@@ -326,36 +325,26 @@ def gather_cols(x: torch.Tensor, state: CudaLayout) -> torch.Tensor:
 
 
 def matmul(state: CudaLayout, x: torch.Tensor, out: torch.Tensor | None = None,
-           op: str | None = None, gather: str | None = None) -> torch.Tensor:
+           op: str | None = None) -> torch.Tensor:
     """y [M, N] = x [M, K] (fp16/bf16, contiguous) @ W + bias through the kernels.
 
     op: "gemv" (M <= 32), "gemm" or "dequant" (dequant_matmul); None asks pick_op.
-    gather (act-order layers): "fused" (the GEMV reads x through the permutation), "select" (one
-    gather kernel, gather_cols, then the plain kernel); None: fused for a GEMV whose x fits
-    FUSED_GATHER_BYTES (0: never), else select.
+    Act-order layers gather x[:, perm] first (gather_cols), then run the plain kernel.
     out: optional preallocated y (tests poison it to prove every element is written)."""
     ws = workspace(x.device)  # first use on a device probes for the wgmma kernel (outside capture)
     if op is None:
         op = pick_op(x.shape[0], lambda: wgmma_available(x.device))
-    perm = None
-    if op == "dequant":
-        if state.perm is not None:
-            x = gather_cols(x, state)
-        return dequant_matmul(state, x, out, ws=ws)
     if state.perm is not None:
-        if gather is None:
-            gather = "fused" if op == "gemv" and x.numel() * x.element_size() <= FUSED_GATHER_BYTES else "select"
-        if gather == "fused":  # no gather kernel: the GEMV loads x[:, perm] itself
-            perm = state.perm32
-        else:
-            x = gather_cols(x, state)
+        x = gather_cols(x, state)
+    if op == "dequant":
+        return dequant_matmul(state, x, out, ws=ws)
     if x.data_ptr() % 16:
         x = x.clone()
     scales, zeros, bias = state.constants[x.dtype]
     ext = extension()
     fn = ext.gemv if op == "gemv" else ext.gemm
     return fn(x, state.qweight, scales, zeros, bias, ws.partials, ws.counters, ws.accum, ws.accum_counters,
-              state.n, state.bits, state.group_shift, state.zero_point, out, perm)
+              state.n, state.bits, state.group_shift, state.zero_point, out)
 
 
 def dequant_chunks(state: CudaLayout, dtype: torch.dtype, scratch: torch.Tensor, budget: int):
