@@ -95,30 +95,74 @@ __device__ __forceinline__ void flush_strip(const QsMatmulArgs& a, const float (
     last = __shfl_sync(0xffffffffu, last, 0);
     if (last) {
       fence_acq_rel_gpu();
-      // 8 loads in flight per lane: the sums come from L2, one round trip per batch, not per value.
-      constexpr int kBatch = 8;
-      const int items = a.m * 64;
-      for (int base = 0; base < items; base += 32 * kBatch) {
-        float v[kBatch];
-        int off[kBatch], col[kBatch], tok[kBatch];
+      if constexpr (MB >= 2) {
+        // [64 columns][32 tokens]: items of 2 columns x 4 tokens, a warp's 32 items being 16
+        // column pairs x the two token quads of one octet, so lanes 2i and 2i+1 read the two
+        // halves of each column's 32-byte sector and a y store writes 64 contiguous bytes in each
+        // of two rows (as the wgmma GEMM's drain, v9). Lanes along one column's tokens (before)
+        // made every 2-byte y store its own sector. 4 items' loads in flight per lane.
+        constexpr int kBatch = 4;
+        const int items = 64 * ((a.m + 7) >> 3);
+        for (int base = 0; base < items; base += 32 * kBatch) {
+          float4 v0[kBatch], v1[kBatch];
+          float b0[kBatch], b1[kBatch];
+          int off[kBatch], col[kBatch], tq[kBatch];
 #pragma unroll
-        for (int r = 0; r < kBatch; ++r) {
-          const int idx = base + r * 32 + lane;
-          const int c = MB >= 2 ? idx / a.m : idx & 63;
-          const int tk = MB >= 2 ? idx - c * a.m : idx >> 6;
-          tok[r] = idx < items ? tk : -1;
-          col[r] = strip * 64 + c;
-          off[r] = MB >= 2 ? c * 32 + tk : tk * 64 + c;
-          v[r] = tok[r] >= 0 ? __ldcg(sum + off[r]) : 0.f;
+          for (int r = 0; r < kBatch; ++r) {
+            const int grp = base / 32 + r;  // items base + 32r + lane
+            const int cp = (grp & 1) * 16 + (lane >> 1);
+            tq[r] = base + 32 * r < items ? 2 * (grp >> 1) + (lane & 1) : -1;
+            col[r] = strip * 64 + 2 * cp;
+            off[r] = (2 * cp) * 32 + 4 * tq[r];
+            const bool ok = tq[r] >= 0;
+            v0[r] = ok ? ldcg4(sum + off[r]) : make_float4(0.f, 0.f, 0.f, 0.f);
+            v1[r] = ok ? ldcg4(sum + off[r] + 32) : make_float4(0.f, 0.f, 0.f, 0.f);
+            b0[r] = ok && bias != nullptr && col[r] < a.n ? Act<T>::to_float(bias[col[r]]) : 0.f;
+            b1[r] = ok && bias != nullptr && col[r] < a.n ? Act<T>::to_float(bias[col[r] + 1]) : 0.f;
+          }
+#pragma unroll
+          for (int r = 0; r < kBatch; ++r) {
+            if (tq[r] < 0) continue;
+            stcg4(sum + off[r], make_float4(0.f, 0.f, 0.f, 0.f));
+            stcg4(sum + off[r] + 32, make_float4(0.f, 0.f, 0.f, 0.f));
+            if (col[r] >= a.n) continue;
+            const float r0[4] = {v0[r].x, v0[r].y, v0[r].z, v0[r].w}, r1[4] = {v1[r].x, v1[r].y, v1[r].z, v1[r].w};
+#pragma unroll
+            for (int e = 0; e < 4; ++e) {
+              const int m = 4 * tq[r] + e;
+              if (m < a.m)
+                *reinterpret_cast<uint32_t*>(y + (long long)m * a.n + col[r]) =
+                    Act<T>::pack2(r0[e] + b0[r], r1[e] + b1[r]);
+            }
+          }
         }
+      } else {
+        // [m][64] up to 8 tokens: lanes along the columns of a token (coalesced as it is).
+        // 8 loads in flight per lane: the sums come from L2, one round trip per batch, not per value.
+        constexpr int kBatch = 8;
+        const int items = a.m * 64;
+        for (int base = 0; base < items; base += 32 * kBatch) {
+          float v[kBatch];
+          int off[kBatch], col[kBatch], tok[kBatch];
 #pragma unroll
-        for (int r = 0; r < kBatch; ++r) {
-          if (tok[r] < 0) continue;
-          __stcg(sum + off[r], 0.f);
-          if (col[r] < a.n) {
-            float o = v[r];
-            if (bias != nullptr) o += Act<T>::to_float(bias[col[r]]);
-            y[(long long)tok[r] * a.n + col[r]] = Act<T>::from_float(o);
+          for (int r = 0; r < kBatch; ++r) {
+            const int idx = base + r * 32 + lane;
+            const int c = idx & 63;
+            const int tk = idx >> 6;
+            tok[r] = idx < items ? tk : -1;
+            col[r] = strip * 64 + c;
+            off[r] = tk * 64 + c;
+            v[r] = tok[r] >= 0 ? __ldcg(sum + off[r]) : 0.f;
+          }
+#pragma unroll
+          for (int r = 0; r < kBatch; ++r) {
+            if (tok[r] < 0) continue;
+            __stcg(sum + off[r], 0.f);
+            if (col[r] < a.n) {
+              float o = v[r];
+              if (bias != nullptr) o += Act<T>::to_float(bias[col[r]]);
+              y[(long long)tok[r] * a.n + col[r]] = Act<T>::from_float(o);
+            }
           }
         }
       }
