@@ -10,7 +10,7 @@ refused by `unsupported_reason` and falls to `dense`, which kernels.backend_coun
 
 Per call: x [M, K] fp16/bf16 -> y [M, N] in x.dtype, bias included. Act-order layers: x[:, perm]
 is gathered first by our gather kernel (cheaper than the GEMV reading x through the permutation
-as it loads it, which v3-v8 could do and v9 removed). float32
+as it loads it, which v3-v9 could do and v10 removed). float32
 inputs take a dense path (dequantised once, cached), since the kernels multiply in 16-bit. M > 32
 calls on GPUs whose shared memory fits no GEMM tile (sm_86/sm_89: 99 KB per block) take the
 dequantise + cuBLAS path (no cached dense copy). On sm_90 the GEMV launches with
@@ -52,8 +52,8 @@ ALL_ARCHS = ("80", "86", "89", "90a")
 PRIORITY = 10
 ACCUM_MIN_N = 32768  # strip accumulators sized for at least this many output columns (32 MB)
 # Act-order layers: every call gathers x[:, perm] with our gather kernel first (gather_cols), which
-# launches with programmatic dependent launch on sm_90. v3-v8 also had the GEMV read x through the
-# permutation itself (the "fused" gather; removed in v9, with its GEMV instantiations). H100, extra us
+# launches with programmatic dependent launch on sm_90. v3-v9 also had the GEMV read x through the
+# permutation itself (the "fused" gather; removed in v10, with its GEMV instantiations). H100, extra us
 # per call over the same layer without act-order, gather kernel / fused / torch index_select
 # (results/act-order-gather-*.json): 4096x4096 M=1 1.49 / 2.16 / 6.52, M=8 1.38 / 3.85 / 6.69, M=64
 # 1.61 / - / 7.32; 11008x4096 M=1 2.07 / 6.14 / 6.90, M=64 5.54 / - / 10.14; 4096x12288 M=1
