@@ -24,6 +24,7 @@ import torch
 
 from quant import ext
 from quant.format import effective_group_size
+from quant.groups import GroupOrderError, group_sort_perm
 from quant.pack import unpack_qweight, unpack_qzeros
 
 log = logging.getLogger("quantserve.kernels")
@@ -105,25 +106,11 @@ class CpuInt4State:
                           for t in (self.qweight, self.scales, self.zeros, self.perm, self.bias))
 
 
-def _sorted_groups(layer) -> tuple[torch.Tensor | None, torch.Tensor]:
-    """(perm or None, group of each kernel row). Rows sorted by group when g_idx is scattered."""
-    g_idx = layer.g_idx.long()
-    k = layer.in_features
-    gs = effective_group_size(k, layer.group_size)
-    trivial = torch.arange(k) // gs
-    if torch.equal(g_idx, trivial):
-        return None, g_idx
-    perm = torch.argsort(g_idx, stable=True)
-    return perm, g_idx[perm]
-
-
 def _irregular_groups(layer) -> str | None:
-    k = layer.in_features
-    gs = effective_group_size(k, layer.group_size)
-    _, groups = _sorted_groups(layer)
-    if not torch.equal(groups, torch.arange(k) // gs):
-        return (f"g_idx does not split K={k} into runs of group_size={layer.group_size} "
-                f"(group sizes {torch.bincount(layer.g_idx.long()).tolist()[:8]}...)")
+    try:
+        group_sort_perm(layer.g_idx, layer.in_features, layer.group_size)
+    except GroupOrderError as exc:
+        return str(exc)
     return None
 
 
@@ -131,7 +118,8 @@ def repack(layer, isa: int) -> CpuInt4State:
     """QuantLinear (GPTQ buffers on the CPU) -> CpuInt4State. Rows sorted by group if act-order."""
     k, n, bits = layer.in_features, layer.out_features, layer.bits
     block_k = block_k_for(k, layer.group_size, bits)
-    perm, groups = _sorted_groups(layer)
+    perm = group_sort_perm(layer.g_idx, k, layer.group_size)  # rows sorted by group (act-order)
+    groups = torch.arange(k) // effective_group_size(k, layer.group_size)  # each row's group, after
     codes = unpack_qweight(layer.qweight, bits, k)  # [K, N]
     if perm is not None:
         codes = codes[perm]

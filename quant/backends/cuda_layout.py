@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 import torch
 
 from quant.format import effective_group_size, num_groups
+from quant.groups import GroupOrderError, group_sort_perm
 from quant.pack import unpack_qweight, unpack_qzeros
 
 STRIP = 64  # output columns per strip
@@ -70,18 +71,12 @@ def group_shift(in_features: int, group_size: int) -> int:
 
 
 def act_order_perm(g_idx: torch.Tensor, in_features: int, group_size: int) -> torch.Tensor | None:
-    """None when g_idx is already k // group_size, else the stable argsort that makes it so."""
-    gs = effective_group_size(in_features, group_size)
-    expected = torch.arange(in_features, device=g_idx.device, dtype=torch.int64) // gs
-    g = g_idx.to(torch.int64)
-    if torch.equal(g, expected):
-        return None
-    perm = torch.argsort(g, stable=True)
-    if not torch.equal(g[perm], expected):
-        counts = torch.bincount(g, minlength=int(expected[-1]) + 1)
-        raise LayoutError(f"g_idx groups are not runs of group_size={group_size} rows after sorting "
-                          f"(group sizes {counts[:6].tolist()}...; K={in_features})")
-    return perm
+    """The layout's row order (quant.groups.group_sort_perm): None when g_idx is already
+    k // group_size, else the stable argsort that makes it so; a LayoutError when none does."""
+    try:
+        return group_sort_perm(g_idx, in_features, group_size)
+    except GroupOrderError as exc:
+        raise LayoutError(str(exc)) from exc
 
 
 def pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:

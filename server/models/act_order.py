@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from quant.backends.cuda_layout import LayoutError, act_order_perm
+from quant.groups import GroupOrderError, group_sort_perm
 from quant.linear import QuantLinear
 from quant.pack import pack_qweight, pack_qzeros, unpack_qweight, unpack_qzeros
 
@@ -26,11 +26,11 @@ from quant.pack import pack_qweight, pack_qzeros, unpack_qweight, unpack_qzeros
 def grouping_perm(layer: QuantLinear) -> torch.Tensor | None:
     """The row permutation (int64 [K]) that makes an act-order layer's g_idx k // group_size, or None
     when g_idx already is (or when no permutation makes it so: groups that are not runs of
-    group_size rows, which no kernel here takes without act-order handling). The kernels' own
-    rule, quant.backends.cuda_layout.act_order_perm."""
+    group_size rows, which no kernel here takes without act-order handling). The backends' own
+    rule, quant.groups.group_sort_perm."""
     try:
-        return act_order_perm(layer.g_idx, layer.in_features, layer.group_size)
-    except LayoutError:
+        return group_sort_perm(layer.g_idx, layer.in_features, layer.group_size)
+    except GroupOrderError:
         return None
 
 
