@@ -2,11 +2,12 @@
 
 A decode step runs the whole model for B tokens: hundreds of kernel launches and their Python.
 Eagerly that host work is as long as the GPU's at any batch (a 7B model on an H100 at 256
-sequences: 19-27 ms a step eagerly, 16 ms replayed). The sizes captured (`capture_sizes`) are a ladder up to the engine's largest decode batch, so no
-decode step runs eagerly. All sizes share static input buffers (token ids, positions, KV slots,
-block tables, context lengths) and one float32 logits buffer, and one memory pool; a step copies
-its inputs into the first B rows and replays the smallest captured size >= B. Padding rows write
-to the KV cache's reserved pad block and attend over it alone, so they never touch a real sequence.
+sequences: 19-27 ms a step eagerly, 16 ms replayed). The sizes captured (`capture_sizes`) are a
+ladder up to the engine's largest decode batch, so no decode step runs eagerly. All sizes share
+static input buffers (token ids, positions, KV slots, block tables, context lengths), one float32
+logits buffer and one memory pool; a step copies its inputs into the first B rows and replays the
+smallest captured size >= B. Padding rows write to the KV cache's reserved pad block and attend
+over it alone, so they never touch a real sequence.
 """
 
 from __future__ import annotations
