@@ -11,7 +11,8 @@
 #   set) and compute-sanitizer memcheck on it, then $ROUNDS rounds of bench/kernels.py --backends
 #   ours at $MS for every version, then bench/decode.py at $DECODE_BATCH (if set). Prints one line
 #   per version and round; logs and result files go to $OUT/ab.tgz.
-# Knobs: MS (1,4,16,32,64,128,256), ROUNDS (2), TESTV, DECODE_BATCH ("64 128"), PYSITE (where the
+# Knobs: MS (1,4,16,32,64,128,256), ROUNDS (2), TESTV, DECODE_BATCH (unset: no decode runs; e.g.
+#   "1 16 64"), DECODE_ARGS (more bench/decode.py arguments, e.g. "--desc-act"), PYSITE (where the
 #   carried .whl wheels are installed, /tmp/site). Carry .whl and .cache/test/smollm2-tokenizer.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -63,17 +64,19 @@ run() {
       (cd "ab/$v" && mkdir -p "$out/ab/$v-$round" && PYTHONPATH=$site:. QUANTSERVE_EXT_DIR=/tmp/ab-ext-$v \
         timeout 150 python3 bench/kernels.py --backends ours --ms "${MS:-1,4,16,32,64,128,256}" --no-extras \
         --out "$out/ab/$v-$round" >"$out/ab/bench-$v-$round.log" 2>&1)
-      echo "$v r$round: $(grep -E '^ *M=' "$out/ab/bench-$v-$round.log" | awk '{print $1 $2, $3}' | tr '\n' ' ')"
+      echo "$v r$round: $(grep -E '^ours +m=' "$out/ab/bench-$v-$round.log" | sed -E 's/ours +//; s/ +/ /g; s/ step//' | tr '\n' ';')"
     done
   done
   echo "bench $(($(date +%s) - t0)) s"
   if [ -n "${DECODE_BATCH:-}" ]; then
     for round in $(seq "${ROUNDS:-2}"); do
       for v in $versions; do
+        # shellcheck disable=SC2086  # DECODE_BATCH and DECODE_ARGS are word lists
         (cd "ab/$v" && PYTHONPATH=$site:. QUANTSERVE_EXT_DIR=/tmp/ab-ext-$v timeout 200 python3 bench/decode.py \
-          --batch $DECODE_BATCH --steps 64 --kv-gb 20 --no-fp16 --tag "ab-$v-$round" >"$out/ab/decode-$v-$round.log" 2>&1
+          --batch $DECODE_BATCH --steps 64 --kv-gb 20 --no-fp16 ${DECODE_ARGS:-} --tag "ab-$v-$round" \
+          >"$out/ab/decode-$v-$round.log" 2>&1
           cp bench/results/decode-*"ab-$v-$round"*.json "$out/ab/" 2>/dev/null)
-        echo "$v r$round: $(grep -E 'tok/s' "$out/ab/decode-$v-$round.log" | awk '{print $2 $3, $4}' | tr '\n' ' ')"
+        echo "$v r$round: $(grep -E 'tok/s' "$out/ab/decode-$v-$round.log" | sed -E 's/ +/ /g; s/ roofline.*//' | tr '\n' ';')"
       done
     done
   fi
