@@ -53,7 +53,7 @@ class CudaLayout:
     constants: dict[torch.dtype, tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]] = field(
         default_factory=dict)  # dtype -> (scales, zeros or None, bias or None)
     dense: dict[torch.dtype, torch.Tensor] = field(default_factory=dict)  # float32-input fallback weights
-    perm32: torch.Tensor | None = field(init=False, repr=False)  # perm as int32: the GEMV gathers with it
+    perm32: torch.Tensor | None = field(init=False, repr=False)  # perm as int32, for the gather kernel
 
     def __post_init__(self) -> None:
         self.perm32 = None if self.perm is None else self.perm.to(torch.int32).contiguous()
