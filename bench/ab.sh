@@ -11,7 +11,7 @@
 #   set) and compute-sanitizer memcheck on it, then $ROUNDS rounds of bench/kernels.py --backends
 #   ours at $MS for every version, then bench/decode.py at $DECODE_BATCH (if set). Prints one line
 #   per version and round; logs and result files go to $OUT/ab.tgz.
-# Knobs: MS (1,4,16,32,64,128,256), ROUNDS (2), TESTV, DECODE_BATCH (unset: no decode runs; e.g.
+# Knobs: MS (1,4,16,32,64,128,256; none: no kernel benchmark), ROUNDS (2), TESTV, DECODE_BATCH (unset: no decode runs; e.g.
 #   "1 16 64"), DECODE_ARGS (more bench/decode.py arguments, e.g. "--desc-act"), PYSITE (where the
 #   carried .whl wheels are installed, /tmp/site). Carry .whl and .cache/test/smollm2-tokenizer.
 set -uo pipefail
@@ -60,6 +60,7 @@ run() {
     echo "tests $(($(date +%s) - t0)) s"
   fi
   for round in $(seq "${ROUNDS:-2}"); do
+    [ "${MS:-}" = none ] && break
     for v in $versions; do
       (cd "ab/$v" && mkdir -p "$out/ab/$v-$round" && PYTHONPATH=$site:. QUANTSERVE_EXT_DIR=/tmp/ab-ext-$v \
         timeout 150 python3 bench/kernels.py --backends ours --ms "${MS:-1,4,16,32,64,128,256}" --no-extras \
