@@ -8,11 +8,13 @@ replace them with 4 per layer:
     rotary_(q, k, cos, sin)                   rotate q [T, nh, D] and k [T, nkv, D] in place
     silu_mul(gate_up)                         [T, 2I] -> [T, I] = silu(gate) * up
 
-On sm_90+ the kernels that run just before a quantized matmul (rms_norm, silu_mul, and the
-attention's combine step in triton_attention) signal programmatic dependent launch as they start
-(`griddepcontrol.launch_dependents`): the GEMV/GEMM after them, launched with PDL, then loads its
-weights while they run, instead of after they finish; it still waits for their results
-(`griddepcontrol.wait`) before reading its input. QUANTSERVE_TRITON_PDL=0 turns the signal off.
+On sm_90+ every kernel here (and the attention's in triton_attention) takes part in programmatic
+dependent launch (PDL): it is launched with the PDL attribute, so it may start while the kernel
+before it finishes, and waits (`griddepcontrol.wait`) for that kernel's results before touching
+memory; and it signals `griddepcontrol.launch_dependents` as it starts, so the kernel after it (a
+PDL-launched GEMV/GEMM loads its weights before its own wait) starts early too. A decode step is a
+chain of ~7 such kernels and 4 quantized matmuls per layer, so each boundary hides a launch.
+QUANTSERVE_TRITON_PDL=0 turns both off.
 
 Every function computes exactly what its torch fallback computes (fp32 math, the model dtype at
 the same rounding points as Hugging Face's Llama), so CPU and GPU paths agree. On the CPU in
@@ -44,17 +46,35 @@ def _use_triton(x: torch.Tensor) -> bool:
 _PDL: dict[int, bool] = {}
 
 
-def pdl_trigger(x: torch.Tensor) -> bool:
-    """Whether Triton kernels on x's (CUDA) device signal dependent launch: sm_90+, a Triton with the
-    griddepcontrol ops, and QUANTSERVE_TRITON_PDL not 0."""
+def triton_pdl(x: torch.Tensor) -> bool:
+    """Whether the Triton kernels on x's (CUDA) device launch with PDL, wait and signal (module
+    docstring): sm_90+, a Triton with the griddepcontrol ops, and QUANTSERVE_TRITON_PDL not 0."""
     index = x.device.index if x.device.index is not None else torch.cuda.current_device()
     found = _PDL.get(index)
     if found is None:
         cuda_ext = getattr(getattr(tl, "extra", None), "cuda", None) if HAVE_TRITON else None
-        found = _PDL[index] = (hasattr(cuda_ext, "gdc_launch_dependents")
+        found = _PDL[index] = (hasattr(cuda_ext, "gdc_launch_dependents") and hasattr(cuda_ext, "gdc_wait")
                                and torch.cuda.get_device_capability(index)[0] >= 9
                                and os.environ.get("QUANTSERVE_TRITON_PDL", "1") != "0")
     return found
+
+
+def launch_kwargs(pdl: bool) -> dict:
+    """The Triton launch option for PDL; passed only when on, so Tritons without it never see it."""
+    return {"launch_pdl": True} if pdl else {}
+
+
+if HAVE_TRITON:
+
+    @triton.jit
+    def pdl_enter(PDL: tl.constexpr):
+        """First thing in a kernel launched with `launch_pdl=PDL`: let the next kernel launch, then
+        wait until the kernel before this one has finished and its writes are visible."""
+        if PDL:
+            tl.extra.cuda.gdc_launch_dependents()
+            tl.extra.cuda.gdc_wait()
+else:
+    pdl_enter = None
 
 
 # ---------------------------------------------------------------------------------- torch paths
@@ -90,8 +110,7 @@ if HAVE_TRITON:
     @triton.jit
     def _rms_norm_kernel(x_ptr, res_ptr, w_ptr, out_ptr, res_out_ptr, stride_x, stride_r, stride_o,
                          H, eps, HAS_RES: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr):
-        if PDL:  # the matmul after this may start loading its weights (module docstring)
-            tl.extra.cuda.gdc_launch_dependents()
+        pdl_enter(PDL)
         row = tl.program_id(0)
         cols = tl.arange(0, BLOCK)
         mask = cols < H
@@ -107,7 +126,9 @@ if HAVE_TRITON:
 
     @triton.jit
     def _rotary_kernel(q_ptr, k_ptr, cos_ptr, sin_ptr, stride_qt, stride_qh, stride_kt, stride_kh,
-                       stride_ct, n_q, n_k, HALF: tl.constexpr, HEADS: tl.constexpr):
+                       stride_ct, n_q, n_k, HALF: tl.constexpr, HEADS: tl.constexpr,
+                       PDL: tl.constexpr):
+        pdl_enter(PDL)
         t = tl.program_id(0)
         d = tl.arange(0, HALF)
         h = tl.arange(0, HEADS)
@@ -137,8 +158,7 @@ if HAVE_TRITON:
     @triton.jit
     def _silu_mul_kernel(x_ptr, out_ptr, stride_x, stride_o, inter, BLOCK: tl.constexpr,
                          PDL: tl.constexpr):
-        if PDL:
-            tl.extra.cuda.gdc_launch_dependents()
+        pdl_enter(PDL)
         row = tl.program_id(0)
         cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
         mask = cols < inter
@@ -163,11 +183,12 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float,
     t, h = x.shape
     out = torch.empty_like(x)
     res_out = torch.empty_like(x) if residual is not None else None
+    pdl = triton_pdl(x)
     _rms_norm_kernel[(t,)](x, residual if residual is not None else x, weight, out,
                            res_out if res_out is not None else out, x.stride(0),
                            residual.stride(0) if residual is not None else 0, out.stride(0), h, eps,
                            HAS_RES=residual is not None, BLOCK=triton.next_power_of_2(h),
-                           PDL=pdl_trigger(x), num_warps=4 if h <= 4096 else 8)
+                           PDL=pdl, num_warps=4 if h <= 4096 else 8, **launch_kwargs(pdl))
     return out, res_out
 
 
@@ -186,9 +207,10 @@ def rotary_(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor,
     t, nq, _ = q.shape
     nk = k.shape[1]
     cos2, sin2 = cos.reshape(t, d), sin.reshape(t, d)
+    pdl = triton_pdl(q)
     _rotary_kernel[(t,)](q, k, cos2, sin2, q.stride(0), q.stride(1), k.stride(0), k.stride(1),
                          cos2.stride(0), nq, nk, HALF=d // 2,
-                         HEADS=triton.next_power_of_2(max(nq, nk)), num_warps=4)
+                         HEADS=triton.next_power_of_2(max(nq, nk)), PDL=pdl, num_warps=4, **launch_kwargs(pdl))
     return q, k
 
 
@@ -200,7 +222,8 @@ def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
     inter = two_i // 2
     out = torch.empty(t, inter, dtype=gate_up.dtype, device=gate_up.device)
     block = 1024
+    pdl = triton_pdl(gate_up)
     _silu_mul_kernel[(t, triton.cdiv(inter, block))](gate_up, out, gate_up.stride(0), out.stride(0),
-                                                    inter, BLOCK=block, PDL=pdl_trigger(gate_up),
-                                                    num_warps=4)
+                                                    inter, BLOCK=block, PDL=pdl, num_warps=4,
+                                                    **launch_kwargs(pdl))
     return out

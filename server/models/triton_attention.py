@@ -16,7 +16,7 @@ import math
 
 import torch
 
-from server.models.fused import pdl_trigger
+from server.models.fused import launch_kwargs, pdl_enter, triton_pdl
 
 try:
     import triton
@@ -36,7 +36,9 @@ if HAVE_TRITON:
                         scale, stride_qb, stride_qh, stride_kb, stride_ks, stride_kh,
                         stride_btb, num_partitions,
                         GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr,
-                        KV_BLOCK: tl.constexpr, PART: tl.constexpr, BLOCK: tl.constexpr):
+                        KV_BLOCK: tl.constexpr, PART: tl.constexpr, BLOCK: tl.constexpr,
+                        PDL: tl.constexpr):
+        pdl_enter(PDL)
         b = tl.program_id(0)
         kvh = tl.program_id(1)
         part = tl.program_id(2)
@@ -75,8 +77,7 @@ if HAVE_TRITON:
     @triton.jit
     def _decode_combine(acc_ptr, ml_ptr, out_ptr, stride_ob, stride_oh, num_heads, num_partitions,
                         HEAD_DIM: tl.constexpr, NP_PAD: tl.constexpr, PDL: tl.constexpr):
-        if PDL:  # o_proj's matmul may start loading its weights (server.models.fused)
-            tl.extra.cuda.gdc_launch_dependents()
+        pdl_enter(PDL)  # o_proj's matmul may start loading its weights (server.models.fused)
         b = tl.program_id(0)
         h = tl.program_id(1)
         p = tl.arange(0, NP_PAD)
@@ -110,16 +111,17 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
         out = torch.empty_like(q)
     acc = torch.empty(batch, num_heads, num_partitions, head_dim, device=q.device, dtype=torch.float32)
     ml = torch.empty(batch, num_heads, num_partitions, 2, device=q.device, dtype=torch.float32)
+    pdl = triton_pdl(q)
     _decode_partial[(batch, num_kv, num_partitions)](
         q, k_cache, v_cache, block_tables, context_lens, acc, ml,
         1.0 / math.sqrt(head_dim), q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1),
         k_cache.stride(2), block_tables.stride(0), num_partitions,
         GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)), HEAD_DIM=head_dim,
-        KV_BLOCK=kv_block, PART=PARTITION, BLOCK=BLOCK_N, num_warps=4)
+        KV_BLOCK=kv_block, PART=PARTITION, BLOCK=BLOCK_N, PDL=pdl, num_warps=4, **launch_kwargs(pdl))
     _decode_combine[(batch, num_heads)](
         acc, ml, out, out.stride(0), out.stride(1), num_heads, num_partitions,
-        HEAD_DIM=head_dim, NP_PAD=max(2, triton.next_power_of_2(num_partitions)), PDL=pdl_trigger(q),
-        num_warps=4)
+        HEAD_DIM=head_dim, NP_PAD=max(2, triton.next_power_of_2(num_partitions)), PDL=pdl,
+        num_warps=4, **launch_kwargs(pdl))
     return out
 
 
@@ -127,7 +129,8 @@ if HAVE_TRITON:
 
     @triton.jit
     def _cache_write(k_ptr, v_ptr, kc_ptr, vc_ptr, slot_ptr, stride_kt, stride_vt, stride_slot,
-                     WIDTH: tl.constexpr, BLOCK: tl.constexpr):
+                     WIDTH: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr):
+        pdl_enter(PDL)
         t = tl.program_id(0)
         slot = tl.load(slot_ptr + t).to(tl.int64)
         cols = tl.arange(0, BLOCK)
@@ -147,6 +150,7 @@ def write_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: t
         v_cache.view(-1, n_kv, d).index_copy_(0, slot_mapping, v.to(v_cache.dtype))
         return
     width = n_kv * d
+    pdl = triton_pdl(k)
     _cache_write[(t,)](k, v, k_cache, v_cache, slot_mapping, k.stride(0), v.stride(0),
-                       k_cache.stride(1), WIDTH=width, BLOCK=triton.next_power_of_2(width),
-                       num_warps=4)
+                       k_cache.stride(1), WIDTH=width, BLOCK=triton.next_power_of_2(width), PDL=pdl,
+                       num_warps=4, **launch_kwargs(pdl))

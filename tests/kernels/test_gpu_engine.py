@@ -156,48 +156,68 @@ def test_fused_triton_kernels_equal_torch(dtype):
 
 
 def test_quantized_linears_after_triton_kernels_read_finished_inputs():
-    """rms_norm -> GEMV -> silu_mul -> GEMV -> decode attention -> GEMV as in a decode step: the GEMVs
-    are launched with PDL (Hopper) after Triton kernels and must read their input only after the
-    kernel before them has finished, eagerly and in a graph. On Hopper those Triton kernels signal
-    dependent launch as they start, so the matmuls really do start early. 64 tokens: the wgmma GEMM."""
+    """rms_norm -> GEMV -> silu_mul -> GEMV (qkv) -> rotary -> KV-cache write -> decode attention ->
+    GEMV as in a decode step, eagerly and in a graph. On Hopper every link is a programmatic
+    dependent launch: the GEMVs and the Triton kernels start while the kernel before them finishes,
+    so each must read its input (and write the cache) only after its wait. 64 tokens: the wgmma GEMM."""
     from quant import kernels
     from quant.backends import cuda as cuda_backend
     from server.models import fused
-    from server.models.triton_attention import max_partitions, paged_decode_attention
+    from server.models.triton_attention import max_partitions, paged_decode_attention, write_kv
     from tests.kernels.layers import eager_then_graph, random_layer
 
+    nh, nkv, d = 32, 8, 128
     layers = [random_layer(*kn, 4, 128, seed=i, device="cuda") for i, kn in
-              enumerate([(4096, 2 * 4096), (4096, 4096), (4096, 4096)])]
+              enumerate([(4096, 2 * 4096), (4096, (nh + 2 * nkv) * d), (4096, 4096)])]
     for layer in layers:
         assert layer.prepare("cuda") == "cuda"
     g = torch.Generator(device="cuda").manual_seed(3)
     w = torch.rand(4096, device="cuda", dtype=torch.float16, generator=g) + 0.5
-    kc = torch.randn(64, 16, 32, 128, device="cuda", dtype=torch.float16, generator=g)
+    kc = torch.randn(256, 16, nkv, d, device="cuda", dtype=torch.float16, generator=g)
     vc = torch.randn_like(kc)
     if torch.cuda.get_device_capability()[0] >= 9:
-        assert fused.pdl_trigger(w), "Hopper, but the Triton kernels do not signal dependent launch"
+        assert fused.triton_pdl(w), "Hopper, but the Triton kernels do not take part in PDL"
     for m in (1, 4, 64):
-        tables = torch.arange(m * 4, device="cuda", dtype=torch.int32).view(m, 4) % kc.shape[0]
+        tables = torch.arange(m * 4, device="cuda", dtype=torch.int32).view(m, 4)  # own blocks
         ctx = torch.full((m,), 50, device="cuda", dtype=torch.int32)
+        slots = (tables[:, 49 // 16] * 16 + 49 % 16).long()  # each sequence's new token, position 49
+        freqs = 49.0 / 10000 ** (torch.arange(0, d, 2, device="cuda") / d)
+        emb = torch.cat([freqs, freqs])[None, None, :].expand(m, 1, d)
+        cos, sin = emb.cos().half(), emb.sin().half()
+
+        def split(qkv):
+            q, k, v = qkv.split([nh * d, nkv * d, nkv * d], dim=-1)
+            return q.view(m, nh, d), k.view(m, nkv, d), v.view(m, nkv, d)
 
         def run(x):
             h, _ = fused.rms_norm(x, w, 1e-5)
             gu = cuda_backend.matmul(layers[0].kernel_state, h)
             a = fused.silu_mul(gu)
-            y1 = cuda_backend.matmul(layers[1].kernel_state, a)
-            att = paged_decode_attention(y1.view(m, 32, 128), kc, vc, tables, ctx, max_partitions(512))
+            qkv = cuda_backend.matmul(layers[1].kernel_state, a)
+            q, k, v = split(qkv)
+            fused.rotary_(q, k, cos, sin)  # in place
+            write_kv(k, v, kc, vc, slots)
+            att = paged_decode_attention(q, kc, vc, tables, ctx, max_partitions(512))
             y2 = cuda_backend.matmul(layers[2].kernel_state, att.view(m, 4096))
-            return h, gu, a, y1, att, y2
+            return h, gu, a, qkv, att, y2
+
+        def close(got, want):
+            assert ((got.double() - want.double()).norm() / want.double().norm()).item() < 2e-3
 
         def check(x, outs):
-            h, gu, a, y1, att, y2 = outs
-            for layer, xin, y in ((layers[0], h, gu), (layers[1], a, y1), (layers[2], att.view(m, 4096), y2)):
-                ref = kernels.reference(layer, xin)
-                assert ((y.float() - ref).norm() / ref.norm()).item() < 2e-3
+            h, gu, a, qkv, att, y2 = outs
+            for layer, xin, y in ((layers[0], h, gu), (layers[2], att.view(m, 4096), y2)):
+                close(y, kernels.reference(layer, xin))
+            q, k, v = split(qkv)
+            want_q, want_k, want_v = split(kernels.reference(layers[1], a))
+            want_q, want_k = fused.rotary_torch(want_q, want_k, cos.float(), sin.float())
+            close(q, want_q)
+            close(k, want_k)
+            close(v, want_v)
+            assert torch.equal(kc.view(-1, nkv, d)[slots], k) and torch.equal(vc.view(-1, nkv, d)[slots], v)
             torch.testing.assert_close(h, fused.rms_norm_torch(x, w, 1e-5)[0], atol=2e-2, rtol=1e-2)
             torch.testing.assert_close(a, fused.silu_mul_torch(gu), atol=1e-2, rtol=1e-2)
-            want = decode_reference(y1.view(m, 32, 128).double(), kc.double(), vc.double(), tables, ctx)
-            assert ((att.double() - want).norm() / want.norm()).item() < 2e-3
+            close(att, decode_reference(q.double(), kc.double(), vc.double(), tables, ctx))
 
         def fresh():
             return torch.randn(m, 4096, device="cuda", dtype=torch.float16, generator=g)
