@@ -101,7 +101,7 @@ def gpu_main(args: argparse.Namespace) -> dict:
     bw = copy_bandwidth()
     config = dummy_config(args.preset)
     quant = QuantConfig(bits=4, group_size=args.group_size, desc_act=args.desc_act)
-    max_len = max([PROMPT_LEN + args.steps + 64] + [p + 8 for p in args.prefill])
+    max_len = args.max_model_len or max([PROMPT_LEN + args.steps + 64] + [p + 8 for p in args.prefill])
     ecfg = EngineConfig(max_model_len=max_len, max_num_seqs=max(args.batch, default=1),
                         max_num_batched_tokens=max(1024, max(args.batch, default=1) * PROMPT_LEN),
                         kv_cache_gb=args.kv_gb,
@@ -188,6 +188,9 @@ def main() -> None:
     p.add_argument("--desc-act", action="store_true",
                    help="act-order weights (a random permuted g_idx per layer, as desc_act checkpoints have)")
     p.add_argument("--kv-gb", type=float, default=4.0)
+    p.add_argument("--max-model-len", type=int, default=None,
+                   help="the engine's max_model_len (default: just what the run needs); a server's is "
+                        "the model's, e.g. 4096, which sizes the decode attention's partitions")
     p.add_argument("--kernel", default=None, help="force a kernel backend")
     p.add_argument("--no-fp16", action="store_true", help="skip the dense fp16 baseline")
     p.add_argument("--graph-max-batch", type=int, default=None,
