@@ -146,7 +146,8 @@ def gpu_main(args: argparse.Namespace) -> dict:
         if base is not None:
             r["speedup_vs_fp16"] = base["ttft_ms"] / r["ttft_ms"]
     return {"preset": args.preset, "group_size": args.group_size, "copy_bandwidth_bytes_per_s": bw,
-            "max_num_batched_tokens": ecfg.max_num_batched_tokens, "results": rows, "prefill": prefill}
+            "max_num_batched_tokens": ecfg.max_num_batched_tokens, "max_model_len": max_len,
+            "results": rows, "prefill": prefill}
 
 
 def cpu_main(args: argparse.Namespace) -> dict:

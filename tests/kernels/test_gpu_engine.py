@@ -32,10 +32,12 @@ def test_triton_decode_attention_matches_reference(heads, kv_heads, head_dim, dt
     q = torch.randn(len(ctxs), heads, head_dim, device="cuda", dtype=dtype, generator=g)
     ctx = torch.tensor(ctxs, dtype=torch.int32, device="cuda")
     want = decode_reference(q.double(), kc.double(), vc.double(), tables, ctx)
-    out = torch.full_like(q, float("nan"))
-    got = paged_decode_attention(q, kc, vc, tables, ctx, max_partitions(2048), out=out)
-    err = (got.double() - want).norm() / want.norm()
-    assert torch.isfinite(got).all() and err < (2e-3 if dtype == torch.float16 else 1e-2), err
+    # the split count the batch gets, one split (no combine step), some, the cap
+    for splits in (None, 1, 3, max_partitions(2048)):
+        out = torch.full_like(q, float("nan"))
+        got = paged_decode_attention(q, kc, vc, tables, ctx, max_partitions(2048), out=out, splits=splits)
+        err = (got.double() - want).norm() / want.norm()
+        assert torch.isfinite(got).all() and err < (2e-3 if dtype == torch.float16 else 1e-2), (splits, err)
 
 
 @pytest.fixture(scope="module")
