@@ -11,9 +11,11 @@
 #   set) and compute-sanitizer memcheck on it, then $ROUNDS rounds of bench/kernels.py --backends
 #   ours at $MS for every version, then bench/decode.py at $DECODE_BATCH (if set). Prints one line
 #   per version and round; logs and result files go to $OUT/ab.tgz.
-# Knobs: MS (1,4,16,32,64,128,256; none: no kernel benchmark), ROUNDS (2), TESTV, DECODE_BATCH (unset: no decode runs; e.g.
-#   "1 16 64"), DECODE_ARGS (more bench/decode.py arguments, e.g. "--desc-act"), PYSITE (where the
-#   carried .whl wheels are installed, /tmp/site). Carry .whl and .cache/test/smollm2-tokenizer.
+# Knobs: RUNS (what the rounds time, default every version; an entry may add settings, e.g.
+#   RUNS="base new new:QUANTSERVE_TRITON_PDL=0"), MS (1,4,16,32,64,128,256; none: no kernel
+#   benchmark), ROUNDS (2), TESTV, DECODE_BATCH (unset: no decode runs; e.g. "1 16 64"),
+#   DECODE_ARGS (more bench/decode.py arguments, e.g. "--desc-act"), PYSITE (where the carried
+#   .whl wheels are installed, /tmp/site). Carry .whl and .cache/test/smollm2-tokenizer.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
@@ -30,6 +32,11 @@ prepare() {
     echo "ab/$name <- $ref"
   done
 }
+
+# A run is a version, optionally with environment settings: "new" or "new:QUANTSERVE_X=0,QUANTSERVE_Y=1"
+# (the same build, another setting: no second build).
+run_env() { case $1 in *:*) echo "${1#*:}" | tr ',' ' ' ;; *) echo "AB_RUN=1" ;; esac; }
+run_label() { echo "$1" | tr ':=,' '---'; }
 
 run() {
   local out=${OUT:-/tmp/ab-out} site=${PYSITE:-/tmp/site} t0
@@ -61,23 +68,28 @@ run() {
   fi
   for round in $(seq "${ROUNDS:-2}"); do
     [ "${MS:-}" = none ] && break
-    for v in $versions; do
-      (cd "ab/$v" && mkdir -p "$out/ab/$v-$round" && PYTHONPATH=$site:. QUANTSERVE_EXT_DIR=/tmp/ab-ext-$v \
+    for run in ${RUNS:-$versions}; do
+      local v=${run%%:*} env label
+      env=$(run_env "$run"); label=$(run_label "$run")
+      # shellcheck disable=SC2086  # env is a list of VAR=VALUE words
+      (cd "ab/$v" && mkdir -p "$out/ab/$label-$round" && env $env PYTHONPATH=$site:. QUANTSERVE_EXT_DIR=/tmp/ab-ext-$v \
         timeout 150 python3 bench/kernels.py --backends ours --ms "${MS:-1,4,16,32,64,128,256}" --no-extras \
-        --out "$out/ab/$v-$round" >"$out/ab/bench-$v-$round.log" 2>&1)
-      echo "$v r$round: $(grep -E '^ours +m=' "$out/ab/bench-$v-$round.log" | sed -E 's/ours +//; s/ +/ /g; s/ step//' | tr '\n' ';')"
+        --out "$out/ab/$label-$round" >"$out/ab/bench-$label-$round.log" 2>&1)
+      echo "$run r$round: $(grep -E '^ours +m=' "$out/ab/bench-$label-$round.log" | sed -E 's/ours +//; s/ +/ /g; s/ step//' | tr '\n' ';')"
     done
   done
   echo "bench $(($(date +%s) - t0)) s"
   if [ -n "${DECODE_BATCH:-}" ]; then
     for round in $(seq "${ROUNDS:-2}"); do
-      for v in $versions; do
-        # shellcheck disable=SC2086  # DECODE_BATCH and DECODE_ARGS are word lists
-        (cd "ab/$v" && PYTHONPATH=$site:. QUANTSERVE_EXT_DIR=/tmp/ab-ext-$v timeout 200 python3 bench/decode.py \
-          --batch $DECODE_BATCH --steps 64 --kv-gb 20 --no-fp16 ${DECODE_ARGS:-} --tag "ab-$v-$round" \
-          >"$out/ab/decode-$v-$round.log" 2>&1
-          cp bench/results/decode-*"ab-$v-$round"*.json "$out/ab/" 2>/dev/null)
-        echo "$v r$round: $(grep -E 'tok/s' "$out/ab/decode-$v-$round.log" | sed -E 's/ +/ /g; s/ roofline.*//' | tr '\n' ';')"
+      for run in ${RUNS:-$versions}; do
+        local v=${run%%:*} env label
+        env=$(run_env "$run"); label=$(run_label "$run")
+        # shellcheck disable=SC2086  # DECODE_BATCH, DECODE_ARGS and env are word lists
+        (cd "ab/$v" && env $env PYTHONPATH=$site:. QUANTSERVE_EXT_DIR=/tmp/ab-ext-$v timeout 200 python3 bench/decode.py \
+          --batch $DECODE_BATCH --steps 64 --kv-gb 20 --no-fp16 ${DECODE_ARGS:-} --tag "ab-$label-$round" \
+          >"$out/ab/decode-$label-$round.log" 2>&1
+          cp bench/results/decode-*"ab-$label-$round"*.json "$out/ab/" 2>/dev/null)
+        echo "$run r$round: $(grep -E 'tok/s' "$out/ab/decode-$label-$round.log" | sed -E 's/ +/ /g; s/ roofline.*//' | tr '\n' ';')"
       done
     done
   fi
