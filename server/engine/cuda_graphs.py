@@ -64,10 +64,8 @@ class DecodeGraphs:
         stream.wait_stream(torch.cuda.current_stream(dev))
         with torch.inference_mode(), torch.cuda.stream(stream):
             # one output for every size (a logits tensor per graph would each stay allocated:
-            # ~1.5 GB over the ladder to 512 at a 128K vocabulary); its width is the head's
-            probe = torch.zeros(1, model.config.hidden_size, dtype=model.dtype, device=dev)
-            vocab = model.compute_logits(probe).shape[1]
-            self.logits = torch.empty(top, vocab, dtype=torch.float32, device=dev)
+            # ~1.5 GB over the ladder to 512 at a 128K vocabulary), as wide as the head's output
+            self.logits = torch.empty(top, model.lm_head.out_features, dtype=torch.float32, device=dev)
             for size in reversed(self.batch_sizes):
                 attn = runner.attention(self._meta(size))
                 for _ in range(2):  # warm-up outside capture (lazy inits, autotuning)
