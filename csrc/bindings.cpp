@@ -91,7 +91,8 @@ torch::Tensor run(bool gemv, const torch::Tensor& x, const torch::Tensor& qweigh
                   const c10::optional<torch::Tensor>& zeros, const c10::optional<torch::Tensor>& bias,
                   const torch::Tensor& workspace, const torch::Tensor& counters, const torch::Tensor& accum,
                   const torch::Tensor& accum_counters, int64_t n, int64_t bits, int64_t group_shift,
-                  int64_t zero_point, const c10::optional<torch::Tensor>& out) {
+                  int64_t zero_point, const c10::optional<torch::Tensor>& out,
+                  const c10::optional<torch::Tensor>& sums = c10::nullopt) {
   require(x.is_cuda(), "x must be a CUDA tensor, got ", x.device());
   require(x.dim() == 2, "x must be 2-D [m, k], got shape ", shape_str(x));
   require(x.is_contiguous(), "x must be contiguous, shape ", shape_str(x));
@@ -131,7 +132,15 @@ torch::Tensor run(bool gemv, const torch::Tensor& x, const torch::Tensor& qweigh
 
   const c10::cuda::CUDAGuard guard(x.device());
   torch::Tensor y;
-  if (out) {
+  if (sums) {  // the sums are left in sums[:m * n] as [m, n] fp32 (zero on entry) and returned
+    require(gemv && m <= QS_SUMS_MAX_M, "sums: gemv of m <= ", QS_SUMS_MAX_M, " rows only, got m=", m);
+    require(!bias, "sums: no bias (the reader of the sums adds it)");
+    require(!out, "sums and out are exclusive");
+    check_cuda(*sums, "sums", x);
+    require(sums->scalar_type() == torch::kFloat32 && sums->is_contiguous(), "sums must be contiguous float32");
+    require(sums->numel() >= m * n, "sums holds ", sums->numel(), " floats, m * n = ", m * n);
+    y = sums->view({-1}).narrow(0, 0, m * n).view({m, n});
+  } else if (out) {
     check_cuda(*out, "out", x);
     require(out->scalar_type() == x.scalar_type(), "out dtype ", out->scalar_type(), " differs from x dtype ",
                 x.scalar_type());
@@ -148,7 +157,8 @@ torch::Tensor run(bool gemv, const torch::Tensor& x, const torch::Tensor& qweigh
   a.scales = scales.data_ptr();
   a.zeros = zeros ? zeros->data_ptr() : nullptr;
   a.bias = bias ? bias->data_ptr() : nullptr;
-  a.y = y.data_ptr();
+  a.y = sums ? nullptr : y.data_ptr();
+  a.sums = sums ? y.data_ptr<float>() : nullptr;
   a.workspace = workspace.data_ptr<float>();
   a.counters = counters.data_ptr<int>();
   a.workspace_floats = workspace.numel();
@@ -176,9 +186,10 @@ torch::Tensor gemv(const torch::Tensor& x, const torch::Tensor& qweight, const t
                    const c10::optional<torch::Tensor>& zeros, const c10::optional<torch::Tensor>& bias,
                    const torch::Tensor& workspace, const torch::Tensor& counters, const torch::Tensor& accum,
                    const torch::Tensor& accum_counters, int64_t n, int64_t bits, int64_t group_shift,
-                   int64_t zero_point, const c10::optional<torch::Tensor>& out) {
+                   int64_t zero_point, const c10::optional<torch::Tensor>& out,
+                   const c10::optional<torch::Tensor>& sums) {
   return run(true, x, qweight, scales, zeros, bias, workspace, counters, accum, accum_counters, n, bits,
-             group_shift, zero_point, out);
+             group_shift, zero_point, out, sums);
 }
 
 torch::Tensor gemm(const torch::Tensor& x, const torch::Tensor& qweight, const torch::Tensor& scales,
@@ -267,10 +278,14 @@ std::tuple<int64_t, int64_t> workspace_need(int64_t device) {
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "quantserve fused int4/int8 dequant GEMV (m <= 32) and tensor-core GEMM kernels";
-  m.def("gemv", &gemv, "y[m, n] = x[m, k] @ W + bias for m <= 32 (repacked GPTQ codes)", py::arg("x"),
+  m.def("gemv", &gemv,
+        "y[m, n] = x[m, k] @ W + bias for m <= 32 (repacked GPTQ codes); with sums (m <= 8, no bias): the "
+        "fp32 products are added into sums[:m * n] (zero on entry) and returned as [m, n], y not written",
+        py::arg("x"),
         py::arg("qweight"), py::arg("scales"), py::arg("zeros"), py::arg("bias"), py::arg("workspace"),
         py::arg("counters"), py::arg("accum"), py::arg("accum_counters"), py::arg("n"), py::arg("bits"), py::arg("group_shift"), py::arg("zero_point"),
-        py::arg("out") = py::none());
+        py::arg("out") = py::none(), py::arg("sums") = py::none());
+  m.def("sums_max_m", []() { return QS_SUMS_MAX_M; }, "most rows a gemv call that leaves its sums may have");
   m.def("gemm", &gemm, "y[m, n] = x[m, k] @ W + bias for any m (repacked GPTQ codes)", py::arg("x"),
         py::arg("qweight"), py::arg("scales"), py::arg("zeros"), py::arg("bias"), py::arg("workspace"),
         py::arg("counters"), py::arg("accum"), py::arg("accum_counters"), py::arg("n"), py::arg("bits"), py::arg("group_shift"), py::arg("zero_point"),

@@ -21,6 +21,7 @@ import torch
 
 if TYPE_CHECKING:
     from quant.linear import QuantLinear
+    from quant.sums import Sums
 
 
 class KernelError(RuntimeError):
@@ -41,6 +42,8 @@ class Backend(Protocol):
 
     # Optional: fast_forward(layer, state) -> callable(x) -> y, or None for an x it does not
     # take (checks its own inputs; QuantLinear.forward tries it before apply). cpu_int4 has one.
+    # Optional: apply_sums(layer, state, x) -> quant.sums.Sums, or None for an x it leaves to
+    # apply (QuantLinear.forward_sums tries it first). cuda has one, for decode-sized calls.
 
 
 @dataclass
@@ -119,6 +122,21 @@ def apply(layer: "QuantLinear", x: torch.Tensor) -> torch.Tensor:
         x2 = x2.contiguous()
     y = _REGISTRY[layer.backend].backend.apply(layer, layer.kernel_state, x2)
     return y.reshape(*lead, layer.out_features)
+
+
+def apply_sums(layer: "QuantLinear", x: torch.Tensor) -> "torch.Tensor | Sums":
+    """As apply, but the backend may leave y unconverted (quant.sums.Sums: fp32 [M, N], no bias) for
+    the caller's next kernel to convert; x [M, K] 2-D. Backends without apply_sums, and inputs a
+    backend's apply_sums does not take, return y as apply does."""
+    if layer.backend is None or layer.kernel_state is None:
+        prepare(layer)
+    fn = getattr(_REGISTRY[layer.backend].backend, "apply_sums", None)
+    if (fn is not None and x.dim() == 2 and x.is_contiguous() and x.shape[1] == layer.in_features
+            and x.device == layer.device):
+        sums = fn(layer, layer.kernel_state, x)
+        if sums is not None:
+            return sums
+    return apply(layer, x)
 
 
 def reference(layer: "QuantLinear", x: torch.Tensor) -> torch.Tensor:

@@ -8,7 +8,7 @@ as the source of truth for the self-check and for saving.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -17,6 +17,9 @@ from quant import kernels
 from quant.format import FORMAT_V1, FORMAT_V2, LayerShape, QuantConfig
 from quant.pack import dequantize, pack_qweight, pack_qzeros
 from quant.quantizer import QuantResult
+
+if TYPE_CHECKING:
+    from quant.sums import Sums
 
 
 class QuantLinear(nn.Module):
@@ -131,6 +134,16 @@ class QuantLinear(nn.Module):
             if y is not None:
                 return y
         return kernels.apply(self, x)
+
+    def forward_sums(self, x: torch.Tensor) -> "torch.Tensor | Sums":
+        """y for x [M, K], or (a decode-sized call on a backend that can) y's fp32 sums left for the
+        caller's next kernel to convert: quant.sums.Sums, whose reader must convert and zero it.
+        A layer whose forward is replaced (the self-check's reference pass) or hooked goes through
+        the module call, as plain forward does."""
+        if (self.fast_forward is not None or x.dim() != 2 or "forward" in self.__dict__
+                or self._forward_hooks or self._forward_pre_hooks):
+            return self(x)
+        return kernels.apply_sums(self, x)
 
     def _apply(self, fn, recurse=True):
         # a move or cast (.to, .cuda, .float, ...): the shortcut was built for the old tensors

@@ -17,6 +17,9 @@ dequantise + cuBLAS path (no cached dense copy). On sm_90 the GEMV launches with
 programmatic dependent launch (its weights stream into L2 during the previous kernel's tail), and
 so does the act-order gather (the kernel after it starts copying its weights during it);
 QUANTSERVE_GEMV_PDL=0 turns both off; QUANTSERVE_GEMM_WGMMA=0 keeps Hopper on the mma.sync GEMM.
+`apply_sums` (QuantLinear.forward_sums) lets a GEMV call of up to SUMS_MAX_M tokens leave its fp32
+sums for the caller's next kernel to convert (quant/sums.py), skipping the split-K fix-up;
+QUANTSERVE_GEMV_SUMS=0 turns that off.
 """
 
 from __future__ import annotations
@@ -35,6 +38,7 @@ from quant import kernels
 from quant.backends import cuda_layout
 from quant.backends.cuda_layout import CudaLayout, LayoutError
 from quant.ext import ExtensionError, ExtensionSpec, load
+from quant.sums import Sums, SumsBuffer
 
 if TYPE_CHECKING:
     from quant.linear import QuantLinear
@@ -81,6 +85,12 @@ DEQUANT_MIN_M = int(os.environ.get("QUANTSERVE_DEQUANT_MIN_M", "512"))
 # 26.1 / 19.9 / 17.0 / 16.4 / 15.9 / 16.1): small chunks give cuBLAS too few tiles, and the
 # widened weights reach HBM at any size (the dequantisation alone takes ~5.5 ms per step from 16 MB).
 DEQUANT_SCRATCH_BYTES = 64 << 20
+# GEMV calls of up to this many tokens may leave their fp32 sums to the kernel that reads them
+# (CudaBackend.apply_sums, quant/sums.py): no split-K fix-up at the end of the call. The GEMV keeps
+# [token][column] strip sums up to 8 tokens, which the [M, N] sums buffer matches.
+# QUANTSERVE_GEMV_SUMS=0 makes every call write y.
+SUMS_MAX_M = 8
+GEMV_SUMS = os.environ.get("QUANTSERVE_GEMV_SUMS", "1") != "0"
 
 
 def arch_flags(archs: tuple[str, ...]) -> tuple[str, ...]:
@@ -141,7 +151,8 @@ def extension():
 class Workspace:
     """Split-K state of one device: mma.sync GEMM partial tiles (float32, any content) with arrival
     counters, and the strip accumulators of the GEMV and the Hopper wgmma GEMM (float32, 64 columns x
-    up to 256 tokens per strip) with counters. Counters and accumulators are zero and the
+    up to 256 tokens per strip) with counters, and the buffer of the GEMV calls that leave their fp32
+    sums to the reader (apply_sums). Counters and accumulators are zero and the
     kernels leave them zero, so one set serves every layer of a stream (concurrent streams on one
     device would need one each). `scratch` (uint8, any content) holds the dequantised 16-bit
     chunk of a large-M call. Sized at prepare time, so a CUDA graph captured later keeps valid
@@ -152,6 +163,7 @@ class Workspace:
     accum: torch.Tensor
     accum_counters: torch.Tensor
     scratch: torch.Tensor
+    sums: SumsBuffer  # float32, SUMS_MAX_M x the widest layer: the GEMV calls that leave their sums
 
 
 def _device_index(device: torch.device | int | None) -> int:
@@ -185,13 +197,15 @@ def workspace(device: torch.device, n: int = 0, scratch: int = 0) -> Workspace:
     ws = _WORKSPACE.get(index)
     dev = f"cuda:{index}"
     need_accum = ext.gemv_accum_floats(max(n, ACCUM_MIN_N))
+    need_sums = SUMS_MAX_M * 64 * _strips(n)
     if ws is None:
         floats, counters = ext.workspace_need(index)
         ws = Workspace(torch.empty(floats, dtype=torch.float32, device=dev),
                        torch.zeros(counters, dtype=torch.int32, device=dev),
                        torch.zeros(need_accum, dtype=torch.float32, device=dev),
                        torch.zeros(_strips(n), dtype=torch.int32, device=dev),
-                       torch.empty(scratch, dtype=torch.uint8, device=dev))
+                       torch.empty(scratch, dtype=torch.uint8, device=dev),
+                       SumsBuffer(torch.zeros(need_sums, dtype=torch.float32, device=dev)))
         _WORKSPACE[index] = ws
         return ws
     if ws.accum.numel() < need_accum or ws.scratch.numel() < scratch:
@@ -199,6 +213,7 @@ def workspace(device: torch.device, n: int = 0, scratch: int = 0) -> Workspace:
     if ws.accum.numel() < need_accum:
         ws.accum = torch.zeros(need_accum, dtype=torch.float32, device=dev)
         ws.accum_counters = torch.zeros(_strips(n), dtype=torch.int32, device=dev)
+        ws.sums = SumsBuffer(torch.zeros(need_sums, dtype=torch.float32, device=dev))
     if ws.scratch.numel() < scratch:
         ws.scratch = torch.empty(scratch, dtype=torch.uint8, device=dev)
     return ws
@@ -246,6 +261,14 @@ class CudaBackend:
         if x.shape[0] > self.gemv_max_m and workspace(x.device).partials.numel() == 0:
             return matmul(state, x, op="dequant")  # no GEMM tile fits this GPU's shared memory
         return matmul(state, x)
+
+    def apply_sums(self, layer: "QuantLinear", state: CudaLayout, x: torch.Tensor) -> Sums | None:
+        """y's fp32 sums (quant.sums.Sums) for a GEMV-sized call: x fp16/bf16 [M, K], M <= SUMS_MAX_M,
+        no bias. None for any other call (apply takes it)."""
+        if (not GEMV_SUMS or x.shape[0] > SUMS_MAX_M or x.shape[0] == 0 or layer.bias is not None
+                or x.dtype not in state.constants or pick_op(x.shape[0], lambda: wgmma_available(x.device)) != "gemv"):
+            return None
+        return matmul_sums(state, x)
 
     @staticmethod
     def _dense(layer: "QuantLinear", state: CudaLayout, x: torch.Tensor) -> torch.Tensor:
@@ -345,6 +368,22 @@ def matmul(state: CudaLayout, x: torch.Tensor, out: torch.Tensor | None = None,
     fn = ext.gemv if op == "gemv" else ext.gemm
     return fn(x, state.qweight, scales, zeros, bias, ws.partials, ws.counters, ws.accum, ws.accum_counters,
               state.n, state.bits, state.group_shift, state.zero_point, out)
+
+
+def matmul_sums(state: CudaLayout, x: torch.Tensor) -> Sums:
+    """y's fp32 sums [M, N] for x fp16/bf16 [M, K] (contiguous, M <= SUMS_MAX_M) through the GEMV,
+    which adds its products into the device's zeroed sums buffer and skips the split-K fix-up; the
+    reader converts them to x.dtype and zeroes them (quant.sums). The layer must have no bias."""
+    ws = workspace(x.device)
+    if state.perm is not None:
+        x = gather_cols(x, state)
+    if x.data_ptr() % 16:
+        x = x.clone()
+    scales, zeros, _ = state.constants[x.dtype]
+    view = ws.sums.claim(x.shape[0], state.n)
+    extension().gemv(x, state.qweight, scales, zeros, None, ws.partials, ws.counters, ws.accum,
+                     ws.accum_counters, state.n, state.bits, state.group_shift, state.zero_point, sums=view)
+    return Sums(view, x.dtype, ws.sums)
 
 
 def dequant_chunks(state: CudaLayout, dtype: torch.dtype, scratch: torch.Tensor, budget: int):

@@ -7,6 +7,11 @@ replace them with 4 per layer:
     rms_norm(x, weight, eps, residual=None)   [T, H] -> [T, H] (and the updated residual stream)
     rotary_(q, k, cos, sin)                   rotate q [T, nh, D] and k [T, nkv, D] in place
     silu_mul(gate_up)                         [T, 2I] -> [T, I] = silu(gate) * up
+    qkv_rotary(qkv, nh, nkv, D, cos, sin)     [T, (nh + 2 nkv) D] -> rotated q, k and v
+
+rms_norm, silu_mul and qkv_rotary also take a quantized matmul's unconverted output
+(quant.sums.Sums, fp32): they round it as the matmul would have and zero it in the same pass, so the
+GEMV before them skips its own fix-up (reading its sums back to write y).
 
 On sm_90+ every kernel here (and the attention's in triton_attention) takes part in programmatic
 dependent launch (PDL): it is launched with the PDL attribute, so it may start while the kernel
@@ -28,6 +33,7 @@ import os
 
 import torch
 
+from quant.sums import Sums
 from server.models import cpu_ops
 
 try:
@@ -107,14 +113,24 @@ def silu_mul_torch(gate_up):
 
 if HAVE_TRITON:
 
+    # sums_zeroing_barrier: a reader of quant.sums loads the fp32 sums and stores zeros over them.
+    # Triton may give the load and the store different thread layouts (the loaded tensor is
+    # converted for the math), so without a barrier one thread can zero an element before the
+    # thread that loads it has read it (seen on H200 in the q/k/v kernel: k and v columns lost).
+
     @triton.jit
     def _rms_norm_kernel(x_ptr, res_ptr, w_ptr, out_ptr, res_out_ptr, stride_x, stride_r, stride_o,
-                         H, eps, HAS_RES: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr):
+                         H, eps, HAS_RES: tl.constexpr, FROM_SUMS: tl.constexpr, BLOCK: tl.constexpr,
+                         PDL: tl.constexpr):
         pdl_enter(PDL)
         row = tl.program_id(0)
         cols = tl.arange(0, BLOCK)
         mask = cols < H
         x = tl.load(x_ptr + row * stride_x + cols, mask=mask, other=0.0)
+        if FROM_SUMS:  # x is a matmul's fp32 sums (quant.sums): round as its y, zero them for the next
+            tl.debug_barrier()  # every thread's loads before any zero store (sums_zeroing_barrier)
+            tl.store(x_ptr + row * stride_x + cols, tl.zeros([BLOCK], dtype=tl.float32), mask=mask)
+            x = x.to(out_ptr.dtype.element_ty)
         if HAS_RES:
             x = x + tl.load(res_ptr + row * stride_r + cols, mask=mask, other=0.0)
             tl.store(res_out_ptr + row * stride_r + cols, x, mask=mask)
@@ -156,39 +172,104 @@ if HAVE_TRITON:
             tl.store(p1 + HALF, y2, mask=hm)
 
     @triton.jit
-    def _silu_mul_kernel(x_ptr, out_ptr, stride_x, stride_o, inter, BLOCK: tl.constexpr,
-                         PDL: tl.constexpr):
+    def _silu_mul_kernel(x_ptr, out_ptr, stride_x, stride_o, inter, FROM_SUMS: tl.constexpr,
+                         BLOCK: tl.constexpr, PDL: tl.constexpr):
         pdl_enter(PDL)
         row = tl.program_id(0)
         cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
         mask = cols < inter
         g = tl.load(x_ptr + row * stride_x + cols, mask=mask, other=0.0)
         u = tl.load(x_ptr + row * stride_x + inter + cols, mask=mask, other=0.0)
+        if FROM_SUMS:  # fp32 sums (quant.sums): round as the matmul's y, zero them for the next
+            tl.debug_barrier()  # every thread's loads before any zero store (sums_zeroing_barrier)
+            zero = tl.zeros([BLOCK], dtype=tl.float32)
+            tl.store(x_ptr + row * stride_x + cols, zero, mask=mask)
+            tl.store(x_ptr + row * stride_x + inter + cols, zero, mask=mask)
+            g = g.to(out_ptr.dtype.element_ty)
+            u = u.to(out_ptr.dtype.element_ty)
         gf = g.to(tl.float32)
         s = (gf / (1.0 + tl.exp(-gf))).to(g.dtype)
         tl.store(out_ptr + row * stride_o + cols, s * u, mask=mask)
 
 
+    @triton.jit
+    def _qkv_sums_rotary_kernel(s_ptr, out_ptr, cos_ptr, sin_ptr, stride_s, stride_o, stride_ct,
+                                n_q, n_k, HALF: tl.constexpr, HEADS: tl.constexpr, PDL: tl.constexpr):
+        # One token: its row of fp32 q|k|v sums -> q and k rotated, v as is, in out's dtype (rounded
+        # as the matmul's y, then rotated as _rotary_kernel does); the sums are zeroed behind.
+        pdl_enter(PDL)
+        t = tl.program_id(0)
+        d = tl.arange(0, HALF)
+        h = tl.arange(0, HEADS)
+        c1 = tl.load(cos_ptr + t * stride_ct + d)
+        s1 = tl.load(sin_ptr + t * stride_ct + d)
+        c2 = tl.load(cos_ptr + t * stride_ct + HALF + d)
+        s2 = tl.load(sin_ptr + t * stride_ct + HALF + d)
+        zero = tl.zeros([HEADS, HALF], dtype=tl.float32)
+        for which in tl.static_range(3):
+            if which == 0:
+                first = 0
+                n = n_q
+            elif which == 1:
+                first = n_q
+                n = n_k
+            else:
+                first = n_q + n_k
+                n = n_k
+            hm = (h < n)[:, None]
+            col = (first + h[:, None]) * (2 * HALF) + d[None, :]
+            p1 = s_ptr + t * stride_s + col
+            x1 = tl.load(p1, mask=hm, other=0.0)
+            x2 = tl.load(p1 + HALF, mask=hm, other=0.0)
+            tl.debug_barrier()  # every thread's loads before any zero store (sums_zeroing_barrier)
+            tl.store(p1, zero, mask=hm)
+            tl.store(p1 + HALF, zero, mask=hm)
+            x1 = x1.to(out_ptr.dtype.element_ty)
+            x2 = x2.to(out_ptr.dtype.element_ty)
+            if which < 2:
+                y1 = (x1 * c1[None, :]).to(x1.dtype) + (-x2 * s1[None, :]).to(x1.dtype)
+                y2 = (x2 * c2[None, :]).to(x1.dtype) + (x1 * s2[None, :]).to(x1.dtype)
+            else:
+                y1 = x1
+                y2 = x2
+            o1 = out_ptr + t * stride_o + col
+            tl.store(o1, y1, mask=hm)
+            tl.store(o1 + HALF, y2, mask=hm)
+
+
 # ---------------------------------------------------------------------------------- entry points
 
-def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float,
+def rms_norm(x: torch.Tensor | Sums, weight: torch.Tensor, eps: float,
              residual: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """x [T, H] (+ residual [T, H]) -> (weight * norm(x + residual), x + residual)."""
+    """x [T, H] (+ residual [T, H]) -> (weight * norm(x + residual), x + residual).
+    x may be a matmul's unconverted Sums: converted (and zeroed) here."""
+    sums = x if isinstance(x, Sums) else None
+    if sums is not None and (not _use_triton(sums.data) or sums.dtype != weight.dtype):
+        x, sums = sums.materialize(), None
+    if sums is not None:
+        return _rms_norm_triton(sums.data, weight, eps, residual, sums)
     if not _use_triton(x) or x.dtype != weight.dtype or x.stride(-1) != 1:
         if x.is_cpu:  # float32 on the CPU: one C++ call (None: not applicable)
             out = cpu_ops.rms_norm(x, weight, eps, residual)
             if out is not None:
                 return out
         return rms_norm_torch(x, weight, eps, residual)
+    return _rms_norm_triton(x, weight, eps, residual, None)
+
+
+def _rms_norm_triton(x, weight, eps, residual, sums: Sums | None):
     t, h = x.shape
-    out = torch.empty_like(x)
-    res_out = torch.empty_like(x) if residual is not None else None
+    out = torch.empty(t, h, dtype=weight.dtype, device=x.device)
+    res_out = torch.empty_like(out) if residual is not None else None
     pdl = triton_pdl(x)
     _rms_norm_kernel[(t,)](x, residual if residual is not None else x, weight, out,
                            res_out if res_out is not None else out, x.stride(0),
                            residual.stride(0) if residual is not None else 0, out.stride(0), h, eps,
-                           HAS_RES=residual is not None, BLOCK=triton.next_power_of_2(h),
-                           PDL=pdl, num_warps=4 if h <= 4096 else 8, **launch_kwargs(pdl))
+                           HAS_RES=residual is not None, FROM_SUMS=sums is not None,
+                           BLOCK=triton.next_power_of_2(h), PDL=pdl, num_warps=4 if h <= 4096 else 8,
+                           **launch_kwargs(pdl))
+    if sums is not None:
+        sums.release()
     return out, res_out
 
 
@@ -214,16 +295,59 @@ def rotary_(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor,
     return q, k
 
 
-def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
-    """[T, 2I] (gate then up) -> [T, I]."""
-    if not _use_triton(gate_up) or gate_up.stride(-1) != 1:
+def silu_mul(gate_up: torch.Tensor | Sums) -> torch.Tensor:
+    """[T, 2I] (gate then up) -> [T, I]. gate_up may be a matmul's unconverted Sums: converted (and
+    zeroed) here."""
+    sums = gate_up if isinstance(gate_up, Sums) else None
+    if sums is not None:
+        if not _use_triton(sums.data):
+            return silu_mul_torch(sums.materialize())
+        gate_up, dtype = sums.data, sums.dtype
+    elif not _use_triton(gate_up) or gate_up.stride(-1) != 1:
         return silu_mul_torch(gate_up)
+    else:
+        dtype = gate_up.dtype
     t, two_i = gate_up.shape
     inter = two_i // 2
-    out = torch.empty(t, inter, dtype=gate_up.dtype, device=gate_up.device)
+    out = torch.empty(t, inter, dtype=dtype, device=gate_up.device)
     block = 1024
     pdl = triton_pdl(gate_up)
     _silu_mul_kernel[(t, triton.cdiv(inter, block))](gate_up, out, gate_up.stride(0), out.stride(0),
-                                                    inter, BLOCK=block, PDL=pdl, num_warps=4,
-                                                    **launch_kwargs(pdl))
+                                                    inter, FROM_SUMS=sums is not None, BLOCK=block,
+                                                    PDL=pdl, num_warps=4, **launch_kwargs(pdl))
+    if sums is not None:
+        sums.release()
     return out
+
+
+def qkv_rotary(qkv: torch.Tensor | Sums, num_heads: int, num_kv_heads: int, head_dim: int,
+               cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A fused q|k|v projection's output [T, (nh + 2 * nkv) * D] -> (q [T, nh, D], k [T, nkv, D],
+    v [T, nkv, D]) with q and k rotated by cos/sin [T, 1, D] (as rotary_); views of one [T, N]
+    tensor. qkv may be the projection's unconverted Sums: one kernel converts (and zeroes) it,
+    rotates q and k and copies v."""
+    d = head_dim
+    if isinstance(qkv, Sums):
+        if not _use_triton(qkv.data) or d & (d - 1):
+            qkv = qkv.materialize()
+        else:
+            sums = qkv
+            t = sums.shape[0]
+            out = torch.empty(t, sums.shape[1], dtype=sums.dtype, device=sums.device)
+            cos2, sin2 = cos.reshape(t, d), sin.reshape(t, d)
+            pdl = triton_pdl(out)
+            _qkv_sums_rotary_kernel[(t,)](sums.data, out, cos2, sin2, sums.data.stride(0), out.stride(0),
+                                          cos2.stride(0), num_heads, num_kv_heads, HALF=d // 2,
+                                          HEADS=triton.next_power_of_2(max(num_heads, num_kv_heads)),
+                                          PDL=pdl, num_warps=4, **launch_kwargs(pdl))
+            sums.release()
+            return _split_heads(out, num_heads, num_kv_heads, d)
+    q, k, v = _split_heads(qkv, num_heads, num_kv_heads, d)
+    q, k = rotary_(q, k, cos, sin)
+    return q, k, v
+
+
+def _split_heads(qkv: torch.Tensor, nh: int, nkv: int, d: int):
+    t = qkv.shape[0]
+    q, k, v = qkv.split([nh * d, nkv * d, nkv * d], dim=-1)
+    return q.view(t, nh, d), k.view(t, nkv, d), v.view(t, nkv, d)

@@ -17,13 +17,22 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from quant.sums import Sums, as_tensor
 from server.models.attention import AttentionBackend
 from server.models.config import LlamaConfig
-from server.models.fused import rms_norm, rotary_, silu_mul
+from server.models.fused import qkv_rotary, rms_norm, rotary_, silu_mul
 from server.models.rope import RotaryEmbedding
 
 # (in_features, out_features, bias, qualified name) -> module computing x @ W^T + b
 LinearFactory = Callable[[int, int, bool, str], nn.Module]
+
+
+def project(linear: nn.Module, x: torch.Tensor) -> torch.Tensor | Sums:
+    """linear(x), or its unconverted Sums where the layer can leave them (QuantLinear.forward_sums:
+    decode-sized calls on the CUDA kernels); the caller hands the result to a kernel that takes Sums
+    (server.models.fused) or to as_tensor."""
+    forward_sums = getattr(linear, "forward_sums", None)
+    return linear(x) if forward_sums is None else forward_sums(x)
 
 
 def dense_linear(in_features: int, out_features: int, bias: bool, name: str) -> nn.Module:
@@ -36,9 +45,10 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(hidden_size))
         self.eps = eps
 
-    def forward(self, x: torch.Tensor,
+    def forward(self, x: torch.Tensor | Sums,
                 residual: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """x [T, H] -> (normed, residual stream); with `residual`, x is added to it first."""
+        """x [T, H] -> (normed, residual stream); with `residual`, x is added to it first. x may be
+        a matmul's unconverted Sums (converted here)."""
         return rms_norm(x, self.weight, self.eps, residual)
 
 
@@ -69,21 +79,25 @@ class LlamaAttention(nn.Module):
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                 attn: AttentionBackend) -> torch.Tensor:
-        return self.o_proj(self.mix(x, cos, sin, attn))
+        return as_tensor(self.out(self.mix(x, cos, sin, attn)))
+
+    def out(self, o: torch.Tensor) -> torch.Tensor | Sums:
+        """o_proj; its output may stay unconverted (Sums) for the norm after it."""
+        return project(self.o_proj, o)
 
     def mix(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
             attn: AttentionBackend) -> torch.Tensor:
         """Everything before o_proj: normed x [T, H] -> attention output [T, q_size]."""
         t = x.shape[0]
         if self.qkv_proj is not None:
-            qkv = self.qkv_proj(x)  # [T, q_size + 2 * kv_size]
-            q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+            # [T, q_size + 2 * kv_size], possibly unconverted: qkv_rotary converts it as it rotates
+            q, k, v = qkv_rotary(project(self.qkv_proj, x), self.num_heads, self.num_kv_heads,
+                                 self.head_dim, cos, sin)
         else:
-            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
-        q = q.view(t, self.num_heads, self.head_dim)
-        k = k.view(t, self.num_kv_heads, self.head_dim)
-        v = v.view(t, self.num_kv_heads, self.head_dim)
-        q, k = rotary_(q, k, cos, sin)
+            q = self.q_proj(x).view(t, self.num_heads, self.head_dim)
+            k = self.k_proj(x).view(t, self.num_kv_heads, self.head_dim)
+            v = self.v_proj(x).view(t, self.num_kv_heads, self.head_dim)
+            q, k = rotary_(q, k, cos, sin)
         o = attn(self.layer_idx, q, k, v)  # [T, n_heads, head_dim]
         return o.reshape(t, self.num_heads * self.head_dim)
 
@@ -108,12 +122,16 @@ class LlamaMLP(nn.Module):
         return True
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(self.act(x))
+        return as_tensor(self.down(self.act(x)))
+
+    def down(self, h: torch.Tensor) -> torch.Tensor | Sums:
+        """down_proj; its output may stay unconverted (Sums) for the norm after it."""
+        return project(self.down_proj, h)
 
     def act(self, x: torch.Tensor) -> torch.Tensor:
         """Everything before down_proj: normed x [T, H] -> silu(gate(x)) * up(x) [T, I]."""
         if self.gate_up_proj is not None:
-            return silu_mul(self.gate_up_proj(x))
+            return silu_mul(project(self.gate_up_proj, x))
         return F.silu(self.gate_proj(x)) * self.up_proj(x)
 
 
@@ -126,19 +144,23 @@ class LlamaDecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
-    def forward(self, x: torch.Tensor, residual: torch.Tensor | None, cos: torch.Tensor,
-                sin: torch.Tensor, attn: AttentionBackend) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, x: torch.Tensor | Sums, residual: torch.Tensor | None, cos: torch.Tensor,
+                sin: torch.Tensor, attn: AttentionBackend,
+                keep_sums: bool = False) -> tuple[torch.Tensor | Sums, torch.Tensor]:
         """(x [T, H], residual stream [T, H] or None for the first layer) -> (x, residual).
 
-        The residual add is fused into the following norm, so a layer's output is the pair."""
+        The residual add is fused into the following norm, so a layer's output is the pair. x may be
+        the previous layer's unconverted output (Sums: the norm converts it); with keep_sums this
+        layer's x may be too (the caller hands it to the next norm), else it is a tensor."""
         if residual is None:
-            residual = x
-            x, _ = self.input_layernorm(x)
+            residual = as_tensor(x)
+            x, _ = self.input_layernorm(residual)
         else:
             x, residual = self.input_layernorm(x, residual)
-        x = self.self_attn(x, cos, sin, attn)
+        x = self.self_attn.out(self.self_attn.mix(x, cos, sin, attn))
         x, residual = self.post_attention_layernorm(x, residual)
-        return self.mlp(x), residual
+        x = self.mlp.down(self.mlp.act(x))
+        return (x if keep_sums else as_tensor(x)), residual
 
 
 class LlamaModel(nn.Module):
@@ -185,7 +207,7 @@ class LlamaForCausalLM(nn.Module):
         cos, sin = self.rotary(positions, x.dtype)
         residual = None
         for layer in self.model.layers:
-            x, residual = layer(x, residual, cos, sin, attn)
+            x, residual = layer(x, residual, cos, sin, attn, keep_sums=True)
         return self.model.norm(x, residual)[0]
 
     def fuse_projections(self) -> int:

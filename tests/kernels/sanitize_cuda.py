@@ -3,7 +3,7 @@
     compute-sanitizer --tool memcheck python -m tests.kernels.sanitize_cuda
 
 Covers full and split (stream-K) tiles, partial strips and k steps, asym zeros, act-order (the gather
-kernel before the GEMV, GEMM and dequant path), bias,
+kernel before the GEMV, GEMM and dequant path), bias, the GEMV that leaves its sums (up to 8 tokens),
 fp16 and bf16; calls above 32 tokens also run the dequantise + cuBLAS path. Exits non-zero if a result is wrong.
 """
 
@@ -36,8 +36,14 @@ def main() -> int:
             for m in ms:
                 x = torch.randn(m, k, device="cuda", dtype=dtype)
                 ref = kernels.reference(layer, x)
-                for op in ("gemv", "gemm") if m <= 32 else ("gemm", "dequant"):
-                    y = cuda_backend.matmul(layer.kernel_state, x, op=op)
+                ops = ("gemv", "gemm") if m <= 32 else ("gemm", "dequant")
+                if m <= cuda_backend.SUMS_MAX_M and not bias:
+                    ops += ("sums",)
+                for op in ops:
+                    if op == "sums":  # the GEMV that leaves its fp32 sums, converted here
+                        y = cuda_backend.matmul_sums(layer.kernel_state, x).materialize()
+                    else:
+                        y = cuda_backend.matmul(layer.kernel_state, x, op=op)
                     err = ((y.float() - ref).norm() / ref.norm()).item()
                     ok = bool(torch.isfinite(y).all()) and err < (2e-3 if dtype == torch.float16 else 1.2e-2)
                     bad += not ok

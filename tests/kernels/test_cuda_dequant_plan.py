@@ -10,6 +10,7 @@ import torch
 from quant.backends import cuda as cuda_backend
 from quant.backends import cuda_layout
 from quant.format import FORMAT_V2
+from quant.sums import SumsBuffer
 from tests.kernels.layers import random_layer
 
 
@@ -46,7 +47,8 @@ def test_chunks_cover_every_column_once_and_skip_the_padding(monkeypatch, k, n, 
     ext = _StandIn(full)
     n_strips, k_steps = st.qweight.shape[:2]
     strip = 64 * 16 * k_steps * 2
-    ws = cuda_backend.Workspace(*(torch.empty(0) for _ in range(4)), torch.empty(n_strips * strip, dtype=torch.uint8))
+    ws = cuda_backend.Workspace(*(torch.empty(0) for _ in range(4)), torch.empty(n_strips * strip, dtype=torch.uint8),
+                                SumsBuffer(torch.empty(0)))
     monkeypatch.setattr(cuda_backend, "extension", lambda: ext)
     monkeypatch.setattr(cuda_backend, "workspace", lambda *a, **kw: ws)
     g = torch.Generator().manual_seed(7)

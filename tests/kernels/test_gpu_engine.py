@@ -157,13 +157,17 @@ def test_fused_triton_kernels_equal_torch(dtype):
         torch.testing.assert_close(k, want_k, atol=1e-2, rtol=1e-2)
 
 
-def test_quantized_linears_after_triton_kernels_read_finished_inputs():
+@pytest.mark.parametrize("sums", [False, True])
+def test_quantized_linears_after_triton_kernels_read_finished_inputs(sums):
     """rms_norm -> GEMV -> silu_mul -> GEMV (qkv) -> rotary -> KV-cache write -> decode attention ->
-    GEMV as in a decode step, eagerly and in a graph. On Hopper every link is a programmatic
-    dependent launch: the GEMVs and the Triton kernels start while the kernel before them finishes,
-    so each must read its input (and write the cache) only after its wait. 64 tokens: the wgmma GEMM."""
+    GEMV -> residual rms_norm as in a decode step, eagerly and in a graph. On Hopper every link is a
+    programmatic dependent launch: the GEMVs and the Triton kernels start while the kernel before
+    them finishes, so each must read its input (and write the cache) only after its wait. 64 tokens:
+    the wgmma GEMM. sums: the linears leave their fp32 sums (up to 8 tokens) and the Triton kernel
+    after each converts and zeroes them, so the shared sums buffer is zero again after every step."""
     from quant import kernels
     from quant.backends import cuda as cuda_backend
+    from quant.sums import Sums
     from server.models import fused
     from server.models.triton_attention import max_partitions, paged_decode_attention, write_kv
     from tests.kernels.layers import eager_then_graph, random_layer
@@ -177,9 +181,16 @@ def test_quantized_linears_after_triton_kernels_read_finished_inputs():
     w = torch.rand(4096, device="cuda", dtype=torch.float16, generator=g) + 0.5
     kc = torch.randn(256, 16, nkv, d, device="cuda", dtype=torch.float16, generator=g)
     vc = torch.randn_like(kc)
+    buffer = cuda_backend.workspace(torch.device("cuda")).sums
     if torch.cuda.get_device_capability()[0] >= 9:
         assert fused.triton_pdl(w), "Hopper, but the Triton kernels do not take part in PDL"
-    for m in (1, 4, 64):
+
+    def linear(layer, x):
+        y = layer.forward_sums(x) if sums else layer(x)
+        assert isinstance(y, Sums) == (sums and x.shape[0] <= cuda_backend.SUMS_MAX_M)
+        return y
+
+    for m in (1, 4, 8, 64) if sums else (1, 4, 64):
         tables = torch.arange(m * 4, device="cuda", dtype=torch.int32).view(m, 4)  # own blocks
         ctx = torch.full((m,), 50, device="cuda", dtype=torch.int32)
         slots = (tables[:, 49 // 16] * 16 + 49 % 16).long()  # each sequence's new token, position 49
@@ -187,39 +198,36 @@ def test_quantized_linears_after_triton_kernels_read_finished_inputs():
         emb = torch.cat([freqs, freqs])[None, None, :].expand(m, 1, d)
         cos, sin = emb.cos().half(), emb.sin().half()
 
-        def split(qkv):
-            q, k, v = qkv.split([nh * d, nkv * d, nkv * d], dim=-1)
-            return q.view(m, nh, d), k.view(m, nkv, d), v.view(m, nkv, d)
-
         def run(x):
             h, _ = fused.rms_norm(x, w, 1e-5)
-            gu = cuda_backend.matmul(layers[0].kernel_state, h)
-            a = fused.silu_mul(gu)
-            qkv = cuda_backend.matmul(layers[1].kernel_state, a)
-            q, k, v = split(qkv)
-            fused.rotary_(q, k, cos, sin)  # in place
+            a = fused.silu_mul(linear(layers[0], h))
+            q, k, v = fused.qkv_rotary(linear(layers[1], a), nh, nkv, d, cos, sin)
             write_kv(k, v, kc, vc, slots)
             att = paged_decode_attention(q, kc, vc, tables, ctx, max_partitions(512))
-            y2 = cuda_backend.matmul(layers[2].kernel_state, att.view(m, 4096))
-            return h, gu, a, qkv, att, y2
+            out, res = fused.rms_norm(linear(layers[2], att.view(m, 4096)), w, 1e-5, x)
+            return h, a, q, k, v, att, out, res
 
-        def close(got, want):
-            assert ((got.double() - want.double()).norm() / want.double().norm()).item() < 2e-3
+        def close(got, want, tol=2e-3):
+            err = ((got.double() - want.double()).norm() / want.double().norm()).item()
+            assert err < tol, f"m={m} sums={sums}: rel err {err:.2e}"
 
         def check(x, outs):
-            h, gu, a, qkv, att, y2 = outs
-            for layer, xin, y in ((layers[0], h, gu), (layers[2], att.view(m, 4096), y2)):
-                close(y, kernels.reference(layer, xin))
-            q, k, v = split(qkv)
-            want_q, want_k, want_v = split(kernels.reference(layers[1], a))
-            want_q, want_k = fused.rotary_torch(want_q, want_k, cos.float(), sin.float())
+            h, a, q, k, v, att, out, res = outs
+            torch.testing.assert_close(h, fused.rms_norm_torch(x, w, 1e-5)[0], atol=2e-2, rtol=1e-2)
+            gate, up = kernels.reference(layers[0], h).double().chunk(2, dim=-1)
+            close(a, torch.nn.functional.silu(gate) * up, 4e-3)
+            want_q, want_k, want_v = kernels.reference(layers[1], a).split([nh * d, nkv * d, nkv * d], dim=-1)
+            want_q, want_k = fused.rotary_torch(want_q.view(m, nh, d), want_k.view(m, nkv, d),
+                                                cos.float(), sin.float())
             close(q, want_q)
             close(k, want_k)
-            close(v, want_v)
+            close(v, want_v.view(m, nkv, d))
             assert torch.equal(kc.view(-1, nkv, d)[slots], k) and torch.equal(vc.view(-1, nkv, d)[slots], v)
-            torch.testing.assert_close(h, fused.rms_norm_torch(x, w, 1e-5)[0], atol=2e-2, rtol=1e-2)
-            torch.testing.assert_close(a, fused.silu_mul_torch(gu), atol=1e-2, rtol=1e-2)
             close(att, decode_reference(q.double(), kc.double(), vc.double(), tables, ctx))
+            y = kernels.reference(layers[2], att.view(m, 4096))
+            close(res, y + x.float())
+            torch.testing.assert_close(out, fused.rms_norm_torch(res, w, 1e-5)[0], atol=2e-2, rtol=1e-2)
+            assert not buffer.pending and not buffer.data.any(), "a reader left sums behind"
 
         def fresh():
             return torch.randn(m, 4096, device="cuda", dtype=torch.float16, generator=g)

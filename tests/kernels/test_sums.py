@@ -1,0 +1,129 @@
+"""Unconverted matmul outputs (quant.sums) on the CPU: the shared buffer's rules, the readers in
+server.models.fused, and the decoder handing every Sums to a reader. The CUDA GEMV that makes them
+and the Triton readers are tested on the GPU (test_cuda_kernels, test_gpu_engine)."""
+
+import pytest
+import torch
+from torch import nn
+
+from quant.sums import Sums, SumsBuffer, as_tensor
+from server.models import fused
+from server.models.attention import CausalAttention
+from server.models.config import LlamaConfig
+from server.models.llama import LlamaForCausalLM
+from tests.conftest import tiny_hf_config
+
+
+def _sums(buffer: SumsBuffer, values: torch.Tensor, dtype: torch.dtype) -> Sums:
+    view = buffer.claim(*values.shape)
+    view.copy_(values)
+    return Sums(view, dtype, buffer)
+
+
+def test_buffer_claims_zeroed_space_and_cleans_up_after_an_unread_sums():
+    buffer = SumsBuffer(torch.zeros(64))
+    first = _sums(buffer, torch.randn(2, 8), torch.float16)
+    assert buffer.pending and first.shape == (2, 8)
+    second = buffer.claim(4, 4)  # the first was never read: its values must not leak into this one
+    assert buffer.pending and not second.any() and not buffer.data.any()
+    with pytest.raises(ValueError, match="holds 64 floats, \\[5, 13\\] needs 65"):
+        buffer.claim(5, 13)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+def test_materialize_rounds_like_the_matmul_and_zeroes(dtype):
+    buffer = SumsBuffer(torch.zeros(100))
+    values = torch.randn(3, 20) * 100
+    sums = _sums(buffer, values, dtype)
+    y = as_tensor(sums)
+    assert y.dtype == dtype and torch.equal(y, values.to(dtype))
+    assert not buffer.pending and not buffer.data.any()
+    assert as_tensor(y) is y
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("t,nh,nkv,d", [(3, 9, 3, 64), (1, 32, 8, 128), (8, 32, 32, 128)])
+def test_fused_readers_take_sums_as_the_tensor_they_stand_for(dtype, device, t, nh, nkv, d):
+    """Bit-equal to the reader given the tensor: on the GPU the Triton kernels' FROM_SUMS paths and
+    the q/k/v rotary kernel, on the CPU materialize() then the usual path."""
+    g = torch.Generator(device=device).manual_seed(5)
+    buffer = SumsBuffer(torch.zeros(1 << 17, device=device))
+    h = 4096
+    w = torch.rand(h, generator=g, device=device).to(dtype) + 0.5
+    res = torch.randn(t, h, generator=g, device=device).to(dtype)
+    values = torch.randn(t, h, generator=g, device=device)
+    for residual in (None, res):
+        want = fused.rms_norm(values.to(dtype), w, 1e-5, residual)
+        got = fused.rms_norm(_sums(buffer, values, dtype), w, 1e-5, residual)
+        for a, b in zip(got, want):
+            assert (a is None and b is None) or torch.equal(a, b)
+        assert not buffer.pending and not buffer.data.any()
+    gu = torch.randn(t, 2 * h, generator=g, device=device)
+    assert torch.equal(fused.silu_mul(_sums(buffer, gu, dtype)), fused.silu_mul(gu.to(dtype)))
+    assert not buffer.pending and not buffer.data.any()
+    qkv = torch.randn(t, (nh + 2 * nkv) * d, generator=g, device=device)
+    emb = torch.randn(t, 1, d, generator=g, device=device)
+    cos, sin = emb.cos().to(dtype), emb.sin().to(dtype)
+    want = fused.qkv_rotary(qkv.to(dtype, copy=True), nh, nkv, d, cos, sin)  # rotates in place
+    got = fused.qkv_rotary(_sums(buffer, qkv, dtype), nh, nkv, d, cos, sin)
+    assert [x.shape for x in got] == [(t, nh, d), (t, nkv, d), (t, nkv, d)]
+    for a, b in zip(got, want):
+        assert torch.equal(a, b)
+    assert not buffer.pending and not buffer.data.any()
+
+
+class SumsLinear(nn.Linear):
+    """A dense linear that leaves its output as Sums in a shared buffer, as the CUDA GEMV does."""
+
+    buffer = SumsBuffer(torch.zeros(1 << 14))
+    made = 0
+
+    def forward_sums(self, x: torch.Tensor) -> Sums:
+        SumsLinear.made += 1
+        return _sums(self.buffer, self(x).float(), x.dtype)
+
+
+def test_decoder_hands_every_sums_to_a_reader():
+    """Every projection that may leave Sums (fused q/k/v and gate/up, o, down) does, and the model's
+    output equals the plain model's exactly: each Sums reached a reader, which left the buffer zero."""
+    config = LlamaConfig.from_hf(tiny_hf_config())
+    plain = LlamaForCausalLM(config).eval()
+    plain.fuse_projections()
+    made = LlamaForCausalLM(config, lambda i, o, b, name: SumsLinear(i, o, bias=b)).eval()
+    for layer in made.model.layers:  # fused by hand: concat_linears keeps only plain nn.Linear
+        attn, mlp = layer.self_attn, layer.mlp
+        attn.qkv_proj = SumsLinear(attn.q_proj.in_features, attn.q_size + 2 * attn.kv_size, bias=False)
+        mlp.gate_up_proj = SumsLinear(mlp.gate_proj.in_features, 2 * mlp.gate_proj.out_features, bias=False)
+        del attn.q_proj, attn.k_proj, attn.v_proj, mlp.gate_proj, mlp.up_proj
+    made.load_state_dict(plain.state_dict())
+    ids = torch.tensor([3, 14, 15, 92, 65])
+    attn = CausalAttention([5])
+    with torch.no_grad():
+        want = plain(ids, torch.arange(5), attn)
+        SumsLinear.made = 0
+        got = made(ids, torch.arange(5), attn)
+        assert SumsLinear.made == 4 * config.num_hidden_layers
+        assert torch.equal(got, want)
+        assert not SumsLinear.buffer.pending and not SumsLinear.buffer.data.any()
+        layer = made.model.layers[0]  # the modules' own forward still gives tensors
+        assert isinstance(layer.mlp(torch.randn(2, config.hidden_size)), torch.Tensor)
+        assert not SumsLinear.buffer.pending
+
+
+def test_forward_sums_keeps_replaced_forwards_and_hooks():
+    """The self-check replaces a layer's forward and tools hook modules: forward_sums must not go
+    around either."""
+    from tests.kernels.layers import random_layer
+
+    layer = random_layer(64, 32, 4, 32)
+    assert layer.prepare("torch") == "torch"
+    x = torch.randn(2, 64)
+    torch.testing.assert_close(layer.forward_sums(x), layer(x))
+    seen = []
+    handle = layer.register_forward_hook(lambda mod, args, out: seen.append(out.shape))
+    layer.forward_sums(x)
+    assert seen == [(2, 32)]
+    handle.remove()
+    layer.forward = lambda inp: torch.zeros(inp.shape[0], 5)
+    assert layer.forward_sums(x).shape == (2, 5)
