@@ -191,7 +191,6 @@ if HAVE_TRITON:
         s = (gf / (1.0 + tl.exp(-gf))).to(g.dtype)
         tl.store(out_ptr + row * stride_o + cols, s * u, mask=mask)
 
-
     @triton.jit
     def _qkv_sums_rotary_kernel(s_ptr, out_ptr, cos_ptr, sin_ptr, stride_s, stride_o, stride_ct,
                                 n_q, n_k, HALF: tl.constexpr, HEADS: tl.constexpr, PDL: tl.constexpr):
