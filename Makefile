@@ -5,6 +5,7 @@ PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
+TRITON_STAMP := $(VENV)/.triton
 HOST   ?= 127.0.0.1
 PORT   ?= 8000
 ARGS   ?=
@@ -25,8 +26,14 @@ $(STAMP): pyproject.toml constraints.txt
 serve: $(STAMP)
 	$(VENV)/bin/quantserve serve --host $(HOST) --port $(PORT) $(ARGS)
 
-test: $(STAMP) test-tools
+test: $(STAMP) $(TRITON_STAMP) test-tools
 	$(PY) -m pytest $(PYTEST_ARGS)
+
+# Triton for tests/kernels/test_triton_interpreter: without a GPU the decode step's Triton kernels
+# run in Triton's interpreter. A CUDA torch brings its own Triton, which is kept.
+$(TRITON_STAMP): $(STAMP)
+	$(PY) -c "import triton" 2>/dev/null || $(PY) -m pip install -q -c constraints.txt triton
+	touch $@
 
 # Debian packages the tests run as real processes (nginx: the load balancer of tests/k8s;
 # prometheus + promtool: the scraper of tests/ops).

@@ -45,8 +45,17 @@ except ImportError:
     HAVE_TRITON = False
 
 
-def _use_triton(x: torch.Tensor) -> bool:
-    return HAVE_TRITON and x.is_cuda
+# TRITON_INTERPRET=1 (read by Triton when the kernels are defined) runs them in Triton's interpreter,
+# which takes CPU tensors: the CPU tests use it to check the kernels' logic without a GPU. Its numpy
+# arithmetic has no bfloat16, so bfloat16 stays on the torch paths there.
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def _use_triton(x: torch.Tensor, dtype: torch.dtype | None = None) -> bool:
+    """Whether the Triton kernel runs for x (results in `dtype`, default x's)."""
+    if not HAVE_TRITON:
+        return False
+    return x.is_cuda or (INTERPRET and x.is_cpu and (dtype or x.dtype) != torch.bfloat16)
 
 
 _PDL: dict[int, bool] = {}
@@ -55,6 +64,8 @@ _PDL: dict[int, bool] = {}
 def triton_pdl(x: torch.Tensor) -> bool:
     """Whether the Triton kernels on x's (CUDA) device launch with PDL, wait and signal (module
     docstring): sm_90+, a Triton with the griddepcontrol ops, and QUANTSERVE_TRITON_PDL not 0."""
+    if not x.is_cuda:  # the interpreter on the CPU
+        return False
     index = x.device.index if x.device.index is not None else torch.cuda.current_device()
     found = _PDL.get(index)
     if found is None:
@@ -243,7 +254,7 @@ def rms_norm(x: torch.Tensor | Sums, weight: torch.Tensor, eps: float,
     """x [T, H] (+ residual [T, H]) -> (weight * norm(x + residual), x + residual).
     x may be a matmul's unconverted Sums: converted (and zeroed) here."""
     sums = x if isinstance(x, Sums) else None
-    if sums is not None and (not _use_triton(sums.data) or sums.dtype != weight.dtype):
+    if sums is not None and (not _use_triton(sums.data, sums.dtype) or sums.dtype != weight.dtype):
         x, sums = sums.materialize(), None
     if sums is not None:
         return _rms_norm_triton(sums.data, weight, eps, residual, sums)
@@ -299,7 +310,7 @@ def silu_mul(gate_up: torch.Tensor | Sums) -> torch.Tensor:
     zeroed) here."""
     sums = gate_up if isinstance(gate_up, Sums) else None
     if sums is not None:
-        if not _use_triton(sums.data):
+        if not _use_triton(sums.data, sums.dtype):
             return silu_mul_torch(sums.materialize())
         gate_up, dtype = sums.data, sums.dtype
     elif not _use_triton(gate_up) or gate_up.stride(-1) != 1:
@@ -327,7 +338,7 @@ def qkv_rotary(qkv: torch.Tensor | Sums, num_heads: int, num_kv_heads: int, head
     rotates q and k and copies v."""
     d = head_dim
     if isinstance(qkv, Sums):
-        if not _use_triton(qkv.data) or d & (d - 1):
+        if not _use_triton(qkv.data, qkv.dtype) or d & (d - 1):
             qkv = qkv.materialize()
         else:
             sums = qkv

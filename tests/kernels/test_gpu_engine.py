@@ -126,37 +126,6 @@ def test_gpu_engine_logprobs_follow_full_forward(tiny_gpu_model):
     torch.testing.assert_close(got, chosen, atol=2e-2, rtol=0)
 
 
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_fused_triton_kernels_equal_torch(dtype):
-    from server.models import fused
-
-    g = torch.Generator(device="cuda").manual_seed(1)
-    for t, h in [(1, 576), (7, 4096), (33, 8192)]:
-        x = torch.randn(t, h, device="cuda", dtype=dtype, generator=g)
-        r = torch.randn(t, h, device="cuda", dtype=dtype, generator=g)
-        w = torch.randn(h, device="cuda", dtype=dtype, generator=g)
-        for res in (None, r):
-            got, got_r = fused.rms_norm(x, w, 1e-5, res)
-            want, want_r = fused.rms_norm_torch(x, w, 1e-5, res)
-            torch.testing.assert_close(got, want, atol=2e-2, rtol=1e-2)
-            if res is not None:
-                torch.testing.assert_close(got_r, want_r, atol=0, rtol=0)
-        gu = torch.randn(t, 2 * h, device="cuda", dtype=dtype, generator=g)
-        torch.testing.assert_close(fused.silu_mul(gu), fused.silu_mul_torch(gu), atol=1e-2, rtol=1e-2)
-    for t, nh, nkv, d in [(5, 9, 3, 64), (3, 32, 32, 128), (2, 64, 8, 128)]:
-        qkv = torch.randn(t, (nh + 2 * nkv) * d, device="cuda", dtype=dtype, generator=g)
-        q, k, _ = qkv.split([nh * d, nkv * d, nkv * d], dim=-1)
-        q, k = q.view(t, nh, d), k.view(t, nkv, d)
-        pos = torch.randint(0, 4000, (t,), device="cuda", generator=g).float()
-        freqs = pos[:, None] * (1.0 / 10000 ** (torch.arange(0, d, 2, device="cuda") / d))[None]
-        emb = torch.cat([freqs, freqs], -1)[:, None, :]
-        cos, sin = emb.cos().to(dtype), emb.sin().to(dtype)
-        want_q, want_k = fused.rotary_torch(q.clone(), k.clone(), cos, sin)
-        fused.rotary_(q, k, cos, sin)
-        torch.testing.assert_close(q, want_q, atol=1e-2, rtol=1e-2)
-        torch.testing.assert_close(k, want_k, atol=1e-2, rtol=1e-2)
-
-
 @pytest.mark.parametrize("sums", [False, True])
 def test_quantized_linears_after_triton_kernels_read_finished_inputs(sums):
     """rms_norm -> GEMV -> silu_mul -> GEMV (qkv) -> rotary -> KV-cache write -> decode attention ->

@@ -42,7 +42,7 @@ def test_materialize_rounds_like_the_matmul_and_zeroes(dtype):
 
 
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=["fp32", "bf16", "fp16"])
 @pytest.mark.parametrize("t,nh,nkv,d", [(3, 9, 3, 64), (1, 32, 8, 128), (8, 32, 32, 128)])
 def test_fused_readers_take_sums_as_the_tensor_they_stand_for(dtype, device, t, nh, nkv, d):
     """Bit-equal to the reader given the tensor: on the GPU the Triton kernels' FROM_SUMS paths and

@@ -1,0 +1,30 @@
+"""CI has no GPU, so the Triton kernels of the decode step would go unchecked there: this runs their
+tests (test_fused_kernels, test_sums) again in a subprocess under Triton's interpreter
+(TRITON_INTERPRET=1, read when the kernels are defined), where they take CPU tensors."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[2]
+MODULES = ("tests/kernels/test_fused_kernels.py", "tests/kernels/test_sums.py")
+
+
+def test_triton_kernels_under_the_interpreter():
+    pytest.importorskip("triton", reason="Triton is not installed (make test installs it)")
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is here: the GPU tests run the compiled kernels")
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-rA", "-p", "no:cacheprovider", *MODULES],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out[-4000:]
+    # the interpreted kernels ran (fp16 and fp32 on the CPU), they were not skipped
+    for case in ("test_fused_triton_kernels_equal_torch[fp16-cpu]",
+                 "test_fused_triton_kernels_equal_torch[fp32-cpu]",
+                 "test_fused_readers_take_sums_as_the_tensor_they_stand_for[1-32-8-128-fp16-cpu]"):
+        assert f"PASSED {MODULES[0] if 'equal_torch' in case else MODULES[1]}::{case}" in out, out[-4000:]
