@@ -40,6 +40,7 @@ except ImportError:  # CPU-only installs
 PARTITION = 256  # the fewest context tokens per split at the longest context (caps the splits)
 BLOCK_N = 64  # tokens per inner iteration
 PROGRAMS_PER_SM = 4  # stage-1 programs wanted per SM before the context is split
+INTERPRETER_SMS = 4  # what decode_splits assumes for CPU tensors (TRITON_INTERPRET=1, tests)
 
 if HAVE_TRITON:
 
@@ -131,10 +132,13 @@ _SMS: dict[int, int] = {}
 def decode_splits(batch: int, num_kv: int, num_partitions: int, device: torch.device) -> int:
     """Splits per (sequence, kv head): the fewest that give PROGRAMS_PER_SM stage-1 programs per SM,
     within [1, num_partitions]. A function of the shapes only (CUDA-graph safe)."""
-    index = device.index if device.index is not None else torch.cuda.current_device()
-    sms = _SMS.get(index)
-    if sms is None:
-        sms = _SMS[index] = torch.cuda.get_device_properties(index).multi_processor_count
+    if device.type != "cuda":  # Triton's interpreter on the CPU (tests): a small GPU's worth
+        sms = INTERPRETER_SMS
+    else:
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        sms = _SMS.get(index)
+        if sms is None:
+            sms = _SMS[index] = torch.cuda.get_device_properties(index).multi_processor_count
     want = -(-PROGRAMS_PER_SM * sms // max(1, batch * num_kv))
     return max(1, min(num_partitions, want))
 

@@ -1,6 +1,6 @@
 """CI has no GPU, so the Triton kernels of the decode step would go unchecked there: this runs their
-tests (test_fused_kernels, test_sums) again in a subprocess under Triton's interpreter
-(TRITON_INTERPRET=1, read when the kernels are defined), where they take CPU tensors."""
+tests (test_fused_kernels, test_sums, test_triton_attention) again in a subprocess under Triton's
+interpreter (TRITON_INTERPRET=1, read when the kernels are defined), where they take CPU tensors."""
 
 import os
 import subprocess
@@ -11,7 +11,8 @@ import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parents[2]
-MODULES = ("tests/kernels/test_fused_kernels.py", "tests/kernels/test_sums.py")
+MODULES = ("tests/kernels/test_fused_kernels.py", "tests/kernels/test_sums.py",
+           "tests/kernels/test_triton_attention.py")
 
 
 def test_triton_kernels_under_the_interpreter():
@@ -24,7 +25,9 @@ def test_triton_kernels_under_the_interpreter():
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, out[-4000:]
     # the interpreted kernels ran (fp16 and fp32 on the CPU), they were not skipped
-    for case in ("test_fused_triton_kernels_equal_torch[fp16-cpu]",
-                 "test_fused_triton_kernels_equal_torch[fp32-cpu]",
-                 "test_fused_readers_take_sums_as_the_tensor_they_stand_for[1-32-8-128-fp16-cpu]"):
-        assert f"PASSED {MODULES[0] if 'equal_torch' in case else MODULES[1]}::{case}" in out, out[-4000:]
+    for module, case in ((0, "test_fused_triton_kernels_equal_torch[fp16-cpu]"),
+                         (0, "test_fused_triton_kernels_equal_torch[fp32-cpu]"),
+                         (1, "test_fused_readers_take_sums_as_the_tensor_they_stand_for[1-32-8-128-fp16-cpu]"),
+                         (2, "test_triton_decode_attention_matches_reference[fp16-64-8-128-cpu]"),
+                         (2, "test_write_kv_fills_exactly_the_slots[cpu]")):
+        assert f"PASSED {MODULES[module]}::{case}" in out, out[-4000:]
