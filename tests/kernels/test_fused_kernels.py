@@ -7,21 +7,16 @@ import pytest
 import torch
 
 from server.models import fused
+from tests.kernels.triton_devices import DEVICES, triton_or_skip
 
-DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)]
 DTYPES = [pytest.param(torch.float16, id="fp16"), pytest.param(torch.bfloat16, id="bf16"),
           pytest.param(torch.float32, id="fp32")]
-
-
-def _triton_or_skip(device: str, dtype: torch.dtype) -> None:
-    if not fused._use_triton(torch.empty(0, device=device), dtype):
-        pytest.skip("no Triton kernel here (on the CPU: TRITON_INTERPRET=1, not bfloat16)")
 
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_fused_triton_kernels_equal_torch(dtype, device):
-    _triton_or_skip(device, dtype)
+    triton_or_skip(device, dtype)
     g = torch.Generator(device=device).manual_seed(1)
     for t, h in [(1, 576), (7, 4096), (33, 8192)]:
         x = torch.randn(t, h, device=device, generator=g).to(dtype)

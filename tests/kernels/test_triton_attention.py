@@ -6,23 +6,16 @@ their speed or bfloat16."""
 import pytest
 import torch
 
-from server.models import fused
 from server.models.attention import decode_reference
 from server.models.triton_attention import max_partitions, paged_decode_attention, write_kv
-
-DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)]
-
-
-def _triton_or_skip(device: str, dtype: torch.dtype) -> None:
-    if not fused._use_triton(torch.empty(0, device=device), dtype):
-        pytest.skip("no Triton kernel here (on the CPU: TRITON_INTERPRET=1, not bfloat16)")
+from tests.kernels.triton_devices import DEVICES, triton_or_skip
 
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("heads,kv_heads,head_dim", [(32, 32, 128), (9, 3, 64), (64, 8, 128), (4, 1, 64)])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
 def test_triton_decode_attention_matches_reference(heads, kv_heads, head_dim, dtype, device):
-    _triton_or_skip(device, dtype)
+    triton_or_skip(device, dtype)
     if device == "cpu" and kv_heads == 32:
         pytest.skip("a minute in the interpreter; the GPU runs this shape")
     g = torch.Generator(device=device).manual_seed(heads * head_dim)
@@ -47,7 +40,7 @@ def test_triton_decode_attention_matches_reference(heads, kv_heads, head_dim, dt
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_write_kv_fills_exactly_the_slots(device):
-    _triton_or_skip(device, torch.float16)
+    triton_or_skip(device, torch.float16)
     g = torch.Generator(device=device).manual_seed(2)
     t, nkv, d = 5, 4, 64
     qkv = torch.randn(t, 3 * nkv * d, device=device, generator=g).half()
