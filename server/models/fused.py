@@ -152,6 +152,21 @@ if HAVE_TRITON:
         tl.store(out_ptr + row * stride_o + cols, (w * y).to(out_ptr.dtype.element_ty), mask=mask)
 
     @triton.jit
+    def _cos_sin(cos_ptr, sin_ptr, row, HALF: tl.constexpr):
+        """The two halves of one token's cos and sin rows (at offset `row`): c1, s1, c2, s2 [HALF]."""
+        d = tl.arange(0, HALF)
+        return (tl.load(cos_ptr + row + d), tl.load(sin_ptr + row + d),
+                tl.load(cos_ptr + row + HALF + d), tl.load(sin_ptr + row + HALF + d))
+
+    @triton.jit
+    def _rotate_half(x1, x2, c1, s1, c2, s2):
+        """x = [x1, x2] ([heads, HALF] each) rotated with the same rounding as torch (x * cos and
+        rotate_half(x) * sin in the model dtype, then added): y1, y2."""
+        y1 = (x1 * c1[None, :]).to(x1.dtype) + (-x2 * s1[None, :]).to(x1.dtype)
+        y2 = (x2 * c2[None, :]).to(x1.dtype) + (x1 * s2[None, :]).to(x1.dtype)
+        return y1, y2
+
+    @triton.jit
     def _rotary_kernel(q_ptr, k_ptr, cos_ptr, sin_ptr, stride_qt, stride_qh, stride_kt, stride_kh,
                        stride_ct, n_q, n_k, HALF: tl.constexpr, HEADS: tl.constexpr,
                        PDL: tl.constexpr):
@@ -159,10 +174,7 @@ if HAVE_TRITON:
         t = tl.program_id(0)
         d = tl.arange(0, HALF)
         h = tl.arange(0, HEADS)
-        c1 = tl.load(cos_ptr + t * stride_ct + d)
-        s1 = tl.load(sin_ptr + t * stride_ct + d)
-        c2 = tl.load(cos_ptr + t * stride_ct + HALF + d)
-        s2 = tl.load(sin_ptr + t * stride_ct + HALF + d)
+        c1, s1, c2, s2 = _cos_sin(cos_ptr, sin_ptr, t * stride_ct, HALF)
         for which in tl.static_range(2):
             if which == 0:
                 base = q_ptr + t * stride_qt
@@ -176,9 +188,7 @@ if HAVE_TRITON:
             p1 = base + h[:, None] * stride_h + d[None, :]
             x1 = tl.load(p1, mask=hm, other=0.0)
             x2 = tl.load(p1 + HALF, mask=hm, other=0.0)
-            # same rounding as torch: x * cos and rotate_half(x) * sin in the model dtype, then add
-            y1 = (x1 * c1[None, :]).to(x1.dtype) + (-x2 * s1[None, :]).to(x1.dtype)
-            y2 = (x2 * c2[None, :]).to(x1.dtype) + (x1 * s2[None, :]).to(x1.dtype)
+            y1, y2 = _rotate_half(x1, x2, c1, s1, c2, s2)
             tl.store(p1, y1, mask=hm)
             tl.store(p1 + HALF, y2, mask=hm)
 
@@ -211,10 +221,7 @@ if HAVE_TRITON:
         t = tl.program_id(0)
         d = tl.arange(0, HALF)
         h = tl.arange(0, HEADS)
-        c1 = tl.load(cos_ptr + t * stride_ct + d)
-        s1 = tl.load(sin_ptr + t * stride_ct + d)
-        c2 = tl.load(cos_ptr + t * stride_ct + HALF + d)
-        s2 = tl.load(sin_ptr + t * stride_ct + HALF + d)
+        c1, s1, c2, s2 = _cos_sin(cos_ptr, sin_ptr, t * stride_ct, HALF)
         zero = tl.zeros([HEADS, HALF], dtype=tl.float32)
         for which in tl.static_range(3):
             if which == 0:
@@ -237,8 +244,7 @@ if HAVE_TRITON:
             x1 = x1.to(out_ptr.dtype.element_ty)
             x2 = x2.to(out_ptr.dtype.element_ty)
             if which < 2:
-                y1 = (x1 * c1[None, :]).to(x1.dtype) + (-x2 * s1[None, :]).to(x1.dtype)
-                y2 = (x2 * c2[None, :]).to(x1.dtype) + (x1 * s2[None, :]).to(x1.dtype)
+                y1, y2 = _rotate_half(x1, x2, c1, s1, c2, s2)
             else:
                 y1 = x1
                 y2 = x2
