@@ -348,12 +348,14 @@ def gather_cols(x: torch.Tensor, state: CudaLayout) -> torch.Tensor:
 
 
 def matmul(state: CudaLayout, x: torch.Tensor, out: torch.Tensor | None = None,
-           op: str | None = None) -> torch.Tensor:
+           op: str | None = None, sums: torch.Tensor | None = None) -> torch.Tensor:
     """y [M, N] = x [M, K] (fp16/bf16, contiguous) @ W + bias through the kernels.
 
     op: "gemv" (M <= 32), "gemm" or "dequant" (dequant_matmul); None asks pick_op.
     Act-order layers gather x[:, perm] first (gather_cols), then run the plain kernel.
-    out: optional preallocated y (tests poison it to prove every element is written)."""
+    out: optional preallocated y (tests poison it to prove every element is written).
+    sums: with op "gemv", M <= SUMS_MAX_M and no bias, a zeroed float32 [M, N] that receives the
+    unconverted products instead of y, and is returned (matmul_sums)."""
     ws = workspace(x.device)  # first use on a device probes for the wgmma kernel (outside capture)
     if op is None:
         op = pick_op(x.shape[0], lambda: wgmma_available(x.device))
@@ -365,25 +367,21 @@ def matmul(state: CudaLayout, x: torch.Tensor, out: torch.Tensor | None = None,
         x = x.clone()
     scales, zeros, bias = state.constants[x.dtype]
     ext = extension()
-    fn = ext.gemv if op == "gemv" else ext.gemm
-    return fn(x, state.qweight, scales, zeros, bias, ws.partials, ws.counters, ws.accum, ws.accum_counters,
-              state.n, state.bits, state.group_shift, state.zero_point, out)
+    args = (x, state.qweight, scales, zeros, bias, ws.partials, ws.counters, ws.accum, ws.accum_counters,
+            state.n, state.bits, state.group_shift, state.zero_point, out)
+    if op == "gemv":
+        return ext.gemv(*args, sums=sums)
+    return ext.gemm(*args)
 
 
 def matmul_sums(state: CudaLayout, x: torch.Tensor) -> Sums:
     """y's fp32 sums [M, N] for x fp16/bf16 [M, K] (contiguous, M <= SUMS_MAX_M) through the GEMV,
     which adds its products into the device's zeroed sums buffer and skips the split-K fix-up; the
     reader converts them to x.dtype and zeroes them (quant.sums). The layer must have no bias."""
-    ws = workspace(x.device)
-    if state.perm is not None:
-        x = gather_cols(x, state)
-    if x.data_ptr() % 16:
-        x = x.clone()
-    scales, zeros, _ = state.constants[x.dtype]
-    view = ws.sums.claim(x.shape[0], state.n)
-    extension().gemv(x, state.qweight, scales, zeros, None, ws.partials, ws.counters, ws.accum,
-                     ws.accum_counters, state.n, state.bits, state.group_shift, state.zero_point, sums=view)
-    return Sums(view, x.dtype, ws.sums)
+    buffer = workspace(x.device).sums
+    view = buffer.claim(x.shape[0], state.n)
+    matmul(state, x, op="gemv", sums=view)
+    return Sums(view, x.dtype, buffer)
 
 
 def dequant_chunks(state: CudaLayout, dtype: torch.dtype, scratch: torch.Tensor, budget: int):
