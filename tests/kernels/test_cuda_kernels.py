@@ -96,50 +96,6 @@ def test_act_order_gemv_every_m(k, n, bits, group_size, sym):
             assert err < TOL[dtype], f"m={m} {dtype}: rel err {err:.2e}"
 
 
-@pytest.mark.parametrize("k,n,bits,group_size,sym,desc_act", [
-    (576, 192, 4, 128, True, False), (576, 1536, 8, 64, False, False), (1536, 576, 4, 32, False, True),
-    (4096, 4096, 4, 128, True, False), (4096, 12288, 4, -1, False, False), (584, 72, 4, 32, True, False)])
-def test_gemv_sums_are_the_products(k, n, bits, group_size, sym, desc_act):
-    """The GEMV that leaves its fp32 sums (apply_sums, 1-8 tokens): the sums match the float32
-    reference and, rounded to x's dtype, the y the same call writes otherwise; materialize() gives
-    that y and leaves the shared buffer zero for the next call, also when a Sums was abandoned."""
-    from quant.sums import Sums
-
-    layer = _layer(k, n, bits, group_size, sym, FORMAT_V2, desc_act=desc_act)
-    buffer = cuda_backend.workspace(torch.device("cuda")).sums
-    g = torch.Generator(device="cuda").manual_seed(next(_SEED))
-    for dtype in (torch.float16, torch.bfloat16):
-        for m in range(1, cuda_backend.SUMS_MAX_M + 1):
-            x = torch.randn(m, k, device="cuda", dtype=dtype, generator=g)
-            ref = kernels.reference(layer, x)
-            sums = layer.forward_sums(x)
-            assert isinstance(sums, Sums) and sums.shape == (m, n) and sums.dtype == dtype
-            assert sums.data.dtype == torch.float32 and buffer.pending
-            err = ((sums.data - ref).norm() / ref.norm()).item()
-            assert err < TOL[dtype] / 4, f"m={m} {dtype}: sums rel err {err:.2e}"
-            y = layer(x)
-            got = sums.materialize()
-            assert got.dtype == dtype and not buffer.pending and not buffer.data.any()
-            # the same products, summed in another order by the atomics: equal up to an ulp of y
-            torch.testing.assert_close(got, y, rtol=1e-2 if dtype == torch.bfloat16 else 2e-3, atol=1e-3)
-    layer.forward_sums(x)  # abandoned: never read
-    again = layer.forward_sums(x)
-    torch.testing.assert_close(again.materialize(), layer(x), rtol=1e-2, atol=1e-3)
-    assert not buffer.data.any()
-
-
-def test_apply_sums_leaves_other_calls_to_apply():
-    """Calls the sums path does not take come back as y: more than SUMS_MAX_M tokens, a bias, float32
-    input, and QUANTSERVE_GEMV_SUMS=0."""
-    plain = _layer(576, 192, 4, 128)
-    biased = _layer(576, 192, 4, 128, bias=True)
-    x = torch.randn(cuda_backend.SUMS_MAX_M + 1, 576, device="cuda", dtype=torch.float16)
-    for layer, xin in ((plain, x), (biased, x[:1]), (plain, x[:1].float())):
-        y = layer.forward_sums(xin)
-        assert isinstance(y, torch.Tensor) and y.dtype == xin.dtype
-        torch.testing.assert_close(y.float(), kernels.reference(layer, xin), rtol=2e-3, atol=2e-3)
-
-
 def _chain_eager_and_graph(layers, x0, op=None, gains=None):
     """Runs `layers` back to back on x0, each reading the previous output (written into
     NaN-poisoned buffers, then scaled by its gain), eagerly and twice replayed from a CUDA graph,

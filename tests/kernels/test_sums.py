@@ -1,11 +1,15 @@
-"""Unconverted matmul outputs (quant.sums) on the CPU: the shared buffer's rules, the readers in
-server.models.fused, and the decoder handing every Sums to a reader. The CUDA GEMV that makes them
-and the Triton readers are tested on the GPU (test_cuda_kernels, test_gpu_engine)."""
+"""Unconverted matmul outputs (quant.sums): the shared buffer's rules, the readers in
+server.models.fused (on the CPU, the GPU, and Triton's interpreter), the decoder handing every Sums
+to a reader, and (GPU) the CUDA GEMV that leaves them. The whole decode-step chain with sums runs in
+test_gpu_engine."""
 
 import pytest
 import torch
 from torch import nn
 
+from quant import kernels
+from quant.backends import cuda as cuda_backend
+from quant.format import FORMAT_V2
 from quant.sums import Sums, SumsBuffer, as_tensor
 from server.models import fused
 from server.models.attention import CausalAttention
@@ -127,3 +131,55 @@ def test_forward_sums_keeps_replaced_forwards_and_hooks():
     handle.remove()
     layer.forward = lambda inp: torch.zeros(inp.shape[0], 5)
     assert layer.forward_sums(x).shape == (2, 5)
+
+def _cuda_layer(k, n, bits, group_size, sym=True, desc_act=False, bias=False):
+    from tests.kernels.layers import random_layer
+
+    layer = random_layer(k, n, bits, group_size, sym, FORMAT_V2, desc_act, bias, seed=k + n + bits,
+                         device="cuda")
+    assert layer.prepare("cuda") == "cuda"
+    return layer
+
+
+@pytest.mark.parametrize("k,n,bits,group_size,sym,desc_act", [
+    (576, 192, 4, 128, True, False), (576, 1536, 8, 64, False, False), (1536, 576, 4, 32, False, True),
+    (4096, 4096, 4, 128, True, False), (4096, 12288, 4, -1, False, False), (584, 72, 4, 32, True, False)])
+@pytest.mark.gpu
+def test_gemv_sums_are_the_products(k, n, bits, group_size, sym, desc_act):
+    """The GEMV that leaves its fp32 sums (apply_sums, 1-8 tokens): the sums match the float32
+    reference and, rounded to x's dtype, the y the same call writes otherwise; materialize() gives
+    that y and leaves the shared buffer zero for the next call, also when a Sums was abandoned."""
+    layer = _cuda_layer(k, n, bits, group_size, sym, desc_act)
+    buffer = cuda_backend.workspace(torch.device("cuda")).sums
+    g = torch.Generator(device="cuda").manual_seed(k + n)
+    for dtype in (torch.float16, torch.bfloat16):
+        for m in range(1, cuda_backend.SUMS_MAX_M + 1):
+            x = torch.randn(m, k, device="cuda", dtype=dtype, generator=g)
+            ref = kernels.reference(layer, x)
+            sums = layer.forward_sums(x)
+            assert isinstance(sums, Sums) and sums.shape == (m, n) and sums.dtype == dtype
+            assert sums.data.dtype == torch.float32 and buffer.pending
+            err = ((sums.data - ref).norm() / ref.norm()).item()
+            assert err < (5e-4 if dtype == torch.float16 else 3e-3), f"m={m} {dtype}: sums rel err {err:.2e}"
+            y = layer(x)
+            got = sums.materialize()
+            assert got.dtype == dtype and not buffer.pending and not buffer.data.any()
+            # the same products, summed in another order by the atomics: equal up to an ulp of y
+            torch.testing.assert_close(got, y, rtol=1e-2 if dtype == torch.bfloat16 else 2e-3, atol=1e-3)
+    layer.forward_sums(x)  # abandoned: never read
+    again = layer.forward_sums(x)
+    torch.testing.assert_close(again.materialize(), layer(x), rtol=1e-2, atol=1e-3)
+    assert not buffer.data.any()
+
+
+@pytest.mark.gpu
+def test_apply_sums_leaves_other_calls_to_apply():
+    """Calls the sums path does not take come back as y: more than SUMS_MAX_M tokens, a bias, float32
+    input."""
+    plain = _cuda_layer(576, 192, 4, 128)
+    biased = _cuda_layer(576, 192, 4, 128, bias=True)
+    x = torch.randn(cuda_backend.SUMS_MAX_M + 1, 576, device="cuda", dtype=torch.float16)
+    for layer, xin in ((plain, x), (biased, x[:1]), (plain, x[:1].float())):
+        y = layer.forward_sums(xin)
+        assert isinstance(y, torch.Tensor) and y.dtype == xin.dtype
+        torch.testing.assert_close(y.float(), kernels.reference(layer, xin), rtol=2e-3, atol=2e-3)
