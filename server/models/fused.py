@@ -51,6 +51,14 @@ except ImportError:
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
+# Heads (of head_dim columns) per program of the q/k/v sums reader: a token's row is spread over
+# (nh + 2 nkv) / this programs, so at batch 1 its 48 KB (7B) of fp32 sums are read by several SMs at
+# once, not one. A power of two; QUANTSERVE_QKV_HEADS overrides it (benchmarks).
+QKV_HEADS_PER_PROGRAM = int(os.environ.get("QUANTSERVE_QKV_HEADS", "4"))
+if QKV_HEADS_PER_PROGRAM < 1 or QKV_HEADS_PER_PROGRAM & (QKV_HEADS_PER_PROGRAM - 1):
+    raise ValueError(f"QUANTSERVE_QKV_HEADS must be a power of two, got {QKV_HEADS_PER_PROGRAM}")
+
+
 def _use_triton(x: torch.Tensor, dtype: torch.dtype | None = None) -> bool:
     """Whether the Triton kernel runs for x (results in `dtype`, default x's)."""
     if not HAVE_TRITON:
@@ -79,6 +87,12 @@ def triton_pdl(x: torch.Tensor) -> bool:
 def launch_kwargs(pdl: bool) -> dict:
     """The Triton launch option for PDL; passed only when on, so Tritons without it never see it."""
     return {"launch_pdl": True} if pdl else {}
+
+
+# The rotary kernels compile without fusing a multiply and the add after it into one FMA: torch rounds
+# x * cos and rotate_half(x) * sin before adding them, and so must they (in float32 too), or two
+# launches of the same arithmetic (_rotary_kernel, _qkv_sums_rotary_kernel) may round differently.
+NO_FMA = {"enable_fp_fusion": False}
 
 
 if HAVE_TRITON:
@@ -214,43 +228,32 @@ if HAVE_TRITON:
 
     @triton.jit
     def _qkv_sums_rotary_kernel(s_ptr, out_ptr, cos_ptr, sin_ptr, stride_s, stride_o, stride_ct,
-                                n_q, n_k, HALF: tl.constexpr, HEADS: tl.constexpr, PDL: tl.constexpr):
-        # One token: its row of fp32 q|k|v sums -> q and k rotated, v as is, in out's dtype (rounded
-        # as the matmul's y, then rotated as _rotary_kernel does); the sums are zeroed behind.
+                                n_rot, n_all, HALF: tl.constexpr, HB: tl.constexpr,
+                                PDL: tl.constexpr):
+        # Token t, heads HB*j .. HB*j+HB-1 of its row of fp32 q|k|v sums (n_all = nh + 2 nkv heads
+        # of 2 HALF columns; the first n_rot = nh + nkv are q and k): rounded as the matmul's y,
+        # q and k heads rotated as _rotary_kernel does, v heads copied; the sums are zeroed behind.
         pdl_enter(PDL)
         t = tl.program_id(0)
+        h = tl.program_id(1) * HB + tl.arange(0, HB)
         d = tl.arange(0, HALF)
-        h = tl.arange(0, HEADS)
         c1, s1, c2, s2 = _cos_sin(cos_ptr, sin_ptr, t * stride_ct, HALF)
-        zero = tl.zeros([HEADS, HALF], dtype=tl.float32)
-        for which in tl.static_range(3):
-            if which == 0:
-                first = 0
-                n = n_q
-            elif which == 1:
-                first = n_q
-                n = n_k
-            else:
-                first = n_q + n_k
-                n = n_k
-            hm = (h < n)[:, None]
-            col = (first + h[:, None]) * (2 * HALF) + d[None, :]
-            p1 = s_ptr + t * stride_s + col
-            x1 = tl.load(p1, mask=hm, other=0.0)
-            x2 = tl.load(p1 + HALF, mask=hm, other=0.0)
-            tl.debug_barrier()  # every thread's loads before any zero store (sums_zeroing_barrier)
-            tl.store(p1, zero, mask=hm)
-            tl.store(p1 + HALF, zero, mask=hm)
-            x1 = x1.to(out_ptr.dtype.element_ty)
-            x2 = x2.to(out_ptr.dtype.element_ty)
-            if which < 2:
-                y1, y2 = _rotate_half(x1, x2, c1, s1, c2, s2)
-            else:
-                y1 = x1
-                y2 = x2
-            o1 = out_ptr + t * stride_o + col
-            tl.store(o1, y1, mask=hm)
-            tl.store(o1 + HALF, y2, mask=hm)
+        hm = (h < n_all)[:, None]
+        col = h[:, None] * (2 * HALF) + d[None, :]
+        p1 = s_ptr + t * stride_s + col
+        x1 = tl.load(p1, mask=hm, other=0.0)
+        x2 = tl.load(p1 + HALF, mask=hm, other=0.0)
+        tl.debug_barrier()  # every thread's loads before any zero store (sums_zeroing_barrier)
+        zero = tl.zeros([HB, HALF], dtype=tl.float32)
+        tl.store(p1, zero, mask=hm)
+        tl.store(p1 + HALF, zero, mask=hm)
+        x1 = x1.to(out_ptr.dtype.element_ty)
+        x2 = x2.to(out_ptr.dtype.element_ty)
+        y1, y2 = _rotate_half(x1, x2, c1, s1, c2, s2)
+        rot = (h < n_rot)[:, None]
+        o1 = out_ptr + t * stride_o + col
+        tl.store(o1, tl.where(rot, y1, x1), mask=hm)
+        tl.store(o1 + HALF, tl.where(rot, y2, x2), mask=hm)
 
 
 # ---------------------------------------------------------------------------------- entry points
@@ -307,7 +310,8 @@ def rotary_(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor,
     pdl = triton_pdl(q)
     _rotary_kernel[(t,)](q, k, cos2, sin2, q.stride(0), q.stride(1), k.stride(0), k.stride(1),
                          cos2.stride(0), nq, nk, HALF=d // 2,
-                         HEADS=triton.next_power_of_2(max(nq, nk)), PDL=pdl, num_warps=4, **launch_kwargs(pdl))
+                         HEADS=triton.next_power_of_2(max(nq, nk)), PDL=pdl, num_warps=4, **NO_FMA,
+                         **launch_kwargs(pdl))
     return q, k
 
 
@@ -352,10 +356,12 @@ def qkv_rotary(qkv: torch.Tensor | Sums, num_heads: int, num_kv_heads: int, head
             out = torch.empty(t, sums.shape[1], dtype=sums.dtype, device=sums.device)
             cos2, sin2 = cos.reshape(t, d), sin.reshape(t, d)
             pdl = triton_pdl(out)
-            _qkv_sums_rotary_kernel[(t,)](sums.data, out, cos2, sin2, sums.data.stride(0), out.stride(0),
-                                          cos2.stride(0), num_heads, num_kv_heads, HALF=d // 2,
-                                          HEADS=triton.next_power_of_2(max(num_heads, num_kv_heads)),
-                                          PDL=pdl, num_warps=4, **launch_kwargs(pdl))
+            n_all = num_heads + 2 * num_kv_heads
+            hb = QKV_HEADS_PER_PROGRAM
+            _qkv_sums_rotary_kernel[(t, triton.cdiv(n_all, hb))](
+                sums.data, out, cos2, sin2, sums.data.stride(0), out.stride(0), cos2.stride(0),
+                num_heads + num_kv_heads, n_all, HALF=d // 2, HB=hb, PDL=pdl,
+                num_warps=max(1, min(4, hb * d // 256)), **NO_FMA, **launch_kwargs(pdl))
             sums.release()
             return _split_heads(out, num_heads, num_kv_heads, d)
     q, k, v = _split_heads(qkv, num_heads, num_kv_heads, d)

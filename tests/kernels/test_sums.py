@@ -77,6 +77,25 @@ def test_fused_readers_take_sums_as_the_tensor_they_stand_for(dtype, device, t, 
     assert not buffer.pending and not buffer.data.any()
 
 
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+@pytest.mark.parametrize("heads_per_program", [1, 2, 8, 64])
+def test_qkv_reader_splits_a_row_over_programs(device, heads_per_program, monkeypatch):
+    """However many heads one program of the q/k/v reader takes (a partial last block included:
+    7 + 2 * 3 = 13 heads), it equals the tensor path and leaves the buffer zeroed."""
+    monkeypatch.setattr(fused, "QKV_HEADS_PER_PROGRAM", heads_per_program)
+    g = torch.Generator(device=device).manual_seed(11)
+    buffer = SumsBuffer(torch.zeros(1 << 14, device=device))
+    t, nh, nkv, d = 5, 7, 3, 32
+    qkv = torch.randn(t, (nh + 2 * nkv) * d, generator=g, device=device)
+    emb = torch.randn(t, 1, d, generator=g, device=device)
+    cos, sin = emb.cos().half(), emb.sin().half()
+    want = fused.qkv_rotary(qkv.half(), nh, nkv, d, cos, sin)
+    got = fused.qkv_rotary(_sums(buffer, qkv, torch.float16), nh, nkv, d, cos, sin)
+    for a, b in zip(got, want):
+        assert torch.equal(a, b)
+    assert not buffer.pending and not buffer.data.any()
+
+
 class SumsLinear(nn.Linear):
     """A dense linear that leaves its output as Sums in a shared buffer, as the CUDA GEMV does."""
 
