@@ -75,7 +75,7 @@ run() {
       (cd "ab/$v" && mkdir -p "$out/ab/$label-$round" && env $env PYTHONPATH=$site:. QUANTSERVE_EXT_DIR=/tmp/ab-ext-$v \
         timeout 150 python3 bench/kernels.py --backends ours --ms "${MS:-1,4,16,32,64,128,256}" --no-extras \
         --out "$out/ab/$label-$round" >"$out/ab/bench-$label-$round.log" 2>&1)
-      echo "$run r$round: $(grep -E '^ours +m=' "$out/ab/bench-$label-$round.log" | sed -E 's/ours +//; s/ +/ /g; s/ step//' | tr '\n' ';')"
+      echo "$run r$round: $(grep -E '^ours(_sums)? +m=' "$out/ab/bench-$label-$round.log" | sed -E 's/ours +//; s/ +/ /g; s/ step//' | tr '\n' ';')"
     done
   done
   echo "bench $(($(date +%s) - t0)) s"

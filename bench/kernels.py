@@ -132,6 +132,8 @@ def bench_backend(name, ms, layers, rows, steps, extra_ops, sweep=False):
             step_ms = time_graph(step_calls(order, weights, xs, call), 10)
             steps.append({"m": m, "backend": name, "ms": round(step_ms, 4)})
             print(f"{name:12s} m={m:4d} step {step_ms:8.3f} ms", flush=True)
+            if name == "ours" and sums_step(m, order, weights, xs, steps):
+                print(f"{'ours_sums':12s} m={m:4d} step {steps[-1]['ms']:8.3f} ms", flush=True)
             if name == "ours" and m <= cuda_backend.CudaBackend.gemv_max_m:
                 gemv_variants(m, order, weights, xs, steps)
                 interleaved_step(m, order, weights, xs, call, name, steps)
@@ -168,6 +170,25 @@ def step_calls(order, weights, xs, call):
         seen[s] = i + 1
         calls.append(lambda w=weights[s][i % len(weights[s])], k=SHAPES[s][0]: call(xs[k], w))
     return calls
+
+
+def sums_step(m, order, weights, xs, steps) -> bool:
+    """The decode step as the engine runs it where its kernels leave fp32 sums (quant/sums.py): every
+    linear but lm_head adds into an fp32 [M, N] buffer instead of writing y (no split-K fix-up); the
+    conversion that the next kernel (RMSNorm, SwiGLU, the q/k/v rotary) does is not in this time.
+    The buffer is never zeroed here: the values are meaningless, the memory traffic is the engine's.
+    False where no call of m tokens leaves sums (the switches, a GPU without the wgmma GEMM)."""
+    ops = {s: cuda_backend.sums_op(m, SHAPES[s][1], torch.device("cuda")) for s in SHAPES if s != "lm_head"}
+    if any(op is None for op in ops.values()):
+        return False
+    buf = torch.zeros(m * max(n for _, n in SHAPES.values()), device="cuda")
+
+    def call(x, w):
+        op = ops.get(next(s for s, (k, n) in SHAPES.items() if (k, n) == (w.k, w.n)))
+        return cuda_backend.matmul(w, x, op=op, sums=buf) if op else cuda_backend.matmul(w, x)
+
+    steps.append({"m": m, "backend": "ours_sums", "ms": round(time_graph(step_calls(order, weights, xs, call), 10), 4)})
+    return True
 
 
 def gemv_variants(m, order, weights, xs, steps):

@@ -108,8 +108,9 @@ def test_quantized_linears_after_triton_kernels_read_finished_inputs(sums):
     GEMV -> residual rms_norm as in a decode step, eagerly and in a graph. On Hopper every link is a
     programmatic dependent launch: the GEMVs and the Triton kernels start while the kernel before
     them finishes, so each must read its input (and write the cache) only after its wait. 64 tokens:
-    the wgmma GEMM. sums: the linears leave their fp32 sums (up to 8 tokens) and the Triton kernel
-    after each converts and zeroes them, so the shared sums buffer is zero again after every step."""
+    the wgmma GEMM. sums: the linears leave their fp32 sums (the GEMV up to 8 tokens, the wgmma GEMM
+    at 9-128) and the Triton kernel after each converts and zeroes them, so the shared sums buffer is
+    zero again after every step."""
     from quant import kernels
     from quant.backends import cuda as cuda_backend
     from quant.sums import Sums
@@ -124,7 +125,7 @@ def test_quantized_linears_after_triton_kernels_read_finished_inputs(sums):
         assert layer.prepare("cuda") == "cuda"
     g = torch.Generator(device="cuda").manual_seed(3)
     w = torch.rand(4096, device="cuda", dtype=torch.float16, generator=g) + 0.5
-    kc = torch.randn(256, 16, nkv, d, device="cuda", dtype=torch.float16, generator=g)
+    kc = torch.randn(512, 16, nkv, d, device="cuda", dtype=torch.float16, generator=g)
     vc = torch.randn_like(kc)
     buffer = cuda_backend.workspace(torch.device("cuda")).sums
     if torch.cuda.get_device_capability()[0] >= 9:
@@ -132,10 +133,11 @@ def test_quantized_linears_after_triton_kernels_read_finished_inputs(sums):
 
     def linear(layer, x):
         y = layer.forward_sums(x) if sums else layer(x)
-        assert isinstance(y, Sums) == (sums and x.shape[0] <= cuda_backend.SUMS_MAX_M)
+        assert isinstance(y, Sums) == (sums and cuda_backend.sums_op(x.shape[0], layer.out_features, x.device)
+                                       is not None)
         return y
 
-    for m in (1, 4, 8, 64) if sums else (1, 4, 64):
+    for m in (1, 4, 8, 16, 64, 100) if sums else (1, 4, 64):
         tables = torch.arange(m * 4, device="cuda", dtype=torch.int32).view(m, 4)  # own blocks
         ctx = torch.full((m,), 50, device="cuda", dtype=torch.int32)
         slots = (tables[:, 49 // 16] * 16 + 49 % 16).long()  # each sequence's new token, position 49
