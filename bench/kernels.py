@@ -177,7 +177,8 @@ def sums_step(m, order, weights, xs, steps) -> bool:
     linear but lm_head adds into an fp32 [M, N] buffer instead of writing y (no split-K fix-up); the
     conversion that the next kernel (RMSNorm, SwiGLU, the q/k/v rotary) does is not in this time.
     The buffer is never zeroed here: the values are meaningless, the memory traffic is the engine's.
-    False where no call of m tokens leaves sums (the switches, a GPU without the wgmma GEMM)."""
+    False where no call of m tokens leaves sums (cuda_backend.sums_op: more than SUMS_MAX_M tokens, or
+    QUANTSERVE_GEMV_SUMS=0)."""
     ops = {s: cuda_backend.sums_op(m, SHAPES[s][1], torch.device("cuda")) for s in SHAPES if s != "lm_head"}
     if any(op is None for op in ops.values()):
         return False

@@ -133,13 +133,7 @@ torch::Tensor run(bool gemv, const torch::Tensor& x, const torch::Tensor& qweigh
   const c10::cuda::CUDAGuard guard(x.device());
   torch::Tensor y;
   if (sums) {  // the sums are left in sums[:m * n] as [m, n] fp32 (zero on entry) and returned
-    if (gemv) {
-      require(m <= QS_SUMS_MAX_M, "sums: gemv of m <= ", QS_SUMS_MAX_M, " rows only, got m=", m);
-    } else {
-      require(m <= QS_GEMM_SUMS_MAX_M, "sums: gemm of m <= ", QS_GEMM_SUMS_MAX_M, " rows only, got m=", m);
-      require(n % 4 == 0, "sums: gemm needs n % 4 == 0 (16-byte rows of sums), got n=", n);
-      require(reinterpret_cast<uintptr_t>(sums->data_ptr()) % 16 == 0, "sums: gemm needs 16-byte aligned sums");
-    }
+    require(gemv && m <= QS_SUMS_MAX_M, "sums: gemv of m <= ", QS_SUMS_MAX_M, " rows only, got m=", m);
     require(!bias, "sums: no bias (the reader of the sums adds it)");
     require(!out, "sums and out are exclusive");
     check_cuda(*sums, "sums", x);
@@ -183,8 +177,6 @@ torch::Tensor run(bool gemv, const torch::Tensor& x, const torch::Tensor& qweigh
   a.dtype = x.scalar_type() == torch::kHalf ? QS_F16 : QS_BF16;
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   cudaError_t err = gemv ? qs_gemv(&a, stream) : qs_gemm(&a, stream);
-  require(!(sums && err == cudaErrorNotSupported), "sums: gemm leaves its sums only on the Hopper wgmma kernel, "
-          "which this call cannot take here");
   require(err == cudaSuccess, gemv ? "qs_gemv" : "qs_gemm", " failed for m=", m, " n=", n, " k=", k,
               " bits=", bits, ": ", cudaGetErrorString(err));
   return y;
@@ -204,10 +196,9 @@ torch::Tensor gemm(const torch::Tensor& x, const torch::Tensor& qweight, const t
                    const c10::optional<torch::Tensor>& zeros, const c10::optional<torch::Tensor>& bias,
                    const torch::Tensor& workspace, const torch::Tensor& counters, const torch::Tensor& accum,
                    const torch::Tensor& accum_counters, int64_t n, int64_t bits, int64_t group_shift,
-                   int64_t zero_point, const c10::optional<torch::Tensor>& out,
-                   const c10::optional<torch::Tensor>& sums) {
+                   int64_t zero_point, const c10::optional<torch::Tensor>& out) {
   return run(false, x, qweight, scales, zeros, bias, workspace, counters, accum, accum_counters, n, bits,
-             group_shift, zero_point, out, sums);
+             group_shift, zero_point, out);
 }
 
 // Strips [strip_begin, strip_begin + out.size(0) / 64) of a repacked weight widened into out
@@ -295,14 +286,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("counters"), py::arg("accum"), py::arg("accum_counters"), py::arg("n"), py::arg("bits"), py::arg("group_shift"), py::arg("zero_point"),
         py::arg("out") = py::none(), py::arg("sums") = py::none());
   m.def("sums_max_m", []() { return QS_SUMS_MAX_M; }, "most rows a gemv call that leaves its sums may have");
-  m.def("gemm", &gemm,
-        "y[m, n] = x[m, k] @ W + bias for any m (repacked GPTQ codes); with sums (m <= 256, n % 4 == 0, no "
-        "bias, the Hopper wgmma kernel only): as gemv's",
-        py::arg("x"),
+  m.def("gemm", &gemm, "y[m, n] = x[m, k] @ W + bias for any m (repacked GPTQ codes)", py::arg("x"),
         py::arg("qweight"), py::arg("scales"), py::arg("zeros"), py::arg("bias"), py::arg("workspace"),
         py::arg("counters"), py::arg("accum"), py::arg("accum_counters"), py::arg("n"), py::arg("bits"), py::arg("group_shift"), py::arg("zero_point"),
-        py::arg("out") = py::none(), py::arg("sums") = py::none());
-  m.def("gemm_sums_max_m", []() { return QS_GEMM_SUMS_MAX_M; }, "most rows a gemm call that leaves its sums may have");
+        py::arg("out") = py::none());
   m.def("dequant", &dequant, "widen strips of a repacked weight into out [64 * strips, 16 * k_steps] (W^T rows)",
         py::arg("qweight"), py::arg("scales"), py::arg("zeros"), py::arg("out"), py::arg("strip_begin"),
         py::arg("bits"), py::arg("group_shift"), py::arg("zero_point"));

@@ -7,8 +7,6 @@
 // ops) straight into the A registers of an asynchronous m64nNk16 wgmma (N = 16 to 256 tokens),
 // which reads the tokens from a 128-byte-swizzled tile that cp.async filled. Split tiles are summed
 // with fp32 reds into the zeroed strip accumulators (as in the GEMV); the last contributor writes y.
-// With QsMatmulArgs.sums (up to 256 tokens, no bias) every segment instead stores or adds its fp32
-// sums into sums [m][n] and the kernel that reads them converts them (no fix-up at all here).
 //
 // Block: 2 warpgroups x SPW strips of 64 columns; warp w of a warpgroup owns columns 16w..16w+15
 // of each of its strips. A stage is KB k16 steps: 4 (64 k: one 128-byte swizzled row of x per
@@ -242,57 +240,7 @@ __global__ void __launch_bounds__(256, WgCfg<T, BITS, NTOK, SPW>::kBlocksPerSm)
     }
     const int strip0 = tile * STRIPS;
     const long long tile_first = (long long)tile * nst;
-    const bool whole = seg_first == tile_first && seg_end == tile_first + nst;
-    if (a.sums != nullptr) {
-      // The caller's next kernel converts (quant/sums.py): this segment's fp32 sums go straight into
-      // sums [m][n] (zero on entry), stored when the segment is the whole tile, added otherwise. No
-      // fence, counter or drain. Lanes of one t and one column quad transpose their values so that
-      // each holds 4 consecutive columns of one token, then lane pairs (j, j ^ 1) swap one quad so
-      // that a warp's 16-byte writes cover 8 rows x 64 bytes (two sectors of a line each; 16 rows x
-      // 32 bytes measured 5-10% slower at 64-128 tokens). n % 4 == 0 (checked by the caller).
-      const int j = g & 3;
-      const bool odd = j & 1;
-#pragma unroll
-      for (int s = 0; s < SPW; ++s) {
-        const int c0 = (strip0 + wg * SPW + s) * 64 + 16 * wq;  // this warp's 16 columns
-        const int n0 = c0 + 4 * (g >> 2) + 8 * odd;              // this lane's quad in both writes
-#pragma unroll
-        for (int p = 0; p < NTOK / 16; ++p) {
-          // v[h][r]: column c0 + g + 8h at token 16p + 8(r >> 1) + 2t + (r & 1) (acc index 4i + 2h + e).
-          float v[2][4];
-#pragma unroll
-          for (int h = 0; h < 2; ++h) {
-#pragma unroll
-            for (int r = 0; r < 4; ++r) v[h][r] = acc[s][4 * (2 * p + (r >> 1)) + 2 * h + (r & 1)];
-            transpose_column_quad(v[h], j);  // v[h][c]: column c0 + 8h + 4(g >> 2) + c, token m_even + (j & 1)
-          }
-          const int m_even = 16 * p + 8 * (j >> 1) + 2 * t;
-          // The even lane keeps its h = 0 quad and gets its partner's (token m_even + 1); the odd lane
-          // keeps its h = 1 quad and gets its partner's (token m_even). Write 0 is row m_even, 1 the next.
-          const float4 mine0 = make_float4(v[0][0], v[0][1], v[0][2], v[0][3]);
-          const float4 mine1 = make_float4(v[1][0], v[1][1], v[1][2], v[1][3]);
-          const float4 send = odd ? mine0 : mine1, keep = odd ? mine1 : mine0;
-          float4 got;
-          got.x = __shfl_xor_sync(0xffffffffu, send.x, 4);
-          got.y = __shfl_xor_sync(0xffffffffu, send.y, 4);
-          got.z = __shfl_xor_sync(0xffffffffu, send.z, 4);
-          got.w = __shfl_xor_sync(0xffffffffu, send.w, 4);
-#pragma unroll
-          for (int row = 0; row < 2; ++row) {
-            const int m = m_even + row;
-            const float4 w = (row == 0) == odd ? got : keep;
-            if (m >= a.m || n0 >= a.n) continue;
-            float* dst = a.sums + (long long)m * a.n + n0;
-            if (whole)
-              *reinterpret_cast<float4*>(dst) = w;
-            else
-              asm volatile("red.global.add.v4.f32 [%0], {%1, %2, %3, %4};\n" ::"l"(dst), "f"(w.x), "f"(w.y),
-                           "f"(w.z), "f"(w.w)
-                           : "memory");
-          }
-        }
-      }
-    } else if (whole) {
+    if (seg_first == tile_first && seg_end == tile_first + nst) {
 #pragma unroll
       for (int s = 0; s < SPW; ++s)
 #pragma unroll

@@ -80,21 +80,4 @@ __device__ __forceinline__ void red_token_quads(float* col, int base, float lo0,
 #endif
 }
 
-// Lanes 4g + t with one t and g = 4q .. 4q + 3 (j = g & 3) each hold v[r], r = 0..3: column j of a
-// 4-column quad, at four tokens (the r-th of a token set the caller names). Afterwards lane j holds
-// v[c] = column c of the quad at the j-th of those tokens: a 4x4 transpose in two butterfly rounds
-// (lane xor 4, then xor 8), two shuffles each, so a [token][column] row store of 16 bytes replaces four
-// scalar ones. Every lane of the warp must call it.
-__device__ __forceinline__ void transpose_column_quad(float (&v)[4], int j) {
-  const bool odd = j & 1, high = j & 2;
-  float s0 = __shfl_xor_sync(0xffffffffu, odd ? v[0] : v[1], 4);
-  float s1 = __shfl_xor_sync(0xffffffffu, odd ? v[2] : v[3], 4);
-  v[odd ? 0 : 1] = s0;  // the partner's element of the other parity, same token pair
-  v[odd ? 2 : 3] = s1;
-  s0 = __shfl_xor_sync(0xffffffffu, high ? v[0] : v[2], 8);
-  s1 = __shfl_xor_sync(0xffffffffu, high ? v[1] : v[3], 8);
-  v[high ? 0 : 2] = s0;
-  v[high ? 1 : 3] = s1;
-}
-
 }  // namespace qs

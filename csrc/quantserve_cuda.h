@@ -43,17 +43,13 @@ typedef struct QsMatmulArgs {
   int group_shift;  // log2(group_size / 16); >= 30 means a single group
   int zero_point;   // zero point used for every column when zeros == NULL
   int dtype;        // QsDtype
-  // No bias; qs_gemv with m <= QS_SUMS_MAX_M, or qs_gemm with m <= QS_GEMM_SUMS_MAX_M, n % 4 == 0 and
-  // 16-byte aligned sums, on the Hopper wgmma kernel only (cudaErrorNotSupported elsewhere): when set, y
-  // is not written; the product's fp32 sums are left in sums [m, n] (row-major, zero on entry) and
-  // whoever reads them must zero them again.
+  // qs_gemv only, m <= QS_SUMS_MAX_M, no bias: when set, y is not written; the product's fp32 sums are
+  // left in sums [m, n] (row-major, zero on entry) and whoever reads them must zero them again.
   float* sums;
 } QsMatmulArgs;
 
 // Most tokens a qs_gemv call that leaves its sums (QsMatmulArgs.sums) may have.
 #define QS_SUMS_MAX_M 8
-// Most tokens a qs_gemm call that leaves its sums may have: one launch of the wgmma kernel.
-#define QS_GEMM_SUMS_MAX_M 256
 
 // Dequantisation of whole 64-column strips into a plain 16-bit W^T, for calls that hand the product to
 // cuBLAS (prefill-sized m): w[r][k] = W[k][64 * strip_begin + r] for r < 64 * strip_count and

@@ -17,10 +17,9 @@ dequantise + cuBLAS path (no cached dense copy). On sm_90 the GEMV launches with
 programmatic dependent launch (its weights stream into L2 during the previous kernel's tail), and
 so does the act-order gather (the kernel after it starts copying its weights during it);
 QUANTSERVE_GEMV_PDL=0 turns both off; QUANTSERVE_GEMM_WGMMA=0 keeps Hopper on the mma.sync GEMM.
-`apply_sums` (QuantLinear.forward_sums) lets a GEMV call of up to SUMS_MAX_M tokens, or a Hopper
-wgmma GEMM call of up to GEMM_SUMS_MAX_M, leave its fp32 sums for the caller's next kernel to
-convert (quant/sums.py), skipping the split-K fix-up; QUANTSERVE_GEMV_SUMS=0 and
-QUANTSERVE_GEMM_SUMS_MAX_M=0 turn those off.
+`apply_sums` (QuantLinear.forward_sums) lets a GEMV call of up to SUMS_MAX_M tokens leave its fp32
+sums for the caller's next kernel to convert (quant/sums.py), skipping the split-K fix-up;
+QUANTSERVE_GEMV_SUMS=0 turns that off.
 """
 
 from __future__ import annotations
@@ -92,13 +91,6 @@ DEQUANT_SCRATCH_BYTES = 64 << 20
 # QUANTSERVE_GEMV_SUMS=0 makes every call write y.
 SUMS_MAX_M = 8
 GEMV_SUMS = os.environ.get("QUANTSERVE_GEMV_SUMS", "1") != "0"
-# Hopper wgmma GEMM calls of up to this many tokens (and n % 4 == 0) leave their sums the same way:
-# every stream-K segment stores or adds its fp32 tile into the [M, N] buffer, so no tile is drained
-# (the drain was up to a third of the M=16-256 step: bench/NOTES.md, v9-diag). 0 turns it off; at most
-# the extension's gemm_sums_max_m (one launch, 256). The buffer holds this many rows of the widest layer.
-GEMM_SUMS_MAX_M = int(os.environ.get("QUANTSERVE_GEMM_SUMS_MAX_M", "32"))
-if not 0 <= GEMM_SUMS_MAX_M <= 256:
-    raise ValueError(f"QUANTSERVE_GEMM_SUMS_MAX_M must be in [0, 256], got {GEMM_SUMS_MAX_M}")
 
 
 def arch_flags(archs: tuple[str, ...]) -> tuple[str, ...]:
@@ -171,7 +163,7 @@ class Workspace:
     accum: torch.Tensor
     accum_counters: torch.Tensor
     scratch: torch.Tensor
-    sums: SumsBuffer  # float32, sums_rows() x the widest layer: the calls that leave their sums
+    sums: SumsBuffer  # float32, SUMS_MAX_M x the widest layer: the GEMV calls that leave their sums
 
 
 def _device_index(device: torch.device | int | None) -> int:
@@ -179,11 +171,6 @@ def _device_index(device: torch.device | int | None) -> int:
         return torch.cuda.current_device()
     d = torch.device("cuda", device) if isinstance(device, int) else torch.device(device)
     return d.index if d.index is not None else torch.cuda.current_device()
-
-
-def sums_rows() -> int:
-    """Token rows of the sums buffer: the most tokens a call that leaves its sums may have."""
-    return max(SUMS_MAX_M, GEMM_SUMS_MAX_M)
 
 
 def _strips(n: int) -> int:
@@ -210,7 +197,7 @@ def workspace(device: torch.device, n: int = 0, scratch: int = 0) -> Workspace:
     ws = _WORKSPACE.get(index)
     dev = f"cuda:{index}"
     need_accum = ext.gemv_accum_floats(max(n, ACCUM_MIN_N))
-    need_sums = sums_rows() * 64 * _strips(n)
+    need_sums = SUMS_MAX_M * 64 * _strips(n)
     if ws is None:
         floats, counters = ext.workspace_need(index)
         ws = Workspace(torch.empty(floats, dtype=torch.float32, device=dev),
@@ -221,12 +208,11 @@ def workspace(device: torch.device, n: int = 0, scratch: int = 0) -> Workspace:
                        SumsBuffer(torch.zeros(need_sums, dtype=torch.float32, device=dev)))
         _WORKSPACE[index] = ws
         return ws
-    if ws.accum.numel() < need_accum or ws.scratch.numel() < scratch or ws.sums.data.numel() < need_sums:
+    if ws.accum.numel() < need_accum or ws.scratch.numel() < scratch:
         _RETIRED.append(dataclasses.replace(ws))
     if ws.accum.numel() < need_accum:
         ws.accum = torch.zeros(need_accum, dtype=torch.float32, device=dev)
         ws.accum_counters = torch.zeros(_strips(n), dtype=torch.int32, device=dev)
-    if ws.sums.data.numel() < need_sums:
         ws.sums = SumsBuffer(torch.zeros(need_sums, dtype=torch.float32, device=dev))
     if ws.scratch.numel() < scratch:
         ws.scratch = torch.empty(scratch, dtype=torch.uint8, device=dev)
@@ -277,14 +263,12 @@ class CudaBackend:
         return matmul(state, x)
 
     def apply_sums(self, layer: "QuantLinear", state: CudaLayout, x: torch.Tensor) -> Sums | None:
-        """y's fp32 sums (quant.sums.Sums) for x fp16/bf16 [M, K] without bias, where the call runs
-        the GEMV with M <= SUMS_MAX_M, or the Hopper wgmma GEMM with M <= GEMM_SUMS_MAX_M and
-        N % 4 == 0. None for any other call (apply takes it)."""
-        m = x.shape[0]
-        if m == 0 or layer.bias is not None or x.dtype not in state.constants:
+        """y's fp32 sums (quant.sums.Sums) for a GEMV-sized call: x fp16/bf16 [M, K], M <= SUMS_MAX_M,
+        no bias. None for any other call (apply takes it)."""
+        if (x.shape[0] == 0 or layer.bias is not None or x.dtype not in state.constants
+                or sums_op(x.shape[0], state.n, x.device) is None):
             return None
-        op = sums_op(m, state.n, x.device)
-        return None if op is None else matmul_sums(state, x, op)
+        return matmul_sums(state, x)
 
     @staticmethod
     def _dense(layer: "QuantLinear", state: CudaLayout, x: torch.Tensor) -> torch.Tensor:
@@ -370,9 +354,8 @@ def matmul(state: CudaLayout, x: torch.Tensor, out: torch.Tensor | None = None,
     op: "gemv" (M <= 32), "gemm" or "dequant" (dequant_matmul); None asks pick_op.
     Act-order layers gather x[:, perm] first (gather_cols), then run the plain kernel.
     out: optional preallocated y (tests poison it to prove every element is written).
-    sums: with op "gemv" (M <= SUMS_MAX_M) or "gemm" (the wgmma kernel, M <= 256, N % 4 == 0) and no
-    bias, a zeroed float32 [M, N] that receives the unconverted products instead of y, and is
-    returned (matmul_sums)."""
+    sums: with op "gemv", M <= SUMS_MAX_M and no bias, a zeroed float32 [M, N] that receives the
+    unconverted products instead of y, and is returned (matmul_sums)."""
     ws = workspace(x.device)  # first use on a device probes for the wgmma kernel (outside capture)
     if op is None:
         op = pick_op(x.shape[0], lambda: wgmma_available(x.device))
@@ -388,28 +371,26 @@ def matmul(state: CudaLayout, x: torch.Tensor, out: torch.Tensor | None = None,
             state.n, state.bits, state.group_shift, state.zero_point, out)
     if op == "gemv":
         return ext.gemv(*args, sums=sums)
-    return ext.gemm(*args, sums=sums)
+    return ext.gemm(*args)
 
 
 def sums_op(m: int, n: int, device: torch.device) -> str | None:
-    """The kernel ("gemv" or "gemm") that leaves the sums of a call of m tokens into n columns, or
-    None where the call writes y (the switches, the size limits, a non-Hopper GEMM)."""
-    op = pick_op(m, lambda: wgmma_available(device))
-    if op == "gemv":
-        return op if GEMV_SUMS and m <= SUMS_MAX_M else None
-    if op == "gemm" and m <= GEMM_SUMS_MAX_M and n % 4 == 0 and wgmma_available(device):
-        return op
+    """The kernel that leaves the fp32 sums of a call of m tokens into n columns ("gemv": up to
+    SUMS_MAX_M tokens, unless QUANTSERVE_GEMV_SUMS=0), or None where the call writes y. (The Hopper
+    wgmma GEMM leaving its sums in the [M, N] buffer was built and measured slower than its own
+    fix-up: bench/NOTES.md, v13-gemm-sums.)"""
+    if GEMV_SUMS and m <= SUMS_MAX_M and pick_op(m, lambda: wgmma_available(device)) == "gemv":
+        return "gemv"
     return None
 
 
-def matmul_sums(state: CudaLayout, x: torch.Tensor, op: str = "gemv") -> Sums:
-    """y's fp32 sums [M, N] for x fp16/bf16 [M, K] (contiguous; sums_op(M, N) names op) through the
-    GEMV or the wgmma GEMM, which add their products into the device's zeroed sums buffer and skip
-    the split-K fix-up; the reader converts them to x.dtype and zeroes them (quant.sums). The layer
-    must have no bias."""
+def matmul_sums(state: CudaLayout, x: torch.Tensor) -> Sums:
+    """y's fp32 sums [M, N] for x fp16/bf16 [M, K] (contiguous, M <= SUMS_MAX_M) through the GEMV,
+    which adds its products into the device's zeroed sums buffer and skips the split-K fix-up; the
+    reader converts them to x.dtype and zeroes them (quant.sums). The layer must have no bias."""
     buffer = workspace(x.device).sums
     view = buffer.claim(x.shape[0], state.n)
-    matmul(state, x, op=op, sums=view)
+    matmul(state, x, op="gemv", sums=view)
     return Sums(view, x.dtype, buffer)
 
 

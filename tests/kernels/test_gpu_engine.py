@@ -108,9 +108,9 @@ def test_quantized_linears_after_triton_kernels_read_finished_inputs(sums):
     GEMV -> residual rms_norm as in a decode step, eagerly and in a graph. On Hopper every link is a
     programmatic dependent launch: the GEMVs and the Triton kernels start while the kernel before
     them finishes, so each must read its input (and write the cache) only after its wait. 64 tokens:
-    the wgmma GEMM. sums: the linears leave their fp32 sums (the GEMV up to 8 tokens, the wgmma GEMM
-    at 9-128) and the Triton kernel after each converts and zeroes them, so the shared sums buffer is
-    zero again after every step."""
+    the wgmma GEMM. sums: the linears leave their fp32 sums where the backend does (sums_op: the GEMV,
+    up to 8 tokens) and the Triton kernel after each converts and zeroes them, so the shared sums
+    buffer is zero again after every step."""
     from quant import kernels
     from quant.backends import cuda as cuda_backend
     from quant.sums import Sums

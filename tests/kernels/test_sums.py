@@ -164,21 +164,15 @@ def _cuda_layer(k, n, bits, group_size, sym=True, desc_act=False, bias=False):
     (576, 192, 4, 128, True, False), (576, 1536, 8, 64, False, False), (1536, 576, 4, 32, False, True),
     (4096, 4096, 4, 128, True, False), (4096, 12288, 4, -1, False, False), (584, 72, 4, 32, True, False)])
 @pytest.mark.gpu
-def test_sums_are_the_products(k, n, bits, group_size, sym, desc_act, monkeypatch):
-    """The GEMV (1-8 tokens) and, on Hopper, the wgmma GEMM (9-128 here, whatever GEMM_SUMS_MAX_M is:
-    whole and split tiles, 16- to 128-token tiles, partial token quads) that leave their fp32 sums
-    (apply_sums): the sums match the float32 reference and, rounded to x's dtype, the y the same call
-    writes otherwise; materialize() gives that y and leaves the shared buffer zero for the next call,
-    also when a Sums was abandoned."""
-    monkeypatch.setattr(cuda_backend, "GEMM_SUMS_MAX_M", 128)
+def test_gemv_sums_are_the_products(k, n, bits, group_size, sym, desc_act):
+    """The GEMV that leaves its fp32 sums (apply_sums, 1-8 tokens): the sums match the float32
+    reference and, rounded to x's dtype, the y the same call writes otherwise; materialize() gives
+    that y and leaves the shared buffer zero for the next call, also when a Sums was abandoned."""
     layer = _cuda_layer(k, n, bits, group_size, sym, desc_act)
-    buffer = cuda_backend.workspace(torch.device("cuda"), n).sums  # grown to 128 rows
+    buffer = cuda_backend.workspace(torch.device("cuda")).sums
     g = torch.Generator(device="cuda").manual_seed(k + n)
-    ms = list(range(1, cuda_backend.SUMS_MAX_M + 1))
-    if cuda_backend.wgmma_available():
-        ms += [m for m in (9, 16, 17, 33, 64, 100, 128) if m <= cuda_backend.GEMM_SUMS_MAX_M]
     for dtype in (torch.float16, torch.bfloat16):
-        for m in ms:
+        for m in range(1, cuda_backend.SUMS_MAX_M + 1):
             x = torch.randn(m, k, device="cuda", dtype=dtype, generator=g)
             ref = kernels.reference(layer, x)
             sums = layer.forward_sums(x)
@@ -198,35 +192,13 @@ def test_sums_are_the_products(k, n, bits, group_size, sym, desc_act, monkeypatc
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("m", [129, 200, 256])
-def test_gemm_sums_up_to_one_launch(m):
-    """The wgmma GEMM leaves the sums of up to 256 tokens (one launch, 256-token tiles above 128;
-    more than GEMM_SUMS_MAX_M only when called directly): equal to its y up to the summation order."""
-    if not cuda_backend.wgmma_available():
-        pytest.skip("the wgmma GEMM is Hopper's")
-    for k, n in ((576, 192), (4096, 4096)):
-        layer = _cuda_layer(k, n, 4, 128)
-        x = torch.randn(m, k, device="cuda", dtype=torch.float16)
-        sums = torch.zeros(m * n + 4, device="cuda")
-        got = cuda_backend.matmul(layer.kernel_state, x, op="gemm", sums=sums)
-        assert got.shape == (m, n) and got.data_ptr() == sums.data_ptr() and not sums[m * n:].any()
-        torch.testing.assert_close(got.half(), layer(x), rtol=2e-3, atol=1e-3)
-
-
-@pytest.mark.gpu
 def test_apply_sums_leaves_other_calls_to_apply():
-    """Calls the sums path does not take come back as y: more tokens than either kernel leaves sums
-    for, a bias, float32 input, and 9-128 tokens when the GEMM is not the wgmma kernel."""
+    """Calls the sums path does not take come back as y: more than SUMS_MAX_M tokens, a bias, float32
+    input."""
     plain = _cuda_layer(576, 192, 4, 128)
     biased = _cuda_layer(576, 192, 4, 128, bias=True)
-    x = torch.randn(max(cuda_backend.SUMS_MAX_M, cuda_backend.GEMM_SUMS_MAX_M) + 1, 576, device="cuda",
-                    dtype=torch.float16)
-    for layer, xin in ((plain, x), (biased, x[:1]), (biased, x[:16]), (plain, x[:1].float())):
+    x = torch.randn(cuda_backend.SUMS_MAX_M + 1, 576, device="cuda", dtype=torch.float16)
+    for layer, xin in ((plain, x), (biased, x[:1]), (plain, x[:1].float())):
         y = layer.forward_sums(xin)
         assert isinstance(y, torch.Tensor) and y.dtype == xin.dtype
         torch.testing.assert_close(y.float(), kernels.reference(layer, xin), rtol=2e-3, atol=2e-3)
-    with cuda_backend.gemm_launch_options(wgmma=False):
-        for m in (9, 16, 64):
-            y = plain.forward_sums(x[:m])
-            assert isinstance(y, torch.Tensor)
-            torch.testing.assert_close(y.float(), kernels.reference(plain, x[:m]), rtol=2e-3, atol=2e-3)
