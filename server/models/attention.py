@@ -17,6 +17,8 @@ from typing import Protocol
 import torch
 import torch.nn.functional as F
 
+from server.models.fused import KVSlots
+
 
 class AttentionBackend(Protocol):
     def __call__(self, layer_idx: int, q: torch.Tensor, k: torch.Tensor,
@@ -120,6 +122,17 @@ class PagedAttention:
 
             self.cpu_plan = DecodePlan.build(meta.block_tables, meta.context_lens, meta.slot_mapping,
                                              k_caches[0])
+        self._kv_slots: dict[int, KVSlots] = {}
+
+    def kv_slots(self, layer_idx: int) -> KVSlots | None:
+        """Where layer layer_idx's new k/v rows go, for a kernel before the attention that can store
+        them itself (fused.qkv_rotary); if it does (KVSlots.stored), this layer's call skips its own
+        cache write. Only on the Triton path (CUDA), whose cache write it replaces."""
+        if self.decode_partitions is None:
+            return None
+        slots = self._kv_slots[layer_idx] = KVSlots(self.k_caches[layer_idx], self.v_caches[layer_idx],
+                                                   self.meta.slot_mapping)
+        return slots
 
     def __call__(self, layer_idx: int, q: torch.Tensor, k: torch.Tensor,
                  v: torch.Tensor) -> torch.Tensor:
@@ -129,7 +142,10 @@ class PagedAttention:
             if out is not None:
                 return out
         _, block_size, n_kv, hd = kc.shape
-        if self.decode_partitions is not None:  # CUDA + Triton: one fused launch
+        slots = self._kv_slots.pop(layer_idx, None)
+        if slots is not None and slots.stored:
+            pass  # the kernel that produced k and v stored them (kv_slots)
+        elif self.decode_partitions is not None:  # CUDA + Triton: one fused launch
             from server.models.triton_attention import write_kv
 
             write_kv(k, v, kc, vc, self.meta.slot_mapping)

@@ -30,6 +30,7 @@ and in place (as on CUDA), rms_norm within ~1 ulp of F.rms_norm (another summati
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 
 import torch
 
@@ -227,12 +228,14 @@ if HAVE_TRITON:
         tl.store(out_ptr + row * stride_o + cols, s * u, mask=mask)
 
     @triton.jit
-    def _qkv_sums_rotary_kernel(s_ptr, out_ptr, cos_ptr, sin_ptr, stride_s, stride_o, stride_ct,
-                                n_rot, n_all, HALF: tl.constexpr, HB: tl.constexpr,
-                                PDL: tl.constexpr):
+    def _qkv_sums_rotary_kernel(s_ptr, out_ptr, cos_ptr, sin_ptr, kc_ptr, vc_ptr, slot_ptr, stride_s,
+                                stride_o, stride_ct, stride_slot, n_q, n_rot, n_all, HALF: tl.constexpr,
+                                HB: tl.constexpr, TO_CACHE: tl.constexpr, PDL: tl.constexpr):
         # Token t, heads HB*j .. HB*j+HB-1 of its row of fp32 q|k|v sums (n_all = nh + 2 nkv heads
-        # of 2 HALF columns; the first n_rot = nh + nkv are q and k): rounded as the matmul's y,
-        # q and k heads rotated as _rotary_kernel does, v heads copied; the sums are zeroed behind.
+        # of 2 HALF columns; the first n_q are q, then k up to n_rot, then v): rounded as the
+        # matmul's y, q and k heads rotated as _rotary_kernel does, v heads copied; the sums are
+        # zeroed behind. TO_CACHE: k and v also go to the token's slot of the paged cache (what
+        # _cache_write would store: rows of nkv * 2 HALF elements, stride_slot apart).
         pdl_enter(PDL)
         t = tl.program_id(0)
         h = tl.program_id(1) * HB + tl.arange(0, HB)
@@ -251,9 +254,22 @@ if HAVE_TRITON:
         x2 = x2.to(out_ptr.dtype.element_ty)
         y1, y2 = _rotate_half(x1, x2, c1, s1, c2, s2)
         rot = (h < n_rot)[:, None]
+        z1 = tl.where(rot, y1, x1)
+        z2 = tl.where(rot, y2, x2)
         o1 = out_ptr + t * stride_o + col
-        tl.store(o1, tl.where(rot, y1, x1), mask=hm)
-        tl.store(o1 + HALF, tl.where(rot, y2, x2), mask=hm)
+        tl.store(o1, z1, mask=hm)
+        tl.store(o1 + HALF, z2, mask=hm)
+        if TO_CACHE:
+            row = tl.load(slot_ptr + t).to(tl.int64) * stride_slot
+            is_v = (h >= n_rot)[:, None]
+            # the head's place in its cache row: h - n_q for k heads, h - n_rot for v heads
+            at = row + (h[:, None] - tl.where(is_v, n_rot, n_q)) * (2 * HALF) + d[None, :]
+            to_k = hm & (h >= n_q)[:, None] & (h < n_rot)[:, None]
+            to_v = hm & is_v
+            tl.store(kc_ptr + at, z1.to(kc_ptr.dtype.element_ty), mask=to_k)
+            tl.store(kc_ptr + at + HALF, z2.to(kc_ptr.dtype.element_ty), mask=to_k)
+            tl.store(vc_ptr + at, z1.to(vc_ptr.dtype.element_ty), mask=to_v)
+            tl.store(vc_ptr + at + HALF, z2.to(vc_ptr.dtype.element_ty), mask=to_v)
 
 
 # ---------------------------------------------------------------------------------- entry points
@@ -340,12 +356,31 @@ def silu_mul(gate_up: torch.Tensor | Sums) -> torch.Tensor:
     return out
 
 
+@dataclass(eq=False)
+class KVSlots:
+    """Where one layer's new k and v rows go: k_cache / v_cache [blocks, block_size, nkv, D] (each
+    slot's nkv * D elements contiguous), slot_mapping int64 [T] (flat slot of each token). Whoever
+    writes them sets `stored`; the attention then does not write them again."""
+
+    k_cache: torch.Tensor
+    v_cache: torch.Tensor
+    slot_mapping: torch.Tensor
+    stored: bool = False
+
+    def fits(self, nkv: int, d: int) -> bool:
+        kc, vc = self.k_cache, self.v_cache
+        return (kc.shape[2:] == (nkv, d) and vc.shape == kc.shape and kc.stride()[2:] == (d, 1)
+                and vc.stride() == kc.stride() and self.slot_mapping.dtype == torch.int64)
+
+
 def qkv_rotary(qkv: torch.Tensor | Sums, num_heads: int, num_kv_heads: int, head_dim: int,
-               cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+               cos: torch.Tensor, sin: torch.Tensor,
+               kv_slots: KVSlots | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """A fused q|k|v projection's output [T, (nh + 2 * nkv) * D] -> (q [T, nh, D], k [T, nkv, D],
     v [T, nkv, D]) with q and k rotated by cos/sin [T, 1, D] (as rotary_); views of one [T, N]
     tensor. qkv may be the projection's unconverted Sums: one kernel converts (and zeroes) it,
-    rotates q and k and copies v."""
+    rotates q and k and copies v, and, given kv_slots, also stores k and v in the paged cache
+    (kv_slots.stored tells whether it did; otherwise the attention writes them)."""
     d = head_dim
     if isinstance(qkv, Sums):
         if not _use_triton(qkv.data, qkv.dtype) or d & (d - 1):
@@ -358,10 +393,15 @@ def qkv_rotary(qkv: torch.Tensor | Sums, num_heads: int, num_kv_heads: int, head
             pdl = triton_pdl(out)
             n_all = num_heads + 2 * num_kv_heads
             hb = QKV_HEADS_PER_PROGRAM
+            to_cache = kv_slots is not None and kv_slots.fits(num_kv_heads, d)
+            kc, vc, slots = (kv_slots.k_cache, kv_slots.v_cache, kv_slots.slot_mapping) if to_cache else (out,) * 3
             _qkv_sums_rotary_kernel[(t, triton.cdiv(n_all, hb))](
-                sums.data, out, cos2, sin2, sums.data.stride(0), out.stride(0), cos2.stride(0),
-                num_heads + num_kv_heads, n_all, HALF=d // 2, HB=hb, PDL=pdl,
+                sums.data, out, cos2, sin2, kc, vc, slots, sums.data.stride(0), out.stride(0),
+                cos2.stride(0), kc.stride(1) if to_cache else 0, num_heads, num_heads + num_kv_heads,
+                n_all, HALF=d // 2, HB=hb, TO_CACHE=to_cache, PDL=pdl,
                 num_warps=max(1, min(4, hb * d // 256)), **NO_FMA, **launch_kwargs(pdl))
+            if to_cache:
+                kv_slots.stored = True
             sums.release()
             return _split_heads(out, num_heads, num_kv_heads, d)
     q, k, v = _split_heads(qkv, num_heads, num_kv_heads, d)

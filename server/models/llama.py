@@ -90,9 +90,11 @@ class LlamaAttention(nn.Module):
         """Everything before o_proj: normed x [T, H] -> attention output [T, q_size]."""
         t = x.shape[0]
         if self.qkv_proj is not None:
-            # [T, q_size + 2 * kv_size], possibly unconverted: qkv_rotary converts it as it rotates
+            # [T, q_size + 2 * kv_size], possibly unconverted: qkv_rotary converts it as it rotates,
+            # and may store k and v in the attention's cache in the same kernel
+            slots = getattr(attn, "kv_slots", None)
             q, k, v = qkv_rotary(project(self.qkv_proj, x), self.num_heads, self.num_kv_heads,
-                                 self.head_dim, cos, sin)
+                                 self.head_dim, cos, sin, slots(self.layer_idx) if slots else None)
         else:
             q = self.q_proj(x).view(t, self.num_heads, self.head_dim)
             k = self.k_proj(x).view(t, self.num_kv_heads, self.head_dim)

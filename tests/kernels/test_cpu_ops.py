@@ -181,3 +181,22 @@ def test_tiny_model_decode_same_with_ops_on_and_off(monkeypatch):
     ids_off, logits_off = run()
     assert ids_on == ids_off
     torch.testing.assert_close(logits_on, logits_off, rtol=1e-4, atol=1e-4)
+
+
+def test_attention_skips_the_cache_write_a_kernel_before_it_did(monkeypatch):
+    """kv_slots: only the Triton path hands out its cache slots (fused.qkv_rotary stores k and v
+    there); a layer whose KVSlots say stored does not write them again, any other layer does."""
+    from server.models.fused import KVSlots
+
+    monkeypatch.setattr(cpu_ops, "ENABLED", False)
+    kc, vc, meta, q, k, v = _paged(2, [5, 9], 4, 2, 32)
+    attn = PagedAttention([kc, kc.clone()], [vc, vc.clone()], meta)
+    assert attn.kv_slots(0) is None  # the torch path writes its own
+    before = kc.clone()
+    attn._kv_slots[0] = KVSlots(kc, vc, meta.slot_mapping, stored=True)
+    attn(0, q, k, v)
+    assert torch.equal(kc, before)
+    attn._kv_slots[1] = KVSlots(attn.k_caches[1], attn.v_caches[1], meta.slot_mapping)  # not stored
+    attn(1, q, k, v)
+    assert torch.equal(attn.k_caches[1].view(-1, 2, 32)[meta.slot_mapping], k)
+    assert not attn._kv_slots

@@ -110,7 +110,8 @@ def test_quantized_linears_after_triton_kernels_read_finished_inputs(sums):
     them finishes, so each must read its input (and write the cache) only after its wait. 64 tokens:
     the wgmma GEMM. sums: the linears leave their fp32 sums where the backend does (sums_op: the GEMV,
     up to 8 tokens) and the Triton kernel after each converts and zeroes them, so the shared sums
-    buffer is zero again after every step."""
+    buffer is zero again after every step, and the q/k/v sums kernel stores k and v in the cache
+    itself (KVSlots)."""
     from quant import kernels
     from quant.backends import cuda as cuda_backend
     from quant.sums import Sums
@@ -148,8 +149,11 @@ def test_quantized_linears_after_triton_kernels_read_finished_inputs(sums):
         def run(x):
             h, _ = fused.rms_norm(x, w, 1e-5)
             a = fused.silu_mul(linear(layers[0], h))
-            q, k, v = fused.qkv_rotary(linear(layers[1], a), nh, nkv, d, cos, sin)
-            write_kv(k, v, kc, vc, slots)
+            kv = fused.KVSlots(kc, vc, slots) if sums else None  # the sums kernel also stores k, v
+            q, k, v = fused.qkv_rotary(linear(layers[1], a), nh, nkv, d, cos, sin, kv)
+            assert kv is None or kv.stored == (m <= cuda_backend.SUMS_MAX_M)
+            if kv is None or not kv.stored:
+                write_kv(k, v, kc, vc, slots)
             att = paged_decode_attention(q, kc, vc, tables, ctx, max_partitions(512))
             out, res = fused.rms_norm(linear(layers[2], att.view(m, 4096)), w, 1e-5, x)
             return h, a, q, k, v, att, out, res

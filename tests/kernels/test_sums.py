@@ -96,6 +96,42 @@ def test_qkv_reader_splits_a_row_over_programs(device, heads_per_program, monkey
     assert not buffer.pending and not buffer.data.any()
 
 
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32], ids=["fp16", "fp32"])
+def test_qkv_reader_stores_k_and_v_in_the_cache(device, dtype):
+    """Given the layer's KVSlots, the q/k/v sums kernel also stores k and v (rounded and rotated as
+    it returns them) in their tokens' cache slots and nowhere else, and says so (stored); where
+    the kernel does not run (plain CPU) or the cache does not fit, nothing is stored and the
+    attention writes them as before."""
+    g = torch.Generator(device=device).manual_seed(17)
+    buffer = SumsBuffer(torch.zeros(1 << 14, device=device))
+    t, nh, nkv, d = 3, 6, 2, 32
+    qkv = torch.randn(t, (nh + 2 * nkv) * d, generator=g, device=device)
+    emb = torch.randn(t, 1, d, generator=g, device=device)
+    cos, sin = emb.cos().to(dtype), emb.sin().to(dtype)
+    want = fused.qkv_rotary(qkv.to(dtype, copy=True), nh, nkv, d, cos, sin)
+    kc = torch.zeros(6, 4, nkv, d, device=device, dtype=dtype)
+    vc = torch.zeros_like(kc)
+    slots = torch.tensor([21, 2, 9], device=device)
+    kv = fused.KVSlots(kc, vc, slots)
+    got = fused.qkv_rotary(_sums(buffer, qkv, dtype), nh, nkv, d, cos, sin, kv)
+    for a, b in zip(got, want):
+        assert torch.equal(a, b)
+    assert kv.stored == fused._use_triton(qkv, dtype)
+    if kv.stored:
+        assert torch.equal(kc.view(-1, nkv, d)[slots], want[1]) and torch.equal(vc.view(-1, nkv, d)[slots], want[2])
+        others = torch.ones(24, dtype=torch.bool, device=device)
+        others[slots] = False
+        assert not kc.view(-1, nkv, d)[others].any() and not vc.view(-1, nkv, d)[others].any()
+    else:
+        assert not kc.any() and not vc.any()
+    wrong = fused.KVSlots(torch.zeros(6, 4, nkv + 1, d, device=device, dtype=dtype),
+                          torch.zeros(6, 4, nkv + 1, d, device=device, dtype=dtype), slots)
+    fused.qkv_rotary(_sums(buffer, qkv, dtype), nh, nkv, d, cos, sin, wrong)
+    assert not wrong.stored and not wrong.k_cache.any()
+    assert not buffer.pending and not buffer.data.any()
+
+
 class SumsLinear(nn.Linear):
     """A dense linear that leaves its output as Sums in a shared buffer, as the CUDA GEMV does."""
 
