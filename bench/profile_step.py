@@ -4,7 +4,9 @@
     python -m bench.profile_step --prefill 1024     # one prompt's prefill instead of decode steps
 Prints the wall time per step, the GPU time per step, where the host's share of the step goes
 (schedule, the runner's input preparation and launch, the sampler, which waits for the GPU, and the
-scheduler's update), and the top kernels by GPU time.
+scheduler's update), the top kernels by GPU time, and what each kernel adds to the GPU's critical
+path (frontier_costs: under programmatic dependent launch kernels start early and wait, so their
+durations overlap and do not add up to the step).
 """
 
 from __future__ import annotations
@@ -85,6 +87,40 @@ def main() -> None:
           f"{len(eng.scheduler.running)} running")
     print("host phases, ms/step: " + ", ".join(f"{k} {v * 1e3:.3f}" for k, v in phases.items()))
     print(events.table(sort_by="self_device_time_total", row_limit=12, max_name_column_width=60))
+    kernels = [(e.name, e.time_range.start, e.time_range.end) for e in prof.events()
+               if e.device_type == torch.autograd.DeviceType.CUDA]
+    costs, idle = frontier_costs(kernels)
+    span = sum(c[1] for c in costs.values()) + idle
+    print(f"critical path: {span / args.steps / 1e3:.3f} ms/step of GPU time span, idle "
+          f"{idle / args.steps / 1e3:.3f}; what each kernel adds to it (its end past the latest earlier end):")
+    print(f"  {'kernel':58s} {'calls':>6s} {'adds ms':>8s} {'share':>6s} {'runs ms':>8s}")
+    for name, (calls, added, busy) in sorted(costs.items(), key=lambda kv: -kv[1][1])[:16]:
+        print(f"  {name[:58]:58s} {calls / args.steps:6.1f} {added / args.steps / 1e3:8.3f} "
+              f"{100 * added / span:5.1f}% {busy / args.steps / 1e3:8.3f}")
+
+
+def frontier_costs(kernels: list[tuple[str, float, float]]) -> tuple[dict[str, list[float]], float]:
+    """kernels: (name, start, end) of the GPU work of a run, any order, one stream's worth (times in
+    any one unit). Sorted by start, each kernel moves the end of the GPU's work (the frontier) from
+    the latest end before it to its own end, or not at all if it ends inside earlier work; a start
+    past the frontier is idle time. Returns ({name: [calls, added, ran]}, idle): the added times and
+    the idle time sum to the run's span, ran is the kernels' own summed durations."""
+    costs: dict[str, list[float]] = {}
+    idle = 0.0
+    frontier = None
+    for name, start, end in sorted(kernels, key=lambda k: (k[1], k[2])):
+        if frontier is None:
+            frontier = start
+        if start > frontier:
+            idle += start - frontier
+            frontier = start
+        added = max(0.0, end - frontier)
+        frontier = max(frontier, end)
+        entry = costs.setdefault(name, [0, 0.0, 0.0])
+        entry[0] += 1
+        entry[1] += added
+        entry[2] += end - start
+    return costs, idle
 
 
 def timed_phases(eng: LLMEngine, run, steps: int) -> dict[str, float]:
