@@ -367,10 +367,12 @@ class KVSlots:
     slot_mapping: torch.Tensor
     stored: bool = False
 
-    def fits(self, nkv: int, d: int) -> bool:
-        kc, vc = self.k_cache, self.v_cache
+    def fits(self, tokens: int, nkv: int, d: int, device: torch.device) -> bool:
+        """Whether a kernel writing `tokens` rows of nkv heads x d can store them here."""
+        kc, vc, slots = self.k_cache, self.v_cache, self.slot_mapping
         return (kc.shape[2:] == (nkv, d) and vc.shape == kc.shape and kc.stride()[2:] == (d, 1)
-                and vc.stride() == kc.stride() and self.slot_mapping.dtype == torch.int64)
+                and vc.stride() == kc.stride() and slots.dtype == torch.int64 and slots.shape == (tokens,)
+                and kc.device == vc.device == slots.device == device)
 
 
 def qkv_rotary(qkv: torch.Tensor | Sums, num_heads: int, num_kv_heads: int, head_dim: int,
@@ -393,7 +395,7 @@ def qkv_rotary(qkv: torch.Tensor | Sums, num_heads: int, num_kv_heads: int, head
             pdl = triton_pdl(out)
             n_all = num_heads + 2 * num_kv_heads
             hb = QKV_HEADS_PER_PROGRAM
-            to_cache = kv_slots is not None and kv_slots.fits(num_kv_heads, d)
+            to_cache = kv_slots is not None and kv_slots.fits(t, num_kv_heads, d, out.device)
             kc, vc, slots = (kv_slots.k_cache, kv_slots.v_cache, kv_slots.slot_mapping) if to_cache else (out,) * 3
             _qkv_sums_rotary_kernel[(t, triton.cdiv(n_all, hb))](
                 sums.data, out, cos2, sin2, kc, vc, slots, sums.data.stride(0), out.stride(0),

@@ -127,8 +127,10 @@ def test_qkv_reader_stores_k_and_v_in_the_cache(device, dtype):
         assert not kc.any() and not vc.any()
     wrong = fused.KVSlots(torch.zeros(6, 4, nkv + 1, d, device=device, dtype=dtype),
                           torch.zeros(6, 4, nkv + 1, d, device=device, dtype=dtype), slots)
-    fused.qkv_rotary(_sums(buffer, qkv, dtype), nh, nkv, d, cos, sin, wrong)
-    assert not wrong.stored and not wrong.k_cache.any()
+    short = fused.KVSlots(kc.clone().zero_(), vc.clone().zero_(), slots[:2])  # fewer slots than tokens
+    for bad in (wrong, short):
+        fused.qkv_rotary(_sums(buffer, qkv, dtype), nh, nkv, d, cos, sin, bad)
+        assert not bad.stored and not bad.k_cache.any()
     assert not buffer.pending and not buffer.data.any()
 
 
