@@ -179,13 +179,13 @@ def sums_step(m, order, weights, xs, steps) -> bool:
     The buffer is never zeroed here: the values are meaningless, the memory traffic is the engine's.
     False where no call of m tokens leaves sums (cuda_backend.sums_op: more than SUMS_MAX_M tokens, or
     QUANTSERVE_GEMV_SUMS=0)."""
-    ops = {s: cuda_backend.sums_op(m, SHAPES[s][1], torch.device("cuda")) for s in SHAPES if s != "lm_head"}
+    ops = {SHAPES[s]: cuda_backend.sums_op(m, SHAPES[s][1], torch.device("cuda")) for s in SHAPES if s != "lm_head"}
     if any(op is None for op in ops.values()):
         return False
     buf = torch.zeros(m * max(n for _, n in SHAPES.values()), device="cuda")
 
     def call(x, w):
-        op = ops.get(next(s for s, (k, n) in SHAPES.items() if (k, n) == (w.k, w.n)))
+        op = ops.get((w.k, w.n))  # None for lm_head: it writes y, as in the engine
         return cuda_backend.matmul(w, x, op=op, sums=buf) if op else cuda_backend.matmul(w, x)
 
     steps.append({"m": m, "backend": "ours_sums", "ms": round(time_graph(step_calls(order, weights, xs, call), 10), 4)})

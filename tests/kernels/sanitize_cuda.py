@@ -37,8 +37,7 @@ def main() -> int:
                 x = torch.randn(m, k, device="cuda", dtype=dtype)
                 ref = kernels.reference(layer, x)
                 ops = ("gemv", "gemm") if m <= 32 else ("gemm", "dequant")
-                sums_op = cuda_backend.sums_op(m, n, x.device)
-                if sums_op is not None and not bias:
+                if cuda_backend.sums_op(m, n, x.device) is not None and not bias:
                     ops += ("sums",)
                 for op in ops:
                     if op == "sums":  # the GEMV that leaves its fp32 sums, converted here

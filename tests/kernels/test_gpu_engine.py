@@ -150,8 +150,9 @@ def test_quantized_linears_after_triton_kernels_read_finished_inputs(sums):
             h, _ = fused.rms_norm(x, w, 1e-5)
             a = fused.silu_mul(linear(layers[0], h))
             kv = fused.KVSlots(kc, vc, slots) if sums else None  # the sums kernel also stores k, v
-            q, k, v = fused.qkv_rotary(linear(layers[1], a), nh, nkv, d, cos, sin, kv)
-            assert kv is None or kv.stored == (m <= cuda_backend.SUMS_MAX_M)
+            qkv = linear(layers[1], a)
+            q, k, v = fused.qkv_rotary(qkv, nh, nkv, d, cos, sin, kv)
+            assert kv is None or kv.stored == isinstance(qkv, Sums)
             if kv is None or not kv.stored:
                 write_kv(k, v, kc, vc, slots)
             att = paged_decode_attention(q, kc, vc, tables, ctx, max_partitions(512))
