@@ -17,7 +17,7 @@ from typing import Protocol
 import torch
 import torch.nn.functional as F
 
-from server.models.fused import KVSlots
+from server.models.qkv_reader import KVSlots
 
 
 class AttentionBackend(Protocol):
@@ -126,7 +126,7 @@ class PagedAttention:
 
     def kv_slots(self, layer_idx: int) -> KVSlots | None:
         """Where layer layer_idx's new k/v rows go, for a kernel before the attention that can store
-        them itself (fused.qkv_rotary); if it does (KVSlots.stored), this layer's call skips its own
+        them itself (qkv_reader.qkv_rotary); if it does (KVSlots.stored), this layer's call skips its own
         cache write. Only on the Triton path (CUDA), whose cache write it replaces."""
         if self.decode_partitions is None:
             return None

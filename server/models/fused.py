@@ -2,24 +2,20 @@
 
 A decode step at small batch is bound by how many kernels it launches, not by their work: the
 torch formulation of RMSNorm, rotary and SwiGLU is ~25 launches per layer. These three kernels
-replace them with 4 per layer:
+(and server.models.qkv_reader's q/k/v reader, which rotates like rotary_) replace them with 4 per
+layer:
 
     rms_norm(x, weight, eps, residual=None)   [T, H] -> [T, H] (and the updated residual stream)
     rotary_(q, k, cos, sin)                   rotate q [T, nh, D] and k [T, nkv, D] in place
     silu_mul(gate_up)                         [T, 2I] -> [T, I] = silu(gate) * up
-    qkv_rotary(qkv, nh, nkv, D, cos, sin)     [T, (nh + 2 nkv) D] -> rotated q, k and v
 
-rms_norm, silu_mul and qkv_rotary also take a quantized matmul's unconverted output
-(quant.sums.Sums, fp32): they round it as the matmul would have and zero it in the same pass, so the
-GEMV before them skips its own fix-up (reading its sums back to write y).
+rms_norm and silu_mul also take a quantized matmul's unconverted output (quant.sums.Sums, fp32):
+they round it as the matmul would have and zero it in the same pass, so the GEMV before them skips
+its own fix-up (reading its sums back to write y).
 
-On sm_90+ every kernel here (and the attention's in triton_attention) takes part in programmatic
-dependent launch (PDL): it is launched with the PDL attribute, so it may start while the kernel
-before it finishes, and waits (`griddepcontrol.wait`) for that kernel's results before touching
-memory; and it signals `griddepcontrol.launch_dependents` as it starts, so the kernel after it (a
-PDL-launched GEMV/GEMM loads its weights before its own wait) starts early too. A decode step is a
-chain of ~7 such kernels and 4 quantized matmuls per layer, so each boundary hides a launch.
-QUANTSERVE_TRITON_PDL=0 turns both off.
+On sm_90+ every kernel here takes part in programmatic dependent launch (server.models.pdl); the
+norm's gain and the rotary cos/sin are loaded before the wait (inputs that no kernel of the step's
+chain writes).
 
 Every function computes exactly what its torch fallback computes (fp32 math, the model dtype at
 the same rounding points as Hugging Face's Llama), so CPU and GPU paths agree. On the CPU in
@@ -30,12 +26,12 @@ and in place (as on CUDA), rms_norm within ~1 ulp of F.rms_norm (another summati
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
 
 import torch
 
 from quant.sums import Sums
 from server.models import cpu_ops
+from server.models.pdl import launch_kwargs, pdl_enter, pdl_launch, pdl_wait, triton_pdl
 
 try:
     import triton
@@ -52,61 +48,17 @@ except ImportError:
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-# Heads (of head_dim columns) per program of the q/k/v sums reader: a token's row is spread over
-# (nh + 2 nkv) / this programs, so at batch 1 its 48 KB (7B) of fp32 sums are read by several SMs at
-# once, not one. A power of two; QUANTSERVE_QKV_HEADS overrides it (benchmarks).
-QKV_HEADS_PER_PROGRAM = int(os.environ.get("QUANTSERVE_QKV_HEADS", "4"))
-if QKV_HEADS_PER_PROGRAM < 1 or QKV_HEADS_PER_PROGRAM & (QKV_HEADS_PER_PROGRAM - 1):
-    raise ValueError(f"QUANTSERVE_QKV_HEADS must be a power of two, got {QKV_HEADS_PER_PROGRAM}")
-
-
-def _use_triton(x: torch.Tensor, dtype: torch.dtype | None = None) -> bool:
+def use_triton(x: torch.Tensor, dtype: torch.dtype | None = None) -> bool:
     """Whether the Triton kernel runs for x (results in `dtype`, default x's)."""
     if not HAVE_TRITON:
         return False
     return x.is_cuda or (INTERPRET and x.is_cpu and (dtype or x.dtype) != torch.bfloat16)
 
 
-_PDL: dict[int, bool] = {}
-
-
-def triton_pdl(x: torch.Tensor) -> bool:
-    """Whether the Triton kernels on x's (CUDA) device launch with PDL, wait and signal (module
-    docstring): sm_90+, a Triton with the griddepcontrol ops, and QUANTSERVE_TRITON_PDL not 0."""
-    if not x.is_cuda:  # the interpreter on the CPU
-        return False
-    index = x.device.index if x.device.index is not None else torch.cuda.current_device()
-    found = _PDL.get(index)
-    if found is None:
-        cuda_ext = getattr(getattr(tl, "extra", None), "cuda", None) if HAVE_TRITON else None
-        found = _PDL[index] = (hasattr(cuda_ext, "gdc_launch_dependents") and hasattr(cuda_ext, "gdc_wait")
-                               and torch.cuda.get_device_capability(index)[0] >= 9
-                               and os.environ.get("QUANTSERVE_TRITON_PDL", "1") != "0")
-    return found
-
-
-def launch_kwargs(pdl: bool) -> dict:
-    """The Triton launch option for PDL; passed only when on, so Tritons without it never see it."""
-    return {"launch_pdl": True} if pdl else {}
-
-
 # The rotary kernels compile without fusing a multiply and the add after it into one FMA: torch rounds
 # x * cos and rotate_half(x) * sin before adding them, and so must they (in float32 too), or two
 # launches of the same arithmetic (_rotary_kernel, _qkv_sums_rotary_kernel) may round differently.
 NO_FMA = {"enable_fp_fusion": False}
-
-
-if HAVE_TRITON:
-
-    @triton.jit
-    def pdl_enter(PDL: tl.constexpr):
-        """First thing in a kernel launched with `launch_pdl=PDL`: let the next kernel launch, then
-        wait until the kernel before this one has finished and its writes are visible."""
-        if PDL:
-            tl.extra.cuda.gdc_launch_dependents()
-            tl.extra.cuda.gdc_wait()
-else:
-    pdl_enter = None
 
 
 # ---------------------------------------------------------------------------------- torch paths
@@ -148,10 +100,12 @@ if HAVE_TRITON:
     def _rms_norm_kernel(x_ptr, res_ptr, w_ptr, out_ptr, res_out_ptr, stride_x, stride_r, stride_o,
                          H, eps, HAS_RES: tl.constexpr, FROM_SUMS: tl.constexpr, BLOCK: tl.constexpr,
                          PDL: tl.constexpr):
-        pdl_enter(PDL)
+        pdl_launch(PDL)
         row = tl.program_id(0)
         cols = tl.arange(0, BLOCK)
         mask = cols < H
+        w = tl.load(w_ptr + cols, mask=mask, other=0.0)  # a weight: loaded before the wait (pdl)
+        pdl_wait(PDL)
         x = tl.load(x_ptr + row * stride_x + cols, mask=mask, other=0.0)
         if FROM_SUMS:  # x is a matmul's fp32 sums (quant.sums): round as its y, zero them for the next
             tl.debug_barrier()  # every thread's loads before any zero store (sums_zeroing_barrier)
@@ -163,18 +117,17 @@ if HAVE_TRITON:
         xf = x.to(tl.float32)
         var = tl.sum(xf * xf, axis=0) / H
         y = (xf * tl.rsqrt(var + eps)).to(x.dtype)
-        w = tl.load(w_ptr + cols, mask=mask, other=0.0)
         tl.store(out_ptr + row * stride_o + cols, (w * y).to(out_ptr.dtype.element_ty), mask=mask)
 
     @triton.jit
-    def _cos_sin(cos_ptr, sin_ptr, row, HALF: tl.constexpr):
+    def load_cos_sin(cos_ptr, sin_ptr, row, HALF: tl.constexpr):
         """The two halves of one token's cos and sin rows (at offset `row`): c1, s1, c2, s2 [HALF]."""
         d = tl.arange(0, HALF)
         return (tl.load(cos_ptr + row + d), tl.load(sin_ptr + row + d),
                 tl.load(cos_ptr + row + HALF + d), tl.load(sin_ptr + row + HALF + d))
 
     @triton.jit
-    def _rotate_half(x1, x2, c1, s1, c2, s2):
+    def rotate_halves(x1, x2, c1, s1, c2, s2):
         """x = [x1, x2] ([heads, HALF] each) rotated with the same rounding as torch (x * cos and
         rotate_half(x) * sin in the model dtype, then added): y1, y2."""
         y1 = (x1 * c1[None, :]).to(x1.dtype) + (-x2 * s1[None, :]).to(x1.dtype)
@@ -185,11 +138,12 @@ if HAVE_TRITON:
     def _rotary_kernel(q_ptr, k_ptr, cos_ptr, sin_ptr, stride_qt, stride_qh, stride_kt, stride_kh,
                        stride_ct, n_q, n_k, HALF: tl.constexpr, HEADS: tl.constexpr,
                        PDL: tl.constexpr):
-        pdl_enter(PDL)
+        pdl_launch(PDL)
         t = tl.program_id(0)
         d = tl.arange(0, HALF)
         h = tl.arange(0, HEADS)
-        c1, s1, c2, s2 = _cos_sin(cos_ptr, sin_ptr, t * stride_ct, HALF)
+        c1, s1, c2, s2 = load_cos_sin(cos_ptr, sin_ptr, t * stride_ct, HALF)  # before the wait (pdl)
+        pdl_wait(PDL)
         for which in tl.static_range(2):
             if which == 0:
                 base = q_ptr + t * stride_qt
@@ -203,7 +157,7 @@ if HAVE_TRITON:
             p1 = base + h[:, None] * stride_h + d[None, :]
             x1 = tl.load(p1, mask=hm, other=0.0)
             x2 = tl.load(p1 + HALF, mask=hm, other=0.0)
-            y1, y2 = _rotate_half(x1, x2, c1, s1, c2, s2)
+            y1, y2 = rotate_halves(x1, x2, c1, s1, c2, s2)
             tl.store(p1, y1, mask=hm)
             tl.store(p1 + HALF, y2, mask=hm)
 
@@ -227,50 +181,6 @@ if HAVE_TRITON:
         s = (gf / (1.0 + tl.exp(-gf))).to(g.dtype)
         tl.store(out_ptr + row * stride_o + cols, s * u, mask=mask)
 
-    @triton.jit
-    def _qkv_sums_rotary_kernel(s_ptr, out_ptr, cos_ptr, sin_ptr, kc_ptr, vc_ptr, slot_ptr, stride_s,
-                                stride_o, stride_ct, stride_slot, n_q, n_rot, n_all, HALF: tl.constexpr,
-                                HB: tl.constexpr, TO_CACHE: tl.constexpr, PDL: tl.constexpr):
-        # Token t, heads HB*j .. HB*j+HB-1 of its row of fp32 q|k|v sums (n_all = nh + 2 nkv heads
-        # of 2 HALF columns; the first n_q are q, then k up to n_rot, then v): rounded as the
-        # matmul's y, q and k heads rotated as _rotary_kernel does, v heads copied; the sums are
-        # zeroed behind. TO_CACHE: k and v also go to the token's slot of the paged cache (what
-        # _cache_write would store: rows of nkv * 2 HALF elements, stride_slot apart).
-        pdl_enter(PDL)
-        t = tl.program_id(0)
-        h = tl.program_id(1) * HB + tl.arange(0, HB)
-        d = tl.arange(0, HALF)
-        c1, s1, c2, s2 = _cos_sin(cos_ptr, sin_ptr, t * stride_ct, HALF)
-        hm = (h < n_all)[:, None]
-        col = h[:, None] * (2 * HALF) + d[None, :]
-        p1 = s_ptr + t * stride_s + col
-        x1 = tl.load(p1, mask=hm, other=0.0)
-        x2 = tl.load(p1 + HALF, mask=hm, other=0.0)
-        tl.debug_barrier()  # every thread's loads before any zero store (sums_zeroing_barrier)
-        zero = tl.zeros([HB, HALF], dtype=tl.float32)
-        tl.store(p1, zero, mask=hm)
-        tl.store(p1 + HALF, zero, mask=hm)
-        x1 = x1.to(out_ptr.dtype.element_ty)
-        x2 = x2.to(out_ptr.dtype.element_ty)
-        y1, y2 = _rotate_half(x1, x2, c1, s1, c2, s2)
-        rot = (h < n_rot)[:, None]
-        z1 = tl.where(rot, y1, x1)
-        z2 = tl.where(rot, y2, x2)
-        o1 = out_ptr + t * stride_o + col
-        tl.store(o1, z1, mask=hm)
-        tl.store(o1 + HALF, z2, mask=hm)
-        if TO_CACHE:
-            row = tl.load(slot_ptr + t).to(tl.int64) * stride_slot
-            is_v = (h >= n_rot)[:, None]
-            # the head's place in its cache row: h - n_q for k heads, h - n_rot for v heads
-            at = row + (h[:, None] - tl.where(is_v, n_rot, n_q)) * (2 * HALF) + d[None, :]
-            to_k = hm & (h >= n_q)[:, None] & (h < n_rot)[:, None]
-            to_v = hm & is_v
-            tl.store(kc_ptr + at, z1.to(kc_ptr.dtype.element_ty), mask=to_k)
-            tl.store(kc_ptr + at + HALF, z2.to(kc_ptr.dtype.element_ty), mask=to_k)
-            tl.store(vc_ptr + at, z1.to(vc_ptr.dtype.element_ty), mask=to_v)
-            tl.store(vc_ptr + at + HALF, z2.to(vc_ptr.dtype.element_ty), mask=to_v)
-
 
 # ---------------------------------------------------------------------------------- entry points
 
@@ -279,11 +189,11 @@ def rms_norm(x: torch.Tensor | Sums, weight: torch.Tensor, eps: float,
     """x [T, H] (+ residual [T, H]) -> (weight * norm(x + residual), x + residual).
     x may be a matmul's unconverted Sums: converted (and zeroed) here."""
     sums = x if isinstance(x, Sums) else None
-    if sums is not None and (not _use_triton(sums.data, sums.dtype) or sums.dtype != weight.dtype):
+    if sums is not None and (not use_triton(sums.data, sums.dtype) or sums.dtype != weight.dtype):
         x, sums = sums.materialize(), None
     if sums is not None:
         return _rms_norm_triton(sums.data, weight, eps, residual, sums)
-    if not _use_triton(x) or x.dtype != weight.dtype or x.stride(-1) != 1:
+    if not use_triton(x) or x.dtype != weight.dtype or x.stride(-1) != 1:
         if x.is_cpu:  # float32 on the CPU: one C++ call (None: not applicable)
             out = cpu_ops.rms_norm(x, weight, eps, residual)
             if out is not None:
@@ -312,9 +222,10 @@ def rotary_(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor,
             sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Rotate q [T, nh, D] and k [T, nkv, D] by cos/sin [T, 1, D] (rotate-half layout).
     In place on CUDA and on the CPU in float32 (q and k may be strided views of one qkv output);
-    returns (q, k)."""
+    returns (q, k). cos/sin are read before the PDL wait: no PDL kernel of the current chain may
+    write them (server.models.pdl; the model computes them with torch ops before its first layer)."""
     d = q.shape[-1]
-    if not _use_triton(q) or d & (d - 1) or q.stride(-1) != 1 or k.stride(-1) != 1:
+    if not use_triton(q) or d & (d - 1) or q.stride(-1) != 1 or k.stride(-1) != 1:
         if q.is_cpu:  # float32 on the CPU: in place, bit-identical (None: not applicable)
             out = cpu_ops.rotary_(q, k, cos, sin)
             if out is not None:
@@ -336,10 +247,10 @@ def silu_mul(gate_up: torch.Tensor | Sums) -> torch.Tensor:
     zeroed) here."""
     sums = gate_up if isinstance(gate_up, Sums) else None
     if sums is not None:
-        if not _use_triton(sums.data, sums.dtype):
+        if not use_triton(sums.data, sums.dtype):
             return silu_mul_torch(sums.materialize())
         gate_up, dtype = sums.data, sums.dtype
-    elif not _use_triton(gate_up) or gate_up.stride(-1) != 1:
+    elif not use_triton(gate_up) or gate_up.stride(-1) != 1:
         return silu_mul_torch(gate_up)
     else:
         dtype = gate_up.dtype
@@ -354,64 +265,3 @@ def silu_mul(gate_up: torch.Tensor | Sums) -> torch.Tensor:
     if sums is not None:
         sums.release()
     return out
-
-
-@dataclass(eq=False)
-class KVSlots:
-    """Where one layer's new k and v rows go: k_cache / v_cache [blocks, block_size, nkv, D] (each
-    slot's nkv * D elements contiguous), slot_mapping int64 [T] (flat slot of each token). Whoever
-    writes them sets `stored`; the attention then does not write them again."""
-
-    k_cache: torch.Tensor
-    v_cache: torch.Tensor
-    slot_mapping: torch.Tensor
-    stored: bool = False
-
-    def fits(self, tokens: int, nkv: int, d: int, device: torch.device) -> bool:
-        """Whether a kernel writing `tokens` rows of nkv heads x d can store them here."""
-        kc, vc, slots = self.k_cache, self.v_cache, self.slot_mapping
-        return (kc.shape[2:] == (nkv, d) and vc.shape == kc.shape and kc.stride()[2:] == (d, 1)
-                and vc.stride() == kc.stride() and slots.dtype == torch.int64 and slots.shape == (tokens,)
-                and kc.device == vc.device == slots.device == device)
-
-
-def qkv_rotary(qkv: torch.Tensor | Sums, num_heads: int, num_kv_heads: int, head_dim: int,
-               cos: torch.Tensor, sin: torch.Tensor,
-               kv_slots: KVSlots | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """A fused q|k|v projection's output [T, (nh + 2 * nkv) * D] -> (q [T, nh, D], k [T, nkv, D],
-    v [T, nkv, D]) with q and k rotated by cos/sin [T, 1, D] (as rotary_); views of one [T, N]
-    tensor. qkv may be the projection's unconverted Sums: one kernel converts (and zeroes) it,
-    rotates q and k and copies v, and, given kv_slots, also stores k and v in the paged cache
-    (kv_slots.stored tells whether it did; otherwise the attention writes them)."""
-    d = head_dim
-    if isinstance(qkv, Sums):
-        if not _use_triton(qkv.data, qkv.dtype) or d & (d - 1):
-            qkv = qkv.materialize()
-        else:
-            sums = qkv
-            t = sums.shape[0]
-            out = torch.empty(t, sums.shape[1], dtype=sums.dtype, device=sums.device)
-            cos2, sin2 = cos.reshape(t, d), sin.reshape(t, d)
-            pdl = triton_pdl(out)
-            n_all = num_heads + 2 * num_kv_heads
-            hb = QKV_HEADS_PER_PROGRAM
-            to_cache = kv_slots is not None and kv_slots.fits(t, num_kv_heads, d, out.device)
-            kc, vc, slots = (kv_slots.k_cache, kv_slots.v_cache, kv_slots.slot_mapping) if to_cache else (out,) * 3
-            _qkv_sums_rotary_kernel[(t, triton.cdiv(n_all, hb))](
-                sums.data, out, cos2, sin2, kc, vc, slots, sums.data.stride(0), out.stride(0),
-                cos2.stride(0), kc.stride(1) if to_cache else 0, num_heads, num_heads + num_kv_heads,
-                n_all, HALF=d // 2, HB=hb, TO_CACHE=to_cache, PDL=pdl,
-                num_warps=max(1, min(4, hb * d // 256)), **NO_FMA, **launch_kwargs(pdl))
-            if to_cache:
-                kv_slots.stored = True
-            sums.release()
-            return _split_heads(out, num_heads, num_kv_heads, d)
-    q, k, v = _split_heads(qkv, num_heads, num_kv_heads, d)
-    q, k = rotary_(q, k, cos, sin)
-    return q, k, v
-
-
-def _split_heads(qkv: torch.Tensor, nh: int, nkv: int, d: int):
-    t = qkv.shape[0]
-    q, k, v = qkv.split([nh * d, nkv * d, nkv * d], dim=-1)
-    return q.view(t, nh, d), k.view(t, nkv, d), v.view(t, nkv, d)

@@ -20,7 +20,8 @@ from torch import nn
 from quant.sums import Sums, as_tensor
 from server.models.attention import AttentionBackend
 from server.models.config import LlamaConfig
-from server.models.fused import qkv_rotary, rms_norm, rotary_, silu_mul
+from server.models.fused import rms_norm, rotary_, silu_mul
+from server.models.qkv_reader import qkv_rotary
 from server.models.rope import RotaryEmbedding
 
 # (in_features, out_features, bias, qualified name) -> module computing x @ W^T + b

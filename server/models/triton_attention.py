@@ -27,7 +27,7 @@ import math
 
 import torch
 
-from server.models.fused import launch_kwargs, pdl_enter, triton_pdl
+from server.models.pdl import launch_kwargs, pdl_enter, pdl_launch, pdl_wait, triton_pdl
 
 try:
     import triton
@@ -52,43 +52,69 @@ if HAVE_TRITON:
         return start, tl.minimum(start + run, ctx)
 
     @triton.jit
+    def _kv_rows(bt_ptr, b, kvh, t, tmask, stride_btb, stride_kb, stride_ks, stride_kh,
+                 KV_BLOCK: tl.constexpr):
+        """Element offsets of tokens t's k/v rows (head kvh of sequence b) through the block table."""
+        blk = tl.load(bt_ptr + b * stride_btb + t // KV_BLOCK, mask=tmask, other=0)
+        return blk.to(tl.int64) * stride_kb + (t % KV_BLOCK) * stride_ks + kvh * stride_kh
+
+    @triton.jit
+    def _attend_block(q, k, v, tmask, m, l, acc, scale):
+        """One BLOCK of keys folded into the running softmax (m, l) and output sums acc."""
+        s = tl.dot(q, tl.trans(k)) * scale  # [GROUP_PAD, BLOCK] on the tensor cores
+        s = tl.where(tmask[None, :], s, float("-inf"))
+        m_new = tl.maximum(m, tl.max(s, axis=1))
+        alpha = tl.exp(m - m_new)
+        p = tl.exp(s - m_new[:, None])
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        l = l * alpha + tl.sum(p, axis=1)
+        return m_new, l, acc
+
+    @triton.jit
     def _decode_partial(q_ptr, k_ptr, v_ptr, bt_ptr, ctx_ptr, acc_ptr, ml_ptr, out_ptr,
                         scale, stride_qb, stride_qh, stride_kb, stride_ks, stride_kh,
                         stride_btb, stride_ob, stride_oh, splits,
                         GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr,
                         KV_BLOCK: tl.constexpr, SINGLE: tl.constexpr, BLOCK: tl.constexpr,
                         PDL: tl.constexpr):
-        pdl_enter(PDL)  # at one split o_proj's matmul comes next (server.models.fused)
+        pdl_launch(PDL)  # at one split o_proj's matmul comes next (server.models.pdl)
         b = tl.program_id(0)
         kvh = tl.program_id(1)
         split = tl.program_id(2)
+        d = tl.arange(0, HEAD_DIM)
+        # Before the wait: the context length, the first block's rows of the block table, and its
+        # k/v rows of earlier steps. Only the newest token's row (ctx - 1) is this step's: the kernel
+        # before this one may still be storing it, so it is loaded after the wait (server.models.pdl).
         ctx = tl.load(ctx_ptr + b)
         start, end = _split_run(ctx, split, splits, BLOCK)
+        t = start + tl.arange(0, BLOCK)
+        tmask = t < end
+        row = _kv_rows(bt_ptr, b, kvh, t, tmask, stride_btb, stride_kb, stride_ks, stride_kh, KV_BLOCK)
+        old = (tmask & (t < ctx - 1))[:, None]
+        k = tl.load(k_ptr + row[:, None] + d[None, :], mask=old, other=0.0)
+        v = tl.load(v_ptr + row[:, None] + d[None, :], mask=old, other=0.0)
+        pdl_wait(PDL)
         if start < ctx:  # splits past a short context do nothing; stage 2 skips them too
             g = tl.arange(0, GROUP_PAD)
-            d = tl.arange(0, HEAD_DIM)
             heads = kvh * GROUP + g
             gmask = g < GROUP
             q = tl.load(q_ptr + b * stride_qb + heads[:, None] * stride_qh + d[None, :],
                         mask=gmask[:, None], other=0.0)
+            new = (tmask & (t == ctx - 1))[:, None]  # in the last split's last block, if anywhere
+            k = tl.where(new, tl.load(k_ptr + row[:, None] + d[None, :], mask=new, other=0.0), k)
+            v = tl.where(new, tl.load(v_ptr + row[:, None] + d[None, :], mask=new, other=0.0), v)
             m = tl.full([GROUP_PAD], float("-inf"), tl.float32)
             l = tl.zeros([GROUP_PAD], tl.float32)
             acc = tl.zeros([GROUP_PAD, HEAD_DIM], tl.float32)
-            for t0 in range(start, end, BLOCK):
+            m, l, acc = _attend_block(q, k, v, tmask, m, l, acc, scale)
+            for t0 in range(start + BLOCK, end, BLOCK):  # longer runs: the rest after the wait
                 t = t0 + tl.arange(0, BLOCK)
                 tmask = t < end
-                blk = tl.load(bt_ptr + b * stride_btb + t // KV_BLOCK, mask=tmask, other=0)
-                row = blk.to(tl.int64) * stride_kb + (t % KV_BLOCK) * stride_ks + kvh * stride_kh
+                row = _kv_rows(bt_ptr, b, kvh, t, tmask, stride_btb, stride_kb, stride_ks, stride_kh,
+                               KV_BLOCK)
                 k = tl.load(k_ptr + row[:, None] + d[None, :], mask=tmask[:, None], other=0.0)
-                s = tl.dot(q, tl.trans(k)) * scale  # [GROUP_PAD, BLOCK] on the tensor cores
-                s = tl.where(tmask[None, :], s, float("-inf"))
-                m_new = tl.maximum(m, tl.max(s, axis=1))
-                alpha = tl.exp(m - m_new)
-                p = tl.exp(s - m_new[:, None])
                 v = tl.load(v_ptr + row[:, None] + d[None, :], mask=tmask[:, None], other=0.0)
-                acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
-                l = l * alpha + tl.sum(p, axis=1)
-                m = m_new
+                m, l, acc = _attend_block(q, k, v, tmask, m, l, acc, scale)
             if SINGLE:  # one split, the whole context: this is the output
                 o = acc / l[:, None]
                 tl.store(out_ptr + b * stride_ob + heads[:, None] * stride_oh + d[None, :],
@@ -103,14 +129,15 @@ if HAVE_TRITON:
     def _decode_combine(acc_ptr, ml_ptr, ctx_ptr, out_ptr, stride_ob, stride_oh, num_heads, splits,
                         HEAD_DIM: tl.constexpr, NP_PAD: tl.constexpr, BLOCK: tl.constexpr,
                         PDL: tl.constexpr):
-        pdl_enter(PDL)  # o_proj's matmul may start loading its weights (server.models.fused)
+        pdl_launch(PDL)  # o_proj's matmul may start loading its weights (server.models.pdl)
         b = tl.program_id(0)
         h = tl.program_id(1)
         p = tl.arange(0, NP_PAD)
         d = tl.arange(0, HEAD_DIM)
-        ctx = tl.load(ctx_ptr + b)
+        ctx = tl.load(ctx_ptr + b)  # step metadata: before the wait
         start, _ = _split_run(ctx, p, splits, BLOCK)
         pmask = (p < splits) & (start < ctx)  # the splits stage 1 wrote
+        pdl_wait(PDL)
         base = (b * num_heads + h) * splits + p
         m = tl.load(ml_ptr + base * 2, mask=pmask, other=float("-inf"))
         l = tl.load(ml_ptr + base * 2 + 1, mask=pmask, other=0.0)

@@ -184,9 +184,9 @@ def test_tiny_model_decode_same_with_ops_on_and_off(monkeypatch):
 
 
 def test_attention_skips_the_cache_write_a_kernel_before_it_did(monkeypatch):
-    """kv_slots: only the Triton path hands out its cache slots (fused.qkv_rotary stores k and v
+    """kv_slots: only the Triton path hands out its cache slots (qkv_reader.qkv_rotary stores k and v
     there); a layer whose KVSlots say stored does not write them again, any other layer does."""
-    from server.models.fused import KVSlots
+    from server.models.qkv_reader import KVSlots
 
     monkeypatch.setattr(cpu_ops, "ENABLED", False)
     kc, vc, meta, q, k, v = _paged(2, [5, 9], 4, 2, 32)

@@ -6,7 +6,7 @@ their speed, their races or bfloat16 (it computes in numpy, which has no bfloat1
 import pytest
 import torch
 
-from server.models import fused
+from server.models import fused, qkv_reader
 from tests.kernels.triton_devices import DEVICES, triton_or_skip
 
 DTYPES = [pytest.param(torch.float16, id="fp16"), pytest.param(torch.bfloat16, id="bf16"),
@@ -39,7 +39,7 @@ def test_fused_triton_kernels_equal_torch(dtype, device):
         emb = torch.cat([freqs, freqs], -1)[:, None, :]
         cos, sin = emb.cos().to(dtype), emb.sin().to(dtype)
         want_q, want_k = fused.rotary_torch(q.clone(), k.clone(), cos, sin)
-        got_q, got_k, got_v = fused.qkv_rotary(qkv.clone(), nh, nkv, d, cos, sin)
+        got_q, got_k, got_v = qkv_reader.qkv_rotary(qkv.clone(), nh, nkv, d, cos, sin)
         fused.rotary_(q, k, cos, sin)  # in place, into qkv
         for got, want in ((q, want_q), (k, want_k), (got_q, want_q), (got_k, want_k)):
             torch.testing.assert_close(got, want, atol=1e-2, rtol=1e-2)

@@ -115,7 +115,7 @@ def test_quantized_linears_after_triton_kernels_read_finished_inputs(sums):
     from quant import kernels
     from quant.backends import cuda as cuda_backend
     from quant.sums import Sums
-    from server.models import fused
+    from server.models import fused, pdl, qkv_reader
     from server.models.triton_attention import max_partitions, paged_decode_attention, write_kv
     from tests.kernels.layers import eager_then_graph, random_layer
 
@@ -130,7 +130,7 @@ def test_quantized_linears_after_triton_kernels_read_finished_inputs(sums):
     vc = torch.randn_like(kc)
     buffer = cuda_backend.workspace(torch.device("cuda")).sums
     if torch.cuda.get_device_capability()[0] >= 9:
-        assert fused.triton_pdl(w), "Hopper, but the Triton kernels do not take part in PDL"
+        assert pdl.triton_pdl(w), "Hopper, but the Triton kernels do not take part in PDL"
 
     def linear(layer, x):
         y = layer.forward_sums(x) if sums else layer(x)
@@ -149,9 +149,9 @@ def test_quantized_linears_after_triton_kernels_read_finished_inputs(sums):
         def run(x):
             h, _ = fused.rms_norm(x, w, 1e-5)
             a = fused.silu_mul(linear(layers[0], h))
-            kv = fused.KVSlots(kc, vc, slots) if sums else None  # the sums kernel also stores k, v
+            kv = qkv_reader.KVSlots(kc, vc, slots) if sums else None  # the sums kernel also stores k, v
             qkv = linear(layers[1], a)
-            q, k, v = fused.qkv_rotary(qkv, nh, nkv, d, cos, sin, kv)
+            q, k, v = qkv_reader.qkv_rotary(qkv, nh, nkv, d, cos, sin, kv)
             assert kv is None or kv.stored == isinstance(qkv, Sums)
             if kv is None or not kv.stored:
                 write_kv(k, v, kc, vc, slots)

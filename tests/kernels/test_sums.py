@@ -1,6 +1,6 @@
 """Unconverted matmul outputs (quant.sums): the shared buffer's rules, the readers in
-server.models.fused (on the CPU, the GPU, and Triton's interpreter), the decoder handing every Sums
-to a reader, and (GPU) the CUDA GEMV that leaves them. The whole decode-step chain with sums runs in
+server.models.fused and qkv_reader (on the CPU, the GPU, and Triton's interpreter), the decoder
+handing every Sums to a reader, and (GPU) the CUDA GEMV that leaves them. The whole decode-step chain with sums runs in
 test_gpu_engine."""
 
 import pytest
@@ -11,7 +11,7 @@ from quant import kernels
 from quant.backends import cuda as cuda_backend
 from quant.format import FORMAT_V2
 from quant.sums import Sums, SumsBuffer, as_tensor
-from server.models import fused
+from server.models import fused, qkv_reader
 from server.models.attention import CausalAttention
 from server.models.config import LlamaConfig
 from server.models.llama import LlamaForCausalLM
@@ -69,8 +69,8 @@ def test_fused_readers_take_sums_as_the_tensor_they_stand_for(dtype, device, t, 
     qkv = torch.randn(t, (nh + 2 * nkv) * d, generator=g, device=device)
     emb = torch.randn(t, 1, d, generator=g, device=device)
     cos, sin = emb.cos().to(dtype), emb.sin().to(dtype)
-    want = fused.qkv_rotary(qkv.to(dtype, copy=True), nh, nkv, d, cos, sin)  # rotates in place
-    got = fused.qkv_rotary(_sums(buffer, qkv, dtype), nh, nkv, d, cos, sin)
+    want = qkv_reader.qkv_rotary(qkv.to(dtype, copy=True), nh, nkv, d, cos, sin)  # rotates in place
+    got = qkv_reader.qkv_rotary(_sums(buffer, qkv, dtype), nh, nkv, d, cos, sin)
     assert [x.shape for x in got] == [(t, nh, d), (t, nkv, d), (t, nkv, d)]
     for a, b in zip(got, want):
         assert torch.equal(a, b)
@@ -82,15 +82,15 @@ def test_fused_readers_take_sums_as_the_tensor_they_stand_for(dtype, device, t, 
 def test_qkv_reader_splits_a_row_over_programs(device, heads_per_program, monkeypatch):
     """However many heads one program of the q/k/v reader takes (a partial last block included:
     7 + 2 * 3 = 13 heads), it equals the tensor path and leaves the buffer zeroed."""
-    monkeypatch.setattr(fused, "QKV_HEADS_PER_PROGRAM", heads_per_program)
+    monkeypatch.setattr(qkv_reader, "QKV_HEADS_PER_PROGRAM", heads_per_program)
     g = torch.Generator(device=device).manual_seed(11)
     buffer = SumsBuffer(torch.zeros(1 << 14, device=device))
     t, nh, nkv, d = 5, 7, 3, 32
     qkv = torch.randn(t, (nh + 2 * nkv) * d, generator=g, device=device)
     emb = torch.randn(t, 1, d, generator=g, device=device)
     cos, sin = emb.cos().half(), emb.sin().half()
-    want = fused.qkv_rotary(qkv.half(), nh, nkv, d, cos, sin)
-    got = fused.qkv_rotary(_sums(buffer, qkv, torch.float16), nh, nkv, d, cos, sin)
+    want = qkv_reader.qkv_rotary(qkv.half(), nh, nkv, d, cos, sin)
+    got = qkv_reader.qkv_rotary(_sums(buffer, qkv, torch.float16), nh, nkv, d, cos, sin)
     for a, b in zip(got, want):
         assert torch.equal(a, b)
     assert not buffer.pending and not buffer.data.any()
@@ -109,15 +109,15 @@ def test_qkv_reader_stores_k_and_v_in_the_cache(device, dtype):
     qkv = torch.randn(t, (nh + 2 * nkv) * d, generator=g, device=device)
     emb = torch.randn(t, 1, d, generator=g, device=device)
     cos, sin = emb.cos().to(dtype), emb.sin().to(dtype)
-    want = fused.qkv_rotary(qkv.to(dtype, copy=True), nh, nkv, d, cos, sin)
+    want = qkv_reader.qkv_rotary(qkv.to(dtype, copy=True), nh, nkv, d, cos, sin)
     kc = torch.zeros(6, 4, nkv, d, device=device, dtype=dtype)
     vc = torch.zeros_like(kc)
     slots = torch.tensor([21, 2, 9], device=device)
-    kv = fused.KVSlots(kc, vc, slots)
-    got = fused.qkv_rotary(_sums(buffer, qkv, dtype), nh, nkv, d, cos, sin, kv)
+    kv = qkv_reader.KVSlots(kc, vc, slots)
+    got = qkv_reader.qkv_rotary(_sums(buffer, qkv, dtype), nh, nkv, d, cos, sin, kv)
     for a, b in zip(got, want):
         assert torch.equal(a, b)
-    assert kv.stored == fused._use_triton(qkv, dtype)
+    assert kv.stored == fused.use_triton(qkv, dtype)
     if kv.stored:
         assert torch.equal(kc.view(-1, nkv, d)[slots], want[1]) and torch.equal(vc.view(-1, nkv, d)[slots], want[2])
         others = torch.ones(24, dtype=torch.bool, device=device)
@@ -125,11 +125,11 @@ def test_qkv_reader_stores_k_and_v_in_the_cache(device, dtype):
         assert not kc.view(-1, nkv, d)[others].any() and not vc.view(-1, nkv, d)[others].any()
     else:
         assert not kc.any() and not vc.any()
-    wrong = fused.KVSlots(torch.zeros(6, 4, nkv + 1, d, device=device, dtype=dtype),
+    wrong = qkv_reader.KVSlots(torch.zeros(6, 4, nkv + 1, d, device=device, dtype=dtype),
                           torch.zeros(6, 4, nkv + 1, d, device=device, dtype=dtype), slots)
-    short = fused.KVSlots(kc.clone().zero_(), vc.clone().zero_(), slots[:2])  # fewer slots than tokens
+    short = qkv_reader.KVSlots(kc.clone().zero_(), vc.clone().zero_(), slots[:2])  # fewer slots than tokens
     for bad in (wrong, short):
-        fused.qkv_rotary(_sums(buffer, qkv, dtype), nh, nkv, d, cos, sin, bad)
+        qkv_reader.qkv_rotary(_sums(buffer, qkv, dtype), nh, nkv, d, cos, sin, bad)
         assert not bad.stored and not bad.k_cache.any()
     assert not buffer.pending and not buffer.data.any()
 

@@ -12,5 +12,5 @@ DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)]
 
 def triton_or_skip(device: str, dtype: torch.dtype) -> None:
     """Skip unless server.models.fused runs its Triton kernels for `dtype` results on `device`."""
-    if not fused._use_triton(torch.empty(0, device=device), dtype):
+    if not fused.use_triton(torch.empty(0, device=device), dtype):
         pytest.skip("no Triton kernel here (on the CPU: TRITON_INTERPRET=1, not bfloat16)")
