@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 
 from quant.backends import cuda as cuda_backend
+from quant.backends import cuda_dequant
 from quant.backends.cuda_layout import CudaLayout
 
 SHAPES = {"qkv": (4096, 12288), "o": (4096, 4096), "gate_up": (4096, 22016), "down": (11008, 4096),
@@ -212,7 +213,7 @@ def dequant_variants(m, order, weights, xs, steps):
         def call(x, w):
             scales, zeros, _ = w.constants[x.dtype]
             scratch = cuda_backend.workspace(x.device).scratch
-            for s0, buf, _, _ in cuda_backend.dequant_chunks(w, x.dtype, scratch, chunk_bytes):
+            for s0, buf, _, _ in cuda_dequant.dequant_chunks(w, x.dtype, scratch, chunk_bytes):
                 ext.dequant(w.qweight, scales, zeros, buf, s0, w.bits, w.group_shift, w.zero_point)
         return call
 

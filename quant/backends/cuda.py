@@ -35,7 +35,8 @@ from typing import TYPE_CHECKING
 import torch
 
 from quant import kernels
-from quant.backends import cuda_layout
+from quant.backends import cuda_dequant, cuda_layout
+from quant.backends.cuda_dequant import DEQUANT_MIN_M, DEQUANT_SCRATCH_BYTES, scratch_bytes, strip_bytes
 from quant.backends.cuda_layout import CudaLayout, LayoutError
 from quant.ext import ExtensionError, ExtensionSpec, load
 from quant.sums import Sums, SumsBuffer
@@ -67,24 +68,6 @@ ACCUM_MIN_N = 32768  # strip accumulators sized for at least this many output co
 # 2.343, M=8 2.304 vs 2.359, M=12 2.758 vs 2.350 (one process); M=9 / 10 / 11 2.636 / 2.654 / 2.694
 # vs 2.385 / 2.390 / 2.385 (another run, same machine).
 WGMMA_MIN_M = 9
-# From this many tokens a call dequantises the layer into a 16-bit scratch, a column chunk at a
-# time, and multiplies with cuBLAS (prefill: compute-bound, where cuBLAS's fp16 GEMM outruns ours).
-# H100, decode-step linears of the 7B shape in a CUDA graph, one process (v7: the fused GEMM with
-# 256-token tiles): M=192 fused 9.99 ms vs dequant 12.34, M=256 11.41 vs 12.75, M=320 15.46 vs
-# 14.30, M=384 18.78 vs 14.27, M=448 21.37 vs 16.56, M=512 22.88 vs 16.33, M=1024 45.92 vs 27.11
-# (cuBLAS fp16 21.22). But calls this large run eagerly in the engine (its decode graphs stop at
-# 128), where the Python chunk loop's host time counts: with the earlier fused GEMM (14.7 ms at
-# 256), batch-256 decode of the 7B shape took 34.9 / 36.5 ms per step on the dequant path vs 27.3 on
-# the fused GEMM. Hence 512, where the GPU saving (6.5 ms per step) is larger than that host cost;
-# prefill chunks (1024) keep the gain.
-# QUANTSERVE_DEQUANT_MIN_M overrides it (a huge value keeps every call on the fused kernels).
-DEQUANT_MIN_M = int(os.environ.get("QUANTSERVE_DEQUANT_MIN_M", "512"))
-# The scratch of that path, per device: a layer runs as chunks of whole 64-column strips that fit it
-# (a smaller layer gets a scratch of its own size). H100, 7B decode-step linears at M=1024 by chunk
-# size: 8 MB 36.2 ms, 16 MB 29.3, 32 MB 26.6, 64 MB 26.1, 128 MB 26.0, whole layers 26.1 (at M=512:
-# 26.1 / 19.9 / 17.0 / 16.4 / 15.9 / 16.1): small chunks give cuBLAS too few tiles, and the
-# widened weights reach HBM at any size (the dequantisation alone takes ~5.5 ms per step from 16 MB).
-DEQUANT_SCRATCH_BYTES = 64 << 20
 # GEMV calls of up to this many tokens may leave their fp32 sums to the kernel that reads them
 # (CudaBackend.apply_sums, quant/sums.py): no split-K fix-up at the end of the call. The GEMV keeps
 # [token][column] strip sums up to 8 tokens, which the [M, N] sums buffer matches.
@@ -175,18 +158,6 @@ def _device_index(device: torch.device | int | None) -> int:
 
 def _strips(n: int) -> int:
     return (max(n, ACCUM_MIN_N) + 63) // 64
-
-
-def strip_bytes(k_steps: int) -> int:
-    """Bytes of one 64-column strip of k_steps k16 steps widened to 16 bits (the dequant unit)."""
-    return 64 * 16 * k_steps * 2
-
-
-def scratch_bytes(n_strips: int, k_steps: int, cap: int | None = None) -> int:
-    """Scratch bytes a layer of n_strips x k_steps wants for dequant_matmul: the whole layer in 16
-    bits, or `cap` (DEQUANT_SCRATCH_BYTES) when it is larger, but never less than one strip."""
-    strip = strip_bytes(k_steps)
-    return max(strip, min(n_strips * strip, DEQUANT_SCRATCH_BYTES if cap is None else cap))
 
 
 def workspace(device: torch.device, n: int = 0, scratch: int = 0) -> Workspace:
@@ -394,20 +365,6 @@ def matmul_sums(state: CudaLayout, x: torch.Tensor) -> Sums:
     return Sums(view, x.dtype, buffer)
 
 
-def dequant_chunks(state: CudaLayout, dtype: torch.dtype, scratch: torch.Tensor, budget: int):
-    """The column chunks of a layer in `scratch` (uint8) at up to `budget` bytes each (at least one
-    strip): yields (s0, w, n0, n1), where strips [s0, s0 + w.shape[0] / 64) widen into w (a
-    [64 * strips, 16 * k_steps] view of the scratch) and give columns [n0, n1) of y."""
-    n_strips, k_steps = state.qweight.shape[:2]
-    kp = 16 * k_steps
-    strip = strip_bytes(k_steps)
-    per = max(1, min(n_strips, budget // strip))
-    chunk = scratch[:per * strip].view(dtype).view(per * 64, kp)
-    for s0 in range(0, n_strips, per):
-        count = min(per, n_strips - s0)
-        yield s0, chunk[:count * 64], 64 * s0, min(state.n, 64 * (s0 + count))
-
-
 def dequant_matmul(state: CudaLayout, x: torch.Tensor, out: torch.Tensor | None = None,
                    chunk_bytes: int | None = None, ws: Workspace | None = None) -> torch.Tensor:
     """y [M, N] = x [M, K] @ W + bias, W dequantised into the device's scratch a chunk of whole
@@ -418,7 +375,6 @@ def dequant_matmul(state: CudaLayout, x: torch.Tensor, out: torch.Tensor | None 
     caller already has it."""
     if ws is None:
         ws = workspace(x.device)
-    scales, zeros, bias = state.constants[x.dtype]
     n_strips, k_steps = state.qweight.shape[:2]
     strip = strip_bytes(k_steps)
     want = DEQUANT_SCRATCH_BYTES if chunk_bytes is None else chunk_bytes
@@ -432,15 +388,7 @@ def dequant_matmul(state: CudaLayout, x: torch.Tensor, out: torch.Tensor | None 
     y = out if out is not None else torch.empty(m, state.n, dtype=x.dtype, device=x.device)
     if m == 0:
         return y
-    ext = extension()
-    for s0, w, n0, n1 in dequant_chunks(state, x.dtype, ws.scratch, budget):
-        ext.dequant(state.qweight, scales, zeros, w, s0, state.bits, state.group_shift, state.zero_point)
-        wt = w[:n1 - n0, :state.k].t()  # [K, n1 - n0], leading dimension kp: cuBLAS takes it as is
-        if bias is None:
-            torch.mm(x, wt, out=y[:, n0:n1])
-        else:
-            torch.addmm(bias[n0:n1], x, wt, out=y[:, n0:n1])
-    return y
+    return cuda_dequant.multiply_in_chunks(extension(), state, x, y, ws.scratch, budget)
 
 
 def _register() -> None:
