@@ -12,7 +12,8 @@ from tests.kernels.triton_devices import DEVICES, triton_or_skip
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("heads,kv_heads,head_dim", [(32, 32, 128), (9, 3, 64), (64, 8, 128), (4, 1, 64)])
+@pytest.mark.parametrize("heads,kv_heads,head_dim", [(32, 32, 128), (2, 2, 64), (9, 3, 64), (64, 8, 128),
+                                                       (4, 1, 64)])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
 def test_triton_decode_attention_matches_reference(heads, kv_heads, head_dim, dtype, device):
     triton_or_skip(device, dtype)
