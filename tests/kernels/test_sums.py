@@ -1,7 +1,7 @@
 """Unconverted matmul outputs (quant.sums): the shared buffer's rules, the readers in
 server.models.fused and qkv_reader (on the CPU, the GPU, and Triton's interpreter), the decoder
-handing every Sums to a reader, and (GPU) the CUDA GEMV that leaves them. The whole decode-step chain with sums runs in
-test_gpu_engine."""
+handing every Sums to a reader, and (GPU) the CUDA GEMV that leaves them. The whole decode-step
+chain with sums runs in test_gpu_engine."""
 
 import pytest
 import torch
