@@ -296,14 +296,18 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("gather", &gather_cols,
         "y[:, j] = x[:, perm[j]] (act-order; int32 perm of [0, k), k a multiple of 8); pdl: programmatic "
         "dependent launch on sm_90+", py::arg("x"), py::arg("perm"), py::arg("pdl") = true);
-  m.def("gemv_set_options", [](bool pdl, int64_t wave_div) { qs_gemv_set_options(pdl ? 1 : 0, int(wave_div)); },
+  m.def("gemv_set_options",
+        [](bool pdl, int64_t wave_div, bool pipeline) {
+          qs_gemv_set_options(pdl ? 1 : 0, int(wave_div), pipeline ? 1 : 0);
+        },
         "GEMV launch options (process-wide): programmatic dependent launch on sm_90+, grid = resident "
-        "blocks / wave_div", py::arg("pdl"), py::arg("wave_div"));
+        "blocks / wave_div, pipeline = the up-to-8-token kernel with the next chunk in flight on sm_90+",
+        py::arg("pdl"), py::arg("wave_div"), py::arg("pipeline"));
   m.def("gemv_get_options", []() {
-        int pdl = 0, wave_div = 0;
-        qs_gemv_get_options(&pdl, &wave_div);
-        return std::make_tuple(bool(pdl), int64_t(wave_div));
-      }, "(pdl, wave_div) of the GEMV launches");
+        int pdl = 0, wave_div = 0, pipeline = 0;
+        qs_gemv_get_options(&pdl, &wave_div, &pipeline);
+        return std::make_tuple(bool(pdl), int64_t(wave_div), bool(pipeline));
+      }, "(pdl, wave_div, pipeline) of the GEMV launches");
   m.def("gemm_set_options", [](bool wgmma, bool pdl) { qs_gemm_set_options(wgmma ? 1 : 0, pdl ? 1 : 0); },
         "GEMM options (process-wide): wgmma = False sends every call to the mma.sync kernel; pdl = False "
         "launches the wgmma kernel without programmatic dependent launch", py::arg("wgmma"), py::arg("pdl"));

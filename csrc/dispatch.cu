@@ -27,14 +27,16 @@ extern "C" cudaError_t qs_gemv(const QsMatmulArgs* a, cudaStream_t stream) {
   return cudaErrorInvalidValue;
 }
 
-extern "C" void qs_gemv_set_options(int pdl, int wave_div) {
+extern "C" void qs_gemv_set_options(int pdl, int wave_div, int pipeline) {
   qs::gemv_options().pdl = pdl ? 1 : 0;
   qs::gemv_options().wave_div = wave_div < 1 ? 1 : wave_div;
+  qs::gemv_options().pipeline = pipeline ? 1 : 0;
 }
 
-extern "C" void qs_gemv_get_options(int* pdl, int* wave_div) {
+extern "C" void qs_gemv_get_options(int* pdl, int* wave_div, int* pipeline) {
   *pdl = qs::gemv_options().pdl;
   *wave_div = qs::gemv_options().wave_div;
+  *pipeline = qs::gemv_options().pipeline;
 }
 
 extern "C" int qs_gemv_max_m(void) { return kGemvMaxM; }

@@ -88,10 +88,12 @@ int qs_wgmma_probe(int device);
 // GEMV launch options, process-wide (set them before capturing a CUDA graph): pdl = 1 launches
 // calls of up to 16 tokens with programmatic dependent launch on sm_90+ (each warp's first chunk of
 // codes is pulled into L2 during the previous kernel's tail); the grid is the resident blocks per
-// SM divided by wave_div (2 leaves room for the next launch's blocks; measured slower).
-// Defaults: pdl 1, wave_div 1.
-void qs_gemv_set_options(int pdl, int wave_div);
-void qs_gemv_get_options(int* pdl, int* wave_div);
+// SM divided by wave_div (2 leaves room for the next launch's blocks; measured slower); pipeline = 1
+// runs calls of up to 8 tokens on sm_90+ whose chunk meets one group (and, 4-bit, symmetric) on the
+// kernel that keeps a warp's next chunk in flight while it computes (gemv_pipe.cuh).
+// Defaults: pdl 1, wave_div 1, pipeline 1.
+void qs_gemv_set_options(int pdl, int wave_div, int pipeline);
+void qs_gemv_get_options(int* pdl, int* wave_div, int* pipeline);
 // Largest m handled by qs_gemv.
 int qs_gemv_max_m(void);
 // Accumulator floats the GEMV and the wgmma GEMM need for n output columns (counters: ceil(n / 64)).

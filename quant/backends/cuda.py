@@ -17,6 +17,9 @@ dequantise + cuBLAS path (no cached dense copy). On sm_90 the GEMV launches with
 programmatic dependent launch (its weights stream into L2 during the previous kernel's tail), and
 so does the act-order gather (the kernel after it starts copying its weights during it);
 QUANTSERVE_GEMV_PDL=0 turns both off; QUANTSERVE_GEMM_WGMMA=0 keeps Hopper on the mma.sync GEMM.
+On sm_90, calls of up to 8 tokens whose layer fits it (4-bit symmetric with groups of >= 128, 8-bit
+with groups of >= 64) take the GEMV that keeps each warp's next chunk in flight (csrc/gemv_pipe.cuh);
+QUANTSERVE_GEMV_PIPELINE=0 keeps them on the register GEMV.
 `apply_sums` (QuantLinear.forward_sums) lets a GEMV call of up to SUMS_MAX_M tokens leave its fp32
 sums for the caller's next kernel to convert (quant/sums.py), skipping the split-K fix-up;
 QUANTSERVE_GEMV_SUMS=0 turns that off.
@@ -49,7 +52,7 @@ SOURCES = ("bindings.cpp", "gemv_f16.cu", "gemv_bf16.cu", "gemm_f16.cu", "gemm_b
            "gather.cu", "dispatch.cu")
 HEADERS = ("quantserve_cuda.h", "qs_ptx.cuh", "qs_dequant.cuh", "qs_streamk.cuh", "qs_launch.cuh", "qs_stage.cuh",
            "qs_wgmma.cuh",
-           "gemm_wgmma.cuh", "gemm_wgmma_launch.cuh", "gemv.cuh", "gemv_chunk.cuh",
+           "gemm_wgmma.cuh", "gemm_wgmma_launch.cuh", "gemv.cuh", "gemv_chunk.cuh", "gemv_pipe.cuh",
            "gemm.cuh", "dequant.cuh")
 # Every target the sources support; a JIT build compiles only for the GPU it runs on
 # (QUANTSERVE_CUDA_ARCHS="80;86;89;90a" builds them all, e.g. for an image).
@@ -120,7 +123,9 @@ def extension():
         try:
             ext = load(extension_spec(_archs_for_build()))
             if os.environ.get("QUANTSERVE_GEMV_PDL", "1") == "0":  # escape hatch: no PDL launches
-                ext.gemv_set_options(False, ext.gemv_get_options()[1])
+                ext.gemv_set_options(False, *ext.gemv_get_options()[1:])
+            if os.environ.get("QUANTSERVE_GEMV_PIPELINE", "1") == "0":  # escape hatch: register GEMV only
+                ext.gemv_set_options(*ext.gemv_get_options()[:2], False)
             if os.environ.get("QUANTSERVE_GEMM_WGMMA", "1") == "0":  # escape hatch: no wgmma GEMM
                 ext.gemm_set_options(False, ext.gemm_get_options()[1])
             _EXT = ext
@@ -287,11 +292,12 @@ def wgmma_available(device: torch.device | int | None = None) -> bool:
     return found and bool(extension().gemm_get_options()[0])
 
 
-def gemv_launch_options(pdl: bool | None = None, wave_div: int | None = None):
+def gemv_launch_options(pdl: bool | None = None, wave_div: int | None = None, pipeline: bool | None = None):
     """Set the GEMV launch options for the duration (process-wide, so before capturing a graph);
-    None keeps an option as it is. The previous options come back on exit."""
+    None keeps an option as it is. The previous options come back on exit. pipeline: whether calls
+    of up to 8 tokens on sm_90+ that fit it take the kernel with a warp's next chunk in flight."""
     ext = extension()
-    return _scoped_options(ext.gemv_get_options, ext.gemv_set_options, (pdl, wave_div))
+    return _scoped_options(ext.gemv_get_options, ext.gemv_set_options, (pdl, wave_div, pipeline))
 
 
 def pick_op(m: int, wgmma: Callable[[], bool]) -> str:

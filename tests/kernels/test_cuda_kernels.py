@@ -71,6 +71,31 @@ def test_llama_shapes(k, n):
     _check(layer, (1, 16, 64), torch.bfloat16)
 
 
+def _gemv_kernel_names(layer, x) -> set[str]:
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        cuda_backend.matmul(layer.kernel_state, x, op="gemv")
+        torch.cuda.synchronize()
+    return {e.name for e in prof.events() if "gemv" in e.name}
+
+
+@pytest.mark.parametrize("pipeline", [True, False])
+@pytest.mark.parametrize("k,n,bits,group_size,sym", [(576, 192, 4, 128, True), (4096, 4096, 4, -1, True),
+                                                     (11008, 4096, 4, 128, True), (584, 72, 8, 64, False),
+                                                     (1536, 576, 8, 128, True), (576, 1536, 4, 128, False)])
+def test_gemv_with_and_without_the_pipelined_kernel(pipeline, k, n, bits, group_size, sym):
+    """Up to 8 tokens both GEMV kernels (gemv_pipe.cuh where it is taken, gemv.cuh otherwise) over
+    the token counts, fp16 and bf16; on sm_90 the profiler shows which one ran: the pipelined one
+    exactly when the option is on and the layer fits it (4-bit symmetric g >= 128, 8-bit g >= 64)."""
+    layer = _layer(k, n, bits, group_size, sym, FORMAT_V2)
+    with cuda_backend.gemv_launch_options(pipeline=pipeline):
+        for dtype in (torch.float16, torch.bfloat16):
+            _check(layer, (1, 2, 3, 4, 7, 8), dtype, ops=("gemv",))
+        names = _gemv_kernel_names(layer, torch.randn(3, k, device="cuda", dtype=torch.float16))
+    takes = pipeline and torch.cuda.get_device_capability()[0] >= 9 and (bits == 8 or sym)
+    assert any("gemv_pipe_kernel" in name for name in names) == takes, names
+    assert len(names) == 1, names
+
+
 @pytest.mark.parametrize("k,n,bits,group_size,sym", [(4096, 4096, 4, 128, True), (576, 1536, 8, 64, False),
                                                      (1536, 576, 4, 32, False)])
 def test_act_order(k, n, bits, group_size, sym):
@@ -341,7 +366,7 @@ def test_gemv_chain_under_launch_options(pdl, wave_div):
              _unit_gain_layer(11008, 4096, 4, 128, bias=True), _unit_gain_layer(4096, 192, 8, 32, sym=False),
              _unit_gain_layer(192, 4096, 4, 32)]
     with cuda_backend.gemv_launch_options(pdl, wave_div):
-        assert ext.gemv_get_options() == (pdl, wave_div)
+        assert ext.gemv_get_options() == (pdl, wave_div, True)
         for m in (1, 5, 16, 32):
             x = torch.randn(m, 4096, device="cuda", dtype=torch.float16)
 

@@ -8,15 +8,15 @@ from quant.backends import cuda as cuda_backend
 
 class _Ext:
     def __init__(self):
-        self.options = (True, 1)
+        self.options = (True, 1, True)
         self.calls = []
 
     def gemv_get_options(self):
         return self.options
 
-    def gemv_set_options(self, pdl, wave_div):
-        self.calls.append((pdl, wave_div))
-        self.options = (pdl, wave_div)
+    def gemv_set_options(self, pdl, wave_div, pipeline):
+        self.calls.append((pdl, wave_div, pipeline))
+        self.options = (pdl, wave_div, pipeline)
 
     gemm = (True, True)
 
@@ -32,15 +32,17 @@ def test_options_apply_inside_and_come_back(monkeypatch):
     ext = _Ext()
     monkeypatch.setattr(cuda_backend, "extension", lambda: ext)
     with cuda_backend.gemv_launch_options(False, 2):
-        assert ext.options == (False, 2)
-    assert ext.options == (True, 1)
-    with cuda_backend.gemv_launch_options(wave_div=3):  # None keeps pdl as it is
-        assert ext.options == (True, 3)
-    assert ext.options == (True, 1)
+        assert ext.options == (False, 2, True)
+    assert ext.options == (True, 1, True)
+    with cuda_backend.gemv_launch_options(wave_div=3):  # None keeps the others as they are
+        assert ext.options == (True, 3, True)
+    with cuda_backend.gemv_launch_options(pipeline=False):
+        assert ext.options == (True, 1, False)
+    assert ext.options == (True, 1, True)
     with pytest.raises(RuntimeError), cuda_backend.gemv_launch_options(pdl=False):
-        assert ext.options == (False, 1)
+        assert ext.options == (False, 1, True)
         raise RuntimeError("the block failed")
-    assert ext.options == (True, 1) and ext.calls[-1] == (True, 1)
+    assert ext.options == (True, 1, True) and ext.calls[-1] == (True, 1, True)
 
 
 def test_gemm_option_applies_inside_and_comes_back(monkeypatch):

@@ -1,0 +1,167 @@
+// Up-to-8-token GEMV with a warp's next chunk in flight while it computes this one (v16).
+// Why: the register GEMV (gemv.cuh) has a warp load a 4 KB chunk, wait for it, compute it, and only
+// then load the next, so a chunk costs the warp load latency plus compute (L + C) with nothing of its
+// own in flight during C. Here each warp holds two units' codes, x and group rows in registers: the
+// loads of unit u + 1 are issued before unit u is computed. 160-166 registers instead of 122: 3 blocks
+// of 4 warps a SM instead of 4. H200, Llama-2-7B shape: batch 8 decode +16%, batch 4 +6%, batch 1
+// within the spread; the 1-token linears alone ~equal (bench/NOTES.md, v16).
+// Same layout, stream-K split, fix-up and sums flush as gemv.cuh. Taken on sm_90+ up to 8 tokens
+// where a chunk meets one group and the two units fit the registers without spilling: 4-bit
+// symmetric with groups of >= 128 (or one group), 8-bit with groups of >= 64 (gemv_pipe_takes);
+// the GEMV option `pipeline` (default on) turns it off.
+#pragma once
+
+#include "gemv.cuh"
+
+namespace qs {
+
+// One unit's operands: the lane's codes of U k16 steps, its x fragments and its group rows.
+template <int U, int V, int SPC, bool HASZ>
+struct PipeChunk {
+  uint4 wq[U][V];
+  uint32_t xb[U][1][2];
+  uint4 sraw[SPC], zraw[HASZ ? SPC : 1];  // symmetric layers hold no zero rows
+};
+
+template <typename T, int BITS, int SPC, bool HASZ>
+__global__ void __launch_bounds__(kGemvThreads, 3) gemv_pipe_kernel(const QsMatmulArgs a) {
+  pdl_launch_dependents();
+  constexpr int U = gemv_steps<BITS, 1>();
+  constexpr int V = Dequant<T, BITS>::kWordsPerLane / 4;
+  constexpr int SSTEP = U / SPC;
+
+  const int lane = threadIdx.x & 31;
+  const int g = lane >> 2;
+  const int n_strips = (a.n + 63) >> 6;
+  const int k_steps = (a.k + 15) >> 4;
+  const int cps = (k_steps + U - 1) / U;
+  const long long total = (long long)n_strips * cps;
+  const int warps = gridDim.x * kGemvWarps;
+  const int w = blockIdx.x * kGemvWarps + (threadIdx.x >> 5);
+  const int u_begin = int(unit_begin(total, w, warps));
+  const int u_end = int(unit_begin(total, w + 1, warps));
+  const uint4* qw = reinterpret_cast<const uint4*>(a.qweight);
+  const uint4* sc = reinterpret_cast<const uint4*>(a.scales);
+  const uint4* zs = reinterpret_cast<const uint4*>(a.zeros);
+  if (u_begin >= u_end) {
+    pdl_wait();
+    return;
+  }
+  int strip = u_begin / cps, ch = u_begin - strip * cps;
+  {  // as gemv.cuh: the first chunk's codes into L2 before the PDL wait
+    constexpr int kChunkBytes = U * 32 * V * 16;
+    const char* base = reinterpret_cast<const char*>(qw + (((long long)strip * k_steps + ch * U) * 32) * V);
+    const int bytes = min(kChunkBytes, (k_steps - ch * U) * 32 * V * 16);
+    for (int off = lane * 128; off < bytes; off += 32 * 128) prefetch_l2(base + off);
+  }
+  pdl_wait();
+
+  auto load = [&](int s, int c, PipeChunk<U, V, SPC, HASZ>& p) {
+    const int step0 = c * U;
+    const uint4* wp = qw + ((long long)s * k_steps * 32 + lane) * V;
+#pragma unroll
+    for (int i = 0; i < U; ++i)
+#pragma unroll
+      for (int v = 0; v < V; ++v) p.wq[i][v] = ldg128(wp + (long long)min(step0 + i, k_steps - 1) * 32 * V + v);
+    load_x_chunk<T, U, 1>(a, step0, lane, p.xb);
+#pragma unroll
+    for (int r = 0; r < SPC; ++r) {
+      const long long off = group_row(min((step0 + r * SSTEP) >> a.group_shift, a.groups - 1), n_strips, s, g);
+      p.sraw[r] = __ldg(sc + off);
+      if constexpr (HASZ) p.zraw[r] = __ldg(zs + off);
+    }
+  };
+
+  float acc[1][4][4];
+#pragma unroll
+  for (int j = 0; j < 4; ++j)
+#pragma unroll
+    for (int c = 0; c < 4; ++c) acc[0][j][c] = 0.f;
+  int c_begin = ch;
+  int u = u_begin;
+  // One unit: issue the next unit's loads into `nxt`, compute `cur`, flush at a strip's end.
+  // Returns whether a next unit exists (then it sits in `nxt`).
+  auto step = [&](PipeChunk<U, V, SPC, HASZ>& cur, PipeChunk<U, V, SPC, HASZ>& nxt) {
+    int s1 = strip, c1 = ch + 1;
+    if (c1 == cps) {
+      ++s1;
+      c1 = 0;
+    }
+    const bool more = u + 1 < u_end;
+    if (more) load(s1, c1, nxt);
+    uint4 zraw[SPC];
+#pragma unroll
+    for (int r = 0; r < SPC; ++r) zraw[r] = HASZ ? cur.zraw[HASZ ? r : 0] : make_uint4(0, 0, 0, 0);
+    gemv_chunk<T, BITS, U, 1, SPC>(cur.wq, cur.xb, cur.sraw, zraw, HASZ, a.zero_point, acc);
+    if (!more || s1 != strip) {
+      flush_strip<T, 1>(a, acc, strip, c_begin, ch + 1, cps, lane);
+#pragma unroll
+      for (int j = 0; j < 4; ++j)
+#pragma unroll
+        for (int c = 0; c < 4; ++c) acc[0][j][c] = 0.f;
+      c_begin = 0;
+    }
+    ++u;
+    strip = s1;
+    ch = c1;
+    return more;
+  };
+  PipeChunk<U, V, SPC, HASZ> pa, pb;
+  load(strip, ch, pa);
+  while (step(pa, pb) && step(pb, pa)) {
+  }
+}
+
+template <typename T, int BITS, int SPC, bool HASZ>
+cudaError_t launch_gemv_pipe(const QsMatmulArgs& a, cudaStream_t stream) {
+  static int occ_slot[kMaxDevices];
+  constexpr int U = gemv_steps<BITS, 1>();
+  auto kernel = gemv_pipe_kernel<T, BITS, SPC, HASZ>;
+  DeviceInfo dev;
+  int device = 0, occ = 0;
+  cudaError_t err = device_info(&dev, &device);
+  if (err != cudaSuccess) return err;
+  err = resident_blocks(kernel, kGemvThreads, 0, device, occ_slot, &occ);
+  if (err != cudaSuccess) return err;
+  const long long n_strips = (a.n + 63) / 64;
+  if (a.accum == nullptr || a.accum_floats < n_strips * kAccumPerStrip || a.accum_counters == nullptr ||
+      a.num_accum_counters < n_strips)
+    return cudaErrorInvalidValue;
+  const long long total = n_strips * (((a.k + 15) / 16 + U - 1) / U);
+  const GemvOptions opt = gemv_options();
+  const int per_sm = opt.wave_div > 1 && occ >= opt.wave_div ? occ / opt.wave_div : occ;
+  long long blocks = (long long)dev.sms * per_sm;
+  const long long warps_needed = (total + kGemvWarps - 1) / kGemvWarps;
+  blocks = blocks < warps_needed ? blocks : warps_needed;
+  cudaLaunchConfig_t cfg = {};
+  cfg.gridDim = dim3(unsigned(blocks));
+  cfg.blockDim = dim3(kGemvThreads);
+  cfg.dynamicSmemBytes = 0;
+  cfg.stream = stream;
+  cudaLaunchAttribute attr;
+  set_pdl(cfg, attr, opt.pdl && dev.cc_major >= 9);
+  return cudaLaunchKernelEx(&cfg, kernel, a);
+}
+
+// Whether the call takes the pipelined kernel (see the top of this file).
+inline bool gemv_pipe_takes(const QsMatmulArgs& a) {
+  if (!gemv_options().pipeline || a.m > 8) return false;
+  if (a.bits == 4) {
+    if (a.zeros != nullptr || a.group_shift < 3) return false;  // asym or < 128: spills (ptxas)
+  } else if (a.bits != 8 || a.group_shift < 2) {
+    return false;
+  }
+  DeviceInfo dev;
+  int device = 0;
+  return device_info(&dev, &device) == cudaSuccess && dev.cc_major >= 9;
+}
+
+// fp16 / bf16: the pipelined kernel where it is taken, else the register GEMV.
+template <typename T>
+cudaError_t gemv_dispatch(const QsMatmulArgs& a, cudaStream_t s) {
+  if (!gemv_pipe_takes(a)) return gemv_dtype<T>(a, s);
+  if (a.bits == 4) return launch_gemv_pipe<T, 4, 1, false>(a, s);
+  return a.zeros != nullptr ? launch_gemv_pipe<T, 8, 1, true>(a, s) : launch_gemv_pipe<T, 8, 1, false>(a, s);
+}
+
+}  // namespace qs
