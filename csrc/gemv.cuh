@@ -284,11 +284,12 @@ __global__ void __launch_bounds__(kGemvThreads) gemv_kernel(const QsMatmulArgs a
 }
 
 
-template <typename T, int BITS, int MB, int SPC>
-cudaError_t launch_gemv(const QsMatmulArgs& a, cudaStream_t stream) {
-  static int occ_slot[kMaxDevices];
-  constexpr int U = gemv_steps<BITS, MB>();
-  auto kernel = gemv_kernel<T, BITS, MB, SPC>;
+// Launch a GEMV kernel (gemv_kernel here, gemv_pipe_kernel in gemv_pipe.cuh) of kGemvThreads
+// threads over U-step chunks: one resident wave (divided by the wave_div option), no more warps
+// than chunks; pdl_ok: whether this kernel may use programmatic dependent launch (sm_90+, option on).
+template <typename Kernel>
+cudaError_t launch_gemv_wave(Kernel kernel, int (&occ_slot)[kMaxDevices], int U, bool pdl_ok, const QsMatmulArgs& a,
+                             cudaStream_t stream) {
   DeviceInfo dev;
   int device = 0, occ = 0;
   cudaError_t err = device_info(&dev, &device);
@@ -310,11 +311,17 @@ cudaError_t launch_gemv(const QsMatmulArgs& a, cudaStream_t stream) {
   cfg.blockDim = dim3(kGemvThreads);
   cfg.dynamicSmemBytes = 0;
   cfg.stream = stream;
+  cudaLaunchAttribute attr;
+  set_pdl(cfg, attr, opt.pdl && pdl_ok && dev.cc_major >= 9);
+  return cudaLaunchKernelEx(&cfg, kernel, a);
+}
+
+template <typename T, int BITS, int MB, int SPC>
+cudaError_t launch_gemv(const QsMatmulArgs& a, cudaStream_t stream) {
+  static int occ_slot[kMaxDevices];
   // PDL up to 16 tokens: measured 9 % (M=1) to 3 % (M=16) faster per decode step on H100, but 2 %
   // slower at M=32, where a warp's chunks are half the size and the prefetched share is small.
-  cudaLaunchAttribute attr;
-  set_pdl(cfg, attr, opt.pdl && MB <= 2 && dev.cc_major >= 9);
-  return cudaLaunchKernelEx(&cfg, kernel, a);
+  return launch_gemv_wave(gemv_kernel<T, BITS, MB, SPC>, occ_slot, gemv_steps<BITS, MB>(), MB <= 2, a, stream);
 }
 
 template <typename T, int BITS, int MB>

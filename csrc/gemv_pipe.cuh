@@ -115,32 +115,7 @@ __global__ void __launch_bounds__(kGemvThreads, 3) gemv_pipe_kernel(const QsMatm
 template <typename T, int BITS, int SPC, bool HASZ>
 cudaError_t launch_gemv_pipe(const QsMatmulArgs& a, cudaStream_t stream) {
   static int occ_slot[kMaxDevices];
-  constexpr int U = gemv_steps<BITS, 1>();
-  auto kernel = gemv_pipe_kernel<T, BITS, SPC, HASZ>;
-  DeviceInfo dev;
-  int device = 0, occ = 0;
-  cudaError_t err = device_info(&dev, &device);
-  if (err != cudaSuccess) return err;
-  err = resident_blocks(kernel, kGemvThreads, 0, device, occ_slot, &occ);
-  if (err != cudaSuccess) return err;
-  const long long n_strips = (a.n + 63) / 64;
-  if (a.accum == nullptr || a.accum_floats < n_strips * kAccumPerStrip || a.accum_counters == nullptr ||
-      a.num_accum_counters < n_strips)
-    return cudaErrorInvalidValue;
-  const long long total = n_strips * (((a.k + 15) / 16 + U - 1) / U);
-  const GemvOptions opt = gemv_options();
-  const int per_sm = opt.wave_div > 1 && occ >= opt.wave_div ? occ / opt.wave_div : occ;
-  long long blocks = (long long)dev.sms * per_sm;
-  const long long warps_needed = (total + kGemvWarps - 1) / kGemvWarps;
-  blocks = blocks < warps_needed ? blocks : warps_needed;
-  cudaLaunchConfig_t cfg = {};
-  cfg.gridDim = dim3(unsigned(blocks));
-  cfg.blockDim = dim3(kGemvThreads);
-  cfg.dynamicSmemBytes = 0;
-  cfg.stream = stream;
-  cudaLaunchAttribute attr;
-  set_pdl(cfg, attr, opt.pdl && dev.cc_major >= 9);
-  return cudaLaunchKernelEx(&cfg, kernel, a);
+  return launch_gemv_wave(gemv_pipe_kernel<T, BITS, SPC, HASZ>, occ_slot, gemv_steps<BITS, 1>(), true, a, stream);
 }
 
 // Whether the call takes the pipelined kernel (see the top of this file).
