@@ -39,6 +39,14 @@ __host__ __device__ constexpr int gemv_steps() {
   return (BITS == 4 ? 8 : 4) / (MB > 2 ? 2 : 1);
 }
 
+// Groups a chunk of u k16 steps meets, so scale rows a chunk loads (SPC): groups are
+// 2^group_shift steps (group_shift >= 30: one group).
+inline int groups_per_chunk(int u, int group_shift) {
+  int spc = u;
+  for (int i = 0; i < group_shift && spc > 1; ++i) spc >>= 1;
+  return spc;
+}
+
 // Hand a warp's partial sums of one strip segment to y: written directly when the warp covered the
 // whole strip, else added into the strip's fp32 accumulator; the warp that completes the strip
 // writes y (+ bias) and zeroes the accumulator and counter for the next call. With a.sums (up to 8
@@ -204,7 +212,6 @@ __global__ void __launch_bounds__(kGemvThreads) gemv_kernel(const QsMatmulArgs a
   pdl_launch_dependents();
   constexpr int U = gemv_steps<BITS, MB>();
   constexpr int V = Dequant<T, BITS>::kWordsPerLane / 4;  // 16-byte loads per lane per step
-  constexpr int SSTEP = U / SPC;                          // steps sharing one scale load
 
   const int lane = threadIdx.x & 31;
   const int g = lane >> 2;
@@ -217,20 +224,11 @@ __global__ void __launch_bounds__(kGemvThreads) gemv_kernel(const QsMatmulArgs a
   const long long u_begin_w = unit_begin(total, w, warps);
   const long long u_end = unit_begin(total, w + 1, warps);
   const uint4* qw = reinterpret_cast<const uint4*>(a.qweight);
-  const uint4* sc = reinterpret_cast<const uint4*>(a.scales);
-  const uint4* zs = reinterpret_cast<const uint4*>(a.zeros);
   const uint32_t opaque_zero = uint32_t(a.m) >> 31;  // m >= 1: always 0
 
-  // Before waiting for the previous kernel (PDL), pull this warp's first chunk of codes into L2:
-  // the weight stream starts during the previous kernel's tail, and the loads below hit L2.
   if (u_begin_w < u_end) {
-    constexpr int kChunkBytes = U * 32 * V * 16;
     const int strip = int(u_begin_w / cps);
-    const char* base = reinterpret_cast<const char*>(
-        qw + (((long long)strip * k_steps + int(u_begin_w - (long long)strip * cps) * U) * 32) * V);
-    const int steps_left = k_steps - int(u_begin_w - (long long)strip * cps) * U;
-    const int bytes = min(kChunkBytes, steps_left * 32 * V * 16);
-    for (int off = lane * 128; off < bytes; off += 32 * 128) prefetch_l2(base + off);
+    prefetch_chunk_l2<U, V>(qw, strip, int(u_begin_w - (long long)strip * cps), k_steps, lane);
   }
   pdl_wait();  // x, the accumulators and y belong to earlier kernels until here
 
@@ -250,13 +248,7 @@ __global__ void __launch_bounds__(kGemvThreads) gemv_kernel(const QsMatmulArgs a
     for (int ch = c_begin; ch < c_end; ++ch) {
       const int step0 = ch * U;
       uint4 wq[U][V];
-      const uint4* wp = qw + ((long long)strip * k_steps * 32 + lane) * V;
-      // Steps past k re-read the strip's last step: their x is zero and raw codes are finite integers,
-      // so they add nothing, and the loads need no branch (which would split the chunk's basic block).
-#pragma unroll
-      for (int i = 0; i < U; ++i)
-#pragma unroll
-        for (int v = 0; v < V; ++v) wq[i][v] = ldg128(wp + (long long)min(step0 + i, k_steps - 1) * 32 * V + v);
+      load_chunk_codes<U, V>(qw, strip, k_steps, step0, lane, wq);
       // The first step's codes and x depend on every load of the chunk (through a zero the compiler
       // cannot see), so ptxas issues them all before any MMA instead of interleaving them with the
       // steps to save registers, which would serialise their memory latencies.
@@ -269,13 +261,8 @@ __global__ void __launch_bounds__(kGemvThreads) gemv_kernel(const QsMatmulArgs a
 #pragma unroll
       for (int mb = 0; mb < MB; ++mb) xb[0][mb][0] |= gate;
       uint4 sraw[SPC], zraw[SPC];
-#pragma unroll
-      for (int s = 0; s < SPC; ++s) {
-        const long long off = group_row(min((step0 + s * SSTEP) >> a.group_shift, a.groups - 1), n_strips, strip, g);
-        sraw[s] = __ldg(sc + off);
-        zraw[s] = zs != nullptr ? __ldg(zs + off) : make_uint4(0, 0, 0, 0);
-      }
-      gemv_chunk<T, BITS, U, MB, SPC>(wq, xb, sraw, zraw, zs != nullptr, a.zero_point, acc);
+      load_group_rows<U, SPC>(a, n_strips, strip, step0, g, a.zeros != nullptr, sraw, zraw);
+      gemv_chunk<T, BITS, U, MB, SPC>(wq, xb, sraw, zraw, a.zeros != nullptr, a.zero_point, acc);
     }
 
     flush_strip<T, MB>(a, acc, strip, c_begin, c_end, cps, lane);
@@ -327,10 +314,7 @@ cudaError_t launch_gemv(const QsMatmulArgs& a, cudaStream_t stream) {
 template <typename T, int BITS, int MB>
 cudaError_t gemv_spc(const QsMatmulArgs& a, cudaStream_t s) {
   constexpr int U = gemv_steps<BITS, MB>();
-  const int steps_per_group_log2 = a.group_shift;
-  int spc = U;
-  for (int i = 0; i < steps_per_group_log2 && spc > 1; ++i) spc >>= 1;
-  switch (spc) {
+  switch (groups_per_chunk(U, a.group_shift)) {
     case 1: return launch_gemv<T, BITS, MB, 1>(a, s);
     case 2: return launch_gemv<T, BITS, MB, 2>(a, s);
     case 4:

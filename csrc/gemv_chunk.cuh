@@ -97,4 +97,43 @@ __device__ __forceinline__ long long group_row(int gi, int n_strips, int strip, 
   return ((long long)gi * n_strips + strip) * 8 + g;
 }
 
+// A lane's codes of one chunk: U k16 steps from step0 of a strip, V 16-byte words a step. Steps
+// past k re-read the strip's last step: their x is zero and raw codes are finite integers, so they
+// add nothing, and the loads need no branch (which would split the chunk's basic block).
+template <int U, int V>
+__device__ __forceinline__ void load_chunk_codes(const uint4* qw, int strip, int k_steps, int step0, int lane,
+                                                 uint4 (&wq)[U][V]) {
+  const uint4* wp = qw + ((long long)strip * k_steps * 32 + lane) * V;
+#pragma unroll
+  for (int i = 0; i < U; ++i)
+#pragma unroll
+    for (int v = 0; v < V; ++v) wq[i][v] = ldg128(wp + (long long)min(step0 + i, k_steps - 1) * 32 * V + v);
+}
+
+// A lane's scale (and zero) rows of the SPC groups a chunk of U steps from step0 meets; zero rows
+// are all-zero where has_z is false (the layer's zero point applies).
+template <int U, int SPC>
+__device__ __forceinline__ void load_group_rows(const QsMatmulArgs& a, int n_strips, int strip, int step0, int g,
+                                                bool has_z, uint4 (&sraw)[SPC], uint4 (&zraw)[SPC]) {
+  const uint4* sc = reinterpret_cast<const uint4*>(a.scales);
+  const uint4* zs = reinterpret_cast<const uint4*>(a.zeros);
+#pragma unroll
+  for (int s = 0; s < SPC; ++s) {
+    const long long off = group_row(min((step0 + s * (U / SPC)) >> a.group_shift, a.groups - 1), n_strips, strip, g);
+    sraw[s] = __ldg(sc + off);
+    zraw[s] = has_z ? __ldg(zs + off) : make_uint4(0, 0, 0, 0);
+  }
+}
+
+// Before a GEMV waits for the previous kernel (PDL): pull the first chunk of codes of a warp
+// (strip, chunk ch of U steps) into L2, so the weight stream starts during that kernel's tail and
+// the loads after the wait hit L2.
+template <int U, int V>
+__device__ __forceinline__ void prefetch_chunk_l2(const uint4* qw, int strip, int ch, int k_steps, int lane) {
+  constexpr int kChunkBytes = U * 32 * V * 16;
+  const char* base = reinterpret_cast<const char*>(qw + (((long long)strip * k_steps + ch * U) * 32) * V);
+  const int bytes = min(kChunkBytes, (k_steps - ch * U) * 32 * V * 16);
+  for (int off = lane * 128; off < bytes; off += 32 * 128) prefetch_l2(base + off);
+}
+
 }  // namespace qs

@@ -16,11 +16,12 @@
 namespace qs {
 
 // One unit's operands: the lane's codes of U k16 steps, its x fragments and its group rows.
-template <int U, int V, int SPC, bool HASZ>
+// (Where HASZ is false the zero rows are constant zeros: no registers held for them.)
+template <int U, int V, int SPC>
 struct PipeChunk {
   uint4 wq[U][V];
   uint32_t xb[U][1][2];
-  uint4 sraw[SPC], zraw[HASZ ? SPC : 1];  // symmetric layers hold no zero rows
+  uint4 sraw[SPC], zraw[SPC];
 };
 
 template <typename T, int BITS, int SPC, bool HASZ>
@@ -28,7 +29,6 @@ __global__ void __launch_bounds__(kGemvThreads, 3) gemv_pipe_kernel(const QsMatm
   pdl_launch_dependents();
   constexpr int U = gemv_steps<BITS, 1>();
   constexpr int V = Dequant<T, BITS>::kWordsPerLane / 4;
-  constexpr int SSTEP = U / SPC;
 
   const int lane = threadIdx.x & 31;
   const int g = lane >> 2;
@@ -41,35 +41,18 @@ __global__ void __launch_bounds__(kGemvThreads, 3) gemv_pipe_kernel(const QsMatm
   const int u_begin = int(unit_begin(total, w, warps));
   const int u_end = int(unit_begin(total, w + 1, warps));
   const uint4* qw = reinterpret_cast<const uint4*>(a.qweight);
-  const uint4* sc = reinterpret_cast<const uint4*>(a.scales);
-  const uint4* zs = reinterpret_cast<const uint4*>(a.zeros);
   if (u_begin >= u_end) {
     pdl_wait();
     return;
   }
   int strip = u_begin / cps, ch = u_begin - strip * cps;
-  {  // as gemv.cuh: the first chunk's codes into L2 before the PDL wait
-    constexpr int kChunkBytes = U * 32 * V * 16;
-    const char* base = reinterpret_cast<const char*>(qw + (((long long)strip * k_steps + ch * U) * 32) * V);
-    const int bytes = min(kChunkBytes, (k_steps - ch * U) * 32 * V * 16);
-    for (int off = lane * 128; off < bytes; off += 32 * 128) prefetch_l2(base + off);
-  }
+  prefetch_chunk_l2<U, V>(qw, strip, ch, k_steps, lane);
   pdl_wait();
 
-  auto load = [&](int s, int c, PipeChunk<U, V, SPC, HASZ>& p) {
-    const int step0 = c * U;
-    const uint4* wp = qw + ((long long)s * k_steps * 32 + lane) * V;
-#pragma unroll
-    for (int i = 0; i < U; ++i)
-#pragma unroll
-      for (int v = 0; v < V; ++v) p.wq[i][v] = ldg128(wp + (long long)min(step0 + i, k_steps - 1) * 32 * V + v);
-    load_x_chunk<T, U, 1>(a, step0, lane, p.xb);
-#pragma unroll
-    for (int r = 0; r < SPC; ++r) {
-      const long long off = group_row(min((step0 + r * SSTEP) >> a.group_shift, a.groups - 1), n_strips, s, g);
-      p.sraw[r] = __ldg(sc + off);
-      if constexpr (HASZ) p.zraw[r] = __ldg(zs + off);
-    }
+  auto load = [&](int s, int c, PipeChunk<U, V, SPC>& p) {
+    load_chunk_codes<U, V>(qw, s, k_steps, c * U, lane, p.wq);
+    load_x_chunk<T, U, 1>(a, c * U, lane, p.xb);
+    load_group_rows<U, SPC>(a, n_strips, s, c * U, g, HASZ, p.sraw, p.zraw);
   };
 
   float acc[1][4][4];
@@ -81,7 +64,7 @@ __global__ void __launch_bounds__(kGemvThreads, 3) gemv_pipe_kernel(const QsMatm
   int u = u_begin;
   // One unit: issue the next unit's loads into `nxt`, compute `cur`, flush at a strip's end.
   // Returns whether a next unit exists (then it sits in `nxt`).
-  auto step = [&](PipeChunk<U, V, SPC, HASZ>& cur, PipeChunk<U, V, SPC, HASZ>& nxt) {
+  auto step = [&](PipeChunk<U, V, SPC>& cur, PipeChunk<U, V, SPC>& nxt) {
     int s1 = strip, c1 = ch + 1;
     if (c1 == cps) {
       ++s1;
@@ -89,10 +72,7 @@ __global__ void __launch_bounds__(kGemvThreads, 3) gemv_pipe_kernel(const QsMatm
     }
     const bool more = u + 1 < u_end;
     if (more) load(s1, c1, nxt);
-    uint4 zraw[SPC];
-#pragma unroll
-    for (int r = 0; r < SPC; ++r) zraw[r] = HASZ ? cur.zraw[HASZ ? r : 0] : make_uint4(0, 0, 0, 0);
-    gemv_chunk<T, BITS, U, 1, SPC>(cur.wq, cur.xb, cur.sraw, zraw, HASZ, a.zero_point, acc);
+    gemv_chunk<T, BITS, U, 1, SPC>(cur.wq, cur.xb, cur.sraw, cur.zraw, HASZ, a.zero_point, acc);
     if (!more || s1 != strip) {
       flush_strip<T, 1>(a, acc, strip, c_begin, ch + 1, cps, lane);
 #pragma unroll
@@ -106,7 +86,7 @@ __global__ void __launch_bounds__(kGemvThreads, 3) gemv_pipe_kernel(const QsMatm
     ch = c1;
     return more;
   };
-  PipeChunk<U, V, SPC, HASZ> pa, pb;
+  PipeChunk<U, V, SPC> pa, pb;
   load(strip, ch, pa);
   while (step(pa, pb) && step(pb, pa)) {
   }
@@ -120,12 +100,11 @@ cudaError_t launch_gemv_pipe(const QsMatmulArgs& a, cudaStream_t stream) {
 
 // Whether the call takes the pipelined kernel (see the top of this file).
 inline bool gemv_pipe_takes(const QsMatmulArgs& a) {
-  if (!gemv_options().pipeline || a.m > 8) return false;
-  if (a.bits == 4) {
-    if (a.zeros != nullptr || a.group_shift < 3) return false;  // asym or < 128: spills (ptxas)
-  } else if (a.bits != 8 || a.group_shift < 2) {
-    return false;
-  }
+  if (!gemv_options().pipeline || a.m > 8 || (a.bits != 4 && a.bits != 8)) return false;
+  // One group per chunk (4-bit g >= 128, 8-bit g >= 64), and 4-bit symmetric only: the other
+  // instantiations spill (ptxas).
+  const int u = a.bits == 4 ? gemv_steps<4, 1>() : gemv_steps<8, 1>();
+  if (groups_per_chunk(u, a.group_shift) != 1 || (a.bits == 4 && a.zeros != nullptr)) return false;
   DeviceInfo dev;
   int device = 0;
   return device_info(&dev, &device) == cudaSuccess && dev.cc_major >= 9;
