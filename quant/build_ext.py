@@ -1,9 +1,9 @@
 """`python -m quant.build_ext`: build every compiled extension the package declares, ahead of time.
 
-A module of the `quant` package declares an extension by defining `extension_spec()` (one
-`quant.ext.ExtensionSpec`) or `extension_specs()` (several). This command imports every module of
-the package, collects those specs and builds each one; it exits non-zero if any build fails, if a
-module cannot be imported, or if a name given with --expect is not declared.
+A module of the `quant` package or its subpackages declares an extension by defining
+`extension_spec()` (one `quant.ext.ExtensionSpec`) or `extension_specs()` (several). This command
+imports every such module, collects those specs and builds each one; it exits non-zero if any
+build fails, if a module cannot be imported, or if a name given with --expect is not declared.
 
 Two ways to build:
     (default)     JIT-build into the extension cache (`quant.ext.cache_dir()`), exactly as the
@@ -46,17 +46,18 @@ class DiscoveryError(RuntimeError):
 
 
 def package_modules() -> list[ModuleType]:
-    """Every module of the `quant` package except this one, imported."""
+    """Every module of the `quant` package and its subpackages (quant.backends) except this one,
+    imported."""
     import quant
 
     modules = []
-    for info in sorted(pkgutil.iter_modules(quant.__path__), key=lambda i: i.name):
-        if info.name == "build_ext" or info.ispkg:
+    for info in sorted(pkgutil.walk_packages(quant.__path__, prefix="quant."), key=lambda i: i.name):
+        if info.name == "quant.build_ext" or info.ispkg:
             continue
         try:
-            modules.append(importlib.import_module(f"quant.{info.name}"))
+            modules.append(importlib.import_module(info.name))
         except Exception as exc:
-            raise DiscoveryError(f"cannot import quant.{info.name}: {type(exc).__name__}: {exc}") from exc
+            raise DiscoveryError(f"cannot import {info.name}: {type(exc).__name__}: {exc}") from exc
     return modules
 
 

@@ -38,25 +38,16 @@ from typing import TYPE_CHECKING
 import torch
 
 from quant import kernels
-from quant.backends import cuda_dequant, cuda_layout
+from quant.backends import cuda_build, cuda_dequant, cuda_layout
 from quant.backends.cuda_dequant import DEQUANT_MIN_M, DEQUANT_SCRATCH_BYTES, scratch_bytes, strip_bytes
 from quant.backends.cuda_layout import CudaLayout, LayoutError
-from quant.ext import ExtensionError, ExtensionSpec, load
+from quant.ext import ExtensionError, load
 from quant.sums import Sums, SumsBuffer
 
 if TYPE_CHECKING:
     from quant.linear import QuantLinear
 
 
-SOURCES = ("bindings.cpp", "gemv_f16.cu", "gemv_bf16.cu", "gemm_f16.cu", "gemm_bf16.cu", "dequant.cu",
-           "gather.cu", "dispatch.cu")
-HEADERS = ("quantserve_cuda.h", "qs_ptx.cuh", "qs_dequant.cuh", "qs_streamk.cuh", "qs_launch.cuh", "qs_stage.cuh",
-           "qs_wgmma.cuh",
-           "gemm_wgmma.cuh", "gemm_wgmma_launch.cuh", "gemv.cuh", "gemv_chunk.cuh", "gemv_pipe.cuh",
-           "gemm.cuh", "dequant.cuh")
-# Every target the sources support; a JIT build compiles only for the GPU it runs on
-# (QUANTSERVE_CUDA_ARCHS="80;86;89;90a" builds them all, e.g. for an image).
-ALL_ARCHS = ("80", "86", "89", "90a")
 PRIORITY = 10
 ACCUM_MIN_N = 32768  # strip accumulators sized for at least this many output columns (32 MB)
 # Act-order layers: every call gathers x[:, perm] with our gather kernel first (gather_cols), which
@@ -79,32 +70,6 @@ SUMS_MAX_M = 8
 GEMV_SUMS = os.environ.get("QUANTSERVE_GEMV_SUMS", "1") != "0"
 
 
-def arch_flags(archs: tuple[str, ...]) -> tuple[str, ...]:
-    flags = []
-    for arch in archs:
-        flags.append(f"-gencode=arch=compute_{arch},code=sm_{arch}")
-        if arch == "90a":
-            flags.append("-gencode=arch=compute_90,code=sm_90")
-    return tuple(flags)
-
-
-def _archs_for_build() -> tuple[str, ...]:
-    env = os.environ.get("QUANTSERVE_CUDA_ARCHS")
-    if env:
-        return tuple(a.strip() for a in env.replace(",", ";").split(";") if a.strip())
-    major, minor = torch.cuda.get_device_capability()
-    cc = f"{major}{minor}"
-    return ("90a",) if cc == "90" else (cc,)
-
-
-def extension_spec(archs: tuple[str, ...]) -> ExtensionSpec:
-    # No -std flag: torch's cpp_extension picks the standard its headers were built with (C++20);
-    # overriding it changes the layout of c10 types and crashes the error path.
-    cuda_flags = ("-O3", "-lineinfo") + arch_flags(archs)
-    return ExtensionSpec(name="quantserve_cuda", sources=SOURCES, cuda=True, cflags=("-O3",),
-                         cuda_cflags=cuda_flags, headers=HEADERS)
-
-
 _EXT = None
 _EXT_ERROR: str | None = None
 _LOCK = threading.Lock()
@@ -121,7 +86,7 @@ def extension():
         if _EXT_ERROR is not None:
             raise ExtensionError(_EXT_ERROR)
         try:
-            ext = load(extension_spec(_archs_for_build()))
+            ext = load(cuda_build.extension_spec())
             if os.environ.get("QUANTSERVE_GEMV_PDL", "1") == "0":  # escape hatch: no PDL launches
                 ext.gemv_set_options(False, *ext.gemv_get_options()[1:])
             if os.environ.get("QUANTSERVE_GEMV_PIPELINE", "1") == "0":  # escape hatch: register GEMV only

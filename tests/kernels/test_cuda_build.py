@@ -1,4 +1,5 @@
-"""Every .cu in csrc/ compiles for sm_80 and sm_90a (CPU-only: needs nvcc, not a GPU).
+"""Every .cu in csrc/ compiles for sm_80 and sm_90a (CPU-only: needs nvcc, not a GPU); the build's
+spec (quant.backends.cuda_build) names every source and header and picks its targets.
 
 A build break then fails CI, which has nvcc but no GPU. Files compile in parallel, one nvcc per
 (file, arch); each per-dtype instantiation file takes one arch (its pair covers the other), which keeps
@@ -12,7 +13,10 @@ from pathlib import Path
 
 import pytest
 
-from quant.backends.cuda import SOURCES, arch_flags
+import torch
+
+from quant.backends import cuda_build
+from quant.backends.cuda_build import SOURCES, arch_flags
 
 CSRC = Path(__file__).resolve().parents[2] / "csrc"
 NVCC = shutil.which("nvcc")
@@ -41,3 +45,22 @@ def test_every_cu_file_compiles(tmp_path):
         results = list(pool.map(lambda job: _compile(job[0], job[1], tmp_path), jobs))
     failures = [f"{name}:\n{log}" for name, rc, log in results if rc != 0]
     assert not failures, "\n\n".join(failures)
+
+
+def test_spec_lists_every_header_and_source():
+    """A header missing from HEADERS would leave a JIT build stale after it changes."""
+    headers = {p.name for p in CSRC.glob("*.cuh")} | {p.name for p in CSRC.glob("*.h")}
+    assert set(cuda_build.HEADERS) == headers
+    assert set(cuda_build.SOURCES) == {p.name for p in CSRC.glob("*.cu")} | {"bindings.cpp"}
+
+
+def test_build_targets(monkeypatch):
+    monkeypatch.setenv("QUANTSERVE_CUDA_ARCHS", "80, 90a")
+    assert cuda_build.archs_for_build() == ("80", "90a")
+    monkeypatch.delenv("QUANTSERVE_CUDA_ARCHS")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # an image build: no GPU
+    assert cuda_build.archs_for_build() == cuda_build.ALL_ARCHS
+    flags = cuda_build.extension_spec().cuda_cflags
+    for arch in cuda_build.ALL_ARCHS:
+        assert f"-gencode=arch=compute_{arch},code=sm_{arch}" in flags
+    assert "-gencode=arch=compute_90,code=sm_90" in flags

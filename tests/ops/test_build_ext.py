@@ -48,6 +48,10 @@ def test_the_package_imports_and_lists():
     assert out.returncode == 0, out.stderr
     declared = {line.split("\t")[0] for line in out.stdout.splitlines()}
     assert declared == {s.name for s in build_ext.discover()}
+    # The Docker image builds `--only cuda --expect quantserve_cuda`: the CUDA backend, in the
+    # quant.backends subpackage, must be found, as a CUDA extension.
+    kinds = dict(line.split("\t")[:2] for line in out.stdout.splitlines())
+    assert kinds.get("quantserve_cuda") == "cuda" and kinds.get("quantserve_cpu") == "cpu", out.stdout
 
 
 def test_expect_fails_when_the_extension_is_not_declared():
