@@ -24,6 +24,27 @@ struct PipeChunk {
   uint4 sraw[SPC], zraw[SPC];
 };
 
+// A warp's units [begin, end) of the strip-major (strip, chunk) space, and the step from one strip to
+// the next (always 1). Why the step is a value rather than a ++: with ++ nvcc emits a loop that ptxas
+// schedules worse: 100 more moves of the memory descriptor into uniform registers (R2UR) and the next
+// unit's code loads issued later; ncu (gate_up, 1 token) counts 6% more instructions issued at the same
+// rate, and the decode-step linears at 1-8 tokens ran 3-5% slower on an H200 (bench/NOTES.md, v17). The
+// source form is not what matters, the SASS is: time any change to this loop.
+struct PipeUnits {
+  int begin, end;
+  int strip_step;
+};
+__device__ __forceinline__ PipeUnits pipe_units(int n_strips, int cps) {
+  const int wi = threadIdx.x >> 5;
+  PipeUnits r;
+  const long long total = (long long)n_strips * cps;
+  const int warps = gridDim.x * kGemvWarps, w = blockIdx.x * kGemvWarps + wi;
+  r.begin = int(unit_begin(total, w, warps));
+  r.end = int(unit_begin(total, w + 1, warps));
+  r.strip_step = 1;
+  return r;
+}
+
 template <typename T, int BITS, int SPC, bool HASZ>
 __global__ void __launch_bounds__(kGemvThreads, 3) gemv_pipe_kernel(const QsMatmulArgs a) {
   pdl_launch_dependents();
@@ -35,17 +56,15 @@ __global__ void __launch_bounds__(kGemvThreads, 3) gemv_pipe_kernel(const QsMatm
   const int n_strips = (a.n + 63) >> 6;
   const int k_steps = (a.k + 15) >> 4;
   const int cps = (k_steps + U - 1) / U;
-  const long long total = (long long)n_strips * cps;
-  const int warps = gridDim.x * kGemvWarps;
-  const int w = blockIdx.x * kGemvWarps + (threadIdx.x >> 5);
-  const int u_begin = int(unit_begin(total, w, warps));
-  const int u_end = int(unit_begin(total, w + 1, warps));
+  const PipeUnits wu = pipe_units(n_strips, cps);
+  const int u_begin = wu.begin;
+  const int u_end = wu.end;
   const uint4* qw = reinterpret_cast<const uint4*>(a.qweight);
   if (u_begin >= u_end) {
     pdl_wait();
     return;
   }
-  int strip = u_begin / cps, ch = u_begin - strip * cps;
+  int strip = u_begin / cps, ch = u_begin % cps;
   prefetch_chunk_l2<U, V>(qw, strip, ch, k_steps, lane);
   pdl_wait();
 
@@ -67,7 +86,7 @@ __global__ void __launch_bounds__(kGemvThreads, 3) gemv_pipe_kernel(const QsMatm
   auto step = [&](PipeChunk<U, V, SPC>& cur, PipeChunk<U, V, SPC>& nxt) {
     int s1 = strip, c1 = ch + 1;
     if (c1 == cps) {
-      ++s1;
+      s1 += wu.strip_step;
       c1 = 0;
     }
     const bool more = u + 1 < u_end;
