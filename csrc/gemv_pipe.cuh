@@ -12,6 +12,7 @@
 #pragma once
 
 #include "gemv.cuh"
+#include "qs_trace.cuh"
 
 namespace qs {
 
@@ -48,6 +49,7 @@ __device__ __forceinline__ PipeUnits pipe_units(int n_strips, int cps) {
 template <typename T, int BITS, int SPC, bool HASZ>
 __global__ void __launch_bounds__(kGemvThreads, 3) gemv_pipe_kernel(const QsMatmulArgs a) {
   pdl_launch_dependents();
+  QS_TRACE_ENTER(trace, a.qweight);
   constexpr int U = gemv_steps<BITS, 1>();
   constexpr int V = Dequant<T, BITS>::kWordsPerLane / 4;
 
@@ -62,11 +64,14 @@ __global__ void __launch_bounds__(kGemvThreads, 3) gemv_pipe_kernel(const QsMatm
   const uint4* qw = reinterpret_cast<const uint4*>(a.qweight);
   if (u_begin >= u_end) {
     pdl_wait();
+    QS_TRACE_WAIT(trace);
+    QS_TRACE_EXIT(trace);
     return;
   }
   int strip = u_begin / cps, ch = u_begin % cps;
   prefetch_chunk_l2<U, V>(qw, strip, ch, k_steps, lane);
   pdl_wait();
+  QS_TRACE_WAIT(trace);
 
   auto load = [&](int s, int c, PipeChunk<U, V, SPC>& p) {
     load_chunk_codes<U, V>(qw, s, k_steps, c * U, lane, p.wq);
@@ -109,6 +114,7 @@ __global__ void __launch_bounds__(kGemvThreads, 3) gemv_pipe_kernel(const QsMatm
   load(strip, ch, pa);
   while (step(pa, pb) && step(pb, pa)) {
   }
+  QS_TRACE_EXIT(trace);
 }
 
 template <typename T, int BITS, int SPC, bool HASZ>

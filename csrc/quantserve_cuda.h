@@ -94,6 +94,11 @@ int qs_wgmma_probe(int device);
 // Defaults: pdl 1, wave_div 1, pipeline 1.
 void qs_gemv_set_options(int pdl, int wave_div, int pipeline);
 void qs_gemv_get_options(int* pdl, int* wave_div, int* pipeline);
+// Diagnosis builds only (QS_GEMV_TRACE, csrc/qs_trace.cuh): copies up to max_records per-warp
+// records of the fp16 pipelined GEMV's launches since the last call into dst (4 x uint64 each: tag,
+// entry, wait, exit ns) and starts over; returns the count, or -1 in a build without the trace.
+#define QS_GEMV_TRACE_RECORDS (1 << 18)
+int qs_gemv_trace_take(unsigned long long* dst, int max_records);
 // Largest m handled by qs_gemv.
 int qs_gemv_max_m(void);
 // Accumulator floats the GEMV and the wgmma GEMM need for n output columns (counters: ceil(n / 64)).

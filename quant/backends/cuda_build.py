@@ -4,7 +4,9 @@ the GPU targets, and the spec that quant.ext.load JIT-builds at first use and th
 
 Targets: QUANTSERVE_CUDA_ARCHS ("80;86;89;90a") when set; else the GPU of this machine (a JIT
 build compiles only what it will run; sm_90 builds sm_90a, whose wgmma kernels need it); else,
-with no GPU (an image build), every target the sources support.
+with no GPU (an image build), every target the sources support. QUANTSERVE_CUDA_TRACE=1 builds the
+diagnosis variant whose pipelined GEMV records a per-warp timeline (csrc/qs_trace.cuh,
+bench/gemv_timeline.py); its flags are part of the build key, so it caches beside the normal build.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ SOURCES = ("bindings.cpp", "gemv_f16.cu", "gemv_bf16.cu", "gemm_f16.cu", "gemm_b
 HEADERS = ("quantserve_cuda.h", "qs_ptx.cuh", "qs_dequant.cuh", "qs_streamk.cuh", "qs_launch.cuh", "qs_stage.cuh",
            "qs_wgmma.cuh",
            "gemm_wgmma.cuh", "gemm_wgmma_launch.cuh", "gemv.cuh", "gemv_chunk.cuh", "gemv_pipe.cuh",
-           "gemm.cuh", "dequant.cuh")
+           "gemm.cuh", "dequant.cuh", "qs_trace.cuh")
 # Every target the sources support.
 ALL_ARCHS = ("80", "86", "89", "90a")
 
@@ -52,5 +54,7 @@ def extension_spec(archs: tuple[str, ...] | None = None) -> ExtensionSpec:
     # No -std flag: torch's cpp_extension picks the standard its headers were built with (C++20);
     # overriding it changes the layout of c10 types and crashes the error path.
     cuda_flags = ("-O3", "-lineinfo") + arch_flags(archs_for_build() if archs is None else archs)
+    if os.environ.get("QUANTSERVE_CUDA_TRACE") == "1":  # diagnosis build: the GEMV's per-warp timeline
+        cuda_flags += ("-DQS_GEMV_TRACE",)
     return ExtensionSpec(name="quantserve_cuda", sources=SOURCES, cuda=True, cflags=("-O3",),
                          cuda_cflags=cuda_flags, headers=HEADERS)

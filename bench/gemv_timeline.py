@@ -1,0 +1,153 @@
+"""Per-warp timeline of the pipelined GEMV over one Llama-2-7B decode step's linears, back to back.
+
+Diagnosis, not a benchmark: the kernels are built with QS_GEMV_TRACE (QUANTSERVE_CUDA_TRACE=1, which
+this script sets; csrc/qs_trace.cuh), so every warp of the fp16 pipelined GEMV records when it
+entered, when it got past the programmatic-dependent-launch wait (the call before it had finished)
+and when it left, on the GPU's nanosecond timer. The step is the one bench/kernels.py times (the
+same random 4-bit g128 layers, own weights per layer, a CUDA graph of the 129 calls), at M tokens
+(1-8: the calls the pipelined kernel takes). It answers where a call's time goes beyond its bytes:
+
+    ramp   first warp past its wait -> last warp past it (how long the grid takes to get going)
+    body   first warp past its wait -> the 90th-percentile warp's exit
+    tail   90th-percentile exit -> last exit (the slowest warps: split strips' fix-up, imbalance)
+    gap    the previous call's last exit -> this call's first warp past its wait
+    early  first entry -> first warp past its wait (how long warps sat in the PDL wait)
+
+    QUANTSERVE_CUDA_TRACE=1 is set here; PYTHONPATH=. python bench/gemv_timeline.py [--m 1] [--json out.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import statistics
+import sys
+
+MASK64 = (1 << 64) - 1
+
+
+@dataclasses.dataclass(frozen=True)
+class CallTiming:
+    """One launch's warps, times in microseconds from the first warp entry of the step."""
+
+    key: int
+    warps: int
+    sms: int
+    entry_first: float
+    wait_first: float
+    wait_last: float
+    exit_p90: float
+    exit_last: float
+
+
+def summarize(rows: list[tuple[int, int, int, int]]) -> list[CallTiming]:
+    """rows: (tag, entry ns, wait ns, exit ns) per warp, tag = key << 32 | smid << 16 | warp. Returns
+    one CallTiming per key (a launch: every layer has its own weights), in the order the calls got
+    past their waits."""
+    by_key: dict[int, list[tuple[int, int, int, int]]] = {}
+    for tag, t0, t1, t2 in rows:
+        tag &= MASK64
+        by_key.setdefault(tag >> 32, []).append((tag, t0, t1, t2))
+    if not by_key:
+        return []
+    origin = min(r[1] for rs in by_key.values() for r in rs)
+    calls = []
+    for key, rs in by_key.items():
+        exits = sorted(r[3] for r in rs)
+        waits = [r[2] for r in rs]
+        calls.append(CallTiming(key=key, warps=len(rs), sms=len({(r[0] >> 16) & 0xFFFF for r in rs}),
+                                entry_first=(min(r[1] for r in rs) - origin) / 1e3,
+                                wait_first=(min(waits) - origin) / 1e3, wait_last=(max(waits) - origin) / 1e3,
+                                exit_p90=(exits[min(len(exits) - 1, (len(exits) * 9) // 10)] - origin) / 1e3,
+                                exit_last=(exits[-1] - origin) / 1e3))
+    return sorted(calls, key=lambda c: c.wait_first)
+
+
+def phases(calls: list[CallTiming]) -> list[dict]:
+    """Per call: ramp, body, tail, gap and early (module docstring), microseconds."""
+    out = []
+    for i, c in enumerate(calls):
+        out.append({"key": c.key, "warps": c.warps, "sms": c.sms,
+                    "ramp": c.wait_last - c.wait_first, "body": c.exit_p90 - c.wait_first,
+                    "tail": c.exit_last - c.exit_p90,
+                    "gap": c.wait_first - calls[i - 1].exit_last if i else 0.0,
+                    "early": c.wait_first - c.entry_first})
+    return out
+
+
+def table(per_call: list[dict], names: list[str]) -> list[dict]:
+    """Median phases per layer name (names[i] is call i's layer) and the step totals."""
+    rows = []
+    for name in dict.fromkeys(names):
+        sel = [p for p, n in zip(per_call, names) if n == name]
+        rows.append({"layer": name, "calls": len(sel),
+                     **{f: round(statistics.median(p[f] for p in sel), 2)
+                        for f in ("ramp", "body", "tail", "gap", "early")}})
+    rows.append({"layer": "step (sums)", "calls": len(per_call),
+                 **{f: round(sum(p[f] for p in per_call), 1) for f in ("ramp", "body", "tail", "gap", "early")}})
+    return rows
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--m", type=int, default=1, help="tokens (1-8: the pipelined GEMV's calls)")
+    p.add_argument("--layers", type=int, default=32)
+    p.add_argument("--json", default=None, help="also write the per-call phases and the table here")
+    args = p.parse_args()
+    os.environ["QUANTSERVE_CUDA_TRACE"] = "1"  # before the extension is built or loaded
+
+    import torch
+
+    from bench.kernels import SHAPES, ours_call, ours_make, step_calls, step_order
+    from quant.backends import cuda as cuda_backend
+
+    ext = cuda_backend.extension()
+    weights = {s: [ours_make(*SHAPES[s]) for _ in range(args.layers if s != "lm_head" else 1)] for s in SHAPES}
+    xs = {k: torch.randn(args.m, k, device="cuda", dtype=torch.float16) for k in {4096, 11008}}
+    order = step_order(args.layers)
+    calls = step_calls(order, weights, xs, ours_call())
+    key_name = {(w.qweight.data_ptr() >> 8) & 0xFFFFFFFF: s for s, ws in weights.items() for w in ws}
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for c in calls:
+            c()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for c in calls:
+            c()
+    for _ in range(3):
+        graph.replay()
+    torch.cuda.synchronize()
+    ext.gemv_trace_take()  # drop the warm-up replays' records
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    graph.replay()
+    end.record()
+    end.synchronize()
+    rows = [tuple(int(v) for v in r) for r in ext.gemv_trace_take().tolist()]
+    timings = summarize(rows)
+    names = [key_name.get(c.key, "?") for c in timings]
+    if len(timings) != len(order):
+        print(f"warning: {len(timings)} traced launches for {len(order)} calls (only the fp16 pipelined GEMV "
+              f"records; M={args.m})", file=sys.stderr)
+    per_call = phases(timings)
+    rows_t = table(per_call, names)
+    step_us = timings[-1].exit_last - timings[0].entry_first if timings else 0.0
+    print(f"{torch.cuda.get_device_name()}: M={args.m}, {len(timings)} launches, replay {start.elapsed_time(end):.3f} ms "
+          f"(event), first entry -> last exit {step_us / 1e3:.3f} ms; microseconds, medians per layer:")
+    print(f"  {'layer':12s} {'calls':>5s} {'ramp':>7s} {'body':>7s} {'tail':>7s} {'gap':>7s} {'early':>7s}")
+    for r in rows_t:
+        print(f"  {r['layer']:12s} {r['calls']:5d} {r['ramp']:7.2f} {r['body']:7.2f} {r['tail']:7.2f} "
+              f"{r['gap']:7.2f} {r['early']:7.2f}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"gpu": torch.cuda.get_device_name(), "m": args.m, "replay_ms": start.elapsed_time(end),
+                       "table": rows_t, "calls": [dict(p, layer=n) for p, n in zip(per_call, names)]}, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()

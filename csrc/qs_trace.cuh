@@ -1,0 +1,61 @@
+// Per-warp timeline of the pipelined GEMV, for diagnosis only (bench/gemv_timeline.py): built when
+// QS_GEMV_TRACE is defined (QUANTSERVE_CUDA_TRACE=1 at build time), compiled out otherwise (the
+// macros below expand to nothing, so the normal build's kernels are unchanged).
+// Each warp fills one record: {tag, t_entry, t_wait, t_exit}, the times from the
+// GPU's global nanosecond timer: entry (after the PDL trigger), past griddepcontrol.wait (the
+// previous kernel finished), exit. tag = (qweight address >> 8) << 32 | smid << 16 | warp index in
+// the grid; the address tells the calls of a step apart when every layer has its own weights.
+// Only the fp16 kernels' records are read back (the buffer is per translation unit).
+#pragma once
+
+#include <stdint.h>
+
+#include "quantserve_cuda.h"
+
+#ifdef QS_GEMV_TRACE
+namespace qs {
+
+struct TraceRec {
+  unsigned long long tag, t_entry, t_wait, t_exit;
+};
+static __device__ TraceRec g_trace[QS_GEMV_TRACE_RECORDS];
+static __device__ unsigned int g_trace_n;
+
+__device__ __forceinline__ unsigned long long trace_now() {
+  unsigned long long t;
+  asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
+  return t;
+}
+
+// Lane 0 of each warp claims a record at entry (before the PDL wait, so the atomic's latency hides
+// in the wait) and fills it in three stores; the warp holds only the index in between.
+__device__ __forceinline__ unsigned int trace_enter(const void* qweight) {
+  if ((threadIdx.x & 31) != 0) return QS_GEMV_TRACE_RECORDS;
+  const unsigned long long t = trace_now();
+  unsigned int sm;
+  asm volatile("mov.u32 %0, %%smid;" : "=r"(sm));
+  const unsigned int warp = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
+  const unsigned int i = atomicAdd(&g_trace_n, 1u);
+  if (i < QS_GEMV_TRACE_RECORDS) {
+    const unsigned long long key = (reinterpret_cast<unsigned long long>(qweight) >> 8) & 0xffffffffull;
+    g_trace[i].tag = key << 32 | (unsigned long long)(sm & 0xffff) << 16 | (warp & 0xffff);
+    g_trace[i].t_entry = t;
+  }
+  return i;
+}
+__device__ __forceinline__ void trace_wait(unsigned int i) {
+  if (i < QS_GEMV_TRACE_RECORDS) g_trace[i].t_wait = trace_now();
+}
+__device__ __forceinline__ void trace_exit(unsigned int i) {
+  if (i < QS_GEMV_TRACE_RECORDS) g_trace[i].t_exit = trace_now();
+}
+
+}  // namespace qs
+#define QS_TRACE_ENTER(var, qweight) const unsigned int var = ::qs::trace_enter(qweight)
+#define QS_TRACE_WAIT(var) ::qs::trace_wait(var)
+#define QS_TRACE_EXIT(var) ::qs::trace_exit(var)
+#else
+#define QS_TRACE_ENTER(var, qweight)
+#define QS_TRACE_WAIT(var)
+#define QS_TRACE_EXIT(var)
+#endif
