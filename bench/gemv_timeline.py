@@ -100,7 +100,7 @@ def main() -> None:
 
     import torch
 
-    from bench.kernels import SHAPES, ours_call, ours_make, step_calls, step_order
+    from bench.kernels import SHAPES, capture_graph, ours_call, ours_make, step_calls, step_order
     from quant.backends import cuda as cuda_backend
 
     ext = cuda_backend.extension()
@@ -109,18 +109,7 @@ def main() -> None:
     order = step_order(args.layers)
     calls = step_calls(order, weights, xs, ours_call())
     key_name = {(w.qweight.data_ptr() >> 8) & 0xFFFFFFFF: s for s, ws in weights.items() for w in ws}
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for c in calls:
-            c()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for c in calls:
-            c()
-    for _ in range(3):
-        graph.replay()
+    graph = capture_graph(calls)
     torch.cuda.synchronize()
     ext.gemv_trace_take()  # drop the warm-up replays' records
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)

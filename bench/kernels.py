@@ -32,8 +32,9 @@ GROUP = 128
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
-def time_graph(calls, reps: int) -> float:
-    """Median ms of one replay of a graph that runs `calls` in order."""
+def capture_graph(calls) -> torch.cuda.CUDAGraph:
+    """A CUDA graph that runs `calls` in order (run once eagerly on a side stream first, so lazy
+    set-up such as workspaces happens outside the capture), replayed three times to warm up."""
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):
@@ -46,6 +47,12 @@ def time_graph(calls, reps: int) -> float:
             c()
     for _ in range(3):
         graph.replay()
+    return graph
+
+
+def time_graph(calls, reps: int) -> float:
+    """Median ms of one replay of a graph that runs `calls` in order."""
+    graph = capture_graph(calls)
     times = []
     for _ in range(reps):
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
