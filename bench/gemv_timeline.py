@@ -10,6 +10,7 @@ same random 4-bit g128 layers, own weights per layer, a CUDA graph of the 129 ca
     ramp   first warp past its wait -> last warp past it (how long the grid takes to get going)
     body   first warp past its wait -> the 90th-percentile warp's exit
     tail   90th-percentile exit -> last exit (the slowest warps: split strips' fix-up, imbalance)
+    units  each warp's exit split by how many units the stream-K split gave it (median / last)
     gap    the previous call's last exit -> this call's first warp past its wait
     early  first entry -> first warp past its wait (how long warps sat in the PDL wait)
 
@@ -40,12 +41,26 @@ class CallTiming:
     wait_last: float
     exit_p90: float
     exit_last: float
+    # (units, warps, median exit, last exit) per count of units a warp ran, exits in microseconds
+    # after the first warp got past its wait; empty when the call's unit total is not known.
+    exits_by_units: tuple[tuple[int, int, float, float], ...] = ()
 
 
-def summarize(rows: list[tuple[int, int, int, int]]) -> list[CallTiming]:
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def warp_units(total: int, warps: int, w: int) -> int:
+    """Units warp w of `warps` runs when the GEMV splits `total` (strip, chunk) units: the
+    contiguous range [total*w/warps, total*(w+1)/warps) (csrc/qs_streamk.cuh)."""
+    return total * (w + 1) // warps - total * w // warps
+
+
+def summarize(rows: list[tuple[int, int, int, int]], totals: dict[int, int] | None = None) -> list[CallTiming]:
     """rows: (tag, entry ns, wait ns, exit ns) per warp, tag = key << 32 | smid << 16 | warp. Returns
     one CallTiming per key (a launch: every layer has its own weights), in the order the calls got
-    past their waits."""
+    past their waits. totals: the unit count of each key's layer, to split exits by units a warp ran
+    (every warp of the grid records, so the grid's warp count is the highest warp index + 1)."""
     by_key: dict[int, list[tuple[int, int, int, int]]] = {}
     for tag, t0, t1, t2 in rows:
         tag &= MASK64
@@ -57,11 +72,18 @@ def summarize(rows: list[tuple[int, int, int, int]]) -> list[CallTiming]:
     for key, rs in by_key.items():
         exits = sorted(r[3] for r in rs)
         waits = [r[2] for r in rs]
+        by_units: list[tuple[int, int, float, float]] = []
+        if totals and key in totals:
+            grid = max(r[0] & 0xFFFF for r in rs) + 1
+            split: dict[int, list[int]] = {}
+            for r in rs:
+                split.setdefault(warp_units(totals[key], grid, r[0] & 0xFFFF), []).append(r[3] - min(waits))
+            by_units = [(u, len(v), statistics.median(v) / 1e3, max(v) / 1e3) for u, v in sorted(split.items())]
         calls.append(CallTiming(key=key, warps=len(rs), sms=len({(r[0] >> 16) & 0xFFFF for r in rs}),
                                 entry_first=(min(r[1] for r in rs) - origin) / 1e3,
                                 wait_first=(min(waits) - origin) / 1e3, wait_last=(max(waits) - origin) / 1e3,
                                 exit_p90=(exits[min(len(exits) - 1, (len(exits) * 9) // 10)] - origin) / 1e3,
-                                exit_last=(exits[-1] - origin) / 1e3))
+                                exit_last=(exits[-1] - origin) / 1e3, exits_by_units=tuple(by_units)))
     return sorted(calls, key=lambda c: c.wait_first)
 
 
@@ -73,6 +95,7 @@ def phases(calls: list[CallTiming]) -> list[dict]:
                     "ramp": c.wait_last - c.wait_first, "body": c.exit_p90 - c.wait_first,
                     "tail": c.exit_last - c.exit_p90,
                     "gap": c.wait_first - calls[i - 1].exit_last if i else 0.0,
+                    "exits_by_units": [list(e) for e in c.exits_by_units],
                     "early": c.wait_first - c.entry_first})
     return out
 
@@ -82,9 +105,16 @@ def table(per_call: list[dict], names: list[str]) -> list[dict]:
     rows = []
     for name in dict.fromkeys(names):
         sel = [p for p, n in zip(per_call, names) if n == name]
+        units: dict[int, list[tuple[float, float]]] = {}
+        for p in sel:
+            for u, _, med, last in p.get("exits_by_units", []):
+                units.setdefault(u, []).append((med, last))
         rows.append({"layer": name, "calls": len(sel),
                      **{f: round(statistics.median(p[f] for p in sel), 2)
-                        for f in ("ramp", "body", "tail", "gap", "early")}})
+                        for f in ("ramp", "body", "tail", "gap", "early")},
+                     "exit_by_units": {u: (round(statistics.median(m for m, _ in v), 2),
+                                           round(statistics.median(x for _, x in v), 2))
+                                       for u, v in sorted(units.items())}})
     rows.append({"layer": "step (sums)", "calls": len(per_call),
                  **{f: round(sum(p[f] for p in per_call), 1) for f in ("ramp", "body", "tail", "gap", "early")}})
     return rows
@@ -109,6 +139,8 @@ def main() -> None:
     order = step_order(args.layers)
     calls = step_calls(order, weights, xs, ours_call())
     key_name = {(w.qweight.data_ptr() >> 8) & 0xFFFFFFFF: s for s, ws in weights.items() for w in ws}
+    chunk_steps = 8  # a 4-bit GEMV unit: 8 k16 steps of one 64-column strip (csrc/gemv.cuh gemv_steps)
+    totals = {key: _cdiv(SHAPES[s][1], 64) * _cdiv(_cdiv(SHAPES[s][0], 16), chunk_steps) for key, s in key_name.items()}
     graph = capture_graph(calls)
     torch.cuda.synchronize()
     ext.gemv_trace_take()  # drop the warm-up replays' records
@@ -118,7 +150,7 @@ def main() -> None:
     end.record()
     end.synchronize()
     rows = [tuple(int(v) for v in r) for r in ext.gemv_trace_take().tolist()]
-    timings = summarize(rows)
+    timings = summarize(rows, totals)
     names = [key_name.get(c.key, "?") for c in timings]
     if len(timings) != len(order):
         print(f"warning: {len(timings)} traced launches for {len(order)} calls (only the fp16 pipelined GEMV "
@@ -128,10 +160,12 @@ def main() -> None:
     step_us = timings[-1].exit_last - timings[0].entry_first if timings else 0.0
     print(f"{torch.cuda.get_device_name()}: M={args.m}, {len(timings)} launches, replay {start.elapsed_time(end):.3f} ms "
           f"(event), first entry -> last exit {step_us / 1e3:.3f} ms; microseconds, medians per layer:")
-    print(f"  {'layer':12s} {'calls':>5s} {'ramp':>7s} {'body':>7s} {'tail':>7s} {'gap':>7s} {'early':>7s}")
+    print(f"  {'layer':12s} {'calls':>5s} {'ramp':>7s} {'body':>7s} {'tail':>7s} {'gap':>7s} {'early':>7s}"
+          "  exit after the wait by units a warp ran: median / last")
     for r in rows_t:
+        by_units = ", ".join(f"{u}: {m:.2f} / {x:.2f}" for u, (m, x) in r.get("exit_by_units", {}).items())
         print(f"  {r['layer']:12s} {r['calls']:5d} {r['ramp']:7.2f} {r['body']:7.2f} {r['tail']:7.2f} "
-              f"{r['gap']:7.2f} {r['early']:7.2f}")
+              f"{r['gap']:7.2f} {r['early']:7.2f}  {by_units}")
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"gpu": torch.cuda.get_device_name(), "m": args.m, "replay_ms": start.elapsed_time(end),

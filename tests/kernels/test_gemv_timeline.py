@@ -1,7 +1,7 @@
 """bench/gemv_timeline.py's analysis of per-warp trace records (no GPU: synthetic records whose
 phases are known), and the trace build switch."""
 
-from bench.gemv_timeline import phases, summarize, table
+from bench.gemv_timeline import phases, summarize, table, warp_units
 from quant.backends import cuda_build
 
 
@@ -46,3 +46,18 @@ def test_trace_build_is_a_separate_build(monkeypatch):
     traced = cuda_build.extension_spec(archs=("90a",))
     assert "-DQS_GEMV_TRACE" in traced.cuda_cflags and "-DQS_GEMV_TRACE" not in plain.cuda_cflags
     assert "qs_trace.cuh" in traced.headers
+
+
+def test_exits_split_by_the_units_each_warp_ran():
+    # 5 units over 4 warps: warp 3 runs two (ranges [0,1) [1,2) [2,3) [3,5)), the others one.
+    assert [warp_units(5, 4, w) for w in range(4)] == [1, 1, 1, 2]
+    assert sum(warp_units(2048, 1584, w) for w in range(1584)) == 2048
+    assert sum(warp_units(2048, 1584, w) == 2 for w in range(1584)) == 464
+    rows = [_rec(9, w, w, 0, 1000, 4000 + 100 * w) for w in range(3)] + [_rec(9, 3, 3, 0, 1000, 7000)]
+    (call,) = summarize(rows, {9: 5})
+    assert call.exits_by_units == ((1, 3, 3.1, 3.2), (2, 1, 6.0, 6.0))
+    (p,) = phases([call])
+    (row, _) = table([p], ["o"])
+    assert row["exit_by_units"] == {1: (3.1, 3.2), 2: (6.0, 6.0)}
+    (plain,) = summarize(rows)  # no unit totals: no split
+    assert plain.exits_by_units == ()
