@@ -71,17 +71,18 @@ def summarize(rows: list[tuple[int, int, int, int]], totals: dict[int, int] | No
     calls = []
     for key, rs in by_key.items():
         exits = sorted(r[3] for r in rs)
-        waits = [r[2] for r in rs]
+        wait_first = min(r[2] for r in rs)
         by_units: list[tuple[int, int, float, float]] = []
         if totals and key in totals:
             grid = max(r[0] & 0xFFFF for r in rs) + 1
             split: dict[int, list[int]] = {}
             for r in rs:
-                split.setdefault(warp_units(totals[key], grid, r[0] & 0xFFFF), []).append(r[3] - min(waits))
+                split.setdefault(warp_units(totals[key], grid, r[0] & 0xFFFF), []).append(r[3] - wait_first)
             by_units = [(u, len(v), statistics.median(v) / 1e3, max(v) / 1e3) for u, v in sorted(split.items())]
         calls.append(CallTiming(key=key, warps=len(rs), sms=len({(r[0] >> 16) & 0xFFFF for r in rs}),
                                 entry_first=(min(r[1] for r in rs) - origin) / 1e3,
-                                wait_first=(min(waits) - origin) / 1e3, wait_last=(max(waits) - origin) / 1e3,
+                                wait_first=(wait_first - origin) / 1e3,
+                                wait_last=(max(r[2] for r in rs) - origin) / 1e3,
                                 exit_p90=(exits[min(len(exits) - 1, (len(exits) * 9) // 10)] - origin) / 1e3,
                                 exit_last=(exits[-1] - origin) / 1e3, exits_by_units=tuple(by_units)))
     return sorted(calls, key=lambda c: c.wait_first)
