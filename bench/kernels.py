@@ -86,6 +86,14 @@ def ours_make(k, n):
                       perm=None, constants={torch.float16: (scales, None, None)})
 
 
+def ours_asym_make(k, n):
+    """As ours_make, with a zero per group and column (GPTQ sym=False): codes 0-15, zeros 0-15."""
+    w = ours_make(k, n)
+    scales = w.constants[torch.float16][0]
+    zeros = torch.randint(0, 16, scales.shape, device="cuda").half()
+    return dataclasses.replace(w, zero_point=0, constants={torch.float16: (scales, zeros, None)})
+
+
 def ours_call(op=None):
     return lambda x, w: cuda_backend.matmul(w, x, op=op)
 
@@ -111,6 +119,7 @@ def tiny_call(x, w):
 
 BACKENDS = {
     "ours": (ours_make, ours_call(), torch.float16, lambda k, n: k * n // 2 + k // GROUP * n * 2),
+    "ours_asym": (ours_asym_make, ours_call(), torch.float16, lambda k, n: k * n // 2 + k // GROUP * n * 4),
     "cublas_fp16": (fp16_make, fp16_call, torch.float16, lambda k, n: k * n * 2),
     "torch_int4": (tiny_make, tiny_call, torch.bfloat16, lambda k, n: k * n // 2 + k // GROUP * n * 4),
 }
