@@ -6,8 +6,8 @@
 // of 4 warps a SM instead of 4. H200, Llama-2-7B shape: batch 8 decode +16%, batch 4 +6%, batch 1
 // within the spread; the 1-token linears alone ~equal (bench/NOTES.md, v16).
 // Same layout, stream-K split, fix-up and sums flush as gemv.cuh. Taken on sm_90+ up to 8 tokens
-// where a chunk meets one group and the two units fit the registers without spilling: 4-bit
-// symmetric with groups of >= 128 (or one group), 8-bit with groups of >= 64 (gemv_pipe_takes);
+// where a chunk meets one group and the two units fit the registers without spilling: 4-bit with
+// groups of >= 128 (or one group), 8-bit with groups of >= 64 (gemv_pipe_takes);
 // the GEMV option `pipeline` (default on) turns it off.
 #pragma once
 
@@ -16,8 +16,9 @@
 
 namespace qs {
 
-// One unit's operands: the lane's codes of U k16 steps, its x fragments and its group rows.
-// (Where HASZ is false the zero rows are constant zeros: no registers held for them.)
+// One unit's operands: the lane's codes of U k16 steps, its x fragments and its group rows (not used
+// where the rows are loaded at compute time, kLateRows). (Where HASZ is false the zero rows are
+// constant zeros: no registers held for them.)
 template <int U, int V, int SPC>
 struct PipeChunk {
   uint4 wq[U][V];
@@ -52,6 +53,10 @@ __global__ void __launch_bounds__(kGemvThreads, 3) gemv_pipe_kernel(const QsMatm
   QS_TRACE_ENTER(trace, a.qweight);
   constexpr int U = gemv_steps<BITS, 1>();
   constexpr int V = Dequant<T, BITS>::kWordsPerLane / 4;
+  // 4-bit with zeros loads a unit's scale and zero rows when it computes the unit rather than one unit
+  // ahead with its codes: held a unit ahead they spill (32 bytes, ptxas), loaded late they fit in 168
+  // registers. Only there: the 4-bit symmetric kernel ran 2-3% slower with late rows (H200, v18).
+  constexpr bool kLateRows = HASZ && BITS == 4;
 
   const int lane = threadIdx.x & 31;
   const int g = lane >> 2;
@@ -76,7 +81,7 @@ __global__ void __launch_bounds__(kGemvThreads, 3) gemv_pipe_kernel(const QsMatm
   auto load = [&](int s, int c, PipeChunk<U, V, SPC>& p) {
     load_chunk_codes<U, V>(qw, s, k_steps, c * U, lane, p.wq);
     load_x_chunk<T, U, 1>(a, c * U, lane, p.xb);
-    load_group_rows<U, SPC>(a, n_strips, s, c * U, g, HASZ, p.sraw, p.zraw);
+    if constexpr (!kLateRows) load_group_rows<U, SPC>(a, n_strips, s, c * U, g, HASZ, p.sraw, p.zraw);
   };
 
   float acc[1][4][4];
@@ -95,8 +100,15 @@ __global__ void __launch_bounds__(kGemvThreads, 3) gemv_pipe_kernel(const QsMatm
       c1 = 0;
     }
     const bool more = u + 1 < u_end;
-    if (more) load(s1, c1, nxt);
-    gemv_chunk<T, BITS, U, 1, SPC>(cur.wq, cur.xb, cur.sraw, cur.zraw, HASZ, a.zero_point, acc);
+    if constexpr (kLateRows) {
+      uint4 sraw[SPC], zraw[SPC];  // this unit's group rows: used at its fold, after its MMAs
+      load_group_rows<U, SPC>(a, n_strips, strip, ch * U, g, HASZ, sraw, zraw);
+      if (more) load(s1, c1, nxt);
+      gemv_chunk<T, BITS, U, 1, SPC>(cur.wq, cur.xb, sraw, zraw, HASZ, a.zero_point, acc);
+    } else {
+      if (more) load(s1, c1, nxt);
+      gemv_chunk<T, BITS, U, 1, SPC>(cur.wq, cur.xb, cur.sraw, cur.zraw, HASZ, a.zero_point, acc);
+    }
     if (!more || s1 != strip) {
       flush_strip<T, 1>(a, acc, strip, c_begin, ch + 1, cps, lane);
 #pragma unroll
@@ -126,10 +138,9 @@ cudaError_t launch_gemv_pipe(const QsMatmulArgs& a, cudaStream_t stream) {
 // Whether the call takes the pipelined kernel (see the top of this file).
 inline bool gemv_pipe_takes(const QsMatmulArgs& a) {
   if (!gemv_options().pipeline || a.m > 8 || (a.bits != 4 && a.bits != 8)) return false;
-  // One group per chunk (4-bit g >= 128, 8-bit g >= 64), and 4-bit symmetric only: the other
-  // instantiations spill (ptxas).
+  // One group per chunk (4-bit g >= 128, 8-bit g >= 64): smaller groups spill (ptxas).
   const int u = a.bits == 4 ? gemv_steps<4, 1>() : gemv_steps<8, 1>();
-  if (groups_per_chunk(u, a.group_shift) != 1 || (a.bits == 4 && a.zeros != nullptr)) return false;
+  if (groups_per_chunk(u, a.group_shift) != 1) return false;
   DeviceInfo dev;
   int device = 0;
   return device_info(&dev, &device) == cudaSuccess && dev.cc_major >= 9;
@@ -139,7 +150,8 @@ inline bool gemv_pipe_takes(const QsMatmulArgs& a) {
 template <typename T>
 cudaError_t gemv_dispatch(const QsMatmulArgs& a, cudaStream_t s) {
   if (!gemv_pipe_takes(a)) return gemv_dtype<T>(a, s);
-  if (a.bits == 4) return launch_gemv_pipe<T, 4, 1, false>(a, s);
+  if (a.bits == 4)
+    return a.zeros != nullptr ? launch_gemv_pipe<T, 4, 1, true>(a, s) : launch_gemv_pipe<T, 4, 1, false>(a, s);
   return a.zeros != nullptr ? launch_gemv_pipe<T, 8, 1, true>(a, s) : launch_gemv_pipe<T, 8, 1, false>(a, s);
 }
 

@@ -81,17 +81,18 @@ def _gemv_kernel_names(layer, x) -> set[str]:
 @pytest.mark.parametrize("pipeline", [True, False])
 @pytest.mark.parametrize("k,n,bits,group_size,sym", [(576, 192, 4, 128, True), (4096, 4096, 4, -1, True),
                                                      (11008, 4096, 4, 128, True), (584, 72, 8, 64, False),
-                                                     (1536, 576, 8, 128, True), (576, 1536, 4, 128, False)])
+                                                     (1536, 576, 8, 128, True), (576, 1536, 4, 128, False),
+                                                     (576, 1536, 4, 64, True)])
 def test_gemv_with_and_without_the_pipelined_kernel(pipeline, k, n, bits, group_size, sym):
     """Up to 8 tokens both GEMV kernels (gemv_pipe.cuh where it is taken, gemv.cuh otherwise) over
     the token counts, fp16 and bf16; on sm_90 the profiler shows which one ran: the pipelined one
-    exactly when the option is on and the layer fits it (4-bit symmetric g >= 128, 8-bit g >= 64)."""
+    exactly when the option is on and the layer fits it (4-bit g >= 128, 8-bit g >= 64)."""
     layer = _layer(k, n, bits, group_size, sym, FORMAT_V2)
     with cuda_backend.gemv_launch_options(pipeline=pipeline):
         for dtype in (torch.float16, torch.bfloat16):
             _check(layer, (1, 2, 3, 4, 7, 8), dtype, ops=("gemv",))
         names = _gemv_kernel_names(layer, torch.randn(3, k, device="cuda", dtype=torch.float16))
-    takes = pipeline and torch.cuda.get_device_capability()[0] >= 9 and (bits == 8 or sym)
+    takes = pipeline and torch.cuda.get_device_capability()[0] >= 9 and (bits == 8 or group_size in (128, -1))
     assert any("gemv_pipe_kernel" in name for name in names) == takes, names
     assert len(names) == 1, names
 
