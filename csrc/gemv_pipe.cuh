@@ -109,6 +109,7 @@ __global__ void __launch_bounds__(kGemvThreads, 3) gemv_pipe_kernel(const QsMatm
       if (more) load(s1, c1, nxt);
       gemv_chunk<T, BITS, U, 1, SPC>(cur.wq, cur.xb, cur.sraw, cur.zraw, HASZ, a.zero_point, acc);
     }
+    QS_TRACE_UNIT(trace);
     if (!more || s1 != strip) {
       flush_strip<T, 1>(a, acc, strip, c_begin, ch + 1, cps, lane);
 #pragma unroll

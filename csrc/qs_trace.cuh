@@ -1,9 +1,9 @@
 // Per-warp timeline of the pipelined GEMV, for diagnosis only (bench/gemv_timeline.py): built when
 // QS_GEMV_TRACE is defined (QUANTSERVE_CUDA_TRACE=1 at build time), compiled out otherwise (the
 // macros below expand to nothing, so the normal build's kernels are unchanged).
-// Each warp fills one record: {tag, t_entry, t_wait, t_exit}, the times from the
+// Each warp fills one record: {tag, t_entry, t_wait, t_exit, t_first}, the times from the
 // GPU's global nanosecond timer: entry (after the PDL trigger), past griddepcontrol.wait (the
-// previous kernel finished), exit. tag = (qweight address >> 8) << 32 | smid << 16 | warp index in
+// previous kernel finished), exit, and when its first unit was computed (0: it had none). tag = (qweight address >> 8) << 32 | smid << 16 | warp index in
 // the grid; the address tells the calls of a step apart when every layer has its own weights.
 // Only the fp16 kernels' records are read back (the buffer is per translation unit).
 #pragma once
@@ -16,7 +16,7 @@
 namespace qs {
 
 struct TraceRec {
-  unsigned long long tag, t_entry, t_wait, t_exit;
+  unsigned long long tag, t_entry, t_wait, t_exit, t_first;
 };
 static __device__ TraceRec g_trace[QS_GEMV_TRACE_RECORDS];
 static __device__ unsigned int g_trace_n;
@@ -40,22 +40,34 @@ __device__ __forceinline__ unsigned int trace_enter(const void* qweight) {
     const unsigned long long key = (reinterpret_cast<unsigned long long>(qweight) >> 8) & 0xffffffffull;
     g_trace[i].tag = key << 32 | (unsigned long long)(sm & 0xffff) << 16 | (warp & 0xffff);
     g_trace[i].t_entry = t;
+    g_trace[i].t_first = 0;
   }
   return i;
 }
+// Bit 31 of the index marks "first unit recorded", so the flag takes no register of its own.
+constexpr unsigned int kTraceUnitDone = 1u << 31;
 __device__ __forceinline__ void trace_wait(unsigned int i) {
+  i &= ~kTraceUnitDone;
   if (i < QS_GEMV_TRACE_RECORDS) g_trace[i].t_wait = trace_now();
 }
 __device__ __forceinline__ void trace_exit(unsigned int i) {
+  i &= ~kTraceUnitDone;
   if (i < QS_GEMV_TRACE_RECORDS) g_trace[i].t_exit = trace_now();
+}
+// After each unit's compute: the first call stores the time.
+__device__ __forceinline__ void trace_unit(unsigned int& i) {
+  if (i < QS_GEMV_TRACE_RECORDS) g_trace[i].t_first = trace_now();
+  i |= kTraceUnitDone;
 }
 
 }  // namespace qs
-#define QS_TRACE_ENTER(var, qweight) const unsigned int var = ::qs::trace_enter(qweight)
+#define QS_TRACE_ENTER(var, qweight) unsigned int var = ::qs::trace_enter(qweight)
+#define QS_TRACE_UNIT(var) ::qs::trace_unit(var)
 #define QS_TRACE_WAIT(var) ::qs::trace_wait(var)
 #define QS_TRACE_EXIT(var) ::qs::trace_exit(var)
 #else
 #define QS_TRACE_ENTER(var, qweight)
 #define QS_TRACE_WAIT(var)
 #define QS_TRACE_EXIT(var)
+#define QS_TRACE_UNIT(var)
 #endif

@@ -61,3 +61,16 @@ def test_exits_split_by_the_units_each_warp_ran():
     assert row["exit_by_units"] == {1: (3.1, 3.2), 2: (6.0, 6.0)}
     (plain,) = summarize(rows)  # no unit totals: no split
     assert plain.exits_by_units == ()
+
+
+def test_first_unit_latency_from_five_column_records():
+    # Warps past their waits at 1000..1300 ns; their first units done 2000, 2500, 3000 ns after;
+    # a warp without units (first 0) does not count.
+    rows = [(_rec(5, w, w, 0, 1000 + 100 * w, 9000) + (1000 + 100 * w + d,)) for w, d in enumerate((2000, 2500, 3000))]
+    rows.append(_rec(5, 3, 3, 0, 1300, 1400) + (0,))
+    (call,) = summarize(rows)
+    assert call.first == 2.5
+    (p,) = phases([call])
+    assert p["first"] == 2.5 and table([p], ["o"])[0]["first"] == 2.5
+    (old,) = summarize([r[:4] for r in rows])  # 4-column records: no first-unit time
+    assert old.first != old.first  # nan
