@@ -138,6 +138,9 @@ def main() -> None:
     p.add_argument("--m", type=int, default=1, help="tokens (1-8: the pipelined GEMV's calls)")
     p.add_argument("--layers", type=int, default=32)
     p.add_argument("--json", default=None, help="also write the per-call phases and the table here")
+    p.add_argument("--wave-div", type=int, default=None,
+                   help="GEMV launch option wave_div (2: half the resident grid), to see how the phases "
+                        "follow the warps a SM")
     p.add_argument("--raw", default=None, help="also write every record and the layer of each key here "
                    "(safetensors)")
     args = p.parse_args()
@@ -156,7 +159,8 @@ def main() -> None:
     key_name = {(w.qweight.data_ptr() >> 8) & 0xFFFFFFFF: s for s, ws in weights.items() for w in ws}
     chunk_steps = 8  # a 4-bit GEMV unit: 8 k16 steps of one 64-column strip (csrc/gemv.cuh gemv_steps)
     totals = {key: _cdiv(SHAPES[s][1], 64) * _cdiv(_cdiv(SHAPES[s][0], 16), chunk_steps) for key, s in key_name.items()}
-    graph = capture_graph(calls)
+    with cuda_backend.gemv_launch_options(wave_div=args.wave_div):
+        graph = capture_graph(calls)
     torch.cuda.synchronize()
     ext.gemv_trace_take()  # drop the warm-up replays' records
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)

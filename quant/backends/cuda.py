@@ -17,7 +17,7 @@ dequantise + cuBLAS path (no cached dense copy). On sm_90 the GEMV launches with
 programmatic dependent launch (its weights stream into L2 during the previous kernel's tail), and
 so does the act-order gather (the kernel after it starts copying its weights during it);
 QUANTSERVE_GEMV_PDL=0 turns both off; QUANTSERVE_GEMM_WGMMA=0 keeps Hopper on the mma.sync GEMM.
-On sm_90, calls of up to 8 tokens whose layer fits it (4-bit symmetric with groups of >= 128, 8-bit
+On sm_90, calls of up to 8 tokens whose layer fits it (4-bit with groups of >= 128, symmetric or not, 8-bit
 with groups of >= 64) take the GEMV that keeps each warp's next chunk in flight (csrc/gemv_pipe.cuh);
 QUANTSERVE_GEMV_PIPELINE=0 keeps them on the register GEMV.
 `apply_sums` (QuantLinear.forward_sums) lets a GEMV call of up to SUMS_MAX_M tokens leave its fp32
