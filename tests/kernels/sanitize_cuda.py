@@ -24,6 +24,7 @@ CASES = [  # k, n, bits, group_size, sym, desc_act, bias, ms
     (576, 192, 8, 64, True, True, False, (1, 12, 24)),  # act-order: the gather kernel before each kernel
     (256, 128, 3, 64, False, False, False, (5, 20)),
     (11008, 256, 4, 128, True, True, False, (3, 64)),  # act-order, K = 11008
+    (1536, 200, 4, 128, False, False, True, (1, 7)),  # 4-bit asym g128: the pipelined GEMV with zeros
 ]
 
 
