@@ -16,7 +16,8 @@ from pathlib import Path
 
 import torch
 
-from bench.kernels import RESULTS, SHAPES, ours_make, slug, time_graph
+from bench.common import RESULTS, slug
+from bench.kernels import SHAPES, ours_make, time_graph
 from quant.backends import cuda as cuda_backend
 
 

@@ -15,13 +15,14 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import re
 import statistics
 import sys
 from pathlib import Path
 
 import torch
 
+from bench.common import RESULTS, slug
+from bench.kernel_report import plot, targets
 from quant.backends import cuda as cuda_backend
 from quant.backends import cuda_dequant
 from quant.backends.cuda_layout import CudaLayout
@@ -29,7 +30,6 @@ from quant.backends.cuda_layout import CudaLayout
 SHAPES = {"qkv": (4096, 12288), "o": (4096, 4096), "gate_up": (4096, 22016), "down": (11008, 4096),
           "lm_head": (4096, 32000)}
 GROUP = 128
-RESULTS = Path(__file__).resolve().parent / "results"
 
 
 def capture_graph(calls) -> torch.cuda.CUDAGraph:
@@ -280,69 +280,6 @@ def act_order_cost(weights, rows):
                          "us": round(t1 * 1000, 2), "gather_us": round((t1 - t0) * 1000, 2)})
 
 
-def slug(name: str) -> str:
-    return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
-
-
-def targets(steps, rows, copy_bw):
-    def step(backend, m):
-        v = [s["ms"] for s in steps if s["backend"] == backend and s["m"] == m]
-        return v[0] if v else None
-
-    out = []
-
-    def add(name, value, ok):
-        out.append({"target": name, "measured": value, "met": bool(ok) if value is not None else None})
-
-    o1, f1, t1 = step("ours", 1), step("cublas_fp16", 1), step("torch_int4", 1)
-    add("step M=1 <= 1.3 ms", o1, o1 is not None and o1 <= 1.3)
-    if o1 and f1:
-        add("step M=1 >= 3.8x fp16", round(f1 / o1, 2), f1 / o1 >= 3.8)
-    if o1 and t1:
-        add("step M=1 >= 1.5x torch int4", round(t1 / o1, 2), t1 / o1 >= 1.5)
-    for m, limit in ((16, 1.5), (64, 2.6), (128, 4.3)):
-        v = step("ours", m)
-        add(f"step M={m} <= {limit} ms", v, v is not None and v <= limit)
-    o128, f128 = step("ours", 128), step("cublas_fp16", 128)
-    if o128 and f128:
-        add("step M=128 faster than fp16", round(f128 / o128, 2), o128 < f128)
-    o256, f256 = step("ours", 256), step("cublas_fp16", 256)
-    if o256 and f256:
-        add("step M=256 <= 1.1x fp16", round(o256 / f256, 2), o256 <= 1.1 * f256)
-    g = [r for r in rows if r["backend"] == "ours" and r["layer"] == "o" and r["m"] == 1]
-    if g:
-        frac = g[0]["tbs"] / copy_bw
-        add("4096x4096 GEMV >= 70% of copy bandwidth", round(frac, 3), frac >= 0.70)
-    return out
-
-
-def plot(steps, copy_bw, path, gpu):
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return False
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for backend in ("ours", "cublas_fp16", "torch_int4"):
-        pts = sorted((s["m"], s["ms"]) for s in steps if s["backend"] == backend)
-        if pts:
-            ax.plot(*zip(*pts), marker="o", label=backend)
-    int4_bytes = sum(BACKENDS["ours"][3](*SHAPES[s]) for s in step_order(32))
-    ax.axhline(int4_bytes / copy_bw / 1e9, color="gray", ls="--", label="int4 bytes / copy bandwidth")
-    ax.set_xscale("log", base=2)
-    ax.set_yscale("log")
-    ax.set_xlabel("M (tokens)")
-    ax.set_ylabel("ms per decode step (all linears)")
-    ax.set_title(f"Llama-2-7B linears, {gpu}")
-    ax.legend()
-    ax.grid(True, which="both", alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    return True
-
-
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--ms", default="1,4,16,32,64,128,256,512,1024")
@@ -380,7 +317,8 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     stem = f"kernels-{slug(gpu)}"
     (out / f"{stem}.json").write_text(json.dumps(result, indent=1))
-    plotted = plot(steps, copy_bw, out / f"{stem}.png", gpu)
+    int4_bytes = sum(BACKENDS["ours"][3](*SHAPES[s]) for s in step_order(32))
+    plotted = plot(steps, copy_bw, out / f"{stem}.png", gpu, int4_bytes)
     print(f"\nwrote {out / stem}.json{' and .png' if plotted else ''}")
     print("\nper-shape us (M=1 / 16 / 64):")
     for s in SHAPES:

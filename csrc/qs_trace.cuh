@@ -28,7 +28,7 @@ __device__ __forceinline__ unsigned long long trace_now() {
 }
 
 // Lane 0 of each warp claims a record at entry (before the PDL wait, so the atomic's latency hides
-// in the wait) and fills it in three stores; the warp holds only the index in between.
+// in the wait) and fills the rest in as the warp goes; the warp holds only the index in between.
 __device__ __forceinline__ unsigned int trace_enter(const void* qweight) {
   if ((threadIdx.x & 31) != 0) return QS_GEMV_TRACE_RECORDS;
   const unsigned long long t = trace_now();
