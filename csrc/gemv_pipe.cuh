@@ -26,6 +26,15 @@ struct PipeChunk {
   uint4 sraw[SPC], zraw[SPC];
 };
 
+// `a` where the condition holds, else `b` (two arrays of one type), chosen at compile time.
+template <bool kFirst, typename A>
+__device__ __forceinline__ A& pick(A& a, A& b) {
+  if constexpr (kFirst)
+    return a;
+  else
+    return b;
+}
+
 // A warp's units [begin, end) of the strip-major (strip, chunk) space, and the step from one strip to
 // the next (always 1). Why the step is a value rather than a ++: with ++ nvcc emits a loop that ptxas
 // schedules worse: 100 more moves of the memory descriptor into uniform registers (R2UR) and the next
@@ -100,15 +109,13 @@ __global__ void __launch_bounds__(kGemvThreads, 3) gemv_pipe_kernel(const QsMatm
       c1 = 0;
     }
     const bool more = u + 1 < u_end;
-    if constexpr (kLateRows) {
-      uint4 sraw[SPC], zraw[SPC];  // this unit's group rows: used at its fold, after its MMAs
-      load_group_rows<U, SPC>(a, n_strips, strip, ch * U, g, HASZ, sraw, zraw);
-      if (more) load(s1, c1, nxt);
-      gemv_chunk<T, BITS, U, 1, SPC>(cur.wq, cur.xb, sraw, zraw, HASZ, a.zero_point, acc);
-    } else {
-      if (more) load(s1, c1, nxt);
-      gemv_chunk<T, BITS, U, 1, SPC>(cur.wq, cur.xb, cur.sraw, cur.zraw, HASZ, a.zero_point, acc);
-    }
+    // kLateRows: this unit's group rows are loaded now, used at its fold, after its MMAs.
+    uint4 late_s[SPC], late_z[SPC];
+    if constexpr (kLateRows) load_group_rows<U, SPC>(a, n_strips, strip, ch * U, g, HASZ, late_s, late_z);
+    if (more) load(s1, c1, nxt);
+    auto& rows_s = pick<kLateRows>(late_s, cur.sraw);
+    auto& rows_z = pick<kLateRows>(late_z, cur.zraw);
+    gemv_chunk<T, BITS, U, 1, SPC>(cur.wq, cur.xb, rows_s, rows_z, HASZ, a.zero_point, acc);
     QS_TRACE_UNIT(trace);
     if (!more || s1 != strip) {
       flush_strip<T, 1>(a, acc, strip, c_begin, ch + 1, cps, lane);
