@@ -288,15 +288,12 @@ def main() -> None:
     p.add_argument("--out", default=str(RESULTS))
     p.add_argument("--no-extras", action="store_true",
                    help="time only the default path of each backend (no forced-op comparisons)")
+    p.add_argument("--extras", default="",
+                   help="comma-separated names of the extra variants to time (default: all of them)")
     p.add_argument("--dequant-sweep", action="store_true",
                    help="also time the dequantise + cuBLAS path over scratch chunk sizes")
     args = p.parse_args()
     ms = [int(v) for v in args.ms.split(",")]
-    gpu = torch.cuda.get_device_name()
-    copy_bw, read_bw = bandwidths()
-    print(f"{gpu}: copy {copy_bw:.3f} TB/s (read+write), read {read_bw:.3f} TB/s; "
-          f"wgmma GEMM: {cuda_backend.wgmma_available()}", flush=True)
-    rows, steps = [], []
     # (op, batch sizes, wgmma allowed, PDL for the wgmma kernel): the GEMM where the GEMV is the
     # default, the wgmma kernel without PDL, the mma.sync GEMM (the previous kernel) where the
     # Hopper wgmma kernel is the default, and the dequantise + cuBLAS path and the fused GEMM kernels
@@ -308,6 +305,16 @@ def main() -> None:
              "ours_fused_gemm": ("gemm", {320, 384, 448, 512, 1024, 2048}, True, True)}
     if args.no_extras:
         extra = {}
+    elif args.extras:
+        unknown = set(args.extras.split(",")) - set(extra)
+        if unknown:
+            sys.exit(f"bench/kernels.py: unknown --extras {','.join(sorted(unknown))} (known: {','.join(extra)})")
+        extra = {k: v for k, v in extra.items() if k in args.extras.split(",")}
+    gpu = torch.cuda.get_device_name()
+    copy_bw, read_bw = bandwidths()
+    print(f"{gpu}: copy {copy_bw:.3f} TB/s (read+write), read {read_bw:.3f} TB/s; "
+          f"wgmma GEMM: {cuda_backend.wgmma_available()}", flush=True)
+    rows, steps = [], []
     for name in args.backends.split(","):
         bench_backend(name, ms, args.layers, rows, steps, extra, args.dequant_sweep)
     result = {"gpu": gpu, "torch": torch.__version__, "wgmma": cuda_backend.wgmma_available(), "cuda": torch.version.cuda, "group_size": GROUP,
