@@ -306,10 +306,11 @@ def main() -> None:
     if args.no_extras:
         extra = {}
     elif args.extras:
-        unknown = set(args.extras.split(",")) - set(extra)
-        if unknown:
-            sys.exit(f"bench/kernels.py: unknown --extras {','.join(sorted(unknown))} (known: {','.join(extra)})")
-        extra = {k: v for k, v in extra.items() if k in args.extras.split(",")}
+        wanted = set(args.extras.split(","))
+        if wanted - set(extra):
+            sys.exit(f"bench/kernels.py: unknown --extras {','.join(sorted(wanted - set(extra)))} "
+                     f"(known: {','.join(extra)})")
+        extra = {k: v for k, v in extra.items() if k in wanted}
     gpu = torch.cuda.get_device_name()
     copy_bw, read_bw = bandwidths()
     print(f"{gpu}: copy {copy_bw:.3f} TB/s (read+write), read {read_bw:.3f} TB/s; "

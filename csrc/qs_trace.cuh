@@ -1,10 +1,11 @@
 // Per-warp timeline of the pipelined GEMV, for diagnosis only (bench/gemv_timeline.py): built when
 // QS_GEMV_TRACE is defined (QUANTSERVE_CUDA_TRACE=1 at build time), compiled out otherwise (the
 // macros below expand to nothing, so the normal build's kernels are unchanged).
-// Each warp fills one record: {tag, t_entry, t_wait, t_exit, t_first}, the times from the
-// GPU's global nanosecond timer: entry (after the PDL trigger), past griddepcontrol.wait (the
-// previous kernel finished), exit, and when its first unit was computed (0: it had none). tag = (qweight address >> 8) << 32 | smid << 16 | warp index in
-// the grid; the address tells the calls of a step apart when every layer has its own weights.
+// Each warp fills one record: {tag, t_entry, t_wait, t_exit, t_first}, the times from the GPU's
+// global nanosecond timer: entry (after the PDL trigger), past griddepcontrol.wait (the previous
+// kernel finished), exit, and when its first unit was computed (0: it had none).
+// tag = (qweight address >> 8) << 32 | smid << 16 | warp index in the grid; the address tells the
+// calls of a step apart when every layer has its own weights.
 // Only the fp16 kernels' records are read back (the buffer is per translation unit).
 #pragma once
 
