@@ -53,19 +53,27 @@ struct WgCfg {
   // Stages (stages - 2 of them in flight): 3 of 128 k where two blocks share an SM at up to 64
   // tokens (2 x 97 KB at 32, 2 x 85 KB at 64 with one strip per warpgroup; 4 stages at 16 tokens
   // fill the SM to the byte and measured slower), 4 where one block has the SM; 5 of 64 k at 128
-  // tokens, one strip per warpgroup (2 x 111 KB), 6 otherwise; pipeline_shape lowers it where a
-  // stage is larger (256 tokens: 38 KB a stage, 5 fit).
-  static constexpr int kStages = KB == 8 ? (kBlocksPerSm == 2 ? 3 : 4) : kBlocksPerSm == 2 ? 5 : 6;
+  // tokens, one strip per warpgroup (2 x 111 KB), 6 otherwise; fewer where a stage is larger
+  // (256 tokens: 38 KB a stage, 5 fit).
+  static constexpr int kStagesWanted = KB == 8 ? (kBlocksPerSm == 2 ? 3 : 4) : kBlocksPerSm == 2 ? 5 : 6;
+  // The stage count is a compile-time constant of the kernel (cp.async.wait_group takes an
+  // immediate, and the buffer addresses fold; v19 passed it at run time and branched to the wait):
+  // as many as the sm_90 per-block opt-in (227 KB) holds. The launcher checks the device agrees.
+  static constexpr int kSmemOptin = 227 * 1024;
+  static constexpr int kStages = (1024 + kStagesWanted * (X_BYTES + REST_BYTES) <= kSmemOptin)
+                                     ? kStagesWanted
+                                     : (kSmemOptin - 1024) / (X_BYTES + REST_BYTES);
+  static_assert(kStages >= 3, "at least one stage in flight");
   static int smem_bytes(int stages) { return 1024 + stages * (X_BYTES + REST_BYTES); }
 };
 
 template <typename T, int BITS, int NTOK, int SPW>
 __global__ void __launch_bounds__(256, WgCfg<T, BITS, NTOK, SPW>::kBlocksPerSm)
-    gemm_wgmma_kernel(const QsMatmulArgs a, int stages) {
+    gemm_wgmma_kernel(const QsMatmulArgs a) {
 #if QS_HAS_WGMMA
   using Cfg = WgCfg<T, BITS, NTOK, SPW>;
   constexpr int KB = Cfg::KB, V = Cfg::V, WPL = Cfg::WPL, NACC = Cfg::NACC, STRIPS = Cfg::STRIPS;
-  constexpr int NTH = Cfg::kThreads, BN = Cfg::BN;
+  constexpr int NTH = Cfg::kThreads, BN = Cfg::BN, stages = Cfg::kStages;
   extern __shared__ uint8_t smem_raw[];
   __shared__ int s_last;
   // wgmma's 128-byte swizzle is computed on shared addresses: x tiles start 1024-byte aligned.
@@ -79,9 +87,9 @@ __global__ void __launch_bounds__(256, WgCfg<T, BITS, NTOK, SPW>::kBlocksPerSm)
   const int k_steps = (a.k + 15) >> 4;
   const int nst = (k_steps + KB - 1) / KB;  // stages per tile
   const int tiles = (n_strips + STRIPS - 1) / STRIPS;
-  const long long total = (long long)tiles * nst;
+  const int total = tiles * nst;  // the launcher checks that it fits an int
   const int blocks = gridDim.x, b = blockIdx.x;
-  const long long u0 = unit_begin(total, b, blocks), u1 = unit_begin(total, b + 1, blocks);
+  const int u0 = int(unit_begin(total, b, blocks)), u1 = int(unit_begin(total, b + 1, blocks));
 
   const T* x = reinterpret_cast<const T*>(a.x);
   const T* bias = reinterpret_cast<const T*>(a.bias);
@@ -99,9 +107,9 @@ __global__ void __launch_bounds__(256, WgCfg<T, BITS, NTOK, SPW>::kBlocksPerSm)
 
   using Cursor = StageCursor;
   auto advance = [&](Cursor& c) { c.advance(nst); };
-  // One stage: x [XSUB][NTOK][64] (rows >= m and k >= K zero-filled), the codes of STRIPS strips x
-  // KB steps, and their scales / zeros. The per-thread parts of the addresses that do not move with the
-  // stage are computed once here: a stage's copies then cost a few adds each.
+  // One stage: x [XSUB][NTOK][64] (k >= K zero-filled), the codes of STRIPS strips x KB steps, and
+  // their scales / zeros. The per-thread parts of the addresses that do not move with the stage are
+  // computed once here: a stage's copies then cost a few adds each.
   // (x rounds: at 16 tokens with 64-k stages only half the threads copy x.)
   constexpr int XR = (Cfg::X_CHUNKS + NTH - 1) / NTH, WR = Cfg::W_CHUNKS / NTH;
   constexpr int XCPR = 8 * Cfg::XSUB, XRS = NTH / XCPR;  // x chunks per token row; rows per copy round
@@ -119,9 +127,28 @@ __global__ void __launch_bounds__(256, WgCfg<T, BITS, NTOK, SPW>::kBlocksPerSm)
     w_step[r] = s;
     w_off[r] = ((w * k_steps + s) * 32 + ln) * V + v;
   }
+  // The common stage lies wholly inside the layer (all STRIPS strips exist, its KB steps end at or
+  // before K): its copies need no bounds, so they take a path of one address add each, from
+  // per-thread offsets computed here once. Only the layer's last tile (n tail) and last stage (K
+  // tail) take the bounded copies below.
+  // x: rows past m read row m - 1 (their products land in tokens that are never written).
+  int x_off[XR];  // byte offset of copy r's chunk in x, at k = 0
+#pragma unroll
+  for (int r = 0; r < XR; ++r) x_off[r] = (min(x_row + XRS * r, a.m - 1) * a.k + x_cc * 8) * 2;
+  const bool x_copies = Cfg::X_CHUNKS % NTH == 0 || x_row < NTOK;  // (16 tokens x 64 k: half the threads)
+  auto stage_inside = [&](const Cursor& cu) {
+    return (cu.tile + 1) * STRIPS <= n_strips && (cu.st + 1) * KB * 16 <= a.k;
+  };
   auto load_x = [&](const Cursor& cu, int buf) {
     const int step0 = cu.st * KB;
     const uint32_t sx = x_at(buf) + uint32_t(x_dst * 2);
+    if ((cu.st + 1) * KB * 16 <= a.k) {
+      const T* xs = x + step0 * 16;
+#pragma unroll
+      for (int r = 0; r < XR; ++r)
+        if (x_copies) cp_async16_full(sx + r * XRS * 128, gaddr(xs, x_off[r]));
+      return;
+    }
     const int gk = step0 * 16 + x_cc * 8;
 #pragma unroll
     for (int r = 0; r < XR; ++r) {
@@ -130,12 +157,39 @@ __global__ void __launch_bounds__(256, WgCfg<T, BITS, NTOK, SPW>::kBlocksPerSm)
       cp_async16_at(sx + r * XRS * 128, ok ? x_src + (long long)(XRS * r) * a.k + step0 * 16 : x, ok);
     }
   };
+  // Scales / zeros: STRIPS x KB x 8 items of 16 bytes (strip, group slot, lane group), at most one
+  // per thread; a stage inside the layer stages the same number of groups (gs_full) every time.
+  constexpr int kGcItems = STRIPS * KB * 8;
+  static_assert(kGcItems <= NTH, "one group-constant item per thread");
+  const int gc_g8 = tid % 8, gc_slot = (tid / 8) % KB, gc_w = tid / (8 * KB);
+  const int gs_full = a.group_shift >= 3 || (1 << a.group_shift) >= KB ? 1 : KB >> a.group_shift;
+  const bool gc_copies = tid < kGcItems && gc_slot < gs_full;
+  // Byte offsets: of this thread's code chunks in a stage's [strip][step] block, and of its
+  // scale / zero item from the stage's first group and strip. (A layer's codes and scales are far
+  // below 2 GB.)
+  int w_off_b[WR];
+#pragma unroll
+  for (int r = 0; r < WR; ++r) w_off_b[r] = w_off[r] * 16;
+  const int gc_off_b = ((gc_slot * n_strips + gc_w) * 8 + gc_g8) * 16;
+  const uint4* g_sc = reinterpret_cast<const uint4*>(a.scales);
+  const uint4* g_zs = reinterpret_cast<const uint4*>(a.zeros);
   // The stage's codes, scales and zeros: constants of the layer, so they may be copied before
   // the kernels this one depends on have finished (programmatic dependent launch).
   auto load_weights = [&](const Cursor& cu, int buf) {
     const int strip0 = cu.tile * STRIPS, step0 = cu.st * KB;
     const uint32_t sw = w_at(buf) + uint32_t(tid * 16);
     const uint4* wsrc = qw + ((long long)strip0 * k_steps + step0) * 32 * V;
+    if (stage_inside(cu)) {
+#pragma unroll
+      for (int r = 0; r < WR; ++r) cp_async16_full(sw + r * NTH * 16, gaddr(wsrc, w_off_b[r]));
+      if (gc_copies) {
+        const int off = ((step0 >> a.group_shift) * n_strips + strip0) * 128 + gc_off_b;
+        const uint32_t ss = w_at(buf) + uint32_t(Cfg::W_BYTES + tid * 16);
+        cp_async16_full(ss, gaddr(g_sc, off));
+        if (has_zeros) cp_async16_full(ss + Cfg::S_BYTES, gaddr(g_zs, off));
+      }
+      return;
+    }
 #pragma unroll
     for (int r = 0; r < WR; ++r) {
       const bool ok = strip0 + w_strip[r] < n_strips && step0 + w_step[r] < k_steps;
@@ -166,13 +220,25 @@ __global__ void __launch_bounds__(256, WgCfg<T, BITS, NTOK, SPW>::kBlocksPerSm)
   // steps reach a new group (g128: every other stage) or a new tile starts (gc_group = -1).
   GroupConsts<T, BITS> gc[SPW];  // only columns 2wq, 2wq+1 (slots 0, 1) are used
   int gc_group = -1;
-  const bool group_per_stage = (1 << a.group_shift) >= KB;
+  // Steps 1..KB-1 of a stage that start a group (groups of fewer than KB steps; their power-of-two
+  // length divides the stage, so the pattern is the same in every stage): a bit mask built once,
+  // so a step tests one bit instead of recomputing its group.
+  uint32_t inner_starts = 0;
+  if (a.group_shift < 3 && (1 << a.group_shift) < KB) {
+    for (int kk = 1 << a.group_shift; kk < KB; kk += 1 << a.group_shift) inner_starts |= 1u << kk;
+  }
   // This lane's code word of warp n-tile wq in strip sl, step kk: [strip][step][lane] x V uint4.
   const uint32_t w_lane = uint32_t(lane * V * 16 + (BITS == 4 ? 4 * wq : 8 * wq));
   const uint32_t sc_lane = uint32_t(g * 16 + 4 * wq);  // scale / zero word of this lane's 2 columns
   auto compute_unit = [&](const Cursor& cu, int buf) {
     const int step0 = cu.st * KB;
     const int gfirst = step0 >> a.group_shift;
+    // The steps that reload group constants: the first where its group is not the one held (a new
+    // tile, or a group that starts on this stage), and the inner group starts before K's end
+    // (steps past K multiply zero-filled x and keep the last group: scales were staged up to it).
+    const int valid_steps = k_steps - step0;
+    uint32_t reload = valid_steps >= KB ? inner_starts : inner_starts & ((1u << valid_steps) - 1u);
+    if (gfirst != gc_group) reload |= 1u;
     uint64_t desc[Cfg::XSUB];
 #pragma unroll
     for (int i = 0; i < Cfg::XSUB; ++i)  // one descriptor per 64-k sub-tile of x
@@ -181,11 +247,8 @@ __global__ void __launch_bounds__(256, WgCfg<T, BITS, NTOK, SPW>::kBlocksPerSm)
     const uint32_t ss = w_at(buf) + uint32_t(Cfg::W_BYTES) + sc_lane;
 #pragma unroll
     for (int kk = 0; kk < KB; ++kk) {
-      // Steps past K (zero x) keep the last group: the stage staged scales only up to it.
-      const int grp = min(step0 + kk, k_steps - 1) >> a.group_shift;
-      // Groups of KB steps or more start on a stage boundary: only a stage's first step can meet
-      // a new one (g128 at 4 or 8 steps a stage, g64 at 4).
-      if ((kk == 0 || !group_per_stage) && grp != gc_group) {
+      if (reload & (1u << kk)) {
+        const int grp = (step0 + kk) >> a.group_shift;
         gc_group = grp;
         const int slot = grp - gfirst;
 #pragma unroll
@@ -231,7 +294,7 @@ __global__ void __launch_bounds__(256, WgCfg<T, BITS, NTOK, SPW>::kBlocksPerSm)
   };
 
   // acc[s][4i + 2h + e]: column (strip0 + wg*SPW + s)*64 + 16wq + g + 8h, token 8i + 2t + e.
-  auto flush = [&](int tile, long long seg_first, long long seg_end) {
+  auto flush = [&](int tile, int seg_first, int seg_end) {
     wgmma_wait<0>();
 #pragma unroll
     for (int s = 0; s < SPW; ++s) {
@@ -239,7 +302,7 @@ __global__ void __launch_bounds__(256, WgCfg<T, BITS, NTOK, SPW>::kBlocksPerSm)
       pin_acc(acc[s]);
     }
     const int strip0 = tile * STRIPS;
-    const long long tile_first = (long long)tile * nst;
+    const int tile_first = tile * nst;
     if (seg_first == tile_first && seg_end == tile_first + nst) {
 #pragma unroll
       for (int s = 0; s < SPW; ++s)
@@ -346,7 +409,7 @@ __global__ void __launch_bounds__(256, WgCfg<T, BITS, NTOK, SPW>::kBlocksPerSm)
   // barrier also guarantees that every warp has retired stage u - 2's wgmmas (wait_group 1 after
   // each step), so stage u + stages - 2 may be copied into that buffer. The loop runs one tile's
   // segment at a time and flushes after it, outside the per-stage loop.
-  const int ahead = stages - 2;
+  constexpr int ahead = stages - 2;
   // Prologue: the first stages' weights are copied before griddepcontrol.wait (they overlap the
   // tail of the kernel before this one); x, the accumulators and y belong to earlier kernels until
   // the wait. Group i then holds stage i's x (and group 0 every prologue stage's weights).
@@ -369,9 +432,9 @@ __global__ void __launch_bounds__(256, WgCfg<T, BITS, NTOK, SPW>::kBlocksPerSm)
     cp_async_commit();
   }
   int buf = 0, load_buf = ahead;
-  for (long long u = u0; u < u1;) {
+  for (int u = u0; u < u1;) {
     const int tile = comp.tile;
-    const long long seg_first = u, seg_end = min(u1, (long long)(tile + 1) * nst);
+    const int seg_first = u, seg_end = min(u1, (tile + 1) * nst);
     gc_group = -1;  // a new tile: new strips, new scales
     for (; u < seg_end; ++u) {
       cp_async_wait(ahead - 1);  // stage u has landed (this thread's copies)

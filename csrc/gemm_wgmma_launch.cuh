@@ -32,8 +32,12 @@ cudaError_t launch_gemm_wgmma(const QsMatmulArgs& a, cudaStream_t stream) {
   PipelineShape ps;
   cudaError_t err = pipeline_shape(kernel, Cfg::kThreads, Cfg::kStages, Cfg::smem_bytes, stage_slot, occ_slot, &ps);
   if (err != cudaSuccess) return err;
+  if (ps.stages != Cfg::kStages) return cudaErrorInvalidConfiguration;  // a device with less shared memory
   const long long n_strips = (a.n + 63) / 64, k_steps = (a.k + 15) / 16;
   const long long total = ((n_strips + Cfg::STRIPS - 1) / Cfg::STRIPS) * ((k_steps + Cfg::KB - 1) / Cfg::KB);
+  // The kernel counts units in int, and addresses x and the scales by 32-bit byte offsets.
+  if (total > 0x7fffffff || (long long)a.m * a.k * 2 > 0x7fffffff || (long long)a.groups * n_strips * 128 > 0x7fffffff)
+    return cudaErrorInvalidValue;
   long long blocks = (long long)ps.dev.sms * ps.occ;
   blocks = blocks < total ? blocks : total;
   cudaLaunchConfig_t cfg = {};
@@ -43,7 +47,7 @@ cudaError_t launch_gemm_wgmma(const QsMatmulArgs& a, cudaStream_t stream) {
   cfg.stream = stream;
   cudaLaunchAttribute attr;
   set_pdl(cfg, attr, gemm_options().pdl);
-  return cudaLaunchKernelEx(&cfg, kernel, a, ps.stages);
+  return cudaLaunchKernelEx(&cfg, kernel, a);
 }
 
 // Whether this call can take the wgmma kernel: option on, sm_90a code loaded on this device, and

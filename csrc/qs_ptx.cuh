@@ -75,6 +75,18 @@ __device__ __forceinline__ void cp_async16_at(uint32_t addr, const void* gmem, b
   asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(addr), "l"(gmem), "r"(src_bytes));
 }
 
+// gmem + off bytes as one wide multiply-add (IMAD.WIDE): the address of a copy whose per-thread
+// offset is a 32-bit register (off may be negative; the caller keeps it in range).
+__device__ __forceinline__ const void* gaddr(const void* gmem, int off) {
+  const void* r;
+  asm("mad.wide.s32 %0, %1, 1, %2;\n" : "=l"(r) : "r"(off), "l"(gmem));
+  return r;
+}
+// A 16-byte cp.async that is always in bounds (no zero-fill operand).
+__device__ __forceinline__ void cp_async16_full(uint32_t addr, const void* gmem) {
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(addr), "l"(gmem));
+}
+
 __device__ __forceinline__ uint32_t lds32(const void* smem) { return lds32_at(smem_u32(smem)); }
 __device__ __forceinline__ uint2 lds64(const void* smem) { return lds64_at(smem_u32(smem)); }
 __device__ __forceinline__ void cp_async16(void* smem, const void* gmem, bool valid) {
