@@ -67,7 +67,10 @@ struct WgCfg {
   static int smem_bytes(int stages) { return 1024 + stages * (X_BYTES + REST_BYTES); }
 };
 
-template <typename T, int BITS, int NTOK, int SPW>
+// FOLD (layers whose groups span whole stages, 16-token tiles): the widening leaves out
+// the scale (code - zero, exact), the wgmmas of a stage accumulate into a per-stage partial, and
+// the stage ends by waiting for them and adding scale x partial into the accumulators in fp32.
+template <typename T, int BITS, int NTOK, int SPW, bool FOLD = false>
 __global__ void __launch_bounds__(256, WgCfg<T, BITS, NTOK, SPW>::kBlocksPerSm)
     gemm_wgmma_kernel(const QsMatmulArgs a) {
 #if QS_HAS_WGMMA
@@ -203,10 +206,17 @@ __global__ void __launch_bounds__(256, WgCfg<T, BITS, NTOK, SPW>::kBlocksPerSm)
   };
 
   float acc[SPW][NACC];
+  float part[FOLD ? SPW : 1][FOLD ? NACC : 1];  // FOLD: this stage's unscaled sums
 #pragma unroll
   for (int s = 0; s < SPW; ++s)
 #pragma unroll
     for (int r = 0; r < NACC; ++r) acc[s][r] = 0.f;
+  if constexpr (FOLD) {
+#pragma unroll
+    for (int s = 0; s < SPW; ++s)
+#pragma unroll
+      for (int r = 0; r < NACC; ++r) part[s][r] = 0.f;
+  }
 
   // The 4 k16 steps of a stage. Steps past K multiply zero-filled x, so they add nothing and the
   // loop stays uniform. A registers are double-buffered: step kk's wgmmas run while step kk+1 is
@@ -275,7 +285,10 @@ __global__ void __launch_bounds__(256, WgCfg<T, BITS, NTOK, SPW>::kBlocksPerSm)
           words[1] = q.y;
         }
         uint32_t pr[4];
-        Dequant<T, BITS>::tile(words, 0, gc[s], pr);
+        if constexpr (FOLD)
+          Dequant<T, BITS>::tile_unscaled(words, 0, gc[s], pr);
+        else
+          Dequant<T, BITS>::tile(words, 0, gc[s], pr);
         // A rows = 16 columns of W: a0 (col g, k lo), a1 (col g+8, k lo), a2 (col g, k hi), a3 (col g+8, k hi).
         af[kk & 1][s][0] = pr[0];
         af[kk & 1][s][1] = pr[2];
@@ -284,12 +297,34 @@ __global__ void __launch_bounds__(256, WgCfg<T, BITS, NTOK, SPW>::kBlocksPerSm)
       }
       wgmma_fence();
 #pragma unroll
-      for (int s = 0; s < SPW; ++s)
-        wgmma_rs<T, NTOK>(acc[s], af[kk & 1][s], desc[kk >> 2] + uint64_t(2 * (kk & 3)));
+      for (int s = 0; s < SPW; ++s) {
+        if constexpr (FOLD)
+          wgmma_rs<T, NTOK>(part[FOLD ? s : 0], af[kk & 1][s], desc[kk >> 2] + uint64_t(2 * (kk & 3)), kk == 0 ? 0 : 1);
+        else
+          wgmma_rs<T, NTOK>(acc[s], af[kk & 1][s], desc[kk >> 2] + uint64_t(2 * (kk & 3)));
+      }
       wgmma_commit();
       wgmma_wait<1>();
 #pragma unroll
       for (int s = 0; s < SPW; ++s) pin_regs(af[(kk - 1) & 1][s]);
+    }
+    if constexpr (FOLD) {
+      // The stage's group constants are still the ones in gc (a group spans whole stages):
+      // acc[s][4i + 2h + e] (column g + 8h of the warp's n-tile) += scale(column) x part.
+      wgmma_wait<0>();
+#pragma unroll
+      for (int s = 0; s < SPW; ++s) {
+        pin_regs(af[(KB - 1) & 1][s]);
+        pin_acc(part[FOLD ? s : 0]);
+      }
+#pragma unroll
+      for (int s = 0; s < SPW; ++s) {
+        const float s0 = gc[s].scale(0), s1 = gc[s].scale(1);
+#pragma unroll
+        for (int r = 0; r < NACC; ++r) {
+          acc[s][r] = fmaf((r & 2) ? s1 : s0, part[FOLD ? s : 0][r], acc[s][r]);  // (step 0 overwrites part)
+        }
+      }
     }
   };
 

@@ -23,12 +23,12 @@ inline GemmOptions& gemm_options() {
   return o;
 }
 
-template <typename T, int BITS, int NTOK, int SPW>
+template <typename T, int BITS, int NTOK, int SPW, bool FOLD = false>
 cudaError_t launch_gemm_wgmma(const QsMatmulArgs& a, cudaStream_t stream) {
   using Cfg = WgCfg<T, BITS, NTOK, SPW>;
   static int occ_slot[kMaxDevices];
   static int stage_slot[kMaxDevices];
-  auto kernel = gemm_wgmma_kernel<T, BITS, NTOK, SPW>;
+  auto kernel = gemm_wgmma_kernel<T, BITS, NTOK, SPW, FOLD>;
   PipelineShape ps;
   cudaError_t err = pipeline_shape(kernel, Cfg::kThreads, Cfg::kStages, Cfg::smem_bytes, stage_slot, occ_slot, &ps);
   if (err != cudaSuccess) return err;
@@ -70,7 +70,14 @@ inline bool wgmma_usable(const QsMatmulArgs& a) {
 // every weight again.
 template <typename T, int BITS>
 cudaError_t gemm_wgmma_slice(const QsMatmulArgs& a, cudaStream_t s) {
-  if (a.m <= 16) return launch_gemm_wgmma<T, BITS, 16, 2>(a, s);
+  // Up to 16 tokens, layers whose groups span a 128-k stage or more (g128, per-channel) apply the
+  // scale to fp32 partial sums once a stage instead of to every widened pair (FOLD). H200 (v21),
+  // decode-step linears: M=16 1.932 / 1.939 ms vs 1.988 / 2.000; at 32 tokens it gained nothing
+  // (2.600 / 2.606 vs 2.601 / 2.637: twice the fold per stage, and the 8-bit kernel spilled).
+  if (a.m <= 16) {
+    if (a.group_shift >= 3) return launch_gemm_wgmma<T, BITS, 16, 2, true>(a, s);
+    return launch_gemm_wgmma<T, BITS, 16, 2>(a, s);
+  }
   if (a.m <= 32) return launch_gemm_wgmma<T, BITS, 32, 2>(a, s);
   // 33-64 tokens: one strip per warpgroup (128-column tiles), whose smaller stages leave room for
   // 128-k stages with two blocks per SM. H100, decode-step linears (v7e): M=40 3.327 ms vs 3.549

@@ -95,6 +95,8 @@ struct GroupConsts {
       }
     }
   }
+  // Column c's scale as a float (the fold of a GEMM that widens without it).
+  __device__ __forceinline__ float scale(int c) const { return __low2float(as_t2<T>(s2[c])); }
 };
 
 template <>
@@ -115,6 +117,7 @@ struct GroupConsts<__nv_bfloat16, 8> {
       zf[c] = 8388608.0f + z;
     }
   }
+  __device__ __forceinline__ float scale(int c) const { return s[c]; }
 };
 
 // Dequantise n-tile j (16 columns) of one k16 step into 4 pairs (p = 2h + hk), each a 32-bit
@@ -136,6 +139,18 @@ struct Dequant<T, 4> {
       out[p] = as_u32<T>(v);
     }
   }
+  // The same without the scale: code - zero, exact small integers (the GEMM applies the scale to
+  // its fp32 partial sums once a group).
+  __device__ static __forceinline__ void tile_unscaled(const uint32_t* words, int j, const GroupConsts<T, 4>& gc,
+                                                       uint32_t (&out)[4]) {
+    const uint32_t q = words[j];
+#pragma unroll
+    for (int p = 0; p < 4; ++p) {
+      const int c = 2 * j + (p >> 1);
+      uint32_t h = lop3_and_or<0x000f000fu>(q >> (4 * p), Act<T>::kMagic2);
+      out[p] = as_u32<T>(__hsub2(as_t2<T>(h), as_t2<T>(gc.zz[c])));
+    }
+  }
 };
 
 template <>
@@ -155,6 +170,19 @@ struct Dequant<__half, 8> {
       }
     }
   }
+  __device__ static __forceinline__ void tile_unscaled(const uint32_t* words, int j,
+                                                       const GroupConsts<__half, 8>& gc, uint32_t (&out)[4]) {
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      const uint32_t w = words[2 * j + h];
+      const int c = 2 * j + h;
+#pragma unroll
+      for (int hk = 0; hk < 2; ++hk) {
+        uint32_t v = __byte_perm(w, 0x64646464u, hk ? 0x4341 : 0x4240);
+        out[2 * h + hk] = as_u32<__half>(__hsub2(as_t2<__half>(v), as_t2<__half>(gc.zz[c])));
+      }
+    }
+  }
 };
 
 template <>
@@ -171,6 +199,20 @@ struct Dequant<__nv_bfloat16, 8> {
         float a = __uint_as_float(__byte_perm(w, 0x4B000000u, hk ? 0x7441 : 0x7440));
         float b = __uint_as_float(__byte_perm(w, 0x4B000000u, hk ? 0x7443 : 0x7442));
         out[2 * h + hk] = Act<__nv_bfloat16>::pack2((a - gc.zf[c]) * gc.s[c], (b - gc.zf[c]) * gc.s[c]);
+      }
+    }
+  }
+  __device__ static __forceinline__ void tile_unscaled(const uint32_t* words, int j,
+                                                       const GroupConsts<__nv_bfloat16, 8>& gc, uint32_t (&out)[4]) {
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      const uint32_t w = words[2 * j + h];
+      const int c = 2 * j + h;
+#pragma unroll
+      for (int hk = 0; hk < 2; ++hk) {
+        float a = __uint_as_float(__byte_perm(w, 0x4B000000u, hk ? 0x7441 : 0x7440));
+        float b = __uint_as_float(__byte_perm(w, 0x4B000000u, hk ? 0x7443 : 0x7442));
+        out[2 * h + hk] = Act<__nv_bfloat16>::pack2(a - gc.zf[c], b - gc.zf[c]);
       }
     }
   }

@@ -69,9 +69,10 @@ __device__ __forceinline__ void pin_acc(float (&d)[NREG]) {
 }
 
 // D[64 x N] += A[64 x 16] (registers: warp w of the warpgroup holds rows 16w..16w+15 as an
-// m16n8k16 A fragment) * B[16 x N] (shared memory, descriptor), fp32 accumulation.
+// m16n8k16 A fragment) * B[16 x N] (shared memory, descriptor), fp32 accumulation. scale_d = 0:
+// D = A * B (D's previous contents ignored).
 template <typename T, int N>
-__device__ __forceinline__ void wgmma_rs(float (&d)[N / 2], const uint32_t (&a)[4], uint64_t desc);
+__device__ __forceinline__ void wgmma_rs(float (&d)[N / 2], const uint32_t (&a)[4], uint64_t desc, int scale_d = 1);
 
 #if QS_HAS_WGMMA
 // The accumulator operands of a wgmma as PTX operand lists: %0..%7, then 16 at a time.
@@ -98,14 +99,14 @@ __device__ __forceinline__ void wgmma_rs(float (&d)[N / 2], const uint32_t (&a)[
 #define QS_ACC128(i) QS_ACC64(i), QS_ACC64(i + 64)
 
 // D[64 x N] (fp32, the N/2 operands REGS / ACC) += A (4 registers, operands N/2 .. N/2+3) * B
-// (descriptor, operand N/2+4); scale-d is always 1 (operand N/2+5, through a predicate). SHAPE:
+// (descriptor, operand N/2+4); scale-d is scale_d (operand N/2+5, through a predicate). SHAPE:
 // "m64nNk16"; DT: "f16" or "bf16"; PRED / AB: the predicate's and the A / descriptor operand text.
 #define QS_WGMMA_RS(SHAPE, DT, REGS, PRED, AB, ACC)                                         \
   asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, " PRED ", 0;\n"                           \
                "wgmma.mma_async.sync.aligned." SHAPE ".f32." DT "." DT " {" REGS "}, " AB \
                ", p, 1, 1, 0;\n}\n"                                                        \
                : ACC                                                                        \
-               : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc), "r"(1))
+               : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc), "r"(scale_d))
 #define QS_WGMMA_RS_N16(DT) \
   QS_WGMMA_RS("m64n16k16", DT, QS_R0_7, "%13", "{%8, %9, %10, %11}, %12", QS_ACC8(0))
 #define QS_WGMMA_RS_N32(DT) \
@@ -121,12 +122,12 @@ __device__ __forceinline__ void wgmma_rs(float (&d)[N / 2], const uint32_t (&a)[
 #define QS_WGMMA_RS_SPECS(N)                                                                        \
   template <>                                                                                       \
   __device__ __forceinline__ void wgmma_rs<__half, N>(float(&d)[N / 2], const uint32_t(&a)[4],      \
-                                                      uint64_t desc) {                              \
+                                                      uint64_t desc, int scale_d) {                 \
     QS_WGMMA_RS_N##N("f16");                                                                        \
   }                                                                                                 \
   template <>                                                                                       \
   __device__ __forceinline__ void wgmma_rs<__nv_bfloat16, N>(float(&d)[N / 2], const uint32_t(&a)[4], \
-                                                             uint64_t desc) {                       \
+                                                             uint64_t desc, int scale_d) {          \
     QS_WGMMA_RS_N##N("bf16");                                                                       \
   }
 QS_WGMMA_RS_SPECS(16)
@@ -161,7 +162,7 @@ QS_WGMMA_RS_SPECS(256)
 #undef QS_ACC128
 #else
 template <typename T, int N>
-__device__ __forceinline__ void wgmma_rs(float (&)[N / 2], const uint32_t (&)[4], uint64_t) {}
+__device__ __forceinline__ void wgmma_rs(float (&)[N / 2], const uint32_t (&)[4], uint64_t, int) {}
 #endif
 
 }  // namespace qs
