@@ -125,9 +125,12 @@ struct GroupConsts<__nv_bfloat16, 8> {
 template <typename T, int BITS>
 struct Dequant;
 
+// tile: the scaled weights. tile_unscaled: code - zero only, exact small integers (a GEMM that
+// applies the scale to its fp32 partial sums once a group). One body each, kScale picking.
 template <typename T>
 struct Dequant<T, 4> {
   static constexpr int kWordsPerLane = 4;  // per k16 step: 4 n-tiles x 1 word
+  template <bool kScale = true>
   __device__ static __forceinline__ void tile(const uint32_t* words, int j, const GroupConsts<T, 4>& gc,
                                               uint32_t (&out)[4]) {
     const uint32_t q = words[j];
@@ -135,27 +138,21 @@ struct Dequant<T, 4> {
     for (int p = 0; p < 4; ++p) {
       const int c = 2 * j + (p >> 1);
       uint32_t h = lop3_and_or<0x000f000fu>(q >> (4 * p), Act<T>::kMagic2);
-      auto v = __hmul2(__hsub2(as_t2<T>(h), as_t2<T>(gc.zz[c])), as_t2<T>(gc.s2[c]));
+      auto v = __hsub2(as_t2<T>(h), as_t2<T>(gc.zz[c]));
+      if constexpr (kScale) v = __hmul2(v, as_t2<T>(gc.s2[c]));
       out[p] = as_u32<T>(v);
     }
   }
-  // The same without the scale: code - zero, exact small integers (the GEMM applies the scale to
-  // its fp32 partial sums once a group).
   __device__ static __forceinline__ void tile_unscaled(const uint32_t* words, int j, const GroupConsts<T, 4>& gc,
                                                        uint32_t (&out)[4]) {
-    const uint32_t q = words[j];
-#pragma unroll
-    for (int p = 0; p < 4; ++p) {
-      const int c = 2 * j + (p >> 1);
-      uint32_t h = lop3_and_or<0x000f000fu>(q >> (4 * p), Act<T>::kMagic2);
-      out[p] = as_u32<T>(__hsub2(as_t2<T>(h), as_t2<T>(gc.zz[c])));
-    }
+    tile<false>(words, j, gc, out);
   }
 };
 
 template <>
 struct Dequant<__half, 8> {
   static constexpr int kWordsPerLane = 8;  // per k16 step: 4 n-tiles x 2 words (h = 0, 1)
+  template <bool kScale = true>
   __device__ static __forceinline__ void tile(const uint32_t* words, int j, const GroupConsts<__half, 8>& gc,
                                               uint32_t (&out)[4]) {
 #pragma unroll
@@ -165,29 +162,22 @@ struct Dequant<__half, 8> {
 #pragma unroll
       for (int hk = 0; hk < 2; ++hk) {
         uint32_t v = __byte_perm(w, 0x64646464u, hk ? 0x4341 : 0x4240);
-        auto r = __hmul2(__hsub2(as_t2<__half>(v), as_t2<__half>(gc.zz[c])), as_t2<__half>(gc.s2[c]));
+        auto r = __hsub2(as_t2<__half>(v), as_t2<__half>(gc.zz[c]));
+        if constexpr (kScale) r = __hmul2(r, as_t2<__half>(gc.s2[c]));
         out[2 * h + hk] = as_u32<__half>(r);
       }
     }
   }
   __device__ static __forceinline__ void tile_unscaled(const uint32_t* words, int j,
                                                        const GroupConsts<__half, 8>& gc, uint32_t (&out)[4]) {
-#pragma unroll
-    for (int h = 0; h < 2; ++h) {
-      const uint32_t w = words[2 * j + h];
-      const int c = 2 * j + h;
-#pragma unroll
-      for (int hk = 0; hk < 2; ++hk) {
-        uint32_t v = __byte_perm(w, 0x64646464u, hk ? 0x4341 : 0x4240);
-        out[2 * h + hk] = as_u32<__half>(__hsub2(as_t2<__half>(v), as_t2<__half>(gc.zz[c])));
-      }
-    }
+    tile<false>(words, j, gc, out);
   }
 };
 
 template <>
 struct Dequant<__nv_bfloat16, 8> {
   static constexpr int kWordsPerLane = 8;
+  template <bool kScale = true>
   __device__ static __forceinline__ void tile(const uint32_t* words, int j,
                                               const GroupConsts<__nv_bfloat16, 8>& gc, uint32_t (&out)[4]) {
 #pragma unroll
@@ -198,23 +188,16 @@ struct Dequant<__nv_bfloat16, 8> {
       for (int hk = 0; hk < 2; ++hk) {
         float a = __uint_as_float(__byte_perm(w, 0x4B000000u, hk ? 0x7441 : 0x7440));
         float b = __uint_as_float(__byte_perm(w, 0x4B000000u, hk ? 0x7443 : 0x7442));
-        out[2 * h + hk] = Act<__nv_bfloat16>::pack2((a - gc.zf[c]) * gc.s[c], (b - gc.zf[c]) * gc.s[c]);
+        if constexpr (kScale)
+          out[2 * h + hk] = Act<__nv_bfloat16>::pack2((a - gc.zf[c]) * gc.s[c], (b - gc.zf[c]) * gc.s[c]);
+        else
+          out[2 * h + hk] = Act<__nv_bfloat16>::pack2(a - gc.zf[c], b - gc.zf[c]);
       }
     }
   }
   __device__ static __forceinline__ void tile_unscaled(const uint32_t* words, int j,
                                                        const GroupConsts<__nv_bfloat16, 8>& gc, uint32_t (&out)[4]) {
-#pragma unroll
-    for (int h = 0; h < 2; ++h) {
-      const uint32_t w = words[2 * j + h];
-      const int c = 2 * j + h;
-#pragma unroll
-      for (int hk = 0; hk < 2; ++hk) {
-        float a = __uint_as_float(__byte_perm(w, 0x4B000000u, hk ? 0x7441 : 0x7440));
-        float b = __uint_as_float(__byte_perm(w, 0x4B000000u, hk ? 0x7443 : 0x7442));
-        out[2 * h + hk] = Act<__nv_bfloat16>::pack2(a - gc.zf[c], b - gc.zf[c]);
-      }
-    }
+    tile<false>(words, j, gc, out);
   }
 };
 
