@@ -9,12 +9,15 @@ compiler's last lines.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import importlib
 import logging
 import os
 import platform
 import shutil
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import ModuleType
@@ -97,17 +100,18 @@ def load(spec: ExtensionSpec) -> ModuleType:
     build_dir.mkdir(parents=True, exist_ok=True)
     fresh = not any(build_dir.glob(f"{spec.name}*.so"))
     try:
-        module = cpp_extension.load(
-            name=spec.name,
-            sources=[str(CSRC / s) for s in spec.sources],
-            extra_cflags=list(spec.cflags),
-            extra_cuda_cflags=list(spec.cuda_cflags),
-            extra_ldflags=list(spec.ldflags),
-            extra_include_paths=[str(CSRC)],
-            build_directory=str(build_dir),
-            with_cuda=spec.cuda,
-            verbose=False,
-        )
+        with _builder_lock(build_dir):
+            module = cpp_extension.load(
+                name=spec.name,
+                sources=[str(CSRC / s) for s in spec.sources],
+                extra_cflags=list(spec.cflags),
+                extra_cuda_cflags=list(spec.cuda_cflags),
+                extra_ldflags=list(spec.ldflags),
+                extra_include_paths=[str(CSRC)],
+                build_directory=str(build_dir),
+                with_cuda=spec.cuda,
+                verbose=False,
+            )
     except Exception as exc:  # the compiler output is in the exception text
         tail = "\n".join(str(exc).strip().splitlines()[-15:])
         raise ExtensionError(f"building {spec.name} failed in {build_dir}:\n{tail}") from exc
@@ -115,6 +119,26 @@ def load(spec: ExtensionSpec) -> ModuleType:
              build_dir)
     _LOADED[spec.name] = module
     return module
+
+
+@contextlib.contextmanager
+def _builder_lock(build_dir: Path) -> Iterator[None]:
+    """Held (an flock on `build_dir/.builder`) by whoever runs torch's build or load in `build_dir`.
+
+    torch marks a build in progress with a `lock` file it deletes when done; a process killed
+    mid-build by a signal Python does not turn into an exception (SIGTERM before the server's
+    handlers exist, SIGKILL: an OOM kill, a pod stopped or evicted) leaves it behind, and every
+    later start then waits on it forever without a word. Every quantserve process takes this flock
+    first, and the kernel drops an flock with its holder, so a `lock` file found while holding it
+    is such a leftover: it is removed (with a warning) and the build runs again.
+    """
+    with open(build_dir / ".builder", "a") as guard:
+        fcntl.flock(guard, fcntl.LOCK_EX)
+        baton = build_dir / "lock"
+        if baton.exists():
+            log.warning("kernels: removing %s, left by a build that did not finish; building again", baton)
+            baton.unlink(missing_ok=True)
+        yield
 
 
 def _ninja_module_available() -> bool:

@@ -4,6 +4,7 @@ module without importing, and exits non-zero on a failed build or a missing expe
 from __future__ import annotations
 
 import importlib
+import os
 import subprocess
 import sys
 import types
@@ -83,3 +84,25 @@ def test_main_exits_nonzero_on_a_compile_error(tmp_path, monkeypatch, capsys):
     assert "qs_probe_bad" in captured.err and "1 of 3 extension(s) failed" in captured.err
     assert "qs_probe_native: skipped with --out" in captured.out
     assert list((tmp_path / "site").glob("qs_probe_good*.so"))
+
+
+def test_a_build_killed_midway_does_not_hang_the_next_load(tmp_path):
+    """torch marks a JIT build in progress with a `lock` file in the build directory; a process
+    killed mid-build leaves it, and torch's load then waits on it forever. The next load must
+    notice it is stale (no quantserve builder holds the directory), remove it with a warning,
+    build and load."""
+    name = "qs_stale_lock_probe"
+    src = tmp_path / "probe.cpp"
+    src.write_text(SOURCE.replace(MODULE, name))
+    env = {**os.environ, "QUANTSERVE_EXT_DIR": str(tmp_path / "ext")}
+    spec = _spec(src, name)
+    build_dir = tmp_path / "ext" / f"{name}-{ext.build_key(spec)}"
+    build_dir.mkdir(parents=True)
+    (build_dir / "lock").touch()  # what a build killed by SIGKILL leaves behind
+    code = ("from quant import ext; "
+            f"print(ext.load(ext.ExtensionSpec(name={name!r}, sources=({str(src)!r},))).answer)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=240)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip().splitlines()[-1] == "42"
+    assert "left by a build that did not finish" in out.stderr
+    assert not (build_dir / "lock").exists()
