@@ -168,8 +168,8 @@ __global__ void __launch_bounds__(256, WgCfg<T, BITS, NTOK, SPW>::kBlocksPerSm)
   const int gs_full = a.group_shift >= 3 || (1 << a.group_shift) >= KB ? 1 : KB >> a.group_shift;
   const bool gc_copies = tid < kGcItems && gc_slot < gs_full;
   // Byte offsets: of this thread's code chunks in a stage's [strip][step] block, and of its
-  // scale / zero item from the stage's first group and strip. (A layer's codes and scales are far
-  // below 2 GB.)
+  // scale / zero item from the stage's first group and strip (the launcher checks that the
+  // scales, and a slice of x, fit 31 bits of bytes).
   int w_off_b[WR];
 #pragma unroll
   for (int r = 0; r < WR; ++r) w_off_b[r] = w_off[r] * 16;
@@ -218,12 +218,12 @@ __global__ void __launch_bounds__(256, WgCfg<T, BITS, NTOK, SPW>::kBlocksPerSm)
       for (int r = 0; r < NACC; ++r) part[s][r] = 0.f;
   }
 
-  // The 4 k16 steps of a stage. Steps past K multiply zero-filled x, so they add nothing and the
+  // The KB k16 steps of a stage. Steps past K multiply zero-filled x, so they add nothing and the
   // loop stays uniform. A registers are double-buffered: step kk's wgmmas run while step kk+1 is
   // widened; wait_group 1 retires step kk - 1 before its registers are reused. The pipeline does
-  // not drain at the end of a stage: the last step's wgmmas are still running when the next
-  // stage's first step is widened (KB is even, so the buffers alternate across stages too), and
-  // only a flush waits for all of them.
+  // not drain at the end of a stage (but in FOLD kernels, whose fold waits for the stage's
+  // wgmmas): the last step's wgmmas are still running when the next stage's first step is widened
+  // (KB is even, so the buffers alternate across stages too), and only a flush waits for all.
   static_assert(KB % 2 == 0, "A-register buffers alternate across stages");
   uint32_t af[2][SPW][4];
   // Group constants stay in registers while the group does: a stage reloads them only when its
