@@ -139,13 +139,12 @@ __global__ void __launch_bounds__(256, WgCfg<T, BITS, NTOK, SPW>::kBlocksPerSm)
 #pragma unroll
   for (int r = 0; r < XR; ++r) x_off[r] = (min(x_row + XRS * r, a.m - 1) * a.k + x_cc * 8) * 2;
   const bool x_copies = Cfg::X_CHUNKS % NTH == 0 || x_row < NTOK;  // (16 tokens x 64 k: half the threads)
-  auto stage_inside = [&](const Cursor& cu) {
-    return (cu.tile + 1) * STRIPS <= n_strips && (cu.st + 1) * KB * 16 <= a.k;
-  };
+  auto k_inside = [&](const Cursor& cu) { return (cu.st + 1) * KB * 16 <= a.k; };
+  auto stage_inside = [&](const Cursor& cu) { return (cu.tile + 1) * STRIPS <= n_strips && k_inside(cu); };
   auto load_x = [&](const Cursor& cu, int buf) {
     const int step0 = cu.st * KB;
     const uint32_t sx = x_at(buf) + uint32_t(x_dst * 2);
-    if ((cu.st + 1) * KB * 16 <= a.k) {
+    if (k_inside(cu)) {
       const T* xs = x + step0 * 16;
 #pragma unroll
       for (int r = 0; r < XR; ++r)
@@ -285,10 +284,7 @@ __global__ void __launch_bounds__(256, WgCfg<T, BITS, NTOK, SPW>::kBlocksPerSm)
           words[1] = q.y;
         }
         uint32_t pr[4];
-        if constexpr (FOLD)
-          Dequant<T, BITS>::tile_unscaled(words, 0, gc[s], pr);
-        else
-          Dequant<T, BITS>::tile(words, 0, gc[s], pr);
+        Dequant<T, BITS>::template tile<!FOLD>(words, 0, gc[s], pr);  // FOLD: the scale comes at the fold
         // A rows = 16 columns of W: a0 (col g, k lo), a1 (col g+8, k lo), a2 (col g, k hi), a3 (col g+8, k hi).
         af[kk & 1][s][0] = pr[0];
         af[kk & 1][s][1] = pr[2];
@@ -299,7 +295,7 @@ __global__ void __launch_bounds__(256, WgCfg<T, BITS, NTOK, SPW>::kBlocksPerSm)
 #pragma unroll
       for (int s = 0; s < SPW; ++s) {
         if constexpr (FOLD)
-          wgmma_rs<T, NTOK>(part[FOLD ? s : 0], af[kk & 1][s], desc[kk >> 2] + uint64_t(2 * (kk & 3)), kk == 0 ? 0 : 1);
+          wgmma_rs<T, NTOK>(part[s], af[kk & 1][s], desc[kk >> 2] + uint64_t(2 * (kk & 3)), kk == 0 ? 0 : 1);
         else
           wgmma_rs<T, NTOK>(acc[s], af[kk & 1][s], desc[kk >> 2] + uint64_t(2 * (kk & 3)));
       }
@@ -315,14 +311,14 @@ __global__ void __launch_bounds__(256, WgCfg<T, BITS, NTOK, SPW>::kBlocksPerSm)
 #pragma unroll
       for (int s = 0; s < SPW; ++s) {
         pin_regs(af[(KB - 1) & 1][s]);
-        pin_acc(part[FOLD ? s : 0]);
+        pin_acc(part[s]);
       }
 #pragma unroll
       for (int s = 0; s < SPW; ++s) {
         const float s0 = gc[s].scale(0), s1 = gc[s].scale(1);
 #pragma unroll
         for (int r = 0; r < NACC; ++r) {
-          acc[s][r] = fmaf((r & 2) ? s1 : s0, part[FOLD ? s : 0][r], acc[s][r]);  // (step 0 overwrites part)
+          acc[s][r] = fmaf((r & 2) ? s1 : s0, part[s][r], acc[s][r]);  // (step 0 overwrites part)
         }
       }
     }

@@ -125,8 +125,8 @@ struct GroupConsts<__nv_bfloat16, 8> {
 template <typename T, int BITS>
 struct Dequant;
 
-// tile: the scaled weights. tile_unscaled: code - zero only, exact small integers (a GEMM that
-// applies the scale to its fp32 partial sums once a group). One body each, kScale picking.
+// tile<true>: the scaled weights; tile<false>: code - zero only, exact small integers (for a GEMM
+// that applies the scale to its fp32 partial sums once a group).
 template <typename T>
 struct Dequant<T, 4> {
   static constexpr int kWordsPerLane = 4;  // per k16 step: 4 n-tiles x 1 word
@@ -142,10 +142,6 @@ struct Dequant<T, 4> {
       if constexpr (kScale) v = __hmul2(v, as_t2<T>(gc.s2[c]));
       out[p] = as_u32<T>(v);
     }
-  }
-  __device__ static __forceinline__ void tile_unscaled(const uint32_t* words, int j, const GroupConsts<T, 4>& gc,
-                                                       uint32_t (&out)[4]) {
-    tile<false>(words, j, gc, out);
   }
 };
 
@@ -167,10 +163,6 @@ struct Dequant<__half, 8> {
         out[2 * h + hk] = as_u32<__half>(r);
       }
     }
-  }
-  __device__ static __forceinline__ void tile_unscaled(const uint32_t* words, int j,
-                                                       const GroupConsts<__half, 8>& gc, uint32_t (&out)[4]) {
-    tile<false>(words, j, gc, out);
   }
 };
 
@@ -194,10 +186,6 @@ struct Dequant<__nv_bfloat16, 8> {
           out[2 * h + hk] = Act<__nv_bfloat16>::pack2(a - gc.zf[c], b - gc.zf[c]);
       }
     }
-  }
-  __device__ static __forceinline__ void tile_unscaled(const uint32_t* words, int j,
-                                                       const GroupConsts<__nv_bfloat16, 8>& gc, uint32_t (&out)[4]) {
-    tile<false>(words, j, gc, out);
   }
 };
 

@@ -75,8 +75,9 @@ __device__ __forceinline__ void cp_async16_at(uint32_t addr, const void* gmem, b
   asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(addr), "l"(gmem), "r"(src_bytes));
 }
 
-// gmem + off bytes as one wide multiply-add (IMAD.WIDE): the address of a copy whose per-thread
-// offset is a 32-bit register (off may be negative; the caller keeps it in range).
+// gmem + off bytes, written as a PTX mad.wide so the 32-bit offset is added as such (ptxas emits a
+// 64-bit add of it: two instructions; plain pointer arithmetic compiled to a longer sequence in the
+// wgmma GEMM's copies). off may be negative; the caller keeps it in range.
 __device__ __forceinline__ const void* gaddr(const void* gmem, int off) {
   const void* r;
   asm("mad.wide.s32 %0, %1, 1, %2;\n" : "=l"(r) : "r"(off), "l"(gmem));

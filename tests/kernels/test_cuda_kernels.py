@@ -221,8 +221,8 @@ def test_gemm_kernels_over_token_counts(wgmma, k, n, bits, group_size, sym):
     """Both GEMM kernels over every tile size of the Hopper wgmma kernel (16/32/64/128/256-token
     tiles, partly filled, and 256-token slices above), split and whole tiles, partial strips, both
     dtypes. K = 4128 / 2112 end inside a stage, after stages that take the wgmma kernel's unbounded
-    copies (whole tiles of 1280 / 640 columns), with groups shorter than a stage. On an sm_90 GPU the sm_90a code must be the one loaded, so wgmma=True really runs
-    wgmma."""
+    copies (whole tiles of 1280 / 640 columns), with groups shorter than a stage. On an sm_90 GPU
+    the sm_90a code must be the one loaded, so wgmma=True really runs wgmma."""
     if wgmma and torch.cuda.get_device_capability() == (9, 0):
         assert cuda_backend.wgmma_available(), "H100/H200 without the sm_90a wgmma kernel"
     layer = _layer(k, n, bits, group_size, sym=sym, bias=bits == 8)
