@@ -9,8 +9,9 @@
 // with fp32 reds into the zeroed strip accumulators (as in the GEMV); the last contributor writes y.
 //
 // Block: 2 warpgroups x SPW strips of 64 columns; warp w of a warpgroup owns columns 16w..16w+15
-// of each of its strips. A stage is KB k16 steps: 4 (64 k: one 128-byte swizzled row of x per
-// token) or, for tiles of up to 32 tokens, 8 (two such x sub-tiles).
+// of each of its strips. A stage is KB k16 steps: 8 (128 k: two 64-k x sub-tiles, each a
+// 128-byte swizzled row per token) or, for the 128-token tiles of narrow layers and 8-bit
+// 256-token tiles, 4 (one sub-tile).
 #pragma once
 
 #include "qs_dequant.cuh"
@@ -28,18 +29,24 @@ struct WgCfg {
   static constexpr int kThreads = 128 * kWarpgroups;
   static constexpr int STRIPS = kWarpgroups * SPW;
   static constexpr int BN = 64 * STRIPS;
-  // k16 steps per stage: 8 (128 k, x in two 64-k sub-tiles) for tiles of up to 64 tokens, where
+  // k16 steps per stage: 8 (128 k, x in two 64-k sub-tiles) wherever the stages still fit, since
   // the per-stage work (barrier, copies, addresses) is a large share of a stage's instructions;
-  // 4 above, where the x tile is large. H100, decode-step linears: M=24 / 32 2.532-2.596 / 2.694 ms
-  // vs 2.732 / 2.800 with 4 steps (v7d); M=40 / 64 3.327-3.347 / 3.868 vs 3.549 / 4.237 (v7e).
-  static constexpr int KB = NTOK <= 64 ? 8 : 4;
+  // 4 where the x tile is too large for that: 128-token tiles with two blocks an SM (one strip
+  // per warpgroup) and 8-bit 256-token tiles. H100, decode-step linears: M=24 / 32 2.532-2.596 /
+  // 2.694 ms vs 2.732 / 2.800 with 4 steps (v7d); M=40 / 64 3.327-3.347 / 3.868 vs 3.549 / 4.237
+  // (v7e). H200 (v22): M=128 4.94 vs 5.13 with two strips a warpgroup, M=256 8.35 vs 8.53.
+  static constexpr int KB = NTOK <= 64 || (NTOK == 128 && SPW == 2) || (NTOK == 256 && BITS == 4) ? 8 : 4;
   static constexpr int XSUB = KB / 4;  // 64-k sub-tiles of x per stage
   static constexpr int WPL = Dequant<T, BITS>::kWordsPerLane;
   static constexpr int V = WPL / 4;
   static constexpr int X_SUB_BYTES = NTOK * 128;  // [NTOK][64] 16-bit, a multiple of 1024
   static constexpr int X_BYTES = XSUB * X_SUB_BYTES;
   static constexpr int W_BYTES = STRIPS * KB * 32 * V * 16;
-  static constexpr int S_BYTES = STRIPS * KB * 8 * 16;  // up to KB groups per stage and strip
+  // Group slots per stage and strip: KB (any group length), but KB / 2 for 256-token tiles, whose
+  // 128-k stages fit three to an SM only so (the launcher gives them layers with groups of 32 k or
+  // more).
+  static constexpr int GSLOTS = NTOK == 256 && KB == 8 ? KB / 2 : KB;
+  static constexpr int S_BYTES = STRIPS * GSLOTS * 8 * 16;
   static constexpr int REST_BYTES = W_BYTES + 2 * S_BYTES;
   static constexpr int NACC = NTOK / 2;  // fp32 accumulators per thread and strip
   static constexpr int X_CHUNKS = NTOK * 8 * XSUB;    // 16-byte chunks of x per stage
@@ -52,9 +59,10 @@ struct WgCfg {
   static constexpr int kBlocksPerSm = NTOK * SPW <= 128 && BITS == 4 ? 2 : 1;
   // Stages (stages - 2 of them in flight): 3 of 128 k where two blocks share an SM at up to 64
   // tokens (2 x 97 KB at 32, 2 x 85 KB at 64 with one strip per warpgroup; 4 stages at 16 tokens
-  // fill the SM to the byte and measured slower), 4 where one block has the SM; 5 of 64 k at 128
-  // tokens, one strip per warpgroup (2 x 111 KB), 6 otherwise; fewer where a stage is larger
-  // (256 tokens: 38 KB a stage, 5 fit).
+  // fill the SM to the byte and measured slower), 4 where one block has the SM (128 tokens, two
+  // strips a warpgroup: 4 x 56 KB); 5 of 64 k at 128 tokens, one strip per warpgroup (2 x 111 KB),
+  // 6 otherwise; fewer where a stage is larger (4-bit 256 tokens: 74 KB a stage, 3 fit; 8-bit:
+  // 42 KB of 64 k, 5 fit).
   static constexpr int kStagesWanted = KB == 8 ? (kBlocksPerSm == 2 ? 3 : 4) : kBlocksPerSm == 2 ? 5 : 6;
   // The stage count is a compile-time constant of the kernel (cp.async.wait_group takes an
   // immediate, and the buffer addresses fold; v19 passed it at run time and branched to the wait):
@@ -159,11 +167,12 @@ __global__ void __launch_bounds__(256, WgCfg<T, BITS, NTOK, SPW>::kBlocksPerSm)
       cp_async16_at(sx + r * XRS * 128, ok ? x_src + (long long)(XRS * r) * a.k + step0 * 16 : x, ok);
     }
   };
-  // Scales / zeros: STRIPS x KB x 8 items of 16 bytes (strip, group slot, lane group), at most one
-  // per thread; a stage inside the layer stages the same number of groups (gs_full) every time.
-  constexpr int kGcItems = STRIPS * KB * 8;
+  // Scales / zeros: STRIPS x GSLOTS x 8 items of 16 bytes (strip, group slot, lane group), at most
+  // one per thread; a stage inside the layer stages the same number of groups (gs_full) every time.
+  constexpr int GSLOTS = Cfg::GSLOTS;
+  constexpr int kGcItems = STRIPS * GSLOTS * 8;
   static_assert(kGcItems <= NTH, "one group-constant item per thread");
-  const int gc_g8 = tid % 8, gc_slot = (tid / 8) % KB, gc_w = tid / (8 * KB);
+  const int gc_g8 = tid % 8, gc_slot = (tid / 8) % GSLOTS, gc_w = tid / (8 * GSLOTS);
   const int gs_full = a.group_shift >= 3 || (1 << a.group_shift) >= KB ? 1 : KB >> a.group_shift;
   const bool gc_copies = tid < kGcItems && gc_slot < gs_full;
   // Byte offsets: of this thread's code chunks in a stage's [strip][step] block, and of its
@@ -197,7 +206,7 @@ __global__ void __launch_bounds__(256, WgCfg<T, BITS, NTOK, SPW>::kBlocksPerSm)
       const bool ok = strip0 + w_strip[r] < n_strips && step0 + w_step[r] < k_steps;
       cp_async16_at(sw + r * NTH * 16, ok ? wsrc + w_off[r] : qw, ok);
     }
-    stage_group_consts<STRIPS, KB, NTH>(a, stage_s(buf), stage_z(buf), strip0, step0, n_strips, k_steps, tid);
+    stage_group_consts<STRIPS, KB, NTH, GSLOTS>(a, stage_s(buf), stage_z(buf), strip0, step0, n_strips, k_steps, tid);
   };
   auto load_unit = [&](const Cursor& cu, int buf) {
     load_x(cu, buf);
@@ -239,7 +248,28 @@ __global__ void __launch_bounds__(256, WgCfg<T, BITS, NTOK, SPW>::kBlocksPerSm)
   // This lane's code word of warp n-tile wq in strip sl, step kk: [strip][step][lane] x V uint4.
   const uint32_t w_lane = uint32_t(lane * V * 16 + (BITS == 4 ? 4 * wq : 8 * wq));
   const uint32_t sc_lane = uint32_t(g * 16 + 4 * wq);  // scale / zero word of this lane's 2 columns
-  auto compute_unit = [&](const Cursor& cu, int buf) {
+  // This lane's code words of step kk for each of the warp's strips (4-bit: one word, 8-bit: two).
+  // They are loaded a step ahead (step 0's by the caller, before it issues the stage's copies):
+  // shared loads are ordered after the wgmma wait of the step before, so loaded in their own step
+  // their latency would sit between that wait and the widening, with the tensor pipe idle.
+  constexpr int NW = BITS == 4 ? 1 : 2;
+  using StepWords = uint32_t[SPW][NW];
+  auto step_words = [&](int buf, int kk, StepWords& w) {
+    const uint32_t sw = w_at(buf) + w_lane;
+#pragma unroll
+    for (int s = 0; s < SPW; ++s) {
+      // This warp's n-tile wq of the step: word wq (4-bit) or words 2wq, 2wq+1 (8-bit) of the lane.
+      const uint32_t at = sw + uint32_t(((wg * SPW + s) * KB + kk) * 32 * V * 16);
+      if constexpr (BITS == 4) {
+        w[s][0] = lds32_at(at);
+      } else {
+        const uint2 q = lds64_at(at);
+        w[s][0] = q.x;
+        w[s][1] = q.y;
+      }
+    }
+  };
+  auto compute_unit = [&](const Cursor& cu, int buf, StepWords& wn) {
     const int step0 = cu.st * KB;
     const int gfirst = step0 >> a.group_shift;
     // The steps that reload group constants: the first where its group is not the one held (a new
@@ -248,21 +278,19 @@ __global__ void __launch_bounds__(256, WgCfg<T, BITS, NTOK, SPW>::kBlocksPerSm)
     const int valid_steps = k_steps - step0;
     uint32_t reload = valid_steps >= KB ? inner_starts : inner_starts & ((1u << valid_steps) - 1u);
     if (gfirst != gc_group) reload |= 1u;
-    uint64_t desc[Cfg::XSUB];
-#pragma unroll
-    for (int i = 0; i < Cfg::XSUB; ++i)  // one descriptor per 64-k sub-tile of x
-      desc[i] = wgmma_desc_sw128(x_at(buf) + uint32_t(i * Cfg::X_SUB_BYTES));
-    const uint32_t sw = w_at(buf) + w_lane;
+    // x's descriptor: step kk reads 64-k sub-tile kk / 4 at 32-byte column kk % 4 (the address
+    // field counts 16 bytes and stays below 2^14 for any shared address).
+    const uint64_t desc = wgmma_desc_sw128(x_at(buf));
     const uint32_t ss = w_at(buf) + uint32_t(Cfg::W_BYTES) + sc_lane;
-#pragma unroll
-    for (int kk = 0; kk < KB; ++kk) {
+    static_for<KB>([&](auto kc) {
+      constexpr int kk = decltype(kc)::value;
       if (reload & (1u << kk)) {
         const int grp = (step0 + kk) >> a.group_shift;
         gc_group = grp;
         const int slot = grp - gfirst;
 #pragma unroll
         for (int s = 0; s < SPW; ++s) {
-          const uint32_t off = uint32_t((((wg * SPW + s) * KB + slot) * 8) * 16);
+          const uint32_t off = uint32_t((((wg * SPW + s) * GSLOTS + slot) * 8) * 16);
           const uint32_t sw32 = lds32_at(ss + off);
           const uint32_t zw32 = has_zeros ? lds32_at(ss + uint32_t(Cfg::S_BYTES) + off) : 0u;
           gc[s].load(make_uint4(sw32, 0, 0, 0), make_uint4(zw32, 0, 0, 0), has_zeros, a.zero_point);
@@ -270,19 +298,9 @@ __global__ void __launch_bounds__(256, WgCfg<T, BITS, NTOK, SPW>::kBlocksPerSm)
       }
 #pragma unroll
       for (int s = 0; s < SPW; ++s) {
-        const int sl = wg * SPW + s;
         uint32_t words[WPL];
 #pragma unroll
-        for (int i = 0; i < WPL; ++i) words[i] = 0;
-        // This warp's n-tile wq of the step: word wq (4-bit) or words 2wq, 2wq+1 (8-bit) of the lane.
-        const uint32_t at = sw + uint32_t((sl * KB + kk) * 32 * V * 16);
-        if constexpr (BITS == 4) {
-          words[0] = lds32_at(at);
-        } else {
-          const uint2 q = lds64_at(at);
-          words[0] = q.x;
-          words[1] = q.y;
-        }
+        for (int i = 0; i < WPL; ++i) words[i] = i < NW ? wn[s][i] : 0u;
         uint32_t pr[4];
         Dequant<T, BITS>::template tile<!FOLD>(words, 0, gc[s], pr);  // FOLD: the scale comes at the fold
         // A rows = 16 columns of W: a0 (col g, k lo), a1 (col g+8, k lo), a2 (col g, k hi), a3 (col g+8, k hi).
@@ -291,19 +309,20 @@ __global__ void __launch_bounds__(256, WgCfg<T, BITS, NTOK, SPW>::kBlocksPerSm)
         af[kk & 1][s][2] = pr[1];
         af[kk & 1][s][3] = pr[3];
       }
+      if constexpr (kk + 1 < KB) step_words(buf, kk + 1, wn);  // wn is widened: the next step's words
       wgmma_fence();
 #pragma unroll
       for (int s = 0; s < SPW; ++s) {
         if constexpr (FOLD)
-          wgmma_rs<T, NTOK>(part[s], af[kk & 1][s], desc[kk >> 2] + uint64_t(2 * (kk & 3)), kk == 0 ? 0 : 1);
+          wgmma_rs<T, NTOK>(part[s], af[kk & 1][s], desc + uint64_t((kk >> 2) * (Cfg::X_SUB_BYTES >> 4) + 2 * (kk & 3)), kk == 0 ? 0 : 1);
         else
-          wgmma_rs<T, NTOK>(acc[s], af[kk & 1][s], desc[kk >> 2] + uint64_t(2 * (kk & 3)));
+          wgmma_rs<T, NTOK>(acc[s], af[kk & 1][s], desc + uint64_t((kk >> 2) * (Cfg::X_SUB_BYTES >> 4) + 2 * (kk & 3)));
       }
       wgmma_commit();
       wgmma_wait<1>();
 #pragma unroll
       for (int s = 0; s < SPW; ++s) pin_regs(af[(kk - 1) & 1][s]);
-    }
+    });
     if constexpr (FOLD) {
       // The stage's group constants are still the ones in gc (a group spans whole stages):
       // acc[s][4i + 2h + e] (column g + 8h of the warp's n-tile) += scale(column) x part.
@@ -471,12 +490,14 @@ __global__ void __launch_bounds__(256, WgCfg<T, BITS, NTOK, SPW>::kBlocksPerSm)
       cp_async_wait(ahead - 1);  // stage u has landed (this thread's copies)
       fence_proxy_async_smem();  // ... and is visible to wgmma's operand reads
       __syncthreads();           // every thread's copies; stage u - 2's wgmmas all retired
+      StepWords wn;
+      step_words(buf, 0, wn);  // before the copies: its latency hides behind their issue
       if (u + ahead < u1) {
         load_unit(loader, load_buf);
         advance(loader);
       }
       cp_async_commit();
-      compute_unit(comp, buf);
+      compute_unit(comp, buf, wn);
       advance(comp);
       buf = buf + 1 == stages ? 0 : buf + 1;
       load_buf = load_buf + 1 == stages ? 0 : load_buf + 1;

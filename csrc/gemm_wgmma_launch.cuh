@@ -33,6 +33,9 @@ cudaError_t launch_gemm_wgmma(const QsMatmulArgs& a, cudaStream_t stream) {
   cudaError_t err = pipeline_shape(kernel, Cfg::kThreads, Cfg::kStages, Cfg::smem_bytes, stage_slot, occ_slot, &ps);
   if (err != cudaSuccess) return err;
   if (ps.stages != Cfg::kStages) return cudaErrorInvalidConfiguration;  // a device with less shared memory
+  // Fewer group slots than steps (256-token tiles): only layers whose groups fill two steps or more.
+  if (Cfg::GSLOTS < Cfg::KB && a.group_shift < 3 && (Cfg::KB >> a.group_shift) > Cfg::GSLOTS)
+    return cudaErrorInvalidValue;
   const long long n_strips = (a.n + 63) / 64, k_steps = (a.k + 15) / 16;
   const long long total = ((n_strips + Cfg::STRIPS - 1) / Cfg::STRIPS) * ((k_steps + Cfg::KB - 1) / Cfg::KB);
   // The kernel counts units in int, and addresses x and the scales by 32-bit byte offsets.
@@ -88,21 +91,28 @@ cudaError_t gemm_wgmma_slice(const QsMatmulArgs& a, cudaStream_t s) {
   // 65-128 tokens: 4 strips per block; one strip per warpgroup (128 columns) measured 5% slower at
   // M=128 on H200. Narrow layers (o, down of a 7B: 16 tiles of 256 columns) split each tile over
   // ~16 blocks; there 128-column tiles (half the partial, and the reds, per block) are faster.
-  // H100, decode step with n <= 8192 narrow: M=128 7.112 vs 7.624 (v5e).
+  // H100, decode step with n <= 8192 narrow: M=128 7.112 vs 7.624 (v5e). Still so once the wide
+  // tile staged 128 k (v22, H200): narrow layers on it too made M=128 5.14 ms vs 5.00.
   if (a.n <= 8192) return launch_gemm_wgmma<T, BITS, 128, 1>(a, s);
   return launch_gemm_wgmma<T, BITS, 128, 2>(a, s);
 }
 
-// Token rows per launch of the wgmma kernel: the largest tile.
-constexpr int kWgmmaSliceM = 256;
+// Token rows per launch of the wgmma kernel: the largest tile, 256 tokens; 128 for layers with
+// 16-k groups, which the 256-token tile's stages have no room for.
+template <typename T, int BITS>
+int wgmma_slice_m(const QsMatmulArgs& a) {
+  using Cfg = WgCfg<T, BITS, 256, 1>;
+  return Cfg::GSLOTS < Cfg::KB && a.group_shift == 0 ? 128 : 256;
+}
 
-// A call the wgmma kernel takes (wgmma_usable): 256-token slices of x and y, one launch each; the
-// launches share the strip accumulators, which each one's drains leave zeroed for the next.
+// A call the wgmma kernel takes (wgmma_usable): slices of x and y (wgmma_slice_m), one launch each;
+// the launches share the strip accumulators, which each one's drains leave zeroed for the next.
 template <typename T, int BITS>
 cudaError_t gemm_wgmma_by_m(const QsMatmulArgs& a, cudaStream_t s) {
   QsMatmulArgs c = a;
-  for (int m0 = 0; m0 < a.m; m0 += kWgmmaSliceM) {
-    c.m = a.m - m0 < kWgmmaSliceM ? a.m - m0 : kWgmmaSliceM;
+  const int slice = wgmma_slice_m<T, BITS>(a);
+  for (int m0 = 0; m0 < a.m; m0 += slice) {
+    c.m = a.m - m0 < slice ? a.m - m0 : slice;
     c.x = static_cast<const T*>(a.x) + (long long)m0 * a.k;
     c.y = static_cast<T*>(a.y) + (long long)m0 * a.n;
     const cudaError_t err = gemm_wgmma_slice<T, BITS>(c, s);

@@ -7,7 +7,24 @@
 #include <cuda_fp16.h>
 #include <stdint.h>
 
+#include <type_traits>
+
 namespace qs {
+
+// f(std::integral_constant<int, i>) for i = 0 .. N-1, unrolled by construction (the compiler's
+// unroller declines some loops whatever the pragma says, and a loop index that stays a variable
+// sends register arrays indexed by it to local memory).
+template <int I, int N, typename F>
+__device__ __forceinline__ void static_for_from(F&& f) {
+  if constexpr (I < N) {
+    f(std::integral_constant<int, I>{});
+    static_for_from<I + 1, N>(f);
+  }
+}
+template <int N, typename F>
+__device__ __forceinline__ void static_for(F&& f) {
+  static_for_from<0, N>(f);
+}
 
 // D = A * B + D for one m16n8k16 tile, fp32 accumulation. a: 4 regs (16x16, row), b: 2 regs (16x8, col).
 template <typename T>

@@ -9,9 +9,11 @@
 namespace qs {
 
 // Scales (and zeros, when the layer has them) of the groups met by k16 steps [step0, step0 + KB) of
-// strips [strip0, strip0 + STRIPS): into ss / sz as [STRIPS][KB group slots][8 lane groups] uint4
+// strips [strip0, strip0 + STRIPS): into ss / sz as [STRIPS][SLOTS group slots][8 lane groups] uint4
 // (slot = group - the stage's first group; strips past n_strips are zero-filled).
-template <int STRIPS, int KB, int NTH>
+// SLOTS (default KB): group slots per strip in the layout; a caller with fewer slots than steps
+// only stages layers whose groups are at least KB / SLOTS steps long.
+template <int STRIPS, int KB, int NTH, int SLOTS = KB>
 __device__ __forceinline__ void stage_group_consts(const QsMatmulArgs& a, uint4* ss, uint4* sz, int strip0,
                                                    int step0, int n_strips, int k_steps, int tid) {
   const uint4* sc = reinterpret_cast<const uint4*>(a.scales);
@@ -21,10 +23,10 @@ __device__ __forceinline__ void stage_group_consts(const QsMatmulArgs& a, uint4*
   // Every (strip, slot, lane group) of the stage's slot grid, in the smem order; slots >= ng idle.
   // The grid's shape is compile-time, so the index splits into shifts (no integer division).
 #pragma unroll
-  for (int base = 0; base < STRIPS * KB * 8; base += NTH) {
+  for (int base = 0; base < STRIPS * SLOTS * 8; base += NTH) {
     const int idx = base + tid;
-    const int g8 = idx % 8, gg = (idx / 8) % KB, w = idx / (8 * KB);
-    if ((STRIPS * KB * 8) % NTH != 0 && idx >= STRIPS * KB * 8) break;
+    const int g8 = idx % 8, gg = (idx / 8) % SLOTS, w = idx / (8 * SLOTS);
+    if ((STRIPS * SLOTS * 8) % NTH != 0 && idx >= STRIPS * SLOTS * 8) break;
     if (gg >= ng) continue;
     const int strip = strip0 + w;
     const int gi = min(gfirst + gg, a.groups - 1);

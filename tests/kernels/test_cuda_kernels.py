@@ -216,12 +216,15 @@ def test_act_order_chain_sees_the_previous_output(pdl, monkeypatch):
 @pytest.mark.parametrize("k,n,bits,group_size,sym", [(576, 192, 4, 128, True), (584, 72, 8, 64, False),
                                                      (4096, 4096, 4, 32, False), (11008, 1024, 4, -1, True),
                                                      (1536, 576, 8, 128, True), (4128, 1280, 4, 32, True),
-                                                     (2112, 640, 8, 64, False)])
+                                                     (2112, 640, 8, 64, False), (1040, 704, 4, 16, False),
+                                                     (1040, 8256, 4, 32, False)])
 def test_gemm_kernels_over_token_counts(wgmma, k, n, bits, group_size, sym):
     """Both GEMM kernels over every tile size of the Hopper wgmma kernel (16/32/64/128/256-token
     tiles, partly filled, and 256-token slices above), split and whole tiles, partial strips, both
     dtypes. K = 4128 / 2112 end inside a stage, after stages that take the wgmma kernel's unbounded
-    copies (whole tiles of 1280 / 640 columns), with groups shorter than a stage. On an sm_90 GPU
+    copies (whole tiles of 1280 / 640 columns), with groups shorter than a stage; 16-k groups
+    (1040 x 704), which the 4-bit wgmma kernel takes in 128-token slices; a layer wider than 8192
+    columns (65-128 tokens: two strips per warpgroup, 128-k stages). On an sm_90 GPU
     the sm_90a code must be the one loaded, so wgmma=True really runs wgmma."""
     if wgmma and torch.cuda.get_device_capability() == (9, 0):
         assert cuda_backend.wgmma_available(), "H100/H200 without the sm_90a wgmma kernel"
