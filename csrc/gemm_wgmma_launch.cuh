@@ -33,9 +33,9 @@ cudaError_t launch_gemm_wgmma(const QsMatmulArgs& a, cudaStream_t stream) {
   cudaError_t err = pipeline_shape(kernel, Cfg::kThreads, Cfg::kStages, Cfg::smem_bytes, stage_slot, occ_slot, &ps);
   if (err != cudaSuccess) return err;
   if (ps.stages != Cfg::kStages) return cudaErrorInvalidConfiguration;  // a device with less shared memory
-  // Fewer group slots than steps (256-token tiles): only layers whose groups fill two steps or more.
-  if (Cfg::GSLOTS < Cfg::KB && a.group_shift < 3 && (Cfg::KB >> a.group_shift) > Cfg::GSLOTS)
-    return cudaErrorInvalidValue;
+  // Fewer group slots than steps (4-bit 256-token tiles): only layers whose groups fit them
+  // (wgmma_slice_m sends the others to smaller tiles).
+  if (groups_per_chunk(Cfg::KB, a.group_shift) > Cfg::GSLOTS) return cudaErrorInvalidValue;
   const long long n_strips = (a.n + 63) / 64, k_steps = (a.k + 15) / 16;
   const long long total = ((n_strips + Cfg::STRIPS - 1) / Cfg::STRIPS) * ((k_steps + Cfg::KB - 1) / Cfg::KB);
   // The kernel counts units in int, and addresses x and the scales by 32-bit byte offsets.
@@ -97,12 +97,12 @@ cudaError_t gemm_wgmma_slice(const QsMatmulArgs& a, cudaStream_t s) {
   return launch_gemm_wgmma<T, BITS, 128, 2>(a, s);
 }
 
-// Token rows per launch of the wgmma kernel: the largest tile, 256 tokens; 128 for layers with
-// 16-k groups, which the 256-token tile's stages have no room for.
+// Token rows per launch of the wgmma kernel: the largest tile, 256 tokens; 128 for layers whose
+// groups a 256-token stage has no slots for (4-bit, 16-k groups).
 template <typename T, int BITS>
 int wgmma_slice_m(const QsMatmulArgs& a) {
   using Cfg = WgCfg<T, BITS, 256, 1>;
-  return Cfg::GSLOTS < Cfg::KB && a.group_shift == 0 ? 128 : 256;
+  return groups_per_chunk(Cfg::KB, a.group_shift) > Cfg::GSLOTS ? 128 : 256;
 }
 
 // A call the wgmma kernel takes (wgmma_usable): slices of x and y (wgmma_slice_m), one launch each;

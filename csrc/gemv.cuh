@@ -39,14 +39,6 @@ __host__ __device__ constexpr int gemv_steps() {
   return (BITS == 4 ? 8 : 4) / (MB > 2 ? 2 : 1);
 }
 
-// Groups a chunk of u k16 steps meets, so scale rows a chunk loads (SPC): groups are
-// 2^group_shift steps (group_shift >= 30: one group).
-inline int groups_per_chunk(int u, int group_shift) {
-  int spc = u;
-  for (int i = 0; i < group_shift && spc > 1; ++i) spc >>= 1;
-  return spc;
-}
-
 // Hand a warp's partial sums of one strip segment to y: written directly when the warp covered the
 // whole strip, else added into the strip's fp32 accumulator; the warp that completes the strip
 // writes y (+ bias) and zeroes the accumulator and counter for the next call. With a.sums (up to 8

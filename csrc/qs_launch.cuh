@@ -8,6 +8,14 @@ namespace qs {
 
 constexpr int kMaxDevices = 64;
 
+// Groups a chunk of u k16 steps meets (the GEMV's scale rows a chunk loads, the wgmma GEMM's group
+// slots a stage fills): groups are 2^group_shift steps (group_shift >= 30: one group).
+inline int groups_per_chunk(int u, int group_shift) {
+  int spc = u;
+  for (int i = 0; i < group_shift && spc > 1; ++i) spc >>= 1;
+  return spc;
+}
+
 struct DeviceInfo {
   int sms = 0;
   int max_smem_optin = 0;
