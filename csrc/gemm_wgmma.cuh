@@ -14,6 +14,7 @@
 // 256-token tiles, 4 (one sub-tile).
 #pragma once
 
+#include "gemm_wgmma_out.cuh"
 #include "qs_dequant.cuh"
 #include "qs_launch.cuh"
 #include "qs_stage.cuh"
@@ -84,7 +85,7 @@ __global__ void __launch_bounds__(256, WgCfg<T, BITS, NTOK, SPW>::kBlocksPerSm)
 #if QS_HAS_WGMMA
   using Cfg = WgCfg<T, BITS, NTOK, SPW>;
   constexpr int KB = Cfg::KB, V = Cfg::V, WPL = Cfg::WPL, NACC = Cfg::NACC, STRIPS = Cfg::STRIPS;
-  constexpr int NTH = Cfg::kThreads, BN = Cfg::BN, stages = Cfg::kStages;
+  constexpr int NTH = Cfg::kThreads, stages = Cfg::kStages;
   extern __shared__ uint8_t smem_raw[];
   __shared__ int s_last;
   // wgmma's 128-byte swizzle is computed on shared addresses: x tiles start 1024-byte aligned.
@@ -93,7 +94,7 @@ __global__ void __launch_bounds__(256, WgCfg<T, BITS, NTOK, SPW>::kBlocksPerSm)
 
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const int wg = warp >> 2, wq = warp & 3;
-  const int g = lane >> 2, t = lane & 3;
+  const int g = lane >> 2;
   const int n_strips = (a.n + 63) >> 6;
   const int k_steps = (a.k + 15) >> 4;
   const int nst = (k_steps + KB - 1) / KB;  // stages per tile
@@ -343,7 +344,7 @@ __global__ void __launch_bounds__(256, WgCfg<T, BITS, NTOK, SPW>::kBlocksPerSm)
     }
   };
 
-  // acc[s][4i + 2h + e]: column (strip0 + wg*SPW + s)*64 + 16wq + g + 8h, token 8i + 2t + e.
+  // The end of a tile segment: its sums to y or the split-K accumulator (tile_out, gemm_wgmma_out.cuh).
   auto flush = [&](int tile, int seg_first, int seg_end) {
     wgmma_wait<0>();
 #pragma unroll
@@ -351,104 +352,9 @@ __global__ void __launch_bounds__(256, WgCfg<T, BITS, NTOK, SPW>::kBlocksPerSm)
       pin_regs(af[(KB - 1) & 1][s]);
       pin_acc(acc[s]);
     }
-    const int strip0 = tile * STRIPS;
     const int tile_first = tile * nst;
-    if (seg_first == tile_first && seg_end == tile_first + nst) {
-#pragma unroll
-      for (int s = 0; s < SPW; ++s)
-#pragma unroll
-        for (int h = 0; h < 2; ++h) {
-          const int n = (strip0 + wg * SPW + s) * 64 + 16 * wq + g + 8 * h;
-          if (n >= a.n) continue;
-          const float bv = bias != nullptr ? Act<T>::to_float(bias[n]) : 0.f;
-#pragma unroll
-          for (int i = 0; i < NTOK / 8; ++i)
-#pragma unroll
-            for (int e = 0; e < 2; ++e) {
-              const int m = 8 * i + 2 * t + e;
-              if (m < a.m) y[(long long)m * a.n + n] = Act<T>::from_float(acc[s][4 * i + 2 * h + e] + bv);
-            }
-        }
-    } else {
-      // The tile's accumulator: [BN columns][NTOK tokens] fp32 over its strips' accumulators.
-      float* tacc = a.accum + (long long)strip0 * kAccumPerStrip;
-#pragma unroll
-      for (int s = 0; s < SPW; ++s)
-#pragma unroll
-        for (int h = 0; h < 2; ++h) {
-          const int cl = (wg * SPW + s) * 64 + 16 * wq + g + 8 * h;
-          const int m_valid = strip0 * 64 + cl < a.n ? a.m : 0;
-#pragma unroll
-          for (int ip = 0; ip < NTOK / 16; ++ip) {
-            const float* lo = acc[s] + 8 * ip + 2 * h;      // i = 2ip: tokens 16ip + 2t + e
-            const float* hi = acc[s] + 8 * ip + 4 + 2 * h;  // i = 2ip + 1: tokens 16ip + 8 + 2t + e
-            red_token_quads(tacc + cl * NTOK, 16 * ip, lo[0], lo[1], hi[0], hi[1], t, m_valid);
-          }
-        }
-      fence_acq_rel_gpu();
-      __syncthreads();
-      if (tid == 0) {
-        const int mine = int(seg_end - seg_first);
-        s_last = atomicAdd(a.accum_counters + strip0, mine) + mine == nst;
-      }
-      __syncthreads();
-      if (s_last) {
-        fence_acq_rel_gpu();
-        // Items of 2 columns x 4 tokens, a warp's 32 items being 16 column pairs x the two token
-        // quads of one 8-token octet: the lane pair (2i, 2i+1) reads the two halves of each
-        // column's 32-byte sector of the [column][token] accumulator (whole sectors per load and
-        // zeroing store), and a y store writes 64 contiguous bytes in each of two rows. Before
-        // (v4-v8) the lanes ran along one column's tokens: each 4-byte y store was its own sector,
-        // and at 128-256 tokens the drains cost more than the reds. A batch of items' loads is in
-        // flight per thread: one L2 round trip per batch.
-        const int cols = min(BN, a.n - strip0 * 64);
-        constexpr int CB = BN / 32;  // 16-pair column blocks of a tile
-        const int items = CB * 32 * ((a.m + 7) >> 3);
-        constexpr int kBatch = NTOK * SPW <= 128 ? 4 : 8;  // 4 where registers are capped at 128
-        auto item_at = [&](int idx, int& cp, int& tq) {
-          const int grp = idx >> 5, l = idx & 31;
-          cp = (grp % CB) * 16 + (l >> 1);
-          tq = 2 * (grp / CB) + (l & 1);
-        };
-        for (int base = 0; base < items; base += NTH * kBatch) {
-          float4 v0[kBatch], v1[kBatch];
-          float b0[kBatch], b1[kBatch];
-          bool ok[kBatch];
-#pragma unroll
-          for (int r = 0; r < kBatch; ++r) {
-            const int idx = base + r * NTH + tid;
-            int cp, tq;
-            item_at(idx, cp, tq);
-            ok[r] = idx < items && 2 * cp < cols;
-            const float* p0 = tacc + (2 * cp) * NTOK + 4 * tq;
-            v0[r] = ok[r] ? ldcg4(p0) : make_float4(0.f, 0.f, 0.f, 0.f);
-            v1[r] = ok[r] ? ldcg4(p0 + NTOK) : make_float4(0.f, 0.f, 0.f, 0.f);
-            const int n = strip0 * 64 + 2 * cp;
-            b0[r] = ok[r] && bias != nullptr ? Act<T>::to_float(bias[n]) : 0.f;
-            b1[r] = ok[r] && bias != nullptr ? Act<T>::to_float(bias[n + 1]) : 0.f;
-          }
-#pragma unroll
-          for (int r = 0; r < kBatch; ++r) {
-            if (!ok[r]) continue;
-            int cp, tq;
-            item_at(base + r * NTH + tid, cp, tq);
-            float* p0 = tacc + (2 * cp) * NTOK + 4 * tq;
-            stcg4(p0, make_float4(0.f, 0.f, 0.f, 0.f));
-            stcg4(p0 + NTOK, make_float4(0.f, 0.f, 0.f, 0.f));
-            const int n = strip0 * 64 + 2 * cp;
-            const float r0[4] = {v0[r].x, v0[r].y, v0[r].z, v0[r].w}, r1[4] = {v1[r].x, v1[r].y, v1[r].z, v1[r].w};
-#pragma unroll
-            for (int e = 0; e < 4; ++e) {
-              const int m = 4 * tq + e;
-              if (m < a.m)
-                *reinterpret_cast<uint32_t*>(y + (long long)m * a.n + n) = Act<T>::pack2(r0[e] + b0[r], r1[e] + b1[r]);
-            }
-          }
-        }
-        if (tid == 0) a.accum_counters[strip0] = 0;
-      }
-      __syncthreads();
-    }
+    const bool whole = seg_first == tile_first && seg_end == tile_first + nst;
+    tile_out<T, NTOK, SPW, NTH>(a, bias, y, acc, tile * STRIPS, whole, seg_end - seg_first, nst, s_last);
 #pragma unroll
     for (int s = 0; s < SPW; ++s)
 #pragma unroll
