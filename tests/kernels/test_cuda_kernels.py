@@ -237,6 +237,27 @@ def test_gemm_kernels_over_token_counts(wgmma, k, n, bits, group_size, sym):
             _check(layer, (5, 16, 17, 32, 33, 48, 64, 65, 100, 128, 130, 256, 257, 513), dtype, ops=("gemm",))
 
 
+@pytest.mark.parametrize("k,n,bits", [(4096, 4096, 4), (4096, 11008, 8), (2112, 8256, 4), (11008, 4160, 4)])
+def test_wgmma_split_tiles_leave_the_workspace_zero(k, n, bits):
+    """Every call whose tiles are split between blocks must leave the split-K accumulators and the
+    tiles' counters zero, since the next call (of any layer) adds into them. Token counts over
+    every tile size, with partly filled token quads (odd m); layers whose tiles split in two, and
+    in many; also each call's result against the reference."""
+    if not cuda_backend.wgmma_available():
+        pytest.skip("needs the sm_90a wgmma kernel")
+    layer = _layer(k, n, bits, 128, sym=False)
+    ws = cuda_backend.workspace(torch.device("cuda"))
+    g = torch.Generator(device="cuda").manual_seed(next(_SEED))
+    for m in (13, 16, 31, 57, 64, 97, 128, 131, 255):
+        x = torch.randn(m, k, device="cuda", dtype=torch.float16, generator=g)
+        y = cuda_backend.matmul(layer.kernel_state, x, op="gemm")
+        torch.cuda.synchronize()
+        ref = kernels.reference(layer, x)
+        assert ((y.float() - ref).norm() / ref.norm()).item() < TOL[torch.float16], f"m={m}"
+        assert int(ws.accum_counters.abs().sum()) == 0, f"m={m}: tile counters left non-zero"
+        assert float(ws.accum.abs().max()) == 0.0, f"m={m}: split-K accumulator left non-zero"
+
+
 @pytest.mark.parametrize("pdl", [True, False])
 def test_chained_gemms_see_the_previous_output(pdl):
     """Back-to-back GEMM calls on one stream, each reading the previous call's output (written into
