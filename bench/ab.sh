@@ -3,9 +3,12 @@
 # rounds alternating (base, new, base, new, ...), because run-to-run spread between machines and
 # sessions (1-4% on the decode step) is as large as most kernel changes.
 #
-# Here (a git checkout):   bench/ab.sh prepare base=HEAD new=WORKTREE [x=<commit>] ...
+# Here (a git checkout):   bench/ab.sh prepare base=HEAD new=WORKTREE [x=<commit>] [p=HEAD@probe=4] ...
 #   writes each version's files into ab/<name>/ (WORKTREE: the working tree as it is, uncommitted
 #   changes and untracked files that git does not ignore included). ab/ is untracked, so the device call carries it; delete it afterwards.
+#   <ref>@probe=<bits>: that version built with the wgmma GEMM's timing probes (csrc/qs_probe.cuh:
+#   1 no copies, 2 no widening, 4 no epilogue, 8 no barrier, 16 no reds, 32 no drain, 64 reds only;
+#   wrong results, timing only), e.g. "main=HEAD noepi=HEAD@probe=4 nodrain=HEAD@probe=32".
 # On the device:           bench/ab.sh run
 #   builds every ab/<name> in parallel (its own extension dir), runs the GPU tests on $TESTV (if
 #   set) and compute-sanitizer memcheck on it, then $ROUNDS rounds of bench/kernels.py --backends
@@ -23,14 +26,19 @@ cd "$(dirname "$0")/.."
 prepare() {
   rm -rf ab && mkdir -p ab
   for spec in "$@"; do
-    local name=${spec%%=*} ref=${spec#*=}
+    local name=${spec%%=*} ref=${spec#*=} probe=""
+    case $ref in *@probe=*) probe=${ref##*@probe=}; ref=${ref%@probe=*} ;; esac
     mkdir -p "ab/$name"
     if [ "$ref" = WORKTREE ]; then
       git ls-files -z --cached --others --exclude-standard -- . ':!ab' | xargs -0 -I{} cp --parents {} "ab/$name/"
     else
       git archive "$ref" | tar -x -C "ab/$name"
     fi
-    echo "ab/$name <- $ref"
+    if [ -n "$probe" ]; then
+      sed -i "s/^#define QS_PROBE 0$/#define QS_PROBE $probe/" "ab/$name/csrc/qs_probe.cuh"
+      grep -q "^#define QS_PROBE $probe$" "ab/$name/csrc/qs_probe.cuh" || { echo "no probe hook in $ref" >&2; exit 1; }
+    fi
+    echo "ab/$name <- $ref${probe:+ (probe $probe)}"
   done
 }
 

@@ -17,6 +17,7 @@
 #include "gemm_wgmma_out.cuh"
 #include "qs_dequant.cuh"
 #include "qs_launch.cuh"
+#include "qs_probe.cuh"
 #include "qs_stage.cuh"
 #include "qs_streamk.cuh"
 #include "qs_wgmma.cuh"
@@ -303,7 +304,11 @@ __global__ void __launch_bounds__(256, WgCfg<T, BITS, NTOK, SPW>::kBlocksPerSm)
 #pragma unroll
         for (int i = 0; i < WPL; ++i) words[i] = i < NW ? wn[s][i] : 0u;
         uint32_t pr[4];
-        Dequant<T, BITS>::template tile<!FOLD>(words, 0, gc[s], pr);  // FOLD: the scale comes at the fold
+        if constexpr (probe::on(probe::kNoWiden)) {
+          for (int i = 0; i < 4; ++i) pr[i] = words[0] ^ uint32_t(i);
+        } else {
+          Dequant<T, BITS>::template tile<!FOLD>(words, 0, gc[s], pr);  // FOLD: the scale comes at the fold
+        }
         // A rows = 16 columns of W: a0 (col g, k lo), a1 (col g+8, k lo), a2 (col g, k hi), a3 (col g+8, k hi).
         af[kk & 1][s][0] = pr[0];
         af[kk & 1][s][1] = pr[2];
@@ -354,7 +359,16 @@ __global__ void __launch_bounds__(256, WgCfg<T, BITS, NTOK, SPW>::kBlocksPerSm)
     }
     const int tile_first = tile * nst;
     const bool whole = seg_first == tile_first && seg_end == tile_first + nst;
-    tile_out<T, NTOK, SPW, NTH>(a, bias, y, acc, tile * STRIPS, whole, seg_end - seg_first, nst, s_last);
+    if constexpr (!probe::on(probe::kNoEpilogue)) {
+      tile_out<T, NTOK, SPW, NTH>(a, bias, y, acc, tile * STRIPS, whole, seg_end - seg_first, nst, s_last);
+    } else {  // keep the sums live, or the compiler drops the wgmmas
+      float sum = 0.f;
+#pragma unroll
+      for (int s = 0; s < SPW; ++s)
+#pragma unroll
+        for (int r = 0; r < NACC; ++r) sum += acc[s][r];
+      if (a.m < 0) reinterpret_cast<float*>(a.y)[tid] = sum;
+    }
 #pragma unroll
     for (int s = 0; s < SPW; ++s)
 #pragma unroll
@@ -395,10 +409,11 @@ __global__ void __launch_bounds__(256, WgCfg<T, BITS, NTOK, SPW>::kBlocksPerSm)
     for (; u < seg_end; ++u) {
       cp_async_wait(ahead - 1);  // stage u has landed (this thread's copies)
       fence_proxy_async_smem();  // ... and is visible to wgmma's operand reads
-      __syncthreads();           // every thread's copies; stage u - 2's wgmmas all retired
+      // every thread's copies; stage u - 2's wgmmas all retired
+      if constexpr (!probe::on(probe::kNoBarrier)) __syncthreads();
       StepWords wn;
       step_words(buf, 0, wn);  // before the copies: its latency hides behind their issue
-      if (u + ahead < u1) {
+      if (!probe::on(probe::kNoCopies) && u + ahead < u1) {
         load_unit(loader, load_buf);
         advance(loader);
       }

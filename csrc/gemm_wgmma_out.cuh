@@ -5,6 +5,7 @@
 #pragma once
 
 #include "qs_dequant.cuh"
+#include "qs_probe.cuh"
 #include "qs_ptx.cuh"
 #include "qs_streamk.cuh"
 #include "quantserve_cuda.h"
@@ -51,15 +52,25 @@ __device__ __forceinline__ void tile_out(const QsMatmulArgs& a, const T* bias, T
         for (int ip = 0; ip < NTOK / 16; ++ip) {
           const float* lo = acc[s] + 8 * ip + 2 * h;      // i = 2ip: tokens 16ip + 2t + e
           const float* hi = acc[s] + 8 * ip + 4 + 2 * h;  // i = 2ip + 1: tokens 16ip + 8 + 2t + e
-          red_token_quads(tacc + cl * NTOK, 16 * ip, lo[0], lo[1], hi[0], hi[1], t, m_valid);
+          if constexpr (!probe::on(probe::kNoReds)) {
+            red_token_quads(tacc + cl * NTOK, 16 * ip, lo[0], lo[1], hi[0], hi[1], t, m_valid);
+          } else if (a.m < 0) {
+            tacc[tid] = lo[0] + lo[1] + hi[0] + hi[1];
+          }
         }
       }
+    if constexpr (probe::on(probe::kRedsOnly)) return;
     fence_acq_rel_gpu();
     __syncthreads();
     if (tid == 0) {
       s_last = atomicAdd(a.accum_counters + strip0, mine) + mine == nst;
     }
     __syncthreads();
+    if constexpr (probe::on(probe::kNoDrain)) {
+      if (s_last && tid == 0) a.accum_counters[strip0] = 0;
+      __syncthreads();
+      return;
+    }
     if (s_last) {
       fence_acq_rel_gpu();
       // Items of 2 columns x 4 tokens, a warp's 32 items being 16 column pairs x the two token

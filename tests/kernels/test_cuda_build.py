@@ -64,3 +64,10 @@ def test_build_targets(monkeypatch):
     for arch in cuda_build.ALL_ARCHS:
         assert f"-gencode=arch=compute_{arch},code=sm_{arch}" in flags
     assert "-gencode=arch=compute_90,code=sm_90" in flags
+
+
+def test_timing_probes_are_off_in_the_source():
+    """The timing probes of csrc/qs_probe.cuh build kernels that compute wrong results (bench/ab.sh
+    switches them on in a copy of the tree); the committed default must be off, and CI has no GPU
+    whose tests would notice."""
+    assert "\n#define QS_PROBE 0\n" in (CSRC / "qs_probe.cuh").read_text()
