@@ -316,13 +316,14 @@ __global__ void __launch_bounds__(256, WgCfg<T, BITS, NTOK, SPW>::kBlocksPerSm)
         af[kk & 1][s][3] = pr[3];
       }
       if constexpr (kk + 1 < KB) step_words(buf, kk + 1, wn);  // wn is widened: the next step's words
+      const uint64_t x_desc = desc + uint64_t((kk >> 2) * (Cfg::X_SUB_BYTES >> 4) + 2 * (kk & 3));
       wgmma_fence();
 #pragma unroll
       for (int s = 0; s < SPW; ++s) {
         if constexpr (FOLD)
-          wgmma_rs<T, NTOK>(part[s], af[kk & 1][s], desc + uint64_t((kk >> 2) * (Cfg::X_SUB_BYTES >> 4) + 2 * (kk & 3)), kk == 0 ? 0 : 1);
+          wgmma_rs<T, NTOK>(part[s], af[kk & 1][s], x_desc, kk == 0 ? 0 : 1);
         else
-          wgmma_rs<T, NTOK>(acc[s], af[kk & 1][s], desc + uint64_t((kk >> 2) * (Cfg::X_SUB_BYTES >> 4) + 2 * (kk & 3)));
+          wgmma_rs<T, NTOK>(acc[s], af[kk & 1][s], x_desc);
       }
       wgmma_commit();
       wgmma_wait<1>();
@@ -359,16 +360,7 @@ __global__ void __launch_bounds__(256, WgCfg<T, BITS, NTOK, SPW>::kBlocksPerSm)
     }
     const int tile_first = tile * nst;
     const bool whole = seg_first == tile_first && seg_end == tile_first + nst;
-    if constexpr (!probe::on(probe::kNoEpilogue)) {
-      tile_out<T, NTOK, SPW, NTH>(a, bias, y, acc, tile * STRIPS, whole, seg_end - seg_first, nst, s_last);
-    } else {  // keep the sums live, or the compiler drops the wgmmas
-      float sum = 0.f;
-#pragma unroll
-      for (int s = 0; s < SPW; ++s)
-#pragma unroll
-        for (int r = 0; r < NACC; ++r) sum += acc[s][r];
-      if (a.m < 0) reinterpret_cast<float*>(a.y)[tid] = sum;
-    }
+    tile_out<T, NTOK, SPW, NTH>(a, bias, y, acc, tile * STRIPS, whole, seg_end - seg_first, nst, s_last);
 #pragma unroll
     for (int s = 0; s < SPW; ++s)
 #pragma unroll

@@ -23,6 +23,15 @@ __device__ __forceinline__ void tile_out(const QsMatmulArgs& a, const T* bias, T
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const int wg = warp >> 2, wq = warp & 3;
   const int g = lane >> 2, t = lane & 3;
+  if constexpr (probe::on(probe::kNoEpilogue)) {  // keep the sums live, or the compiler drops the wgmmas
+    float sum = 0.f;
+#pragma unroll
+    for (int s = 0; s < SPW; ++s)
+#pragma unroll
+      for (int r = 0; r < NTOK / 2; ++r) sum += acc[s][r];
+    if (a.m < 0) a.accum[tid] = sum;
+    return;
+  }
   if (whole) {
 #pragma unroll
     for (int s = 0; s < SPW; ++s)
