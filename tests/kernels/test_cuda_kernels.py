@@ -242,18 +242,13 @@ def test_wgmma_split_tiles_leave_the_workspace_zero(k, n, bits):
     """Every call whose tiles are split between blocks must leave the split-K accumulators and the
     tiles' counters zero, since the next call (of any layer) adds into them. Token counts over
     every tile size, with partly filled token quads (odd m); layers whose tiles split in two, and
-    in many; also each call's result against the reference."""
+    in many; also each call's result against the reference (_check)."""
     if not cuda_backend.wgmma_available():
         pytest.skip("needs the sm_90a wgmma kernel")
     layer = _layer(k, n, bits, 128, sym=False)
     ws = cuda_backend.workspace(torch.device("cuda"))
-    g = torch.Generator(device="cuda").manual_seed(next(_SEED))
     for m in (13, 16, 31, 57, 64, 97, 128, 131, 255):
-        x = torch.randn(m, k, device="cuda", dtype=torch.float16, generator=g)
-        y = cuda_backend.matmul(layer.kernel_state, x, op="gemm")
-        torch.cuda.synchronize()
-        ref = kernels.reference(layer, x)
-        assert ((y.float() - ref).norm() / ref.norm()).item() < TOL[torch.float16], f"m={m}"
+        _check(layer, (m,), torch.float16, ops=("gemm",))
         assert int(ws.accum_counters.abs().sum()) == 0, f"m={m}: tile counters left non-zero"
         assert float(ws.accum.abs().max()) == 0.0, f"m={m}: split-K accumulator left non-zero"
 
