@@ -29,14 +29,17 @@ __device__ __forceinline__ void load_x_chunk(const QsMatmulArgs& a, int step0, i
 
 // One chunk (U k16 steps of one 64-column strip) into acc. wq: the lane's codes of each step;
 // sraw/zraw: the lane's 16-byte rows of scales / zeros of the chunk's SPC groups. Each run of
-// U / SPC steps shares one group: its MMAs sum x * (code - offset) unscaled into `part`, a ones-row
-// MMA sums x itself into `xs`, and the run is folded into acc in fp32 as
-// s * (part - (z - offset) * xs). Steps past k have zero x, so whatever codes they hold add nothing.
+// U / SPC steps shares one group: its MMAs sum x * (code + offset) unscaled into `part` (Widen:
+// the codes widened with no packed op), a "ones" MMA sums x into the offset's share (D rows g)
+// and sum(x) (D rows g + 8) in `xs`, and the run is folded into acc in fp32 as
+// s * (part - offset share - z * sum(x)). Steps past k have zero x, so whatever codes they hold
+// add nothing.
 template <typename T, int BITS, int U, int MB, int SPC>
 __device__ __forceinline__ void gemv_chunk(const uint4 (&wq)[U][Dequant<T, BITS>::kWordsPerLane / 4],
                                            const uint32_t (&xb)[U][MB][2], const uint4 (&sraw)[SPC],
                                            const uint4 (&zraw)[SPC], bool has_z, int zero_point,
                                            float (&acc)[MB][4][4]) {
+  using W = Widen<T, BITS>;
   constexpr int WPL = Dequant<T, BITS>::kWordsPerLane;
   constexpr int V = WPL / 4;
   constexpr int SSTEP = U / SPC;
@@ -67,28 +70,35 @@ __device__ __forceinline__ void gemv_chunk(const uint4 (&wq)[U][Dequant<T, BITS>
 #pragma unroll
       for (int j = 0; j < 4; ++j) {
         uint32_t pr[4];
-        Widen<T, BITS>::tile(words, j, pr);
+        W::tile(words, j, pr);
         // A = W^T tile (rows = 16 columns of W): a0 (col g, k lo), a1 (col g+8, k lo),
         // a2 (col g, k hi), a3 (col g+8, k hi).
         const uint32_t af[4] = {pr[0], pr[2], pr[1], pr[3]};
 #pragma unroll
         for (int mb = 0; mb < MB; ++mb) mma_16816<T>(part[mb][j], af, xb[i][mb]);
       }
-      const uint32_t ones[4] = {Act<T>::kOne2, Act<T>::kOne2, Act<T>::kOne2, Act<T>::kOne2};
+      const uint32_t ones[4] = {W::kOnes0, W::kOnes1, W::kOnes2, W::kOnes3};
 #pragma unroll
       for (int mb = 0; mb < MB; ++mb) mma_16816<T>(xs[mb], ones, xb[i][mb]);
     }
     FoldConsts<T> fc;
-    fc.load(sraw[r], zraw[r], has_z, zero_point, Widen<T, BITS>::kOffset);
+    fc.load(sraw[r], zraw[r], has_z, zero_point);
+    // xs[mb][e]: token 2t + e's offset share; xs[mb][2 + e]: its sum(x). One zero for every column
+    // (the layer's zero point): the offset and the zero make one correction per token.
 #pragma unroll
-    for (int mb = 0; mb < MB; ++mb)
+    for (int mb = 0; mb < MB; ++mb) {
+      float corr[2];
+#pragma unroll
+      for (int e = 0; e < 2; ++e) corr[e] = fmaf(fc.z[0], xs[mb][2 + e], xs[mb][e]);
 #pragma unroll
       for (int j = 0; j < 4; ++j)
 #pragma unroll
         for (int c = 0; c < 4; ++c) {
-          const int col = 2 * j + (c >> 1);
-          acc[mb][j][c] = fmaf(fc.s[col], fmaf(-fc.z[col], xs[mb][c & 1], part[mb][j][c]), acc[mb][j][c]);
+          const int col = 2 * j + (c >> 1), e = c & 1;
+          const float d = has_z ? fmaf(-fc.z[col], xs[mb][2 + e], part[mb][j][c] - xs[mb][e]) : part[mb][j][c] - corr[e];
+          acc[mb][j][c] = fmaf(fc.s[col], d, acc[mb][j][c]);
         }
+    }
   }
 }
 

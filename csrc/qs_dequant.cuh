@@ -190,61 +190,63 @@ struct Dequant<__nv_bfloat16, 8> {
 };
 
 // Raw widening for kernels that apply the group's scale and zero in fp32 after the MMA (the GEMV):
-// the fragment holds (code - kOffset) exactly, with no per-column constant, so a pair costs one
-// LOP3/PRMT and one packed op instead of three (no HMUL2 by the scale, no per-column zero). The caller
-// folds each group's MMA sums as s * (sum_k x_k (q_k - kOffset) - (z - kOffset) * sum_k x_k).
-// fp16 4-bit: pairs 0 and 2 are code | 0x6400 = 1024 + q (minus 1024); pairs 1 and 3 keep their
-// nibble 4 bits up, 1024 + 16q, and one HFMA2 by 1/16 minus 64 gives q: one shift per word, not three.
-// bf16 has 7 mantissa bits, so a nibble 4 bits up would reach the exponent: every pair is shifted.
+// the fragment holds the code plus a fixed offset (the exponent magic is not subtracted), so a pair
+// costs one LOP3 (4-bit; and a shift: one a word in fp16, three in bf16) or one PRMT (8-bit), and
+// no packed op. The caller's "ones" MMA (A = kOnes0..3, below) sums the step's x into the offset's
+// share of the sums and into sum(x), and folds each group's MMA sums in fp32 as
+// s * (part - offset share - z * sum(x)). The offsets are exact: 1024 + q in fp16 up to q = 255,
+// 64 + q up to 63 (a nibble 4 bits up under the magic 64: no shift for the pairs 1 and 3), 128 + q
+// in bf16 up to 127. bf16 has 7 mantissa bits, so a nibble 4 bits up would reach the exponent:
+// every bf16 pair is shifted. bf16 8-bit keeps q - 128 (128 + q is not exact beyond 127), in fp32.
+//
+// kOnes0..3: the A fragment {row g k lo, row g+8 k lo, row g k hi, row g+8 k hi}: D rows g get
+// the offset of the rows k lo (2t, 2t+1) times their x plus that of the rows k hi (2t+8, 2t+9),
+// and D rows g + 8 get sum(x).
 template <typename T, int BITS>
 struct Widen;
 
 template <>
 struct Widen<__half, 4> {
-  static constexpr float kOffset = 0.f;
+  // Row g: 1024 (k lo), 64 (k hi); row g + 8: 1.
+  static constexpr uint32_t kOnes0 = 0x64006400u, kOnes1 = 0x3C003C00u, kOnes2 = 0x54005400u, kOnes3 = 0x3C003C00u;
   __device__ static __forceinline__ void tile(const uint32_t* words, int j, uint32_t (&out)[4]) {
     const uint32_t q = words[j];
     const uint32_t q8 = q >> 8;
-    const __half2 m1024 = __halves2half2(__ushort_as_half(0xE400u), __ushort_as_half(0xE400u));  // -1024
-    const __half2 m64 = __halves2half2(__ushort_as_half(0xD400u), __ushort_as_half(0xD400u));     // -64
-    const __half2 r16 = __halves2half2(__ushort_as_half(0x2C00u), __ushort_as_half(0x2C00u));     // 1/16
-    out[0] = as_u32<__half>(__hadd2(as_t2<__half>(lop3_and_or<0x000f000fu>(q, 0x64006400u)), m1024));
-    out[1] = as_u32<__half>(__hfma2(as_t2<__half>(lop3_and_or<0x00f000f0u>(q, 0x64006400u)), r16, m64));
-    out[2] = as_u32<__half>(__hadd2(as_t2<__half>(lop3_and_or<0x000f000fu>(q8, 0x64006400u)), m1024));
-    out[3] = as_u32<__half>(__hfma2(as_t2<__half>(lop3_and_or<0x00f000f0u>(q8, 0x64006400u)), r16, m64));
+    out[0] = lop3_and_or<0x000f000fu>(q, 0x64006400u);   // 1024 + q (k lo)
+    out[1] = lop3_and_or<0x00f000f0u>(q, 0x54005400u);   // 64 + q (k hi): 64's ulp is 1/16
+    out[2] = lop3_and_or<0x000f000fu>(q8, 0x64006400u);
+    out[3] = lop3_and_or<0x00f000f0u>(q8, 0x54005400u);
   }
 };
 
 template <>
 struct Widen<__nv_bfloat16, 4> {
-  static constexpr float kOffset = 0.f;
+  // Row g: 128 (lo and hi); row g + 8: 1.
+  static constexpr uint32_t kOnes0 = 0x43004300u, kOnes1 = 0x3F803F80u, kOnes2 = 0x43004300u, kOnes3 = 0x3F803F80u;
   __device__ static __forceinline__ void tile(const uint32_t* words, int j, uint32_t (&out)[4]) {
     const uint32_t q = words[j];
-    const __nv_bfloat162 m128 = as_t2<__nv_bfloat16>(0xC300C300u);  // -128
 #pragma unroll
-    for (int p = 0; p < 4; ++p)
-      out[p] = as_u32<__nv_bfloat16>(
-          __hadd2(as_t2<__nv_bfloat16>(lop3_and_or<0x000f000fu>(q >> (4 * p), 0x43004300u)), m128));
+    for (int p = 0; p < 4; ++p) out[p] = lop3_and_or<0x000f000fu>(q >> (4 * p), 0x43004300u);  // 128 + q
   }
 };
 
 template <>
 struct Widen<__half, 8> {
-  static constexpr float kOffset = 0.f;  // codes 0..255 are exact in fp16
+  // Row g: 1024; row g + 8: 1.
+  static constexpr uint32_t kOnes0 = 0x64006400u, kOnes1 = 0x3C003C00u, kOnes2 = 0x64006400u, kOnes3 = 0x3C003C00u;
   __device__ static __forceinline__ void tile(const uint32_t* words, int j, uint32_t (&out)[4]) {
-    const __half2 m1024 = __halves2half2(__ushort_as_half(0xE400u), __ushort_as_half(0xE400u));
 #pragma unroll
     for (int h = 0; h < 2; ++h)
 #pragma unroll
-      for (int hk = 0; hk < 2; ++hk)
-        out[2 * h + hk] = as_u32<__half>(
-            __hadd2(as_t2<__half>(__byte_perm(words[2 * j + h], 0x64646464u, hk ? 0x4341 : 0x4240)), m1024));
+      for (int hk = 0; hk < 2; ++hk)  // 1024 + q
+        out[2 * h + hk] = __byte_perm(words[2 * j + h], 0x64646464u, hk ? 0x4341 : 0x4240);
   }
 };
 
 template <>
 struct Widen<__nv_bfloat16, 8> {
-  static constexpr float kOffset = 128.f;  // code - 128 in [-128, 127] is exact in bf16; code itself is not
+  // Row g: -128; row g + 8: 1.
+  static constexpr uint32_t kOnes0 = 0xC300C300u, kOnes1 = 0x3F803F80u, kOnes2 = 0xC300C300u, kOnes3 = 0x3F803F80u;
   __device__ static __forceinline__ void tile(const uint32_t* words, int j, uint32_t (&out)[4]) {
 #pragma unroll
     for (int h = 0; h < 2; ++h)
@@ -253,7 +255,7 @@ struct Widen<__nv_bfloat16, 8> {
         const uint32_t w = words[2 * j + h];
         const float a = __uint_as_float(__byte_perm(w, 0x4B000000u, hk ? 0x7441 : 0x7440)) - 8388736.0f;
         const float b = __uint_as_float(__byte_perm(w, 0x4B000000u, hk ? 0x7443 : 0x7442)) - 8388736.0f;
-        out[2 * h + hk] = Act<__nv_bfloat16>::pack2(a, b);
+        out[2 * h + hk] = Act<__nv_bfloat16>::pack2(a, b);  // q - 128
       }
   }
 };
@@ -263,10 +265,9 @@ struct Widen<__nv_bfloat16, 8> {
 template <typename T>
 struct FoldConsts {
   float s[8];
-  float z[8];  // z - kOffset of the widening
+  float z[8];
 
-  __device__ __forceinline__ void load(const uint4& s_raw, const uint4& z_raw, bool has_z, int zero_point,
-                                       float offset) {
+  __device__ __forceinline__ void load(const uint4& s_raw, const uint4& z_raw, bool has_z, int zero_point) {
 #pragma unroll
     for (int c = 0; c < 8; ++c) {
       const uint32_t w = word_of(s_raw, c >> 1);
@@ -276,7 +277,7 @@ struct FoldConsts {
         const uint32_t zw = word_of(z_raw, c >> 1);
         zv = Act<T>::to_float(bit_half<T>(c & 1 ? zw >> 16 : zw & 0xffffu));
       }
-      z[c] = zv - offset;
+      z[c] = zv;
     }
   }
 };
