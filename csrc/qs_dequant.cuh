@@ -74,6 +74,7 @@ template <typename T, int BITS>
 struct GroupConsts {
   uint32_t s2[8];
   uint32_t zz[8];
+  uint32_t zh[8];  // fp16: (64 + z, 64 + z), for the pairs widened under the magic 64 (Dequant<__half, 4>)
 
   __device__ __forceinline__ void load(const uint4& s_raw, const uint4& z_raw, bool has_z, int zero_point) {
     using T2 = typename Act<T>::T2;
@@ -93,6 +94,8 @@ struct GroupConsts {
       } else {
         zz[c] = zc;
       }
+      if constexpr (std::is_same<T, __half>::value)
+        zh[c] = as_u32<T>(__hsub2(as_t2<T>(zz[c]), as_t2<T>(0x63806380u)));  // 1024 + z - 960, exact
     }
   }
   // Column c's scale as a float (the fold of a GEMM that widens without it).
@@ -141,6 +144,28 @@ struct Dequant<T, 4> {
       auto v = __hsub2(as_t2<T>(h), as_t2<T>(gc.zz[c]));
       if constexpr (kScale) v = __hmul2(v, as_t2<T>(gc.s2[c]));
       out[p] = as_u32<T>(v);
+    }
+  }
+};
+
+// fp16: the pairs 1 and 3 (nibbles 4 bits up) go under the magic 64, whose ulp is 1/16: 64 + q
+// with no shift, so a word costs one shift (for pairs 2 and 3) instead of three.
+template <>
+struct Dequant<__half, 4> {
+  static constexpr int kWordsPerLane = 4;
+  template <bool kScale = true>
+  __device__ static __forceinline__ void tile(const uint32_t* words, int j, const GroupConsts<__half, 4>& gc,
+                                              uint32_t (&out)[4]) {
+    const uint32_t q = words[j];
+    const uint32_t q8 = q >> 8;
+#pragma unroll
+    for (int p = 0; p < 4; ++p) {
+      const int c = 2 * j + (p >> 1);
+      const uint32_t src = p < 2 ? q : q8;
+      const uint32_t h = (p & 1) ? lop3_and_or<0x00f000f0u>(src, 0x54005400u) : lop3_and_or<0x000f000fu>(src, 0x64006400u);
+      auto v = __hsub2(as_t2<__half>(h), as_t2<__half>((p & 1) ? gc.zh[c] : gc.zz[c]));
+      if constexpr (kScale) v = __hmul2(v, as_t2<__half>(gc.s2[c]));
+      out[p] = as_u32<__half>(v);
     }
   }
 };
