@@ -1,10 +1,11 @@
 // Tensor-core GEMV for M <= 32 tokens (decode): the one kernel that has to run at HBM speed.
 // Why this shape: swap A and B of the MMA so the dequantised weights fill the 16-row A operand
 // (16 output columns) and the few tokens sit in the 8-wide n side: one m16n8k16 per 16x16 weight
-// tile, fp32 accumulation, and no CUDA-core FMAs per weight. The codes are widened raw (code - offset:
-// one LOP3 and one packed op per pair of weights, no per-column constant) and each group's scale and
-// zero are applied once to its fp32 MMA sums, a ones-row MMA giving the sum of x the zero needs (v8:
-// 25% fewer instructions per chunk than scaling every pair). Each lane streams one 16-byte load per
+// tile, fp32 accumulation, and no CUDA-core FMAs per weight. The codes are widened raw (code plus the
+// exponent magic's offset: one LOP3 per pair of weights and no packed op, no per-column constant)
+// and each group's scale, zero and offset are applied once to its fp32 MMA sums, a "ones" MMA giving
+// the sums of x they need (v8: 25% fewer instructions per chunk than scaling every pair; v24: the
+// packed op per pair gone as well). Each lane streams one 16-byte load per
 // k16 step of a 64-column strip (8 steps in flight per chunk); a warp-level stream-K grid of one
 // resident wave balances the bytes over the SMs (qs_streamk.cuh), and on sm_90 a launch overlaps the
 // previous kernel's tail (programmatic dependent launch: each warp pulls its first chunk of codes

@@ -2,7 +2,8 @@
 // Why: the weights stay 4 (or 8) bits in HBM; they are widened only in registers, right before the
 // tensor-core instruction, with the exponent-magic trick (code | 0x6400 is the half 1024 + code),
 // so one LOP3 (or PRMT) and two packed 16-bit ops turn 2 codes into 2 dequantised weights (Dequant),
-// or one LOP3 and one packed op into 2 raw codes whose scale the caller applies later (Widen).
+// or one LOP3 (or PRMT) alone into 2 codes plus the magic's offset, which the caller's fp32 fold
+// takes out again with the scale and zero (Widen, v24).
 //
 // Fragment convention (shared with quant/backends/cuda_layout.py, which packs the codes):
 // for a 16 (k) x 16 (n) tile, lane = 4*g + t holds the codes of columns g and g+8 at rows

@@ -97,6 +97,28 @@ def test_gemv_with_and_without_the_pipelined_kernel(pipeline, k, n, bits, group_
     assert len(names) == 1, names
 
 
+@pytest.mark.parametrize("pipeline", [True, False])
+@pytest.mark.parametrize("bits,group_size,sym", [(4, 128, True), (4, 128, False), (4, 32, False), (8, 64, False)])
+def test_gemv_fold_with_one_sided_and_extreme_activations(pipeline, bits, group_size, sym):
+    """The GEMV's fragments keep the exponent magic's offset (1024 + q, 64 + q in fp16; 128 + q in
+    bf16), which its fp32 fold subtracts again once a group with the zero: activations of one sign
+    (sum(x) as large as it gets against the sum the layer computes), very large ones and very small
+    ones must still land within the usual tolerance, over a long K of many groups."""
+    layer = _layer(11008, 576, bits, group_size, sym, FORMAT_V2)
+    g = torch.Generator(device="cuda").manual_seed(next(_SEED))
+    with cuda_backend.gemv_launch_options(pipeline=pipeline):
+        for dtype in (torch.float16, torch.bfloat16):
+            for m in (1, 3, 8):
+                for mean, scale in ((4.0, 1.0), (4.0, 32.0), (0.0, 1e-3)):
+                    x = ((torch.randn(m, layer.in_features, device="cuda", generator=g) + mean) * scale).to(dtype)
+                    ref = kernels.reference(layer, x)
+                    out = torch.full((m, layer.out_features), float("nan"), device="cuda", dtype=dtype)
+                    y = cuda_backend.matmul(layer.kernel_state, x, out=out, op="gemv")
+                    err = ((y.float() - ref).norm() / ref.norm()).item()
+                    assert torch.isfinite(y).all() and err < TOL[dtype], (
+                        f"m={m} bits={bits} g={group_size} sym={sym} {dtype} mean={mean} scale={scale}: rel err {err:.2e}")
+
+
 @pytest.mark.parametrize("k,n,bits,group_size,sym", [(4096, 4096, 4, 128, True), (576, 1536, 8, 64, False),
                                                      (1536, 576, 4, 32, False)])
 def test_act_order(k, n, bits, group_size, sym):
