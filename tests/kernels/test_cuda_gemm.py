@@ -1,0 +1,67 @@
+"""The GEMM kernels (csrc/gemm_wgmma*.cuh on Hopper, gemm.cuh elsewhere) on the GPU: every tile size,
+the split-K workspace left zero, and chained GEMMs under programmatic dependent launch.
+"""
+
+import pytest
+import torch
+
+from quant.backends import cuda as cuda_backend
+from tests.kernels.cuda_checks import chain_eager_and_graph, check, cuda_layer
+
+pytestmark = pytest.mark.gpu
+
+
+@pytest.mark.parametrize("wgmma", [True, False])
+@pytest.mark.parametrize("k,n,bits,group_size,sym", [(576, 192, 4, 128, True), (584, 72, 8, 64, False),
+                                                     (4096, 4096, 4, 32, False), (11008, 1024, 4, -1, True),
+                                                     (1536, 576, 8, 128, True), (4128, 1280, 4, 32, True),
+                                                     (2112, 640, 8, 64, False), (1040, 704, 4, 16, False),
+                                                     (1040, 8256, 4, 32, False)])
+def test_gemm_kernels_over_token_counts(wgmma, k, n, bits, group_size, sym):
+    """Both GEMM kernels over every tile size of the Hopper wgmma kernel (16/32/64/128/256-token
+    tiles, partly filled, and 256-token slices above), split and whole tiles, partial strips, both
+    dtypes. K = 4128 / 2112 end inside a stage, after stages that take the wgmma kernel's unbounded
+    copies (whole tiles of 1280 / 640 columns), with groups shorter than a stage; 16-k groups
+    (1040 x 704), which the 4-bit wgmma kernel takes in 128-token slices; a layer wider than 8192
+    columns (65-128 tokens: two strips per warpgroup, 128-k stages). On an sm_90 GPU
+    the sm_90a code must be the one loaded, so wgmma=True really runs wgmma."""
+    if wgmma and torch.cuda.get_device_capability() == (9, 0):
+        assert cuda_backend.wgmma_available(), "H100/H200 without the sm_90a wgmma kernel"
+    layer = cuda_layer(k, n, bits, group_size, sym=sym, bias=bits == 8)
+    with cuda_backend.gemm_launch_options(wgmma):
+        # with the wgmma kernel off, up to gemv_max_m tokens take the GEMV, as off Hopper
+        want = "gemm" if wgmma and cuda_backend.wgmma_available() else "gemv"
+        assert cuda_backend.pick_op(16, cuda_backend.wgmma_available) == want
+        for dtype in (torch.float16, torch.bfloat16):
+            check(layer, (5, 16, 17, 32, 33, 48, 64, 65, 100, 128, 130, 256, 257, 513), dtype, ops=("gemm",))
+
+
+@pytest.mark.parametrize("k,n,bits", [(4096, 4096, 4), (4096, 11008, 8), (2112, 8256, 4), (11008, 4160, 4)])
+def test_wgmma_split_tiles_leave_the_workspace_zero(k, n, bits):
+    """Every call whose tiles are split between blocks must leave the split-K accumulators and the
+    tiles' counters zero, since the next call (of any layer) adds into them. Token counts over
+    every tile size, with partly filled token quads (odd m); layers whose tiles split in two, and
+    in many; also each call's result against the reference (_check)."""
+    if not cuda_backend.wgmma_available():
+        pytest.skip("needs the sm_90a wgmma kernel")
+    layer = cuda_layer(k, n, bits, 128, sym=False)
+    ws = cuda_backend.workspace(torch.device("cuda"))
+    for m in (13, 16, 31, 57, 64, 97, 128, 131, 255):
+        check(layer, (m,), torch.float16, ops=("gemm",))
+        assert int(ws.accum_counters.abs().sum()) == 0, f"m={m}: tile counters left non-zero"
+        assert float(ws.accum.abs().max()) == 0.0, f"m={m}: split-K accumulator left non-zero"
+
+
+@pytest.mark.parametrize("pdl", [True, False])
+def test_chained_gemms_see_the_previous_output(pdl):
+    """Back-to-back GEMM calls on one stream, each reading the previous call's output (written into
+    NaN-poisoned buffers) and sharing the split-K accumulators, eagerly and in a CUDA graph. With
+    programmatic dependent launch a kernel copies its weights before the previous one has
+    finished but must not read x or touch the accumulators until it has: a misplaced wait shows as
+    NaN or a result that is not layer(previous output)."""
+    layers = [cuda_layer(4096, 4096, 4, 128, sym=False), cuda_layer(4096, 11008, 4, 128),
+              cuda_layer(11008, 4096, 4, 32, sym=False), cuda_layer(4096, 4096, 8, 64)]
+    with cuda_backend.gemm_launch_options(pdl=pdl):
+        for m in (24, 64, 100):
+            x0 = torch.randn(m, 4096, device="cuda", dtype=torch.float16) * 0.01  # ~5x growth per layer
+            chain_eager_and_graph(layers, x0, op="gemm")

@@ -1,0 +1,98 @@
+"""The GEMV kernels (csrc/gemv.cuh, gemv_pipe.cuh) on the GPU: with and without the pipelined kernel,
+the fp32 fold of the magic offset under hard activations, and chains of GEMVs under every launch
+option.
+"""
+
+import pytest
+import torch
+
+from quant import kernels
+from quant.backends import cuda as cuda_backend
+from quant.format import FORMAT_V2
+from tests.kernels.cuda_checks import TOL, check, cuda_layer, next_seed, unit_gain_layer
+from tests.kernels.layers import eager_then_graph
+
+pytestmark = pytest.mark.gpu
+
+
+def _gemv_kernel_names(layer, x) -> set[str]:
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        cuda_backend.matmul(layer.kernel_state, x, op="gemv")
+        torch.cuda.synchronize()
+    return {e.name for e in prof.events() if "gemv" in e.name}
+
+
+@pytest.mark.parametrize("pipeline", [True, False])
+@pytest.mark.parametrize("k,n,bits,group_size,sym", [(576, 192, 4, 128, True), (4096, 4096, 4, -1, True),
+                                                     (11008, 4096, 4, 128, True), (584, 72, 8, 64, False),
+                                                     (1536, 576, 8, 128, True), (576, 1536, 4, 128, False),
+                                                     (576, 1536, 4, 64, True)])
+def test_gemv_with_and_without_the_pipelined_kernel(pipeline, k, n, bits, group_size, sym):
+    """Up to 8 tokens both GEMV kernels (gemv_pipe.cuh where it is taken, gemv.cuh otherwise) over
+    the token counts, fp16 and bf16; on sm_90 the profiler shows which one ran: the pipelined one
+    exactly when the option is on and the layer fits it (4-bit g >= 128, 8-bit g >= 64)."""
+    layer = cuda_layer(k, n, bits, group_size, sym, FORMAT_V2)
+    with cuda_backend.gemv_launch_options(pipeline=pipeline):
+        for dtype in (torch.float16, torch.bfloat16):
+            check(layer, (1, 2, 3, 4, 7, 8), dtype, ops=("gemv",))
+        names = _gemv_kernel_names(layer, torch.randn(3, k, device="cuda", dtype=torch.float16))
+    takes = pipeline and torch.cuda.get_device_capability()[0] >= 9 and (bits == 8 or group_size in (128, -1))
+    assert any("gemv_pipe_kernel" in name for name in names) == takes, names
+    assert len(names) == 1, names
+
+
+@pytest.mark.parametrize("pipeline", [True, False])
+@pytest.mark.parametrize("bits,group_size,sym", [(4, 128, True), (4, 128, False), (4, 32, False), (8, 64, False)])
+def test_gemv_fold_with_one_sided_and_extreme_activations(pipeline, bits, group_size, sym):
+    """The GEMV's fragments keep the exponent magic's offset (1024 + q, 64 + q in fp16; 128 + q in
+    bf16), which its fp32 fold subtracts again once a group with the zero: activations of one sign
+    (sum(x) as large as it gets against the sum the layer computes), very large ones and very small
+    ones must still land within the usual tolerance, over a long K of many groups."""
+    layer = cuda_layer(11008, 576, bits, group_size, sym, FORMAT_V2)
+    g = torch.Generator(device="cuda").manual_seed(next_seed())
+    with cuda_backend.gemv_launch_options(pipeline=pipeline):
+        for dtype in (torch.float16, torch.bfloat16):
+            for m in (1, 3, 8):
+                for mean, scale in ((4.0, 1.0), (4.0, 32.0), (0.0, 1e-3)):
+                    x = ((torch.randn(m, layer.in_features, device="cuda", generator=g) + mean) * scale).to(dtype)
+                    ref = kernels.reference(layer, x)
+                    out = torch.full((m, layer.out_features), float("nan"), device="cuda", dtype=dtype)
+                    y = cuda_backend.matmul(layer.kernel_state, x, out=out, op="gemv")
+                    err = ((y.float() - ref).norm() / ref.norm()).item()
+                    assert torch.isfinite(y).all() and err < TOL[dtype], (
+                        f"m={m} bits={bits} g={group_size} sym={sym} {dtype} mean={mean} scale={scale}: rel err {err:.2e}")
+
+
+@pytest.mark.parametrize("pdl,wave_div", [(True, 1), (True, 2), (False, 1), (False, 2)])
+def test_gemv_chain_under_launch_options(pdl, wave_div):
+    """Each GEMV reads the output of the one before it, back to back (no other kernel between them),
+    and all share the split-K accumulators: with programmatic dependent launch a kernel that
+    touched its inputs or the accumulators before its wait would read stale values; eager and
+    graph-replayed runs both checked."""
+    ext = cuda_backend.extension()
+    chain = [unit_gain_layer(4096, 4096, 4, 128, sym=False), unit_gain_layer(4096, 11008, 4, 64),
+             unit_gain_layer(11008, 4096, 4, 128, bias=True), unit_gain_layer(4096, 192, 8, 32, sym=False),
+             unit_gain_layer(192, 4096, 4, 32)]
+    with cuda_backend.gemv_launch_options(pdl, wave_div):
+        assert ext.gemv_get_options() == (pdl, wave_div, True)
+        for m in (1, 5, 16, 32):
+            x = torch.randn(m, 4096, device="cuda", dtype=torch.float16)
+
+            def run(h):
+                outs = []
+                for layer in chain:
+                    h = cuda_backend.matmul(layer.kernel_state, h, op="gemv")
+                    outs.append(h)
+                return outs
+
+            def check(xin, outs):
+                h = xin
+                for layer, y in zip(chain, outs):
+                    ref = kernels.reference(layer, h)
+                    err = ((y.float() - ref).norm() / ref.norm()).item()
+                    assert err < TOL[torch.float16], (f"m={m} K={layer.in_features} N={layer.out_features}: rel "
+                                                      f"err {err:.2e}, max |y| {y.float().abs().max().item():.3g}, "
+                                                      f"max |ref| {ref.abs().max().item():.3g}")
+                    h = y
+
+            eager_then_graph(run, check, x, lambda: torch.randn_like(x))
