@@ -11,10 +11,26 @@ namespace qs {
 // x of one chunk as m16n8k16 B fragments: xb[i][mb] holds tokens mb*8 + g at rows k0, k0 + 1 and
 // k0 + 8, k0 + 9 of step step0 + i (k0 = 16 (step0 + i) + 2t); zero past m and past k. (Act-order
 // layers get x already gathered: gather.cu.)
-template <typename T, int U, int MB>
+// KFULL (the caller knows every chunk lies inside K): no load is predicated, and tokens past m read
+// row m - 1 instead of zeros (their sums land in tokens that are never written). Predicated loads
+// make ptxas copy the memory descriptor into fresh uniform registers before each one (v24).
+template <typename T, int U, int MB, bool KFULL = false>
 __device__ __forceinline__ void load_x_chunk(const QsMatmulArgs& a, int step0, int lane, uint32_t (&xb)[U][MB][2]) {
   const int g = lane >> 2, t = lane & 3;
   const T* x = reinterpret_cast<const T*>(a.x);
+  if constexpr (KFULL) {
+#pragma unroll
+    for (int mb = 0; mb < MB; ++mb) {
+      const unsigned int* xr =
+          reinterpret_cast<const unsigned int*>(x + (long long)min(mb * 8 + g, a.m - 1) * a.k + step0 * 16 + 2 * t);
+#pragma unroll
+      for (int i = 0; i < U; ++i) {
+        xb[i][mb][0] = __ldg(xr + 8 * i);
+        xb[i][mb][1] = __ldg(xr + 8 * i + 4);
+      }
+    }
+    return;
+  }
 #pragma unroll
   for (int i = 0; i < U; ++i)
 #pragma unroll

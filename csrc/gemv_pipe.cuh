@@ -56,7 +56,7 @@ __device__ __forceinline__ PipeUnits pipe_units(int n_strips, int cps) {
   return r;
 }
 
-template <typename T, int BITS, int SPC, bool HASZ>
+template <typename T, int BITS, int SPC, bool HASZ, bool KFULL>
 __global__ void __launch_bounds__(kGemvThreads, 3) gemv_pipe_kernel(const QsMatmulArgs a) {
   pdl_launch_dependents();
   QS_TRACE_ENTER(trace, a.qweight);
@@ -89,7 +89,7 @@ __global__ void __launch_bounds__(kGemvThreads, 3) gemv_pipe_kernel(const QsMatm
 
   auto load = [&](int s, int c, PipeChunk<U, V, SPC>& p) {
     load_chunk_codes<U, V>(qw, s, k_steps, c * U, lane, p.wq);
-    load_x_chunk<T, U, 1>(a, c * U, lane, p.xb);
+    load_x_chunk<T, U, 1, KFULL>(a, c * U, lane, p.xb);
     if constexpr (!kLateRows) load_group_rows<U, SPC>(a, n_strips, s, c * U, g, HASZ, p.sraw, p.zraw);
   };
 
@@ -137,10 +137,14 @@ __global__ void __launch_bounds__(kGemvThreads, 3) gemv_pipe_kernel(const QsMatm
   QS_TRACE_EXIT(trace);
 }
 
+// KFULL where every chunk lies inside K (K a multiple of the chunk's k): x loads with no predicate.
 template <typename T, int BITS, int SPC, bool HASZ>
 cudaError_t launch_gemv_pipe(const QsMatmulArgs& a, cudaStream_t stream) {
-  static int occ_slot[kMaxDevices];
-  return launch_gemv_wave(gemv_pipe_kernel<T, BITS, SPC, HASZ>, occ_slot, gemv_steps<BITS, 1>(), true, a, stream);
+  static int occ_slot[2][kMaxDevices];
+  constexpr int U = gemv_steps<BITS, 1>();
+  if (a.k % (16 * U) == 0)
+    return launch_gemv_wave(gemv_pipe_kernel<T, BITS, SPC, HASZ, true>, occ_slot[0], U, true, a, stream);
+  return launch_gemv_wave(gemv_pipe_kernel<T, BITS, SPC, HASZ, false>, occ_slot[1], U, true, a, stream);
 }
 
 // Whether the call takes the pipelined kernel (see the top of this file).
