@@ -24,9 +24,9 @@ __device__ __forceinline__ void load_x_chunk(const QsMatmulArgs& a, int step0, i
       const unsigned int* xr =
           reinterpret_cast<const unsigned int*>(x + (long long)min(mb * 8 + g, a.m - 1) * a.k + step0 * 16 + 2 * t);
 #pragma unroll
-      for (int i = 0; i < U; ++i) {
-        xb[i][mb][0] = __ldg(xr + 8 * i);
-        xb[i][mb][1] = __ldg(xr + 8 * i + 4);
+      for (int i = 0; i < U; ++i) {  // (plain loads: an unconditional __ldg may be hoisted above the PDL wait)
+        xb[i][mb][0] = xr[8 * i];
+        xb[i][mb][1] = xr[8 * i + 4];
       }
     }
     return;
