@@ -29,18 +29,18 @@ __device__ __forceinline__ void load_x_chunk(const QsMatmulArgs& a, int step0, i
         xb[i][mb][1] = xr[8 * i + 4];
       }
     }
-    return;
+  } else {
+#pragma unroll
+    for (int i = 0; i < U; ++i)
+#pragma unroll
+      for (int mb = 0; mb < MB; ++mb) {
+        const int m = mb * 8 + g;
+        const int k0 = (step0 + i) * 16 + 2 * t;
+        const unsigned int* xr = reinterpret_cast<const unsigned int*>(x + (long long)m * a.k + k0);
+        xb[i][mb][0] = (m < a.m && k0 < a.k) ? __ldg(xr) : 0u;
+        xb[i][mb][1] = (m < a.m && k0 + 8 < a.k) ? __ldg(xr + 4) : 0u;
+      }
   }
-#pragma unroll
-  for (int i = 0; i < U; ++i)
-#pragma unroll
-    for (int mb = 0; mb < MB; ++mb) {
-      const int m = mb * 8 + g;
-      const int k0 = (step0 + i) * 16 + 2 * t;
-      const unsigned int* xr = reinterpret_cast<const unsigned int*>(x + (long long)m * a.k + k0);
-      xb[i][mb][0] = (m < a.m && k0 < a.k) ? __ldg(xr) : 0u;
-      xb[i][mb][1] = (m < a.m && k0 + 8 < a.k) ? __ldg(xr + 4) : 0u;
-    }
 }
 
 // One chunk (U k16 steps of one 64-column strip) into acc. wq: the lane's codes of each step;

@@ -75,7 +75,7 @@ template <typename T, int BITS>
 struct GroupConsts {
   uint32_t s2[8];
   uint32_t zz[8];
-  uint32_t zh[8];  // fp16: (64 + z, 64 + z), for the pairs widened under the magic 64 (Dequant<__half, 4>)
+  uint32_t zh[8];  // fp16: (64 + z, 64 + z), for the pairs widened under the magic 64 (magic_pair4)
 
   __device__ __forceinline__ void load(const uint4& s_raw, const uint4& z_raw, bool has_z, int zero_point) {
     using T2 = typename Act<T>::T2;
@@ -124,49 +124,44 @@ struct GroupConsts<__nv_bfloat16, 8> {
   __device__ __forceinline__ float scale(int c) const { return s[c]; }
 };
 
+// Pair p of a packed 4-bit word as two 16-bit floats holding the codes plus the exponent magic's
+// offset (see the fragment convention above). fp16: pairs 0 and 2 are 1024 + q; pairs 1 and 3, whose
+// nibbles sit 4 bits up, go under the magic 64, whose ulp is 1/16: 64 + q with no shift, so a word
+// costs one shift instead of three. bf16 has 7 mantissa bits, so a nibble 4 bits up would reach the
+// exponent: every pair is shifted down, 128 + q.
+// q8: q >> 8 (fp16 only), which the caller computes once for its 4 pairs.
+template <typename T>
+__device__ __forceinline__ uint32_t magic_pair4(uint32_t q, uint32_t q8, int p) {
+  if constexpr (std::is_same<T, __half>::value) {
+    const uint32_t src = p < 2 ? q : q8;
+    return (p & 1) ? lop3_and_or<0x00f000f0u>(src, 0x54005400u) : lop3_and_or<0x000f000fu>(src, Act<T>::kMagic2);
+  } else {
+    return lop3_and_or<0x000f000fu>(q >> (4 * p), Act<T>::kMagic2);
+  }
+}
+
 // Dequantise n-tile j (16 columns) of one k16 step into 4 pairs (p = 2h + hk), each a 32-bit
 // register holding two 16-bit weights of one column, ready to be an MMA fragment register.
 template <typename T, int BITS>
 struct Dequant;
 
 // tile<true>: the scaled weights; tile<false>: code - zero only, exact small integers (for a GEMM
-// that applies the scale to its fp32 partial sums once a group).
+// that applies the scale to its fp32 partial sums once a group). The zero subtracted is the pair's
+// magic offset plus z (fp16 pairs 1 and 3: 64 + z, GroupConsts::zh).
 template <typename T>
 struct Dequant<T, 4> {
   static constexpr int kWordsPerLane = 4;  // per k16 step: 4 n-tiles x 1 word
   template <bool kScale = true>
   __device__ static __forceinline__ void tile(const uint32_t* words, int j, const GroupConsts<T, 4>& gc,
                                               uint32_t (&out)[4]) {
-    const uint32_t q = words[j];
+    const uint32_t q = words[j], q8 = q >> 8;
 #pragma unroll
     for (int p = 0; p < 4; ++p) {
       const int c = 2 * j + (p >> 1);
-      uint32_t h = lop3_and_or<0x000f000fu>(q >> (4 * p), Act<T>::kMagic2);
-      auto v = __hsub2(as_t2<T>(h), as_t2<T>(gc.zz[c]));
+      const uint32_t z = std::is_same<T, __half>::value && (p & 1) ? gc.zh[c] : gc.zz[c];
+      auto v = __hsub2(as_t2<T>(magic_pair4<T>(q, q8, p)), as_t2<T>(z));
       if constexpr (kScale) v = __hmul2(v, as_t2<T>(gc.s2[c]));
       out[p] = as_u32<T>(v);
-    }
-  }
-};
-
-// fp16: the pairs 1 and 3 (nibbles 4 bits up) go under the magic 64, whose ulp is 1/16: 64 + q
-// with no shift, so a word costs one shift (for pairs 2 and 3) instead of three.
-template <>
-struct Dequant<__half, 4> {
-  static constexpr int kWordsPerLane = 4;
-  template <bool kScale = true>
-  __device__ static __forceinline__ void tile(const uint32_t* words, int j, const GroupConsts<__half, 4>& gc,
-                                              uint32_t (&out)[4]) {
-    const uint32_t q = words[j];
-    const uint32_t q8 = q >> 8;
-#pragma unroll
-    for (int p = 0; p < 4; ++p) {
-      const int c = 2 * j + (p >> 1);
-      const uint32_t src = p < 2 ? q : q8;
-      const uint32_t h = (p & 1) ? lop3_and_or<0x00f000f0u>(src, 0x54005400u) : lop3_and_or<0x000f000fu>(src, 0x64006400u);
-      auto v = __hsub2(as_t2<__half>(h), as_t2<__half>((p & 1) ? gc.zh[c] : gc.zz[c]));
-      if constexpr (kScale) v = __hmul2(v, as_t2<__half>(gc.s2[c]));
-      out[p] = as_u32<__half>(v);
     }
   }
 };
@@ -221,9 +216,8 @@ struct Dequant<__nv_bfloat16, 8> {
 // no packed op. The caller's "ones" MMA (A = kOnes0..3, below) sums the step's x into the offset's
 // share of the sums and into sum(x), and folds each group's MMA sums in fp32 as
 // s * (part - offset share - z * sum(x)). The offsets are exact: 1024 + q in fp16 up to q = 255,
-// 64 + q up to 63 (a nibble 4 bits up under the magic 64: no shift for the pairs 1 and 3), 128 + q
-// in bf16 up to 127. bf16 has 7 mantissa bits, so a nibble 4 bits up would reach the exponent:
-// every bf16 pair is shifted. bf16 8-bit keeps q - 128 (128 + q is not exact beyond 127), in fp32.
+// 64 + q up to 63, 128 + q in bf16 up to 127 (4-bit pairs: magic_pair4). bf16 8-bit keeps q - 128
+// (128 + q is not exact beyond 127), in fp32.
 //
 // kOnes0..3: the A fragment {row g k lo, row g+8 k lo, row g k hi, row g+8 k hi}: D rows g get
 // the offset of the rows k lo (2t, 2t+1) times their x plus that of the rows k hi (2t+8, 2t+9),
@@ -234,32 +228,34 @@ struct Widen;
 template <>
 struct Widen<__half, 4> {
   // Row g: 1024 (k lo), 64 (k hi); row g + 8: 1.
-  static constexpr uint32_t kOnes0 = 0x64006400u, kOnes1 = 0x3C003C00u, kOnes2 = 0x54005400u, kOnes3 = 0x3C003C00u;
+  static constexpr uint32_t kOnes0 = Act<__half>::kMagic2, kOnes1 = Act<__half>::kOne2, kOnes2 = 0x54005400u,
+                            kOnes3 = Act<__half>::kOne2;
   __device__ static __forceinline__ void tile(const uint32_t* words, int j, uint32_t (&out)[4]) {
-    const uint32_t q = words[j];
-    const uint32_t q8 = q >> 8;
-    out[0] = lop3_and_or<0x000f000fu>(q, 0x64006400u);   // 1024 + q (k lo)
-    out[1] = lop3_and_or<0x00f000f0u>(q, 0x54005400u);   // 64 + q (k hi): 64's ulp is 1/16
-    out[2] = lop3_and_or<0x000f000fu>(q8, 0x64006400u);
-    out[3] = lop3_and_or<0x00f000f0u>(q8, 0x54005400u);
+    const uint32_t q = words[j], q8 = q >> 8;
+    out[0] = magic_pair4<__half>(q, q8, 0);
+    out[1] = magic_pair4<__half>(q, q8, 1);
+    out[2] = magic_pair4<__half>(q, q8, 2);
+    out[3] = magic_pair4<__half>(q, q8, 3);
   }
 };
 
 template <>
 struct Widen<__nv_bfloat16, 4> {
-  // Row g: 128 (lo and hi); row g + 8: 1.
-  static constexpr uint32_t kOnes0 = 0x43004300u, kOnes1 = 0x3F803F80u, kOnes2 = 0x43004300u, kOnes3 = 0x3F803F80u;
+  // Row g: 128 (k lo and hi); row g + 8: 1.
+  static constexpr uint32_t kOnes0 = Act<__nv_bfloat16>::kMagic2, kOnes1 = Act<__nv_bfloat16>::kOne2,
+                            kOnes2 = Act<__nv_bfloat16>::kMagic2, kOnes3 = Act<__nv_bfloat16>::kOne2;
   __device__ static __forceinline__ void tile(const uint32_t* words, int j, uint32_t (&out)[4]) {
     const uint32_t q = words[j];
 #pragma unroll
-    for (int p = 0; p < 4; ++p) out[p] = lop3_and_or<0x000f000fu>(q >> (4 * p), 0x43004300u);  // 128 + q
+    for (int p = 0; p < 4; ++p) out[p] = magic_pair4<__nv_bfloat16>(q, 0u, p);
   }
 };
 
 template <>
 struct Widen<__half, 8> {
   // Row g: 1024; row g + 8: 1.
-  static constexpr uint32_t kOnes0 = 0x64006400u, kOnes1 = 0x3C003C00u, kOnes2 = 0x64006400u, kOnes3 = 0x3C003C00u;
+  static constexpr uint32_t kOnes0 = Act<__half>::kMagic2, kOnes1 = Act<__half>::kOne2, kOnes2 = Act<__half>::kMagic2,
+                            kOnes3 = Act<__half>::kOne2;
   __device__ static __forceinline__ void tile(const uint32_t* words, int j, uint32_t (&out)[4]) {
 #pragma unroll
     for (int h = 0; h < 2; ++h)
@@ -272,7 +268,8 @@ struct Widen<__half, 8> {
 template <>
 struct Widen<__nv_bfloat16, 8> {
   // Row g: -128; row g + 8: 1.
-  static constexpr uint32_t kOnes0 = 0xC300C300u, kOnes1 = 0x3F803F80u, kOnes2 = 0xC300C300u, kOnes3 = 0x3F803F80u;
+  static constexpr uint32_t kOnes0 = 0xC300C300u, kOnes1 = Act<__nv_bfloat16>::kOne2, kOnes2 = 0xC300C300u,
+                            kOnes3 = Act<__nv_bfloat16>::kOne2;
   __device__ static __forceinline__ void tile(const uint32_t* words, int j, uint32_t (&out)[4]) {
 #pragma unroll
     for (int h = 0; h < 2; ++h)
