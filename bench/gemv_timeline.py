@@ -15,8 +15,11 @@ same random 4-bit g128 layers, own weights per layer, a CUDA graph of the 129 ca
     early  first entry -> first warp past its wait (how long warps sat in the PDL wait)
     first  median over warps of their own wait -> their first unit computed (the first load's
            latency under the call's own burst, plus one unit's compute)
+    data   median over warps of their own wait -> every operand of their first unit in registers
+           (the load part of `first`; first - data is that unit's compute)
 
---raw FILE also writes every record (int64 [n, 5]: tag, entry, wait, exit, first unit ns) and the
+--raw FILE also writes every record (int64 [n, 6]: tag, entry, wait, exit, first unit done, first unit's
+operands in, ns) and the
 layer of each call's key as a safetensors file, for analysis the table does not do (per SM, per
 block).
 
@@ -53,6 +56,8 @@ class CallTiming:
     # Median over the warps with units of (first unit computed - own wait), microseconds; nan where
     # the records have no first-unit time (older 4-column records) or no warp had a unit.
     first: float = float("nan")
+    # The same for the first unit's operands arriving (6-column records), microseconds.
+    data: float = float("nan")
 
 
 def _cdiv(a: int, b: int) -> int:
@@ -66,15 +71,16 @@ def warp_units(total: int, warps: int, w: int) -> int:
 
 
 def summarize(rows: list[tuple[int, ...]], totals: dict[int, int] | None = None) -> list[CallTiming]:
-    """rows: (tag, entry ns, wait ns, exit ns[, first unit ns]) per warp, tag = key << 32 | smid << 16 |
-    warp; first unit 0: the warp had no unit. Returns
+    """rows: (tag, entry ns, wait ns, exit ns[, first unit ns[, its operands ns]]) per warp, tag =
+    key << 32 | smid << 16 | warp; first unit 0: the warp had no unit. Returns
     one CallTiming per key (a launch: every layer has its own weights), in the order the calls got
     past their waits. totals: the unit count of each key's layer, to split exits by units a warp ran
     (every warp of the grid records, so the grid's warp count is the highest warp index + 1)."""
-    by_key: dict[int, list[tuple[int, int, int, int, int]]] = {}
+    by_key: dict[int, list[tuple[int, int, int, int, int, int]]] = {}
     for r in rows:
         tag = r[0] & MASK64
-        by_key.setdefault(tag >> 32, []).append((tag, r[1], r[2], r[3], r[4] if len(r) > 4 else 0))
+        by_key.setdefault(tag >> 32, []).append((tag, r[1], r[2], r[3], r[4] if len(r) > 4 else 0,
+                                                 r[5] if len(r) > 5 else 0))
     if not by_key:
         return []
     origin = min(r[1] for rs in by_key.values() for r in rs)
@@ -90,13 +96,15 @@ def summarize(rows: list[tuple[int, ...]], totals: dict[int, int] | None = None)
                 split.setdefault(warp_units(totals[key], grid, r[0] & 0xFFFF), []).append(r[3] - wait_first)
             by_units = [(u, len(v), statistics.median(v) / 1e3, max(v) / 1e3) for u, v in sorted(split.items())]
         firsts = [r[4] - r[2] for r in rs if r[4]]
+        datas = [r[5] - r[2] for r in rs if r[4] and r[5]]
         calls.append(CallTiming(key=key, warps=len(rs), sms=len({(r[0] >> 16) & 0xFFFF for r in rs}),
                                 entry_first=(min(r[1] for r in rs) - origin) / 1e3,
                                 wait_first=(wait_first - origin) / 1e3,
                                 wait_last=(max(r[2] for r in rs) - origin) / 1e3,
                                 exit_p90=(exits[min(len(exits) - 1, (len(exits) * 9) // 10)] - origin) / 1e3,
                                 exit_last=(exits[-1] - origin) / 1e3, exits_by_units=tuple(by_units),
-                                first=statistics.median(firsts) / 1e3 if firsts else float("nan")))
+                                first=statistics.median(firsts) / 1e3 if firsts else float("nan"),
+                                data=statistics.median(datas) / 1e3 if datas else float("nan")))
     return sorted(calls, key=lambda c: c.wait_first)
 
 
@@ -109,7 +117,7 @@ def phases(calls: list[CallTiming]) -> list[dict]:
                     "tail": c.exit_last - c.exit_p90,
                     "gap": c.wait_first - calls[i - 1].exit_last if i else 0.0,
                     "exits_by_units": [list(e) for e in c.exits_by_units],
-                    "early": c.wait_first - c.entry_first, "first": c.first})
+                    "early": c.wait_first - c.entry_first, "first": c.first, "data": c.data})
     return out
 
 
@@ -124,7 +132,7 @@ def table(per_call: list[dict], names: list[str]) -> list[dict]:
                 units.setdefault(u, []).append((med, last))
         rows.append({"layer": name, "calls": len(sel),
                      **{f: round(statistics.median(p[f] for p in sel), 2)
-                        for f in ("ramp", "body", "tail", "gap", "early", "first")},
+                        for f in ("ramp", "body", "tail", "gap", "early", "first", "data")},
                      "exit_by_units": {u: (round(statistics.median(m for m, _ in v), 2),
                                            round(statistics.median(x for _, x in v), 2))
                                        for u, v in sorted(units.items())}})
@@ -181,11 +189,12 @@ def main() -> None:
     print(f"{torch.cuda.get_device_name()}: M={args.m}, {len(timings)} launches, replay {start.elapsed_time(end):.3f} ms "
           f"(event), first entry -> last exit {step_us / 1e3:.3f} ms; microseconds, medians per layer:")
     print(f"  {'layer':12s} {'calls':>5s} {'ramp':>7s} {'body':>7s} {'tail':>7s} {'gap':>7s} {'early':>7s} "
-          f"{'first':>7s}  exit after the wait by units a warp ran: median / last")
+          f"{'first':>7s} {'data':>7s}  exit after the wait by units a warp ran: median / last")
     for r in rows_t:
         by_units = ", ".join(f"{u}: {m:.2f} / {x:.2f}" for u, (m, x) in r.get("exit_by_units", {}).items())
         print(f"  {r['layer']:12s} {r['calls']:5d} {r['ramp']:7.2f} {r['body']:7.2f} {r['tail']:7.2f} "
-              f"{r['gap']:7.2f} {r['early']:7.2f} {r.get('first', float('nan')):7.2f}  {by_units}")
+              f"{r['gap']:7.2f} {r['early']:7.2f} {r.get('first', float('nan')):7.2f} "
+              f"{r.get('data', float('nan')):7.2f}  {by_units}")
     if args.raw:
         from safetensors.torch import save_file
 

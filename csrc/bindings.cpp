@@ -322,13 +322,14 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("gemv_accum_floats", [](int64_t n) { return qs_gemv_accum_floats(int(n)); },
         "accumulator floats the gemv op needs for n columns (counters: ceil(n/64))", py::arg("n"));
   m.def("gemv_trace_take", []() {
-        auto out = torch::empty({QS_GEMV_TRACE_RECORDS, 5}, torch::dtype(torch::kInt64));
+        auto out = torch::empty({QS_GEMV_TRACE_RECORDS, 6}, torch::dtype(torch::kInt64));
         const int n = qs_gemv_trace_take(reinterpret_cast<unsigned long long*>(out.data_ptr<int64_t>()),
                                          QS_GEMV_TRACE_RECORDS);
         require(n >= 0, "this build of quantserve_cuda has no GEMV trace (build it with QUANTSERVE_CUDA_TRACE=1)");
         return out.narrow(0, 0, n).clone();
-      }, "diagnosis builds: the fp16 pipelined GEMV's per-warp records since the last take, int64 [n, 5] "
-         "(tag, entry ns, wait ns, exit ns, first unit done ns; csrc/qs_trace.cuh), and starts over");
+      }, "diagnosis builds: the fp16 pipelined GEMV's per-warp records since the last take, int64 [n, 6] "
+         "(tag, entry ns, wait ns, exit ns, first unit done ns, its operands in ns; csrc/qs_trace.cuh), and starts "
+         "over");
   m.def("workspace_need", &workspace_need,
         "(floats, counters) of GEMM workspace every launch on a device fits in; (0, 0): no GEMM on it",
         py::arg("device"));

@@ -59,6 +59,24 @@ __device__ __forceinline__ PipeUnits pipe_units(int n_strips, int cps) {
   return r;
 }
 
+#ifdef QS_GEMV_TRACE
+// One word that depends on every load of a unit (trace builds: QS_TRACE_DATA).
+template <int U, int V, int SPC>
+__device__ __forceinline__ unsigned int trace_operands_word(const uint4 (&wq)[U][V], const uint32_t (&xb)[U][1][2],
+                                                            const uint4 (&rows)[SPC]) {
+  unsigned int v = 0;
+#pragma unroll
+  for (int i = 0; i < U; ++i) {
+#pragma unroll
+    for (int j = 0; j < V; ++j) v ^= wq[i][j].x;
+    v ^= xb[i][0][0] ^ xb[i][0][1];
+  }
+#pragma unroll
+  for (int r = 0; r < SPC; ++r) v ^= rows[r].x;
+  return v;
+}
+#endif
+
 template <typename T, int BITS, int SPC, bool HASZ, bool KFULL>
 __global__ void __launch_bounds__(kGemvThreads, 3) gemv_pipe_kernel(const QsMatmulArgs a) {
   pdl_launch_dependents();
@@ -118,6 +136,7 @@ __global__ void __launch_bounds__(kGemvThreads, 3) gemv_pipe_kernel(const QsMatm
     if (more) load(s1, c1, nxt);
     auto& rows_s = pick<kLateRows>(late_s, cur.sraw);
     auto& rows_z = pick<kLateRows>(late_z, cur.zraw);
+    QS_TRACE_DATA(trace, trace_operands_word(cur.wq, cur.xb, rows_s));
     gemv_chunk<T, BITS, U, 1, SPC>(cur.wq, cur.xb, rows_s, rows_z, HASZ, a.zero_point, acc);
     QS_TRACE_UNIT(trace);
     if (!more || s1 != strip) {

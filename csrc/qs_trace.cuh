@@ -1,9 +1,10 @@
 // Per-warp timeline of the pipelined GEMV, for diagnosis only (bench/gemv_timeline.py): built when
 // QS_GEMV_TRACE is defined (QUANTSERVE_CUDA_TRACE=1 at build time), compiled out otherwise (the
 // macros below expand to nothing, so the normal build's kernels are unchanged).
-// Each warp fills one record: {tag, t_entry, t_wait, t_exit, t_first}, the times from the GPU's
-// global nanosecond timer: entry (after the PDL trigger), past griddepcontrol.wait (the previous
-// kernel finished), exit, and when its first unit was computed (0: it had none).
+// Each warp fills one record: {tag, t_entry, t_wait, t_exit, t_first, t_data}, the times from the
+// GPU's global nanosecond timer: entry (after the PDL trigger), past griddepcontrol.wait (the
+// previous kernel finished), exit, when its first unit was computed (0: it had none), and when that
+// unit's operands (codes, x, group rows) had all arrived in registers (0: no unit).
 // tag = (qweight address >> 8) << 32 | smid << 16 | warp index in the grid; the address tells the
 // calls of a step apart when every layer has its own weights.
 // Only the fp16 kernels' records are read back (the buffer is per translation unit).
@@ -17,7 +18,7 @@
 namespace qs {
 
 struct TraceRec {
-  unsigned long long tag, t_entry, t_wait, t_exit, t_first;
+  unsigned long long tag, t_entry, t_wait, t_exit, t_first, t_data;
 };
 static __device__ TraceRec g_trace[QS_GEMV_TRACE_RECORDS];
 static __device__ unsigned int g_trace_n;
@@ -42,6 +43,7 @@ __device__ __forceinline__ unsigned int trace_enter(const void* qweight) {
     g_trace[i].tag = key << 32 | (unsigned long long)(sm & 0xffff) << 16 | (warp & 0xffff);
     g_trace[i].t_entry = t;
     g_trace[i].t_first = 0;
+    g_trace[i].t_data = 0;
   }
   return i;
 }
@@ -55,6 +57,18 @@ __device__ __forceinline__ void trace_exit(unsigned int i) {
   i &= ~kTraceUnitDone;
   if (i < QS_GEMV_TRACE_RECORDS) g_trace[i].t_exit = trace_now();
 }
+// Before the first unit's compute: v depends on one word of each of its loads, and the timer is read
+// under a predicate computed from v, so the read waits for every load to land.
+__device__ __forceinline__ void trace_data(unsigned int i, unsigned int v) {
+  if (i >= QS_GEMV_TRACE_RECORDS) return;  // (also once the first unit is done: bit 31)
+  unsigned long long t;
+  asm volatile(
+      "{\n .reg .pred p;\n setp.ne.u32 p, %1, 0x7fc00001;\n @p mov.u64 %0, %%globaltimer;\n"
+      " @!p mov.u64 %0, 1;\n}"
+      : "=l"(t)
+      : "r"(v));
+  g_trace[i].t_data = t;
+}
 // After each unit's compute: the first call stores the time.
 __device__ __forceinline__ void trace_unit(unsigned int& i) {
   if (i < QS_GEMV_TRACE_RECORDS) g_trace[i].t_first = trace_now();
@@ -64,6 +78,7 @@ __device__ __forceinline__ void trace_unit(unsigned int& i) {
 }  // namespace qs
 #define QS_TRACE_ENTER(var, qweight) unsigned int var = ::qs::trace_enter(qweight)
 #define QS_TRACE_UNIT(var) ::qs::trace_unit(var)
+#define QS_TRACE_DATA(var, v) ::qs::trace_data(var, v)
 #define QS_TRACE_WAIT(var) ::qs::trace_wait(var)
 #define QS_TRACE_EXIT(var) ::qs::trace_exit(var)
 #else
@@ -71,4 +86,5 @@ __device__ __forceinline__ void trace_unit(unsigned int& i) {
 #define QS_TRACE_WAIT(var)
 #define QS_TRACE_EXIT(var)
 #define QS_TRACE_UNIT(var)
+#define QS_TRACE_DATA(var, v)
 #endif

@@ -95,9 +95,9 @@ int qs_wgmma_probe(int device);
 void qs_gemv_set_options(int pdl, int wave_div, int pipeline);
 void qs_gemv_get_options(int* pdl, int* wave_div, int* pipeline);
 // Diagnosis builds only (QS_GEMV_TRACE, csrc/qs_trace.cuh): copies up to max_records per-warp
-// records of the fp16 pipelined GEMV's launches since the last call into dst (5 x uint64 each: tag,
-// entry, wait, exit, first unit done ns) and starts over; returns the count, or -1 in a build
-// without the trace.
+// records of the fp16 pipelined GEMV's launches since the last call into dst (6 x uint64 each: tag,
+// entry, wait, exit, first unit done, first unit's operands in ns) and starts over; returns the
+// count, or -1 in a build without the trace.
 #define QS_GEMV_TRACE_RECORDS (1 << 18)
 int qs_gemv_trace_take(unsigned long long* dst, int max_records);
 // Largest m handled by qs_gemv.

@@ -74,3 +74,18 @@ def test_first_unit_latency_from_five_column_records():
     assert p["first"] == 2.5 and table([p], ["o"])[0]["first"] == 2.5
     (old,) = summarize([r[:4] for r in rows])  # 4-column records: no first-unit time
     assert old.first != old.first  # nan
+
+
+def test_first_unit_operands_from_six_column_records():
+    # Warps past their waits at 1000..1200 ns; operands in 600, 700, 800 ns after, first units done
+    # 2000, 2500, 3000 ns after; a warp without units (first 0, operands 0) does not count.
+    waits = (1000, 1100, 1200)
+    rows = [_rec(5, w, w, 0, t, 9000) + (t + d, t + o) for w, (t, d, o) in enumerate(zip(waits, (2000, 2500, 3000),
+                                                                                      (600, 700, 800)))]
+    rows.append(_rec(5, 3, 3, 0, 1300, 1400) + (0, 0))
+    (call,) = summarize(rows)
+    assert call.first == 2.5 and call.data == 0.7
+    (p,) = phases([call])
+    assert p["data"] == 0.7 and table([p], ["o"])[0]["data"] == 0.7
+    (five,) = summarize([r[:5] for r in rows])  # 5-column records: no operand time
+    assert five.first == 2.5 and five.data != five.data  # nan
