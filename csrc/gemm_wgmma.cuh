@@ -175,7 +175,7 @@ __global__ void __launch_bounds__(256, WgCfg<T, BITS, NTOK, SPW>::kBlocksPerSm)
   constexpr int kGcItems = STRIPS * GSLOTS * 8;
   static_assert(kGcItems <= NTH, "one group-constant item per thread");
   const int gc_g8 = tid % 8, gc_slot = (tid / 8) % GSLOTS, gc_w = tid / (8 * GSLOTS);
-  const int gs_full = a.group_shift >= 3 || (1 << a.group_shift) >= KB ? 1 : KB >> a.group_shift;
+  const int gs_full = groups_per_chunk<KB>(a.group_shift);
   const bool gc_copies = tid < kGcItems && gc_slot < gs_full;
   // Byte offsets: of this thread's code chunks in a stage's [strip][step] block, and of its
   // scale / zero item from the stage's first group and strip (the launcher checks that the

@@ -35,7 +35,7 @@ cudaError_t launch_gemm_wgmma(const QsMatmulArgs& a, cudaStream_t stream) {
   if (ps.stages != Cfg::kStages) return cudaErrorInvalidConfiguration;  // a device with less shared memory
   // Fewer group slots than steps (4-bit 256-token tiles): only layers whose groups fit them
   // (wgmma_slice_m sends the others to smaller tiles).
-  if (groups_per_chunk(Cfg::KB, a.group_shift) > Cfg::GSLOTS) return cudaErrorInvalidValue;
+  if (groups_per_chunk<Cfg::KB>(a.group_shift) > Cfg::GSLOTS) return cudaErrorInvalidValue;
   const long long n_strips = (a.n + 63) / 64, k_steps = (a.k + 15) / 16;
   const long long total = ((n_strips + Cfg::STRIPS - 1) / Cfg::STRIPS) * ((k_steps + Cfg::KB - 1) / Cfg::KB);
   // The kernel counts units in int, and addresses x and the scales by 32-bit byte offsets.
@@ -102,7 +102,7 @@ cudaError_t gemm_wgmma_slice(const QsMatmulArgs& a, cudaStream_t s) {
 template <typename T, int BITS>
 int wgmma_slice_m(const QsMatmulArgs& a) {
   using Cfg = WgCfg<T, BITS, 256, 1>;
-  return groups_per_chunk(Cfg::KB, a.group_shift) > Cfg::GSLOTS ? 128 : 256;
+  return groups_per_chunk<Cfg::KB>(a.group_shift) > Cfg::GSLOTS ? 128 : 256;
 }
 
 // A call the wgmma kernel takes (wgmma_usable): slices of x and y (wgmma_slice_m), one launch each;

@@ -307,7 +307,7 @@ cudaError_t launch_gemv(const QsMatmulArgs& a, cudaStream_t stream) {
 template <typename T, int BITS, int MB>
 cudaError_t gemv_spc(const QsMatmulArgs& a, cudaStream_t s) {
   constexpr int U = gemv_steps<BITS, MB>();
-  switch (groups_per_chunk(U, a.group_shift)) {
+  switch (groups_per_chunk<U>(a.group_shift)) {
     case 1: return launch_gemv<T, BITS, MB, 1>(a, s);
     case 2: return launch_gemv<T, BITS, MB, 2>(a, s);
     case 4:

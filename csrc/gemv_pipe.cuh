@@ -173,8 +173,9 @@ cudaError_t launch_gemv_pipe(const QsMatmulArgs& a, cudaStream_t stream) {
 inline bool gemv_pipe_takes(const QsMatmulArgs& a) {
   if (!gemv_options().pipeline || a.m > 8 || (a.bits != 4 && a.bits != 8)) return false;
   // One group per chunk (4-bit g >= 128, 8-bit g >= 64): smaller groups spill (ptxas).
-  const int u = a.bits == 4 ? gemv_steps<4, 1>() : gemv_steps<8, 1>();
-  if (groups_per_chunk(u, a.group_shift) != 1) return false;
+  const int spc = a.bits == 4 ? groups_per_chunk<gemv_steps<4, 1>()>(a.group_shift)
+                               : groups_per_chunk<gemv_steps<8, 1>()>(a.group_shift);
+  if (spc != 1) return false;
   DeviceInfo dev;
   int device = 0;
   return device_info(&dev, &device) == cudaSuccess && dev.cc_major >= 9;

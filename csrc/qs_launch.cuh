@@ -8,12 +8,13 @@ namespace qs {
 
 constexpr int kMaxDevices = 64;
 
-// Groups a chunk of u k16 steps meets (the GEMV's scale rows a chunk loads, the wgmma GEMM's group
-// slots a stage fills): groups are 2^group_shift steps (group_shift >= 30: one group).
-inline int groups_per_chunk(int u, int group_shift) {
-  int spc = u;
-  for (int i = 0; i < group_shift && spc > 1; ++i) spc >>= 1;
-  return spc;
+// Groups a chunk of U k16 steps meets (the GEMV's scale rows a chunk loads, the wgmma GEMM's group
+// slots a stage fills; host and device): groups are 2^group_shift steps (group_shift >= 30: one
+// group), so max(1, U >> group_shift), never shifting by 3 or more.
+template <int U>
+__host__ __device__ __forceinline__ int groups_per_chunk(int group_shift) {
+  static_assert(U >= 1 && U <= 8, "chunks of 1-8 k16 steps");
+  return group_shift >= 3 || (1 << group_shift) >= U ? 1 : U >> group_shift;
 }
 
 struct DeviceInfo {

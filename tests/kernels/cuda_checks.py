@@ -34,12 +34,16 @@ def cuda_layer(k, n, bits, group_size, sym=True, fmt=FORMAT_V1, desc_act=False, 
     return layer
 
 
-def check(layer, ms, dtype, ops=("auto",)):
+def check(layer, ms, dtype, ops=("auto",), make_x=None, what=""):
     """Each m of ms through each op ("auto", "gemv", "gemm"; gemv only up to its m) against the float32
-    reference, in dtype, into a NaN-poisoned output."""
+    reference, in dtype, into a NaN-poisoned output. make_x(m, generator) -> x [m, in_features] of
+    dtype draws the activations (default: standard normal); `what` names the case in a failure."""
     g = torch.Generator(device="cuda").manual_seed(next_seed())
     for m in ms:
-        x = torch.randn(m, layer.in_features, device="cuda", dtype=dtype, generator=g)
+        if make_x is None:
+            x = torch.randn(m, layer.in_features, device="cuda", dtype=dtype, generator=g)
+        else:
+            x = make_x(m, g)
         ref = kernels.reference(layer, x)
         for op in ops:
             if op == "gemv" and m > cuda_backend.CudaBackend.gemv_max_m:
@@ -50,7 +54,7 @@ def check(layer, ms, dtype, ops=("auto",)):
             assert torch.isfinite(y).all(), f"unwritten or non-finite outputs at m={m} op={op}"
             err = ((y.float() - ref).norm() / ref.norm()).item()
             assert err < TOL[dtype], (f"m={m} op={op} K={layer.in_features} N={layer.out_features} "
-                                      f"bits={layer.bits} g={layer.group_size} {dtype}: rel err {err:.2e}")
+                                      f"bits={layer.bits} g={layer.group_size} {dtype} {what}: rel err {err:.2e}")
 
 
 def chain_eager_and_graph(layers, x0, op=None, gains=None):
