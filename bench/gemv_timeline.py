@@ -18,10 +18,9 @@ same random 4-bit g128 layers, own weights per layer, a CUDA graph of the 129 ca
     data   median over warps of their own wait -> every operand of their first unit in registers
            (the load part of `first`; first - data is that unit's compute)
 
---raw FILE also writes every record (int64 [n, 6]: tag, entry, wait, exit, first unit done, first unit's
-operands in, ns) and the
-layer of each call's key as a safetensors file, for analysis the table does not do (per SM, per
-block).
+--raw FILE also writes every record (int64 [n, 6]: tag, entry, wait, exit, first unit done, first
+unit's operands in, ns) and the layer of each call's key as a safetensors file, for analysis the
+table does not do (per SM, per block).
 
     QUANTSERVE_CUDA_TRACE=1 is set here; PYTHONPATH=. python bench/gemv_timeline.py [--m 1] [--json out.json]
 """
@@ -58,6 +57,11 @@ class CallTiming:
     first: float = float("nan")
     # The same for the first unit's operands arriving (6-column records), microseconds.
     data: float = float("nan")
+
+
+def _median_us(ns: list[int]) -> float:
+    """Median of nanosecond spans in microseconds; nan for none."""
+    return statistics.median(ns) / 1e3 if ns else float("nan")
 
 
 def _cdiv(a: int, b: int) -> int:
@@ -103,8 +107,7 @@ def summarize(rows: list[tuple[int, ...]], totals: dict[int, int] | None = None)
                                 wait_last=(max(r[2] for r in rs) - origin) / 1e3,
                                 exit_p90=(exits[min(len(exits) - 1, (len(exits) * 9) // 10)] - origin) / 1e3,
                                 exit_last=(exits[-1] - origin) / 1e3, exits_by_units=tuple(by_units),
-                                first=statistics.median(firsts) / 1e3 if firsts else float("nan"),
-                                data=statistics.median(datas) / 1e3 if datas else float("nan")))
+                                first=_median_us(firsts), data=_median_us(datas)))
     return sorted(calls, key=lambda c: c.wait_first)
 
 
