@@ -196,7 +196,7 @@ def sums_step(m, order, weights, xs, steps) -> bool:
     The buffer is never zeroed here: the values are meaningless, the memory traffic is the engine's.
     False where no call of m tokens leaves sums (cuda_backend.sums_op: more than SUMS_MAX_M tokens, or
     QUANTSERVE_GEMV_SUMS=0)."""
-    ops = {SHAPES[s]: cuda_backend.sums_op(m, SHAPES[s][1], torch.device("cuda")) for s in SHAPES if s != "lm_head"}
+    ops = {SHAPES[s]: cuda_backend.sums_op(m, weights[s][0], torch.device("cuda")) for s in SHAPES if s != "lm_head"}
     if any(op is None for op in ops.values()):
         return False
     buf = torch.zeros(m * max(n for _, n in SHAPES.values()), device="cuda")

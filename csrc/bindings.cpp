@@ -301,7 +301,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
           qs_gemv_set_options(pdl ? 1 : 0, int(wave_div), pipeline ? 1 : 0);
         },
         "GEMV launch options (process-wide): programmatic dependent launch on sm_90+, grid = resident "
-        "blocks / wave_div, pipeline = the up-to-8-token kernel with the next chunk in flight on sm_90+",
+        "blocks / wave_div, pipeline = the up-to-16-token kernel with the next chunk in flight on sm_90+",
         py::arg("pdl"), py::arg("wave_div"), py::arg("pipeline"));
   m.def("gemv_get_options", []() {
         int pdl = 0, wave_div = 0, pipeline = 0;
@@ -319,6 +319,12 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("wgmma_available", [](int64_t device) { return bool(qs_wgmma_probe(int(device))); },
         "whether the device runs the sm_90a wgmma GEMM (probed once)", py::arg("device"));
   m.def("gemv_max_m", &qs_gemv_max_m, "largest m the gemv op takes");
+  m.def("gemv_pipe_takes",
+        [](int64_t device, int64_t m, int64_t bits, int64_t group_shift) {
+          return bool(qs_gemv_pipe_takes(int(device), int(m), int(bits), int(group_shift)));
+        },
+        "whether a gemv call of m rows of this width and group shift runs the pipelined kernel on the device",
+        py::arg("device"), py::arg("m"), py::arg("bits"), py::arg("group_shift"));
   m.def("gemv_accum_floats", [](int64_t n) { return qs_gemv_accum_floats(int(n)); },
         "accumulator floats the gemv op needs for n columns (counters: ceil(n/64))", py::arg("n"));
   m.def("gemv_trace_take", []() {

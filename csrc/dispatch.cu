@@ -1,6 +1,6 @@
 // The C entry points of quantserve_cuda.h that route to the per-dtype kernels.
 #include "gemm_wgmma_launch.cuh"
-#include "gemv.cuh"
+#include "gemv_pipe.cuh"
 #include "quantserve_cuda.h"
 
 cudaError_t qs_gemv_f16(const QsMatmulArgs& a, cudaStream_t s);
@@ -40,6 +40,22 @@ extern "C" void qs_gemv_get_options(int* pdl, int* wave_div, int* pipeline) {
 }
 
 extern "C" int qs_gemv_max_m(void) { return kGemvMaxM; }
+
+extern "C" int qs_gemv_pipe_takes(int device, int m, int bits, int group_shift) {
+  int prev = 0;
+  if (cudaGetDevice(&prev) != cudaSuccess) return 0;
+  if (prev != device && cudaSetDevice(device) != cudaSuccess) {
+    cudaGetLastError();
+    return 0;
+  }
+  QsMatmulArgs a{};
+  a.m = m;
+  a.bits = bits;
+  a.group_shift = group_shift;
+  const int takes = m >= 1 && group_shift >= 0 && group_shift <= 31 && qs::gemv_pipe_takes(a);
+  if (prev != device) cudaSetDevice(prev);
+  return takes;
+}
 
 extern "C" long long qs_gemv_accum_floats(int n) { return (long long)((n + 63) / 64) * qs::kAccumPerStrip; }
 

@@ -42,30 +42,32 @@ __host__ __device__ constexpr int gemv_steps() {
 
 // Hand a warp's partial sums of one strip segment to y: written directly when the warp covered the
 // whole strip, else added into the strip's fp32 accumulator; the warp that completes the strip
-// writes y (+ bias) and zeroes the accumulator and counter for the next call. With a.sums (up to 8
+// writes y (+ bias) and zeroes the accumulator and counter for the next call. With a.sums (up to 16
 // tokens, no bias) the warp only stores or adds its sums there: no fence, counter or read-back.
 // acc[mb][j][c] is column 16j + g + 8*(c >> 1), token mb*8 + 2t + (c & 1).
 template <typename T, int MB>
 __device__ __forceinline__ void flush_strip(const QsMatmulArgs& a, const float (&acc)[MB][4][4], int strip,
                                             int c_begin, int c_end, int cps, int lane) {
   const int g = lane >> 2, t = lane & 3;
-  if constexpr (MB == 1) {
+  if constexpr (MB <= 2) {
     if (a.sums != nullptr) {  // the caller's kernel converts: leave the fp32 sums, no fix-up here
       const bool whole = c_begin == 0 && c_end == cps;
 #pragma unroll
-      for (int j = 0; j < 4; ++j)
+      for (int mb = 0; mb < MB; ++mb)
 #pragma unroll
-        for (int c = 0; c < 4; ++c) {
-          const int m = 2 * t + (c & 1);
-          const int n = strip * 64 + 16 * j + g + 8 * (c >> 1);
-          if (m < a.m && n < a.n) {
-            float* p = a.sums + (long long)m * a.n + n;
-            if (whole)
-              *p = acc[0][j][c];
-            else
-              atomicAdd(p, acc[0][j][c]);  // result unused: a fire-and-forget RED
+        for (int j = 0; j < 4; ++j)
+#pragma unroll
+          for (int c = 0; c < 4; ++c) {
+            const int m = mb * 8 + 2 * t + (c & 1);
+            const int n = strip * 64 + 16 * j + g + 8 * (c >> 1);
+            if (m < a.m && n < a.n) {
+              float* p = a.sums + (long long)m * a.n + n;
+              if (whole)
+                *p = acc[mb][j][c];
+              else
+                atomicAdd(p, acc[mb][j][c]);  // result unused: a fire-and-forget RED
+            }
           }
-        }
       return;
     }
   }

@@ -19,13 +19,16 @@
 
 namespace qs {
 
+// Tokens the pipelined GEMV takes (two blocks of 8).
+constexpr int kGemvPipeMaxM = 16;
+
 // One unit's operands: the lane's codes of U k16 steps, its x fragments and its group rows (not used
 // where the rows are loaded at compute time, kLateRows). (Where HASZ is false the zero rows are
 // constant zeros: no registers held for them.)
-template <int U, int V, int SPC>
+template <int U, int V, int SPC, int MB>
 struct PipeChunk {
   uint4 wq[U][V];
-  uint32_t xb[U][1][2];
+  uint32_t xb[U][MB][2];
   uint4 sraw[SPC], zraw[SPC];
 };
 
@@ -61,15 +64,16 @@ __device__ __forceinline__ PipeUnits pipe_units(int n_strips, int cps) {
 
 #ifdef QS_GEMV_TRACE
 // One word that depends on every load of a unit (trace builds: QS_TRACE_DATA).
-template <int U, int V, int SPC>
-__device__ __forceinline__ unsigned int trace_operands_word(const uint4 (&wq)[U][V], const uint32_t (&xb)[U][1][2],
+template <int U, int V, int SPC, int MB>
+__device__ __forceinline__ unsigned int trace_operands_word(const uint4 (&wq)[U][V], const uint32_t (&xb)[U][MB][2],
                                                             const uint4 (&rows)[SPC]) {
   unsigned int v = 0;
 #pragma unroll
   for (int i = 0; i < U; ++i) {
 #pragma unroll
     for (int j = 0; j < V; ++j) v ^= wq[i][j].x;
-    v ^= xb[i][0][0] ^ xb[i][0][1];
+#pragma unroll
+    for (int mb = 0; mb < MB; ++mb) v ^= xb[i][mb][0] ^ xb[i][mb][1];
   }
 #pragma unroll
   for (int r = 0; r < SPC; ++r) v ^= rows[r].x;
@@ -77,11 +81,11 @@ __device__ __forceinline__ unsigned int trace_operands_word(const uint4 (&wq)[U]
 }
 #endif
 
-template <typename T, int BITS, int SPC, bool HASZ, bool KFULL>
-__global__ void __launch_bounds__(kGemvThreads, 3) gemv_pipe_kernel(const QsMatmulArgs a) {
+template <typename T, int BITS, int MB, int SPC, bool HASZ, bool KFULL>
+__global__ void __launch_bounds__(kGemvThreads, MB == 1 ? 3 : 2) gemv_pipe_kernel(const QsMatmulArgs a) {
   pdl_launch_dependents();
   QS_TRACE_ENTER(trace, a.qweight);
-  constexpr int U = gemv_steps<BITS, 1>();
+  constexpr int U = gemv_steps<BITS, MB>();
   constexpr int V = Dequant<T, BITS>::kWordsPerLane / 4;
   // 4-bit with zeros loads a unit's scale and zero rows when it computes the unit rather than one unit
   // ahead with its codes: held a unit ahead they spill (32 bytes, ptxas), loaded late they fit in 168
@@ -108,22 +112,24 @@ __global__ void __launch_bounds__(kGemvThreads, 3) gemv_pipe_kernel(const QsMatm
   pdl_wait();
   QS_TRACE_WAIT(trace);
 
-  auto load = [&](int s, int c, PipeChunk<U, V, SPC>& p) {
+  auto load = [&](int s, int c, PipeChunk<U, V, SPC, MB>& p) {
     load_chunk_codes<U, V>(qw, s, k_steps, c * U, lane, p.wq);
-    load_x_chunk<T, U, 1, KFULL>(a, c * U, lane, p.xb);
+    load_x_chunk<T, U, MB, KFULL>(a, c * U, lane, p.xb);
     if constexpr (!kLateRows) load_group_rows<U, SPC>(a, n_strips, s, c * U, g, HASZ, p.sraw, p.zraw);
   };
 
-  float acc[1][4][4];
+  float acc[MB][4][4];
 #pragma unroll
-  for (int j = 0; j < 4; ++j)
+  for (int mb = 0; mb < MB; ++mb)
 #pragma unroll
-    for (int c = 0; c < 4; ++c) acc[0][j][c] = 0.f;
+    for (int j = 0; j < 4; ++j)
+#pragma unroll
+      for (int c = 0; c < 4; ++c) acc[mb][j][c] = 0.f;
   int c_begin = ch;
   int u = u_begin;
   // One unit: issue the next unit's loads into `nxt`, compute `cur`, flush at a strip's end.
   // Returns whether a next unit exists (then it sits in `nxt`).
-  auto step = [&](PipeChunk<U, V, SPC>& cur, PipeChunk<U, V, SPC>& nxt) {
+  auto step = [&](PipeChunk<U, V, SPC, MB>& cur, PipeChunk<U, V, SPC, MB>& nxt) {
     int s1 = strip, c1 = ch + 1;
     if (c1 == cps) {
       s1 += wu.strip_step;
@@ -137,14 +143,16 @@ __global__ void __launch_bounds__(kGemvThreads, 3) gemv_pipe_kernel(const QsMatm
     auto& rows_s = pick<kLateRows>(late_s, cur.sraw);
     auto& rows_z = pick<kLateRows>(late_z, cur.zraw);
     QS_TRACE_DATA(trace, trace_operands_word(cur.wq, cur.xb, rows_s));
-    gemv_chunk<T, BITS, U, 1, SPC>(cur.wq, cur.xb, rows_s, rows_z, HASZ, a.zero_point, acc);
+    gemv_chunk<T, BITS, U, MB, SPC>(cur.wq, cur.xb, rows_s, rows_z, HASZ, a.zero_point, acc);
     QS_TRACE_UNIT(trace);
     if (!more || s1 != strip) {
-      flush_strip<T, 1>(a, acc, strip, c_begin, ch + 1, cps, lane);
+      flush_strip<T, MB>(a, acc, strip, c_begin, ch + 1, cps, lane);
 #pragma unroll
-      for (int j = 0; j < 4; ++j)
+      for (int mb = 0; mb < MB; ++mb)
 #pragma unroll
-        for (int c = 0; c < 4; ++c) acc[0][j][c] = 0.f;
+        for (int j = 0; j < 4; ++j)
+#pragma unroll
+          for (int c = 0; c < 4; ++c) acc[mb][j][c] = 0.f;
       c_begin = 0;
     }
     ++u;
@@ -152,7 +160,7 @@ __global__ void __launch_bounds__(kGemvThreads, 3) gemv_pipe_kernel(const QsMatm
     ch = c1;
     return more;
   };
-  PipeChunk<U, V, SPC> pa, pb;
+  PipeChunk<U, V, SPC, MB> pa, pb;
   load(strip, ch, pa);
   while (step(pa, pb) && step(pb, pa)) {
   }
@@ -160,18 +168,18 @@ __global__ void __launch_bounds__(kGemvThreads, 3) gemv_pipe_kernel(const QsMatm
 }
 
 // KFULL where every chunk lies inside K (K a multiple of the chunk's k): x loads with no predicate.
-template <typename T, int BITS, int SPC, bool HASZ>
+template <typename T, int BITS, int MB, int SPC, bool HASZ>
 cudaError_t launch_gemv_pipe(const QsMatmulArgs& a, cudaStream_t stream) {
   static int occ_slot[2][kMaxDevices];
-  constexpr int U = gemv_steps<BITS, 1>();
+  constexpr int U = gemv_steps<BITS, MB>();
   if (a.k % (16 * U) == 0)
-    return launch_gemv_wave(gemv_pipe_kernel<T, BITS, SPC, HASZ, true>, occ_slot[0], U, true, a, stream);
-  return launch_gemv_wave(gemv_pipe_kernel<T, BITS, SPC, HASZ, false>, occ_slot[1], U, true, a, stream);
+    return launch_gemv_wave(gemv_pipe_kernel<T, BITS, MB, SPC, HASZ, true>, occ_slot[0], U, true, a, stream);
+  return launch_gemv_wave(gemv_pipe_kernel<T, BITS, MB, SPC, HASZ, false>, occ_slot[1], U, true, a, stream);
 }
 
 // Whether the call takes the pipelined kernel (see the top of this file).
 inline bool gemv_pipe_takes(const QsMatmulArgs& a) {
-  if (!gemv_options().pipeline || a.m > 8 || (a.bits != 4 && a.bits != 8)) return false;
+  if (!gemv_options().pipeline || a.m > kGemvPipeMaxM || (a.bits != 4 && a.bits != 8)) return false;
   // One group per chunk (4-bit g >= 128, 8-bit g >= 64): smaller groups spill (ptxas).
   const int spc = a.bits == 4 ? groups_per_chunk<gemv_steps<4, 1>()>(a.group_shift)
                                : groups_per_chunk<gemv_steps<8, 1>()>(a.group_shift);
@@ -181,13 +189,19 @@ inline bool gemv_pipe_takes(const QsMatmulArgs& a) {
   return device_info(&dev, &device) == cudaSuccess && dev.cc_major >= 9;
 }
 
-// fp16 / bf16: the pipelined kernel where it is taken, else the register GEMV.
+template <typename T, int MB>
+cudaError_t gemv_pipe_bits(const QsMatmulArgs& a, cudaStream_t s) {
+  if (a.bits == 4)
+    return a.zeros != nullptr ? launch_gemv_pipe<T, 4, MB, 1, true>(a, s) : launch_gemv_pipe<T, 4, MB, 1, false>(a, s);
+  return a.zeros != nullptr ? launch_gemv_pipe<T, 8, MB, 1, true>(a, s) : launch_gemv_pipe<T, 8, MB, 1, false>(a, s);
+}
+
+// fp16 / bf16: the pipelined kernel where it is taken (one token block up to 8 tokens, two up to 16),
+// else the register GEMV.
 template <typename T>
 cudaError_t gemv_dispatch(const QsMatmulArgs& a, cudaStream_t s) {
   if (!gemv_pipe_takes(a)) return gemv_dtype<T>(a, s);
-  if (a.bits == 4)
-    return a.zeros != nullptr ? launch_gemv_pipe<T, 4, 1, true>(a, s) : launch_gemv_pipe<T, 4, 1, false>(a, s);
-  return a.zeros != nullptr ? launch_gemv_pipe<T, 8, 1, true>(a, s) : launch_gemv_pipe<T, 8, 1, false>(a, s);
+  return a.m <= 8 ? gemv_pipe_bits<T, 1>(a, s) : gemv_pipe_bits<T, 2>(a, s);
 }
 
 }  // namespace qs

@@ -49,7 +49,7 @@ typedef struct QsMatmulArgs {
 } QsMatmulArgs;
 
 // Most tokens a qs_gemv call that leaves its sums (QsMatmulArgs.sums) may have.
-#define QS_SUMS_MAX_M 8
+#define QS_SUMS_MAX_M 16
 
 // Dequantisation of whole 64-column strips into a plain 16-bit W^T, for calls that hand the product to
 // cuBLAS (prefill-sized m): w[r][k] = W[k][64 * strip_begin + r] for r < 64 * strip_count and
@@ -89,11 +89,14 @@ int qs_wgmma_probe(int device);
 // calls of up to 16 tokens with programmatic dependent launch on sm_90+ (each warp's first chunk of
 // codes is pulled into L2 during the previous kernel's tail); the grid is the resident blocks per
 // SM divided by wave_div (2 leaves room for the next launch's blocks; measured slower); pipeline = 1
-// runs calls of up to 8 tokens on sm_90+ whose chunk meets one group (and, 4-bit, symmetric) on the
-// kernel that keeps a warp's next chunk in flight while it computes (gemv_pipe.cuh).
+// runs calls of up to 16 tokens on sm_90+ whose chunk meets one group on the kernel that keeps a
+// warp's next chunk in flight while it computes (gemv_pipe.cuh).
 // Defaults: pdl 1, wave_div 1, pipeline 1.
 void qs_gemv_set_options(int pdl, int wave_div, int pipeline);
 void qs_gemv_get_options(int* pdl, int* wave_div, int* pipeline);
+// 1 where a qs_gemv call of m tokens of this width and group shift runs the pipelined kernel on
+// `device` under the current options, else 0 (the register GEMV would take it).
+int qs_gemv_pipe_takes(int device, int m, int bits, int group_shift);
 // Diagnosis builds only (QS_GEMV_TRACE, csrc/qs_trace.cuh): copies up to max_records per-warp
 // records of the fp16 pipelined GEMV's launches since the last call into dst (6 x uint64 each: tag,
 // entry, wait, exit, first unit done, first unit's operands in ns) and starts over; returns the

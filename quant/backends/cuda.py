@@ -17,9 +17,10 @@ dequantise + cuBLAS path (no cached dense copy). On sm_90 the GEMV launches with
 programmatic dependent launch (its weights stream into L2 during the previous kernel's tail), and
 so does the act-order gather (the kernel after it starts copying its weights during it);
 QUANTSERVE_GEMV_PDL=0 turns both off; QUANTSERVE_GEMM_WGMMA=0 keeps Hopper on the mma.sync GEMM.
-On sm_90, calls of up to 8 tokens whose layer fits it (4-bit with groups of >= 128, symmetric or not, 8-bit
-with groups of >= 64) take the GEMV that keeps each warp's next chunk in flight (csrc/gemv_pipe.cuh);
-QUANTSERVE_GEMV_PIPELINE=0 keeps them on the register GEMV.
+On sm_90, calls of up to PIPE_MAX_M tokens whose layer fits it (4-bit with groups of >= 128,
+symmetric or not, 8-bit with groups of >= 64) take the GEMV that keeps each warp's next chunk in
+flight (csrc/gemv_pipe.cuh), also at 9-16 tokens where the wgmma GEMM would otherwise run;
+QUANTSERVE_GEMV_PIPELINE=0 keeps them on the register GEMV (and 9-16 tokens on the wgmma GEMM).
 `apply_sums` (QuantLinear.forward_sums) lets a GEMV call of up to SUMS_MAX_M tokens leave its fp32
 sums for the caller's next kernel to convert (quant/sums.py), skipping the split-K fix-up;
 QUANTSERVE_GEMV_SUMS=0 turns that off.
@@ -62,11 +63,16 @@ ACCUM_MIN_N = 32768  # strip accumulators sized for at least this many output co
 # 2.343, M=8 2.304 vs 2.359, M=12 2.758 vs 2.350 (one process); M=9 / 10 / 11 2.636 / 2.654 / 2.694
 # vs 2.385 / 2.390 / 2.385 (another run, same machine).
 WGMMA_MIN_M = 9
+# Up to this many tokens a layer that the pipelined GEMV takes (csrc/gemv_pipe.cuh: sm_90+, 4-bit
+# g >= 128 or 8-bit g >= 64) stays on it instead of the wgmma GEMM: two 8-token blocks per pass over
+# the weights (bench/NOTES.md, v27).
+PIPE_MAX_M = 16
 # GEMV calls of up to this many tokens may leave their fp32 sums to the kernel that reads them
 # (CudaBackend.apply_sums, quant/sums.py): no split-K fix-up at the end of the call. The GEMV keeps
-# [token][column] strip sums up to 8 tokens, which the [M, N] sums buffer matches.
+# [token][column] sums, which the [M, N] sums buffer matches, for any call it takes (up to 16 tokens
+# here: above that the wgmma GEMM or the 32-token GEMV, which keep [column][token] strips).
 # QUANTSERVE_GEMV_SUMS=0 makes every call write y.
-SUMS_MAX_M = 8
+SUMS_MAX_M = 16
 GEMV_SUMS = os.environ.get("QUANTSERVE_GEMV_SUMS", "1") != "0"
 
 
@@ -207,7 +213,7 @@ class CudaBackend:
         """y's fp32 sums (quant.sums.Sums) for a GEMV-sized call: x fp16/bf16 [M, K], M <= SUMS_MAX_M,
         no bias. None for any other call (apply takes it)."""
         if (x.shape[0] == 0 or layer.bias is not None or x.dtype not in state.constants
-                or sums_op(x.shape[0], state.n, x.device) is None):
+                or sums_op(x.shape[0], state, x.device) is None):
             return None
         return matmul_sums(state, x)
 
@@ -265,15 +271,29 @@ def gemv_launch_options(pdl: bool | None = None, wave_div: int | None = None, pi
     return _scoped_options(ext.gemv_get_options, ext.gemv_set_options, (pdl, wave_div, pipeline))
 
 
-def pick_op(m: int, wgmma: Callable[[], bool]) -> str:
+def pick_op(m: int, wgmma: Callable[[], bool], pipe: Callable[[], bool] = lambda: False) -> str:
     """"gemv", "gemm" or "dequant" for a call of m tokens: the GEMV up to CudaBackend.gemv_max_m
     tokens, except from WGMMA_MIN_M tokens where `wgmma()` says the device runs the Hopper wgmma
-    GEMM; from DEQUANT_MIN_M tokens the dequantise + cuBLAS path."""
+    GEMM, unless the call has at most PIPE_MAX_M tokens and `pipe()` says the pipelined GEMV takes
+    it; from DEQUANT_MIN_M tokens the dequantise + cuBLAS path. The callables are asked only when
+    the answer depends on them."""
     if m >= DEQUANT_MIN_M:
         return "dequant"
-    if m > CudaBackend.gemv_max_m or (m >= WGMMA_MIN_M and wgmma()):
+    if m > CudaBackend.gemv_max_m:
         return "gemm"
+    if m >= WGMMA_MIN_M and wgmma():
+        return "gemv" if m <= PIPE_MAX_M and pipe() else "gemm"
     return "gemv"
+
+
+def pipe_takes(state: CudaLayout, m: int, device: torch.device | int | None = None) -> bool:
+    """Whether a GEMV call of m tokens on this layer runs the pipelined kernel on the device (its
+    width, group size and compute capability, and the launch option `pipeline`)."""
+    return bool(extension().gemv_pipe_takes(_device_index(device), m, state.bits, state.group_shift))
+
+
+def _pick(state: CudaLayout, m: int, device: torch.device) -> str:
+    return pick_op(m, lambda: wgmma_available(device), lambda: pipe_takes(state, m, device))
 
 
 _GATHER_PDL = os.environ.get("QUANTSERVE_GEMV_PDL", "1") != "0"
@@ -300,7 +320,7 @@ def matmul(state: CudaLayout, x: torch.Tensor, out: torch.Tensor | None = None,
     unconverted products instead of y, and is returned (matmul_sums)."""
     ws = workspace(x.device)  # first use on a device probes for the wgmma kernel (outside capture)
     if op is None:
-        op = pick_op(x.shape[0], lambda: wgmma_available(x.device))
+        op = _pick(state, x.shape[0], x.device)
     if state.perm is not None:
         x = gather_cols(x, state)
     if op == "dequant":
@@ -316,12 +336,12 @@ def matmul(state: CudaLayout, x: torch.Tensor, out: torch.Tensor | None = None,
     return ext.gemm(*args)
 
 
-def sums_op(m: int, n: int, device: torch.device) -> str | None:
-    """The kernel that leaves the fp32 sums of a call of m tokens into n columns ("gemv": up to
-    SUMS_MAX_M tokens, unless QUANTSERVE_GEMV_SUMS=0), or None where the call writes y. (The Hopper
-    wgmma GEMM leaving its sums in the [M, N] buffer was built and measured slower than its own
-    fix-up: bench/NOTES.md, v13-gemm-sums.)"""
-    if GEMV_SUMS and m <= SUMS_MAX_M and pick_op(m, lambda: wgmma_available(device)) == "gemv":
+def sums_op(m: int, state: CudaLayout, device: torch.device) -> str | None:
+    """The kernel that leaves the fp32 sums of a call of m tokens on this layer ("gemv": up to
+    SUMS_MAX_M tokens where the GEMV takes the call, unless QUANTSERVE_GEMV_SUMS=0), or None where
+    the call writes y. (The Hopper wgmma GEMM leaving its sums in the [M, N] buffer was built and
+    measured slower than its own fix-up: bench/NOTES.md, v13-gemm-sums.)"""
+    if GEMV_SUMS and m <= SUMS_MAX_M and _pick(state, m, device) == "gemv":
         return "gemv"
     return None
 

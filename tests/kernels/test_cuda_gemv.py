@@ -15,11 +15,11 @@ from tests.kernels.layers import eager_then_graph
 pytestmark = pytest.mark.gpu
 
 
-def _gemv_kernel_names(layer, x) -> set[str]:
+def _kernel_names(layer, x, op="gemv") -> set[str]:
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
-        cuda_backend.matmul(layer.kernel_state, x, op="gemv")
+        cuda_backend.matmul(layer.kernel_state, x, op=op)
         torch.cuda.synchronize()
-    return {e.name for e in prof.events() if "gemv" in e.name}
+    return {e.name for e in prof.events() if "gemv" in e.name or "gemm" in e.name}
 
 
 @pytest.mark.parametrize("pipeline", [True, False])
@@ -28,17 +28,38 @@ def _gemv_kernel_names(layer, x) -> set[str]:
                                                      (1536, 576, 8, 128, True), (576, 1536, 4, 128, False),
                                                      (576, 1536, 4, 64, True)])
 def test_gemv_with_and_without_the_pipelined_kernel(pipeline, k, n, bits, group_size, sym):
-    """Up to 8 tokens both GEMV kernels (gemv_pipe.cuh where it is taken, gemv.cuh otherwise) over
-    the token counts, fp16 and bf16; on sm_90 the profiler shows which one ran: the pipelined one
-    exactly when the option is on and the layer fits it (4-bit g >= 128, 8-bit g >= 64)."""
+    """Up to 16 tokens both GEMV kernels (gemv_pipe.cuh where it is taken, gemv.cuh otherwise) over
+    the token counts (one and two 8-token blocks, partly filled), fp16 and bf16; on sm_90 the
+    profiler shows which one ran: the pipelined one exactly when the option is on and the layer fits
+    it (4-bit g >= 128, 8-bit g >= 64), and pipe_takes says the same."""
     layer = cuda_layer(k, n, bits, group_size, sym, FORMAT_V2)
     with cuda_backend.gemv_launch_options(pipeline=pipeline):
         for dtype in (torch.float16, torch.bfloat16):
-            check(layer, (1, 2, 3, 4, 7, 8), dtype, ops=("gemv",))
-        names = _gemv_kernel_names(layer, torch.randn(3, k, device="cuda", dtype=torch.float16))
-    takes = pipeline and torch.cuda.get_device_capability()[0] >= 9 and (bits == 8 or group_size in (128, -1))
-    assert any("gemv_pipe_kernel" in name for name in names) == takes, names
-    assert len(names) == 1, names
+            check(layer, (1, 2, 3, 4, 7, 8, 9, 12, 13, 16), dtype, ops=("gemv",))
+        takes = pipeline and torch.cuda.get_device_capability()[0] >= 9 and (bits == 8 or group_size in (128, -1))
+        for m in (3, 12):
+            names = _kernel_names(layer, torch.randn(m, k, device="cuda", dtype=torch.float16))
+            assert any("gemv_pipe_kernel" in name for name in names) == takes, (m, names)
+            assert len(names) == 1, names
+            assert cuda_backend.pipe_takes(layer.kernel_state, m) == takes
+        assert not cuda_backend.pipe_takes(layer.kernel_state, cuda_backend.PIPE_MAX_M + 1)
+
+
+@pytest.mark.parametrize("k,n,bits,group_size", [(4096, 4096, 4, 128), (584, 72, 8, 64), (576, 1536, 4, 64)])
+def test_9_to_16_tokens_take_the_pipelined_gemv_where_it_fits(k, n, bits, group_size):
+    """The default op at 9-16 tokens on Hopper: the pipelined GEMV for layers it takes (one pass over
+    the weights for both 8-token blocks), the wgmma GEMM for the others; 17 tokens and up the wgmma
+    GEMM. Off Hopper (no wgmma) the GEMV takes them all."""
+    layer = cuda_layer(k, n, bits, group_size, True, FORMAT_V2)
+    fits = torch.cuda.get_device_capability()[0] >= 9 and (bits == 8 or group_size in (128, -1))
+    wgmma = cuda_backend.wgmma_available()
+    for m, want in ((9, "gemv" if fits or not wgmma else "gemm"), (16, "gemv" if fits or not wgmma else "gemm"),
+                    (17, "gemm" if wgmma else "gemv")):
+        names = _kernel_names(layer, torch.randn(m, k, device="cuda", dtype=torch.float16), op=None)
+        assert len(names) == 1 and want in next(iter(names)), (m, names)
+        if want == "gemv":
+            assert ("gemv_pipe_kernel" in next(iter(names))) == (m <= 16 and fits), (m, names)
+        check(layer, (m,), torch.float16)
 
 
 @pytest.mark.parametrize("pipeline", [True, False])

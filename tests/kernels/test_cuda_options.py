@@ -63,18 +63,36 @@ def test_gemm_option_applies_inside_and_comes_back(monkeypatch):
 def test_pick_op_sends_9_to_32_tokens_to_the_wgmma_gemm_only_where_it_runs():
     asked = []
 
-    def wgmma(answer):
-        return lambda: asked.append(answer) or answer
+    def answer(what, value):
+        return lambda: asked.append(what) or value
 
     for m in (1, 4, 8):
-        assert cuda_backend.pick_op(m, wgmma(True)) == "gemv"
-    assert asked == []  # below WGMMA_MIN_M the device is not even asked
+        assert cuda_backend.pick_op(m, answer("wgmma", True), answer("pipe", True)) == "gemv"
+    assert asked == []  # below WGMMA_MIN_M neither the device nor the layer is asked
     for m in (9, 12, 16, 24, 32):
-        assert cuda_backend.pick_op(m, wgmma(True)) == "gemm"
-        assert cuda_backend.pick_op(m, wgmma(False)) == "gemv"
+        assert cuda_backend.pick_op(m, answer("wgmma", True)) == "gemm"
+        assert cuda_backend.pick_op(m, answer("wgmma", False)) == "gemv"
+        assert cuda_backend.pick_op(m, answer("wgmma", True), answer("pipe", False)) == "gemm"
     for m in (33, 64, 200, cuda_backend.DEQUANT_MIN_M - 1):
-        assert cuda_backend.pick_op(m, wgmma(False)) == "gemm"
+        assert cuda_backend.pick_op(m, answer("wgmma", False)) == "gemm"
     assert cuda_backend.WGMMA_MIN_M == 9 and cuda_backend.CudaBackend.gemv_max_m == 32
+
+
+def test_pick_op_keeps_9_to_16_tokens_on_the_pipelined_gemv_where_it_takes_the_layer():
+    asked = []
+
+    def answer(what, value):
+        return lambda: asked.append(what) or value
+
+    for m in range(cuda_backend.WGMMA_MIN_M, cuda_backend.PIPE_MAX_M + 1):
+        assert cuda_backend.pick_op(m, answer("wgmma", True), answer("pipe", True)) == "gemv"
+        assert cuda_backend.pick_op(m, answer("wgmma", False), answer("pipe", True)) == "gemv"
+    assert "pipe" in asked and asked.count("pipe") == cuda_backend.PIPE_MAX_M - cuda_backend.WGMMA_MIN_M + 1
+    asked.clear()
+    for m in (cuda_backend.PIPE_MAX_M + 1, 32):  # above PIPE_MAX_M the layer is not asked
+        assert cuda_backend.pick_op(m, answer("wgmma", True), answer("pipe", True)) == "gemm"
+    assert asked == ["wgmma", "wgmma"]
+    assert cuda_backend.PIPE_MAX_M == 16 == cuda_backend.SUMS_MAX_M
 
 
 def test_pick_op_sends_prefill_sized_calls_to_dequant_and_cublas():

@@ -109,7 +109,7 @@ def test_quantized_linears_after_triton_kernels_read_finished_inputs(sums):
     programmatic dependent launch: the GEMVs and the Triton kernels start while the kernel before
     them finishes, so each must read its input (and write the cache) only after its wait. 64 tokens:
     the wgmma GEMM. sums: the linears leave their fp32 sums where the backend does (sums_op: the GEMV,
-    up to 8 tokens) and the Triton kernel after each converts and zeroes them, so the shared sums
+    up to 16 tokens) and the Triton kernel after each converts and zeroes them, so the shared sums
     buffer is zero again after every step, and the q/k/v sums kernel stores k and v in the cache
     itself (KVSlots)."""
     from quant import kernels
@@ -134,7 +134,7 @@ def test_quantized_linears_after_triton_kernels_read_finished_inputs(sums):
 
     def linear(layer, x):
         y = layer.forward_sums(x) if sums else layer(x)
-        assert isinstance(y, Sums) == (sums and cuda_backend.sums_op(x.shape[0], layer.out_features, x.device)
+        assert isinstance(y, Sums) == (sums and cuda_backend.sums_op(x.shape[0], layer.kernel_state, x.device)
                                        is not None)
         return y
 
