@@ -320,11 +320,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "whether the device runs the sm_90a wgmma GEMM (probed once)", py::arg("device"));
   m.def("gemv_max_m", &qs_gemv_max_m, "largest m the gemv op takes");
   m.def("gemv_pipe_takes",
-        [](int64_t device, int64_t m, int64_t bits, int64_t group_shift) {
-          return bool(qs_gemv_pipe_takes(int(device), int(m), int(bits), int(group_shift)));
+        [](int64_t device, int64_t m, int64_t bits, int64_t group_shift, bool has_zeros) {
+          return bool(qs_gemv_pipe_takes(int(device), int(m), int(bits), int(group_shift), has_zeros ? 1 : 0));
         },
-        "whether a gemv call of m rows of this width and group shift runs the pipelined kernel on the device",
-        py::arg("device"), py::arg("m"), py::arg("bits"), py::arg("group_shift"));
+        "whether a gemv call of m rows of this width, group shift and zeros runs the pipelined kernel",
+        py::arg("device"), py::arg("m"), py::arg("bits"), py::arg("group_shift"), py::arg("has_zeros"));
   m.def("gemv_accum_floats", [](int64_t n) { return qs_gemv_accum_floats(int(n)); },
         "accumulator floats the gemv op needs for n columns (counters: ceil(n/64))", py::arg("n"));
   m.def("gemv_trace_take", []() {

@@ -41,7 +41,7 @@ extern "C" void qs_gemv_get_options(int* pdl, int* wave_div, int* pipeline) {
 
 extern "C" int qs_gemv_max_m(void) { return kGemvMaxM; }
 
-extern "C" int qs_gemv_pipe_takes(int device, int m, int bits, int group_shift) {
+extern "C" int qs_gemv_pipe_takes(int device, int m, int bits, int group_shift, int has_zeros) {
   int prev = 0;
   if (cudaGetDevice(&prev) != cudaSuccess) return 0;
   if (prev != device && cudaSetDevice(device) != cudaSuccess) {
@@ -52,6 +52,8 @@ extern "C" int qs_gemv_pipe_takes(int device, int m, int bits, int group_shift) 
   a.m = m;
   a.bits = bits;
   a.group_shift = group_shift;
+  static const uint4 kSomeZeros{};  // only whether the pointer is set matters
+  a.zeros = has_zeros ? &kSomeZeros : nullptr;
   const int takes = m >= 1 && group_shift >= 0 && group_shift <= 31 && qs::gemv_pipe_takes(a);
   if (prev != device) cudaSetDevice(prev);
   return takes;

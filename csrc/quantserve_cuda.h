@@ -94,9 +94,9 @@ int qs_wgmma_probe(int device);
 // Defaults: pdl 1, wave_div 1, pipeline 1.
 void qs_gemv_set_options(int pdl, int wave_div, int pipeline);
 void qs_gemv_get_options(int* pdl, int* wave_div, int* pipeline);
-// 1 where a qs_gemv call of m tokens of this width and group shift runs the pipelined kernel on
-// `device` under the current options, else 0 (the register GEMV would take it).
-int qs_gemv_pipe_takes(int device, int m, int bits, int group_shift);
+// 1 where a qs_gemv call of m tokens of this width and group shift, with zeros or not, runs the
+// pipelined kernel on `device` under the current options, else 0 (the register GEMV would take it).
+int qs_gemv_pipe_takes(int device, int m, int bits, int group_shift, int has_zeros);
 // Diagnosis builds only (QS_GEMV_TRACE, csrc/qs_trace.cuh): copies up to max_records per-warp
 // records of the fp16 pipelined GEMV's launches since the last call into dst (6 x uint64 each: tag,
 // entry, wait, exit, first unit done, first unit's operands in ns) and starts over; returns the

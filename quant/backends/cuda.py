@@ -17,9 +17,10 @@ dequantise + cuBLAS path (no cached dense copy). On sm_90 the GEMV launches with
 programmatic dependent launch (its weights stream into L2 during the previous kernel's tail), and
 so does the act-order gather (the kernel after it starts copying its weights during it);
 QUANTSERVE_GEMV_PDL=0 turns both off; QUANTSERVE_GEMM_WGMMA=0 keeps Hopper on the mma.sync GEMM.
-On sm_90, calls of up to PIPE_MAX_M tokens whose layer fits it (4-bit with groups of >= 128,
-symmetric or not, 8-bit with groups of >= 64) take the GEMV that keeps each warp's next chunk in
-flight (csrc/gemv_pipe.cuh), also at 9-16 tokens where the wgmma GEMM would otherwise run;
+On sm_90, calls of up to PIPE_MAX_M tokens whose layer fits it (4-bit with groups of >= 128, 8-bit
+with groups of >= 64; symmetric or not up to 8 tokens, symmetric only at 9-16) take the GEMV that
+keeps each warp's next chunk in flight (csrc/gemv_pipe.cuh), where at 9-16 tokens the wgmma GEMM
+would otherwise run;
 QUANTSERVE_GEMV_PIPELINE=0 keeps them on the register GEMV (and 9-16 tokens on the wgmma GEMM).
 `apply_sums` (QuantLinear.forward_sums) lets a GEMV call of up to SUMS_MAX_M tokens leave its fp32
 sums for the caller's next kernel to convert (quant/sums.py), skipping the split-K fix-up;
@@ -64,9 +65,12 @@ ACCUM_MIN_N = 32768  # strip accumulators sized for at least this many output co
 # vs 2.385 / 2.390 / 2.385 (another run, same machine).
 WGMMA_MIN_M = 9
 # Up to this many tokens a layer that the pipelined GEMV takes (csrc/gemv_pipe.cuh: sm_90+, 4-bit
-# g >= 128 or 8-bit g >= 64) stays on it instead of the wgmma GEMM: two 8-token blocks per pass over
-# the weights (bench/NOTES.md, v27).
+# g >= 128 or 8-bit g >= 64; above 8 tokens only layers without zeros) stays on it instead of the
+# wgmma GEMM: two 8-token blocks per pass over the weights (bench/NOTES.md, v27). That holds where
+# the call leaves its sums (no fix-up); a call that writes y stays on it up to PIPE_Y_MAX_M tokens
+# (H200, 7B decode-step linears writing y: 9 tokens -5%, 12 -3%, 16 +1-3% against the wgmma GEMM).
 PIPE_MAX_M = 16
+PIPE_Y_MAX_M = 12
 # GEMV calls of up to this many tokens may leave their fp32 sums to the kernel that reads them
 # (CudaBackend.apply_sums, quant/sums.py): no split-K fix-up at the end of the call. The GEMV keeps
 # [token][column] sums, which the [M, N] sums buffer matches, for any call it takes (up to 16 tokens
@@ -271,29 +275,33 @@ def gemv_launch_options(pdl: bool | None = None, wave_div: int | None = None, pi
     return _scoped_options(ext.gemv_get_options, ext.gemv_set_options, (pdl, wave_div, pipeline))
 
 
-def pick_op(m: int, wgmma: Callable[[], bool], pipe: Callable[[], bool] = lambda: False) -> str:
+def pick_op(m: int, wgmma: Callable[[], bool], pipe: Callable[[], bool] = lambda: False,
+            sums: bool = False) -> str:
     """"gemv", "gemm" or "dequant" for a call of m tokens: the GEMV up to CudaBackend.gemv_max_m
     tokens, except from WGMMA_MIN_M tokens where `wgmma()` says the device runs the Hopper wgmma
-    GEMM, unless the call has at most PIPE_MAX_M tokens and `pipe()` says the pipelined GEMV takes
-    it; from DEQUANT_MIN_M tokens the dequantise + cuBLAS path. The callables are asked only when
-    the answer depends on them."""
+    GEMM, unless `pipe()` says the pipelined GEMV takes the call and it has at most PIPE_MAX_M
+    tokens (a call that leaves its sums) or PIPE_Y_MAX_M (one that writes y); from DEQUANT_MIN_M
+    tokens the dequantise + cuBLAS path. The callables are asked only when the answer depends on
+    them."""
     if m >= DEQUANT_MIN_M:
         return "dequant"
     if m > CudaBackend.gemv_max_m:
         return "gemm"
     if m >= WGMMA_MIN_M and wgmma():
-        return "gemv" if m <= PIPE_MAX_M and pipe() else "gemm"
+        return "gemv" if m <= (PIPE_MAX_M if sums else PIPE_Y_MAX_M) and pipe() else "gemm"
     return "gemv"
 
 
 def pipe_takes(state: CudaLayout, m: int, device: torch.device | int | None = None) -> bool:
     """Whether a GEMV call of m tokens on this layer runs the pipelined kernel on the device (its
-    width, group size and compute capability, and the launch option `pipeline`)."""
-    return bool(extension().gemv_pipe_takes(_device_index(device), m, state.bits, state.group_shift))
+    width, group size, zeros (above 8 tokens only layers without), the compute capability and the
+    launch option `pipeline`)."""
+    has_zeros = any(zeros is not None for _, zeros, _ in state.constants.values())
+    return bool(extension().gemv_pipe_takes(_device_index(device), m, state.bits, state.group_shift, has_zeros))
 
 
-def _pick(state: CudaLayout, m: int, device: torch.device) -> str:
-    return pick_op(m, lambda: wgmma_available(device), lambda: pipe_takes(state, m, device))
+def _pick(state: CudaLayout, m: int, device: torch.device, sums: bool = False) -> str:
+    return pick_op(m, lambda: wgmma_available(device), lambda: pipe_takes(state, m, device), sums)
 
 
 _GATHER_PDL = os.environ.get("QUANTSERVE_GEMV_PDL", "1") != "0"
@@ -341,7 +349,7 @@ def sums_op(m: int, state: CudaLayout, device: torch.device) -> str | None:
     SUMS_MAX_M tokens where the GEMV takes the call, unless QUANTSERVE_GEMV_SUMS=0), or None where
     the call writes y. (The Hopper wgmma GEMM leaving its sums in the [M, N] buffer was built and
     measured slower than its own fix-up: bench/NOTES.md, v13-gemm-sums.)"""
-    if GEMV_SUMS and m <= SUMS_MAX_M and _pick(state, m, device) == "gemv":
+    if GEMV_SUMS and m <= SUMS_MAX_M and _pick(state, m, device, sums=True) == "gemv":
         return "gemv"
     return None
 

@@ -31,7 +31,7 @@ def test_gemv_with_and_without_the_pipelined_kernel(pipeline, k, n, bits, group_
     """Up to 16 tokens both GEMV kernels (gemv_pipe.cuh where it is taken, gemv.cuh otherwise) over
     the token counts (one and two 8-token blocks, partly filled), fp16 and bf16; on sm_90 the
     profiler shows which one ran: the pipelined one exactly when the option is on and the layer fits
-    it (4-bit g >= 128, 8-bit g >= 64), and pipe_takes says the same."""
+    it (4-bit g >= 128, 8-bit g >= 64; above 8 tokens symmetric only), and pipe_takes says the same."""
     layer = cuda_layer(k, n, bits, group_size, sym, FORMAT_V2)
     with cuda_backend.gemv_launch_options(pipeline=pipeline):
         for dtype in (torch.float16, torch.bfloat16):
@@ -39,27 +39,32 @@ def test_gemv_with_and_without_the_pipelined_kernel(pipeline, k, n, bits, group_
         takes = pipeline and torch.cuda.get_device_capability()[0] >= 9 and (bits == 8 or group_size in (128, -1))
         for m in (3, 12):
             names = _kernel_names(layer, torch.randn(m, k, device="cuda", dtype=torch.float16))
-            assert any("gemv_pipe_kernel" in name for name in names) == takes, (m, names)
+            want = takes and (m <= 8 or sym)  # two token blocks: symmetric layers only
+            assert any("gemv_pipe_kernel" in name for name in names) == want, (m, names)
             assert len(names) == 1, names
-            assert cuda_backend.pipe_takes(layer.kernel_state, m) == takes
+            assert cuda_backend.pipe_takes(layer.kernel_state, m) == want
         assert not cuda_backend.pipe_takes(layer.kernel_state, cuda_backend.PIPE_MAX_M + 1)
 
 
-@pytest.mark.parametrize("k,n,bits,group_size", [(4096, 4096, 4, 128), (584, 72, 8, 64), (576, 1536, 4, 64)])
-def test_9_to_16_tokens_take_the_pipelined_gemv_where_it_fits(k, n, bits, group_size):
+@pytest.mark.parametrize("k,n,bits,group_size,sym", [(4096, 4096, 4, 128, True), (584, 72, 8, 64, True),
+                                                     (576, 1536, 4, 64, True), (4096, 4096, 4, 128, False)])
+def test_9_to_16_tokens_take_the_pipelined_gemv_where_it_fits(k, n, bits, group_size, sym):
     """The default op at 9-16 tokens on Hopper: the pipelined GEMV for layers it takes (one pass over
-    the weights for both 8-token blocks), the wgmma GEMM for the others; 17 tokens and up the wgmma
-    GEMM. Off Hopper (no wgmma) the GEMV takes them all."""
-    layer = cuda_layer(k, n, bits, group_size, True, FORMAT_V2)
-    fits = torch.cuda.get_device_capability()[0] >= 9 and (bits == 8 or group_size in (128, -1))
+    the weights for both 8-token blocks; symmetric layers only) up to PIPE_Y_MAX_M tokens when the
+    call writes y and up to PIPE_MAX_M when it leaves its sums, the wgmma GEMM for the others; 17
+    tokens and up the wgmma GEMM. Off Hopper (no wgmma) the GEMV takes them all."""
+    layer = cuda_layer(k, n, bits, group_size, sym, FORMAT_V2)
+    fits = torch.cuda.get_device_capability()[0] >= 9 and (bits == 8 or group_size in (128, -1)) and sym
     wgmma = cuda_backend.wgmma_available()
-    for m, want in ((9, "gemv" if fits or not wgmma else "gemm"), (16, "gemv" if fits or not wgmma else "gemm"),
-                    (17, "gemm" if wgmma else "gemv")):
+    for m in (9, cuda_backend.PIPE_Y_MAX_M, cuda_backend.PIPE_Y_MAX_M + 1, 16, 17):
+        pipe = fits and m <= cuda_backend.PIPE_Y_MAX_M
+        want = "gemv" if pipe or not wgmma else "gemm"
         names = _kernel_names(layer, torch.randn(m, k, device="cuda", dtype=torch.float16), op=None)
         assert len(names) == 1 and want in next(iter(names)), (m, names)
-        if want == "gemv":
-            assert ("gemv_pipe_kernel" in next(iter(names))) == (m <= 16 and fits), (m, names)
+        assert ("gemv_pipe_kernel" in next(iter(names))) == pipe, (m, names)
         check(layer, (m,), torch.float16)
+        leaves = cuda_backend.sums_op(m, layer.kernel_state, torch.device("cuda")) is not None
+        assert leaves == (m <= cuda_backend.SUMS_MAX_M and (fits or not wgmma)), m
 
 
 @pytest.mark.parametrize("pipeline", [True, False])

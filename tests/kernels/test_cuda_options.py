@@ -85,14 +85,18 @@ def test_pick_op_keeps_9_to_16_tokens_on_the_pipelined_gemv_where_it_takes_the_l
         return lambda: asked.append(what) or value
 
     for m in range(cuda_backend.WGMMA_MIN_M, cuda_backend.PIPE_MAX_M + 1):
-        assert cuda_backend.pick_op(m, answer("wgmma", True), answer("pipe", True)) == "gemv"
+        assert cuda_backend.pick_op(m, answer("wgmma", True), answer("pipe", True), sums=True) == "gemv"
         assert cuda_backend.pick_op(m, answer("wgmma", False), answer("pipe", True)) == "gemv"
-    assert "pipe" in asked and asked.count("pipe") == cuda_backend.PIPE_MAX_M - cuda_backend.WGMMA_MIN_M + 1
+        # writing y, the wgmma GEMM from PIPE_Y_MAX_M + 1 tokens
+        want = "gemv" if m <= cuda_backend.PIPE_Y_MAX_M else "gemm"
+        assert cuda_backend.pick_op(m, answer("wgmma", True), answer("pipe", True)) == want
+    # the layer is asked only where the device runs wgmma and the token count is in the range
+    assert asked.count("pipe") == (cuda_backend.PIPE_MAX_M - 8) + (cuda_backend.PIPE_Y_MAX_M - 8)
     asked.clear()
     for m in (cuda_backend.PIPE_MAX_M + 1, 32):  # above PIPE_MAX_M the layer is not asked
-        assert cuda_backend.pick_op(m, answer("wgmma", True), answer("pipe", True)) == "gemm"
+        assert cuda_backend.pick_op(m, answer("wgmma", True), answer("pipe", True), sums=True) == "gemm"
     assert asked == ["wgmma", "wgmma"]
-    assert cuda_backend.PIPE_MAX_M == 16 == cuda_backend.SUMS_MAX_M
+    assert cuda_backend.PIPE_MAX_M == 16 == cuda_backend.SUMS_MAX_M and cuda_backend.PIPE_Y_MAX_M == 12
 
 
 def test_pick_op_sends_prefill_sized_calls_to_dequant_and_cublas():

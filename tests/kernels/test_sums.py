@@ -217,6 +217,7 @@ def test_gemv_sums_are_the_products(k, n, bits, group_size, sym, desc_act):
                 for m in range(1, cuda_backend.SUMS_MAX_M + 1):
                     x = torch.randn(m, k, device="cuda", dtype=dtype, generator=g)
                     _check_sums(layer, x, buffer, wgmma)
+    x = x[:8]  # the GEMV takes 8 tokens of every layer
     layer.forward_sums(x)  # abandoned: never read
     again = layer.forward_sums(x)
     torch.testing.assert_close(again.materialize(), layer(x), rtol=1e-2, atol=1e-3)
