@@ -28,8 +28,9 @@ log = logging.getLogger("quantserve.engine")
 
 # Batch sizes captured up to the limit, then the limit itself: fine steps where padding a batch up
 # to the next size costs most (small batches are weight-bound, so a padded row is nearly free only
-# once the step is large), coarser above.
-_LADDER = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 160, 192, 224, 256, 320, 384, 448, 512)
+# once the step is large), coarser above. 12: Hopper's quantized linears cost less at 9-12 tokens
+# than at 16 (the pipelined GEMV's sums, bench/NOTES.md v27).
+_LADDER = (1, 2, 4, 8, 12, 16, 24, 32, 48, 64, 96, 128, 160, 192, 224, 256, 320, 384, 448, 512)
 
 
 def capture_sizes(limit: int) -> list[int]:

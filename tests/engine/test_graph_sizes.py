@@ -19,7 +19,7 @@ def test_every_batch_up_to_the_limit_has_a_graph(limit):
 
 def test_small_limits_and_the_default_ladder():
     assert capture_sizes(1) == [1]
-    assert capture_sizes(128) == [1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128]
+    assert capture_sizes(128) == [1, 2, 4, 8, 12, 16, 24, 32, 48, 64, 96, 128]
     assert capture_sizes(256)[-5:] == [128, 160, 192, 224, 256]
     assert capture_sizes(700)[-4:] == [512, 576, 640, 700]
 
