@@ -27,7 +27,7 @@ constexpr int kGemvThreads = 32 * kGemvWarps;
 struct GemvOptions {
   int pdl = 1;       // programmatic dependent launch on sm_90+: weights stream before the wait
   int wave_div = 1;  // grid = resident blocks / wave_div (2 leaves room for the next launch's blocks)
-  int pipeline = 1;  // up to 8 tokens on sm_90+, where it fits: the next chunk in flight (gemv_pipe.cuh)
+  int pipeline = 1;  // up to 16 tokens on sm_90+, where it fits: the next chunk in flight (gemv_pipe.cuh)
 };
 inline GemvOptions& gemv_options() {
   static GemvOptions o;

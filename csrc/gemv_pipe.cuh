@@ -1,4 +1,5 @@
-// Up-to-8-token GEMV with a warp's next chunk in flight while it computes this one (v16).
+// Up-to-16-token GEMV with a warp's next chunk in flight while it computes this one (v16; v27: two
+// token blocks).
 // Why: the register GEMV (gemv.cuh) has a warp load a 4 KB chunk, wait for it, compute it, and only
 // then load the next, so a chunk costs the warp load latency plus compute (L + C) with nothing of its
 // own in flight during C. Here each warp holds two units' codes, x and group rows in registers: the
@@ -7,7 +8,11 @@
 // within the spread; the 1-token linears alone ~equal (bench/NOTES.md, v16).
 // Same layout, stream-K split, fix-up and sums flush as gemv.cuh. Taken on sm_90+ up to 8 tokens
 // where a chunk meets one group and the two units fit the registers without spilling: 4-bit with
-// groups of >= 128 (or one group), 8-bit with groups of >= 64 (gemv_pipe_takes);
+// groups of >= 128 (or one group), 8-bit with groups of >= 64 (gemv_pipe_takes). 9-16 tokens (two
+// token blocks, MB = 2: 206-247 registers, 2 blocks a SM) only for layers without zeros: leaving sums
+// at 12 tokens it took 1.73 ms for the 7B decode-step linears against the wgmma GEMM's 1.91 (H200,
+// v27); with zeros it was 8-10% slower than that GEMM at 16 tokens. Which calls of 9-16 tokens come
+// here is the Python side's choice (quant/backends/cuda.py, PIPE_MAX_M);
 // the GEMV option `pipeline` (default on) turns it off. Layers whose K is a multiple of a chunk's k
 // (every Llama-shaped layer) take the KFULL instantiation, whose x loads carry no predicate: with
 // predicated loads ptxas reloads the memory descriptor before each one (v24), and the KFULL loop

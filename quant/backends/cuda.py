@@ -270,7 +270,7 @@ def wgmma_available(device: torch.device | int | None = None) -> bool:
 def gemv_launch_options(pdl: bool | None = None, wave_div: int | None = None, pipeline: bool | None = None):
     """Set the GEMV launch options for the duration (process-wide, so before capturing a graph);
     None keeps an option as it is. The previous options come back on exit. pipeline: whether calls
-    of up to 8 tokens on sm_90+ that fit it take the kernel with a warp's next chunk in flight."""
+    of up to 16 tokens on sm_90+ that fit it take the kernel with a warp's next chunk in flight."""
     ext = extension()
     return _scoped_options(ext.gemv_get_options, ext.gemv_set_options, (pdl, wave_div, pipeline))
 

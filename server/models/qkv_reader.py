@@ -3,7 +3,7 @@
     qkv_rotary(qkv, nh, nkv, D, cos, sin, kv_slots=None)   [T, (nh + 2 nkv) D] -> q [T, nh, D],
                                                            k [T, nkv, D], v [T, nkv, D]
 
-Given the projection's Sums (quant.sums, up to 8 tokens from the GEMV) one Triton kernel rounds
+Given the projection's Sums (quant.sums, up to 16 tokens from the GEMV) one Triton kernel rounds
 them as the matmul's y would have been, zeroes them behind, rotates q and k (as
 fused.rotary_, bit for bit) and copies v; given `KVSlots` it also stores k and v in the paged KV
 cache, so the attention skips its own cache write. Otherwise q and k are rotated in place in the
