@@ -45,6 +45,12 @@ __host__ __device__ constexpr int gemv_steps() {
 // writes y (+ bias) and zeroes the accumulator and counter for the next call. With a.sums (up to 16
 // tokens, no bias) the warp only stores or adds its sums there: no fence, counter or read-back.
 // acc[mb][j][c] is column 16j + g + 8*(c >> 1), token mb*8 + 2t + (c & 1).
+// The token and the output column of a lane's accumulator acc[mb][j][c] of a strip.
+__device__ __forceinline__ int acc_token(int mb, int c, int lane) { return mb * 8 + 2 * (lane & 3) + (c & 1); }
+__device__ __forceinline__ int acc_column(int strip, int j, int c, int lane) {
+  return strip * 64 + 16 * j + (lane >> 2) + 8 * (c >> 1);
+}
+
 template <typename T, int MB>
 __device__ __forceinline__ void flush_strip(const QsMatmulArgs& a, const float (&acc)[MB][4][4], int strip,
                                             int c_begin, int c_end, int cps, int lane) {
@@ -58,8 +64,7 @@ __device__ __forceinline__ void flush_strip(const QsMatmulArgs& a, const float (
         for (int j = 0; j < 4; ++j)
 #pragma unroll
           for (int c = 0; c < 4; ++c) {
-            const int m = mb * 8 + 2 * t + (c & 1);
-            const int n = strip * 64 + 16 * j + g + 8 * (c >> 1);
+            const int m = acc_token(mb, c, lane), n = acc_column(strip, j, c, lane);
             if (m < a.m && n < a.n) {
               float* p = a.sums + (long long)m * a.n + n;
               if (whole)
@@ -80,8 +85,7 @@ __device__ __forceinline__ void flush_strip(const QsMatmulArgs& a, const float (
       for (int j = 0; j < 4; ++j)
 #pragma unroll
         for (int c = 0; c < 4; ++c) {
-          const int m = mb * 8 + 2 * t + (c & 1);
-          const int n = strip * 64 + 16 * j + g + 8 * (c >> 1);
+          const int m = acc_token(mb, c, lane), n = acc_column(strip, j, c, lane);
           if (m < a.m && n < a.n) {
             float o = acc[mb][j][c];
             if (bias != nullptr) o += Act<T>::to_float(bias[n]);
