@@ -48,13 +48,8 @@ extern "C" int qs_gemv_pipe_takes(int device, int m, int bits, int group_shift, 
     cudaGetLastError();
     return 0;
   }
-  QsMatmulArgs a{};
-  a.m = m;
-  a.bits = bits;
-  a.group_shift = group_shift;
-  static const uint4 kSomeZeros{};  // only whether the pointer is set matters
-  a.zeros = has_zeros ? &kSomeZeros : nullptr;
-  const int takes = m >= 1 && group_shift >= 0 && group_shift <= 31 && qs::gemv_pipe_takes(a);
+  const int takes =
+      m >= 1 && group_shift >= 0 && group_shift <= 31 && qs::gemv_pipe_takes(m, bits, group_shift, has_zeros != 0);
   if (prev != device) cudaSetDevice(prev);
   return takes;
 }

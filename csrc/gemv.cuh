@@ -40,17 +40,17 @@ __host__ __device__ constexpr int gemv_steps() {
   return (BITS == 4 ? 8 : 4) / (MB > 2 ? 2 : 1);
 }
 
-// Hand a warp's partial sums of one strip segment to y: written directly when the warp covered the
-// whole strip, else added into the strip's fp32 accumulator; the warp that completes the strip
-// writes y (+ bias) and zeroes the accumulator and counter for the next call. With a.sums (up to 16
-// tokens, no bias) the warp only stores or adds its sums there: no fence, counter or read-back.
-// acc[mb][j][c] is column 16j + g + 8*(c >> 1), token mb*8 + 2t + (c & 1).
 // The token and the output column of a lane's accumulator acc[mb][j][c] of a strip.
 __device__ __forceinline__ int acc_token(int mb, int c, int lane) { return mb * 8 + 2 * (lane & 3) + (c & 1); }
 __device__ __forceinline__ int acc_column(int strip, int j, int c, int lane) {
   return strip * 64 + 16 * j + (lane >> 2) + 8 * (c >> 1);
 }
 
+// Hand a warp's partial sums of one strip segment to y: written directly when the warp covered the
+// whole strip, else added into the strip's fp32 accumulator; the warp that completes the strip
+// writes y (+ bias) and zeroes the accumulator and counter for the next call. With a.sums (up to 16
+// tokens, no bias) the warp only stores or adds its sums there: no fence, counter or read-back.
+// acc[mb][j][c] is column 16j + g + 8*(c >> 1), token mb*8 + 2t + (c & 1) (acc_token, acc_column).
 template <typename T, int MB>
 __device__ __forceinline__ void flush_strip(const QsMatmulArgs& a, const float (&acc)[MB][4][4], int strip,
                                             int c_begin, int c_end, int cps, int lane) {

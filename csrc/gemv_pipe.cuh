@@ -183,17 +183,21 @@ cudaError_t launch_gemv_pipe(const QsMatmulArgs& a, cudaStream_t stream) {
 }
 
 // Whether the call takes the pipelined kernel (see the top of this file).
-inline bool gemv_pipe_takes(const QsMatmulArgs& a) {
-  if (!gemv_options().pipeline || a.m > kGemvPipeMaxM || (a.bits != 4 && a.bits != 8)) return false;
+// (On the current device, for a call of m tokens into a layer of this width, group shift and zeros.)
+inline bool gemv_pipe_takes(int m, int bits, int group_shift, bool has_zeros) {
+  if (!gemv_options().pipeline || m > kGemvPipeMaxM || (bits != 4 && bits != 8)) return false;
   // Two token blocks with zeros: 8-10% slower than the wgmma GEMM at 16 tokens (H200, v27).
-  if (a.m > 8 && a.zeros != nullptr) return false;
+  if (m > 8 && has_zeros) return false;
   // One group per chunk (4-bit g >= 128, 8-bit g >= 64): smaller groups spill (ptxas).
-  const int spc = a.bits == 4 ? groups_per_chunk<gemv_steps<4, 1>()>(a.group_shift)
-                               : groups_per_chunk<gemv_steps<8, 1>()>(a.group_shift);
+  const int spc = bits == 4 ? groups_per_chunk<gemv_steps<4, 1>()>(group_shift)
+                            : groups_per_chunk<gemv_steps<8, 1>()>(group_shift);
   if (spc != 1) return false;
   DeviceInfo dev;
   int device = 0;
   return device_info(&dev, &device) == cudaSuccess && dev.cc_major >= 9;
+}
+inline bool gemv_pipe_takes(const QsMatmulArgs& a) {
+  return gemv_pipe_takes(a.m, a.bits, a.group_shift, a.zeros != nullptr);
 }
 
 template <typename T, int MB>
