@@ -5,8 +5,9 @@ the split-K workspace left zero, and chained GEMMs under programmatic dependent 
 import pytest
 import torch
 
+from quant import kernels
 from quant.backends import cuda as cuda_backend
-from tests.kernels.cuda_checks import chain_eager_and_graph, check, cuda_layer
+from tests.kernels.cuda_checks import TOL, chain_eager_and_graph, check, cuda_layer, next_seed
 
 pytestmark = pytest.mark.gpu
 
@@ -50,6 +51,35 @@ def test_wgmma_split_tiles_leave_the_workspace_zero(k, n, bits):
         check(layer, (m,), torch.float16, ops=("gemm",))
         assert int(ws.accum_counters.abs().sum()) == 0, f"m={m}: tile counters left non-zero"
         assert float(ws.accum.abs().max()) == 0.0, f"m={m}: split-K accumulator left non-zero"
+
+
+@pytest.mark.parametrize("m,tile_cols,per_sm", [(64, 128, 2), (128, 256, 1), (200, 128, 1)])
+def test_wgmma_grids_of_whole_and_evenly_split_tiles(m, tile_cols, per_sm):
+    """Layers whose tile count lets the grid give each tile c blocks (aligned_blocks in
+    gemm_wgmma_launch.cuh): as many tiles as blocks, a few fewer (whole tiles, some SMs idle), half
+    and a third as many (c = 2, 3), and counts that stay on stream-K (a bit more than half the
+    blocks, one tile over them), at 64 tokens (128-column tiles, two blocks an SM), 128 (a layer
+    wider than 8192 columns: 256-column tiles, one block an SM) and 200 (256-token tiles of 128
+    columns). Every tile is checked on its own, so a unit left out or taken twice shows, and the
+    split-K accumulators and counters must be left zero."""
+    if not cuda_backend.wgmma_available():
+        pytest.skip("needs the sm_90a wgmma kernel")
+    blocks = torch.cuda.get_device_properties(0).multi_processor_count * per_sm
+    ws = cuda_backend.workspace(torch.device("cuda"))
+    g = torch.Generator(device="cuda").manual_seed(next_seed())
+    for tiles in (blocks, blocks - blocks // 20, blocks // 2, blocks // 3, blocks // 2 + blocks // 5, blocks + 1):
+        layer = cuda_layer(384, tile_cols * tiles - 40, 4, 128, sym=False)  # K: 3 stages; the last tile partial
+        x = torch.randn(m, layer.in_features, device="cuda", dtype=torch.float16, generator=g)
+        ref = kernels.reference(layer, x)
+        out = torch.full((m, layer.out_features), float("nan"), device="cuda", dtype=torch.float16)
+        y = cuda_backend.matmul(layer.kernel_state, x, out=out, op="gemm").float()
+        assert torch.isfinite(y).all(), f"tiles={tiles}: unwritten outputs"
+        errs = [((y[:, c:c + tile_cols] - ref[:, c:c + tile_cols]).norm() / ref[:, c:c + tile_cols].norm()).item()
+                for c in range(0, layer.out_features, tile_cols)]
+        worst = max(range(len(errs)), key=errs.__getitem__)
+        assert errs[worst] < TOL[torch.float16], f"tiles={tiles}: tile {worst} rel err {errs[worst]:.2e}"
+        assert int(ws.accum_counters.abs().sum()) == 0, f"tiles={tiles}: tile counters left non-zero"
+        assert float(ws.accum.abs().max()) == 0.0, f"tiles={tiles}: split-K accumulator left non-zero"
 
 
 @pytest.mark.parametrize("pdl", [True, False])
