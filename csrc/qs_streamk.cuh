@@ -1,6 +1,7 @@
 // Stream-K bookkeeping of the GEMV (per warp) and GEMM (per block) kernels.
 // Why: a 4096x4096 int4 layer is 8 MB, a few microseconds of HBM time, and its tile count rarely
-// divides the SM count. The grid is exactly one resident wave; block (or warp) b takes the
+// divides the SM count. The grid is one resident wave (the Hopper GEMM's may stop a few blocks short of
+// it so that every tile gets the same number of blocks: aligned_blocks); block (or warp) b takes the
 // contiguous unit range [T*b/B, T*(b+1)/B) of the linearised (tile, k-chunk) space, so every SM
 // streams the same number of bytes. The GEMV sums a split strip with fp32 reds into a zeroed
 // accumulator (gemv.cuh). In the GEMM a tile split between blocks is summed through fp32 partials
