@@ -17,7 +17,8 @@
 # Knobs: RUNS (what the rounds time, default every version; an entry may add settings, e.g.
 #   RUNS="base new new:QUANTSERVE_TRITON_PDL=0"), BACKENDS (bench/kernels.py --backends, default ours;
 #   e.g. ours,ours_asym), MS (1,4,16,32,64,128,256; none: no kernel
-#   benchmark), ROUNDS (2), TESTV, DECODE_BATCH (unset: no decode runs; e.g. "1 16 64"),
+#   benchmark), KERNEL_ARGS (more bench/kernels.py arguments, e.g. "--model llama-2-70b --layers 8"),
+#   ROUNDS (2), TESTV, DECODE_BATCH (unset: no decode runs; e.g. "1 16 64"),
 #   DECODE_ARGS (more bench/decode.py arguments, e.g. "--desc-act"), PYSITE (where the carried
 #   .whl wheels are installed, /tmp/site). Carry .whl and .cache/test/smollm2-tokenizer.
 set -uo pipefail
@@ -80,10 +81,10 @@ run() {
     for run in ${RUNS:-$versions}; do
       local v=${run%%:*} env label
       env=$(run_env "$run"); label=$(run_label "$run")
-      # shellcheck disable=SC2086  # env is a list of VAR=VALUE words
+      # shellcheck disable=SC2086  # env and KERNEL_ARGS are word lists
       (cd "ab/$v" && mkdir -p "$out/ab/$label-$round" && env $env PYTHONPATH=$site:. QUANTSERVE_EXT_DIR=/tmp/ab-ext-$v \
         timeout 150 python3 bench/kernels.py --backends "${BACKENDS:-ours}" --ms "${MS:-1,4,16,32,64,128,256}" --no-extras \
-        --out "$out/ab/$label-$round" >"$out/ab/bench-$label-$round.log" 2>&1)
+        ${KERNEL_ARGS:-} --out "$out/ab/$label-$round" >"$out/ab/bench-$label-$round.log" 2>&1)
       echo "$run r$round: $(grep -E '^ours[a-z_]* +m=' "$out/ab/bench-$label-$round.log" | sed -E 's/^ours +//; s/ +/ /g; s/ step//' | tr '\n' ';')"
     done
   done

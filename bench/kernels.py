@@ -2,12 +2,15 @@
 tinygemm (torch._weight_int4pack_mm, bf16), in one run on one GPU.
 
 Per Llama-2-7B shape (qkv 4096x12288, o 4096x4096, gate_up 4096x22016, down 11008x4096, lm_head
-4096x32000) and for all linears of one decode step (32 layers x 4 + lm_head), at M = 1..256.
+4096x32000) and for all linears of one decode step (32 layers x 4 + lm_head), at M = 1..256;
+`--model llama-2-70b` times Llama-2-70B's shapes instead (qkv 8192x10240, o 8192x8192, gate_up
+8192x57344, down 28672x8192, lm_head 8192x32000; the step then has --layers layers, not 80, and the
+issue's targets, which are 7B figures, are not evaluated).
 Timing: each sequence of calls is captured in a CUDA graph and replayed (median of event-timed
 replays); every layer has its own weights (32 copies of each shape, 0.25-1.4 GB per shape), so
 weights come from HBM, not L2. Random data. Writes bench/results/kernels-<gpu>.json and a PNG plot.
 
-    PYTHONPATH=. python bench/kernels.py [--ms 1,4,16,32,64,128,256] [--layers 32]
+    PYTHONPATH=. python bench/kernels.py [--ms 1,4,16,32,64,128,256] [--layers 32] [--model llama-2-7b]
 """
 
 from __future__ import annotations
@@ -27,8 +30,12 @@ from quant.backends import cuda as cuda_backend
 from quant.backends import cuda_dequant
 from quant.backends.cuda_layout import CudaLayout
 
-SHAPES = {"qkv": (4096, 12288), "o": (4096, 4096), "gate_up": (4096, 22016), "down": (11008, 4096),
-          "lm_head": (4096, 32000)}
+# (k, n) of each linear, per model; SHAPES is the one this run times (main() sets it from --model).
+MODELS = {"llama-2-7b": {"qkv": (4096, 12288), "o": (4096, 4096), "gate_up": (4096, 22016), "down": (11008, 4096),
+                         "lm_head": (4096, 32000)},
+          "llama-2-70b": {"qkv": (8192, 10240), "o": (8192, 8192), "gate_up": (8192, 57344),
+                          "down": (28672, 8192), "lm_head": (8192, 32000)}}
+SHAPES = MODELS["llama-2-7b"]
 GROUP = 128
 
 
@@ -80,6 +87,10 @@ def bandwidths() -> tuple[float, float]:
 # ---- backends: make(k, n) -> weight object; call(x, w) -> y; bytes(k, n) -> weight bytes read
 def ours_make(k, n):
     ns, ks = -(-n // 64), -(-k // 16)
+    # as QuantLinear's prepare does: split-K accumulators and scratch sized for this layer (70B's
+    # gate_up is wider than the default accumulators; without it the call would not take the
+    # GEMV or the wgmma GEMM)
+    cuda_backend.workspace(torch.device("cuda"), n, cuda_dequant.scratch_bytes(ns, ks))
     qweight = torch.randint(-2**31, 2**31 - 1, (ns, ks, 32, 4), dtype=torch.int32, device="cuda")
     scales = (torch.rand(k // GROUP, ns, 8, 8, device="cuda") * 0.01 + 0.001).half()
     return CudaLayout(qweight=qweight, bits=4, n=n, k=k, groups=k // GROUP, group_shift=3, zero_point=8,
@@ -137,7 +148,7 @@ def bench_backend(name, ms, layers, rows, steps, extra_ops, sweep=False):
         print(f"{name}: cannot build weights: {exc}", file=sys.stderr)
         return
     for m in ms:
-        xs = {k: torch.randn(m, k, device="cuda", dtype=dtype) for k in {4096, 11008}}
+        xs = {k: torch.randn(m, k, device="cuda", dtype=dtype) for k in {k for k, _ in SHAPES.values()}}
         try:
             for s, (k, n) in SHAPES.items():
                 ws = weights[s]
@@ -284,6 +295,8 @@ def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--ms", default="1,4,16,32,64,128,256,512,1024")
     p.add_argument("--layers", type=int, default=32)
+    p.add_argument("--model", choices=sorted(MODELS), default="llama-2-7b",
+                   help="whose layer shapes to time (targets are evaluated for llama-2-7b only)")
     p.add_argument("--backends", default="ours,cublas_fp16,torch_int4")
     p.add_argument("--out", default=str(RESULTS))
     p.add_argument("--no-extras", action="store_true",
@@ -293,6 +306,8 @@ def main() -> None:
     p.add_argument("--dequant-sweep", action="store_true",
                    help="also time the dequantise + cuBLAS path over scratch chunk sizes")
     args = p.parse_args()
+    global SHAPES
+    SHAPES = MODELS[args.model]
     ms = [int(v) for v in args.ms.split(",")]
     # (op, batch sizes, wgmma allowed, PDL for the wgmma kernel): the GEMM where the GEMV is the
     # default, the wgmma kernel without PDL, the mma.sync GEMM (the previous kernel) where the
@@ -319,13 +334,14 @@ def main() -> None:
     for name in args.backends.split(","):
         bench_backend(name, ms, args.layers, rows, steps, extra, args.dequant_sweep)
     result = {"gpu": gpu, "torch": torch.__version__, "wgmma": cuda_backend.wgmma_available(), "cuda": torch.version.cuda, "group_size": GROUP,
-              "layers": args.layers, "copy_bw_tbs": round(copy_bw, 3), "read_bw_tbs": round(read_bw, 3),
-              "per_shape": rows, "decode_step": steps, "targets": targets(steps, rows, copy_bw)}
+              "model": args.model, "layers": args.layers, "copy_bw_tbs": round(copy_bw, 3),
+              "read_bw_tbs": round(read_bw, 3), "per_shape": rows, "decode_step": steps,
+              "targets": targets(steps, rows, copy_bw) if args.model == "llama-2-7b" else []}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    stem = f"kernels-{slug(gpu)}"
+    stem = f"kernels-{slug(gpu)}" + ("" if args.model == "llama-2-7b" else f"-{args.model}")
     (out / f"{stem}.json").write_text(json.dumps(result, indent=1))
-    int4_bytes = sum(BACKENDS["ours"][3](*SHAPES[s]) for s in step_order(32))
+    int4_bytes = sum(BACKENDS["ours"][3](*SHAPES[s]) for s in step_order(args.layers))
     plotted = plot(steps, copy_bw, out / f"{stem}.png", gpu, int4_bytes)
     print(f"\nwrote {out / stem}.json{' and .png' if plotted else ''}")
     print("\nper-shape us (M=1 / 16 / 64):")
