@@ -54,13 +54,14 @@ cudaError_t launch_gemm_wgmma(const QsMatmulArgs& a, cudaStream_t stream) {
   // (wgmma_slice_m sends the others to smaller tiles).
   if (groups_per_chunk<Cfg::KB>(a.group_shift) > Cfg::GSLOTS) return cudaErrorInvalidValue;
   const long long n_strips = (a.n + 63) / 64, k_steps = (a.k + 15) / 16;
-  const long long total = ((n_strips + Cfg::STRIPS - 1) / Cfg::STRIPS) * ((k_steps + Cfg::KB - 1) / Cfg::KB);
+  const long long tiles = (n_strips + Cfg::STRIPS - 1) / Cfg::STRIPS;
+  const long long total = tiles * ((k_steps + Cfg::KB - 1) / Cfg::KB);
   // The kernel counts units in int, and addresses x and the scales by 32-bit byte offsets.
   if (total > 0x7fffffff || (long long)a.m * a.k * 2 > 0x7fffffff || (long long)a.groups * n_strips * 128 > 0x7fffffff)
     return cudaErrorInvalidValue;
   long long blocks = (long long)ps.dev.sms * ps.occ;
   blocks = blocks < total ? blocks : total;
-  blocks = aligned_blocks(blocks, (n_strips + Cfg::STRIPS - 1) / Cfg::STRIPS);
+  blocks = aligned_blocks(blocks, tiles);
   cudaLaunchConfig_t cfg = {};
   cfg.gridDim = dim3(unsigned(blocks));
   cfg.blockDim = dim3(Cfg::kThreads);
