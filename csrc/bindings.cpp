@@ -121,11 +121,13 @@ torch::Tensor run(bool gemv, const torch::Tensor& x, const torch::Tensor& qweigh
   require(accum.scalar_type() == torch::kFloat32, "accum must be float32");
   check_cuda(accum_counters, "accum_counters", x);
   require(accum_counters.scalar_type() == torch::kInt32, "accum_counters must be int32");
-  if (gemv) {
-    require(accum.numel() >= qs_gemv_accum_floats(int(n)) && accum_counters.numel() >= n_strips,
-                "accum holds ", accum.numel(), " floats and ", accum_counters.numel(), " counters; n=", n,
-                " needs ", qs_gemv_accum_floats(int(n)), " and ", n_strips);
-  } else {
+  // The strip accumulators, for the GEMV and for the Hopper GEMM alike: a GEMM call with too few
+  // would quietly take the mma.sync kernel instead of the wgmma one (QuantLinear's prepare sizes
+  // them for its layer; a caller that skips it gets this error, not a slower kernel).
+  require(accum.numel() >= qs_gemv_accum_floats(int(n)) && accum_counters.numel() >= n_strips,
+              "accum holds ", accum.numel(), " floats and ", accum_counters.numel(), " counters; n=", n,
+              " needs ", qs_gemv_accum_floats(int(n)), " and ", n_strips);
+  if (!gemv) {
     require(workspace.numel() > 0 && counters.numel() > 0,
                 "no GEMM tile shape fits this GPU's shared memory (empty workspace)");
   }

@@ -108,6 +108,8 @@ calls = [
     lambda: ext.gemv(x[:17], st.qweight, scales, zeros, None, *bufs, 192, 4, st.group_shift, 8, sums=ws.sums.data),
     lambda: ext.gemv(x[:2], st.qweight, scales, zeros, None, *bufs, 192, 4, st.group_shift, 8,
                      sums=ws.sums.data[:100]),
+    lambda: ext.gemm(x, st.qweight, scales, zeros, bias, ws.partials, ws.counters, ws.accum[:100],
+                     ws.accum_counters, 192, 4, st.group_shift, 8),
 ]
 for call in calls:
     try:
@@ -134,4 +136,5 @@ def test_bad_inputs_report_numbers():
     assert "x must be float16 or bfloat16, got Float" in out
     assert "sums: gemv of m <= 16 rows only, got m=17" in out
     assert "sums holds 100 floats, m * n = 384" in out
+    assert "accum holds 100 floats" in out  # the GEMM too: no silent fallback to the mma.sync kernel
     assert "NO ERROR" not in out
