@@ -272,7 +272,12 @@ def gemv_launch_options(pdl: bool | None = None, wave_div: int | None = None, pi
     None keeps an option as it is. The previous options come back on exit. pipeline: whether calls
     of up to 16 tokens on sm_90+ that fit it take the kernel with a warp's next chunk in flight."""
     ext = extension()
-    return _scoped_options(ext.gemv_get_options, ext.gemv_set_options, (pdl, wave_div, pipeline))
+
+    def set_(*options) -> None:
+        _PIPE_TAKES.clear()  # its answers hold for the options they were asked under
+        ext.gemv_set_options(*options)
+
+    return _scoped_options(ext.gemv_get_options, set_, (pdl, wave_div, pipeline))
 
 
 def pick_op(m: int, wgmma: Callable[[], bool], pipe: Callable[[], bool] = lambda: False,
@@ -292,12 +297,22 @@ def pick_op(m: int, wgmma: Callable[[], bool], pipe: Callable[[], bool] = lambda
     return "gemv"
 
 
+# pipe_takes's answers per (device, m, bits, group shift, zeros), asked of the extension once each
+# (which switches to the device and back): they hold while the GEMV options do, and
+# gemv_launch_options clears them when it sets options.
+_PIPE_TAKES: dict[tuple[int, int, int, int, bool], bool] = {}
+
+
 def pipe_takes(state: CudaLayout, m: int, device: torch.device | int | None = None) -> bool:
     """Whether a GEMV call of m tokens on this layer runs the pipelined kernel on the device (its
     width, group size, zeros (above 8 tokens only layers without), the compute capability and the
     launch option `pipeline`)."""
     has_zeros = any(zeros is not None for _, zeros, _ in state.constants.values())
-    return bool(extension().gemv_pipe_takes(_device_index(device), m, state.bits, state.group_shift, has_zeros))
+    key = (_device_index(device), m, state.bits, state.group_shift, has_zeros)
+    found = _PIPE_TAKES.get(key)
+    if found is None:
+        found = _PIPE_TAKES[key] = bool(extension().gemv_pipe_takes(*key))
+    return found
 
 
 def _pick(state: CudaLayout, m: int, device: torch.device, sums: bool = False) -> str:

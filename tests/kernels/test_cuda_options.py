@@ -1,6 +1,8 @@
 """gemv_launch_options / gemm_launch_options set the kernel launch options for a block and restore
 them (no GPU needed: the extension is replaced by a stand-in that records what it is told)."""
 
+import types
+
 import pytest
 
 from quant.backends import cuda as cuda_backend
@@ -58,6 +60,32 @@ def test_gemm_option_applies_inside_and_comes_back(monkeypatch):
         assert ext.gemm == (False, False)
         raise RuntimeError("the block failed")
     assert ext.gemm == (True, True) and ext.calls[-1] == ("gemm", True, True)
+
+
+def test_pipe_takes_asks_the_extension_once_per_case_under_the_same_options(monkeypatch):
+    """An eager call of 9-16 tokens asks pipe_takes; the answer is the extension's the first time for
+    each (device, m, bits, group shift, zeros), remembered after, and asked again once
+    gemv_launch_options has changed the options it depends on (pipeline)."""
+    ext = _Ext()
+    asked = []
+
+    def gemv_pipe_takes(device, m, bits, group_shift, has_zeros):
+        asked.append((device, m, bits, group_shift, has_zeros))
+        return ext.options[2] and not (m > 8 and has_zeros)
+
+    ext.gemv_pipe_takes = gemv_pipe_takes
+    monkeypatch.setattr(cuda_backend, "extension", lambda: ext)
+    monkeypatch.setattr(cuda_backend, "_PIPE_TAKES", {})
+    sym = types.SimpleNamespace(bits=4, group_shift=3, constants={"f16": (object(), None, None)})
+    asym = types.SimpleNamespace(bits=4, group_shift=3, constants={"f16": (object(), object(), None)})
+    assert cuda_backend.pipe_takes(sym, 12, 0) and cuda_backend.pipe_takes(sym, 12, 0)
+    assert not cuda_backend.pipe_takes(asym, 12, 0) and cuda_backend.pipe_takes(asym, 8, 0)
+    assert cuda_backend.pipe_takes(sym, 12, 1)
+    assert asked == [(0, 12, 4, 3, False), (0, 12, 4, 3, True), (0, 8, 4, 3, True), (1, 12, 4, 3, False)]
+    with cuda_backend.gemv_launch_options(pipeline=False):
+        assert not cuda_backend.pipe_takes(sym, 12, 0)
+    assert cuda_backend.pipe_takes(sym, 12, 0)  # the options came back, and so did the answer
+    assert asked[4:] == [(0, 12, 4, 3, False)] * 2
 
 
 def test_pick_op_sends_9_to_32_tokens_to_the_wgmma_gemm_only_where_it_runs():
