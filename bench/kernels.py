@@ -205,12 +205,13 @@ def sums_step(m, order, weights, xs, steps) -> bool:
     linear but lm_head adds into an fp32 [M, N] buffer instead of writing y (no split-K fix-up); the
     conversion that the next kernel (RMSNorm, SwiGLU, the q/k/v rotary) does is not in this time.
     The buffer is never zeroed here: the values are meaningless, the memory traffic is the engine's.
-    False where no call of m tokens leaves sums (cuda_backend.sums_op: more than SUMS_MAX_M tokens, or
-    QUANTSERVE_GEMV_SUMS=0)."""
+    False where no call of m tokens leaves sums (cuda_backend.sums_op: more tokens than the GEMV and
+    the Hopper wgmma GEMM leave sums for, or QUANTSERVE_GEMV_SUMS=0 / QUANTSERVE_GEMM_SUMS=0)."""
     ops = {SHAPES[s]: cuda_backend.sums_op(m, weights[s][0], torch.device("cuda")) for s in SHAPES if s != "lm_head"}
     if any(op is None for op in ops.values()):
         return False
-    buf = torch.zeros(m * max(n for _, n in SHAPES.values()), device="cuda")
+    slots = cuda_backend.extension().gemm_sums_tokens(m) if "gemm" in ops.values() else m
+    buf = torch.zeros(slots * max(n for _, n in SHAPES.values()), device="cuda")
 
     def call(x, w):
         op = ops.get((w.k, w.n))  # None for lm_head: it writes y, as in the engine

@@ -134,14 +134,20 @@ torch::Tensor run(bool gemv, const torch::Tensor& x, const torch::Tensor& qweigh
 
   const c10::cuda::CUDAGuard guard(x.device());
   torch::Tensor y;
-  if (sums) {  // the sums are left in sums[:m * n] as [m, n] fp32 (zero on entry) and returned
-    require(gemv && m <= QS_SUMS_MAX_M, "sums: gemv of m <= ", QS_SUMS_MAX_M, " rows only, got m=", m);
+  if (sums) {  // the sums are left in sums (zero on entry) and returned as an [m, n] view of it
+    if (gemv) {  // [m, n] row-major in sums[:m * n]
+      require(m <= QS_SUMS_MAX_M, "sums: gemv of m <= ", QS_SUMS_MAX_M, " rows only, got m=", m);
+    } else {  // [n][t] in sums[:n * t], t token slots a column: the view has strides (1, t)
+      require(m <= QS_GEMM_SUMS_MAX_M, "sums: gemm of m <= ", QS_GEMM_SUMS_MAX_M, " rows only, got m=", m);
+    }
     require(!bias, "sums: no bias (the reader of the sums adds it)");
     require(!out, "sums and out are exclusive");
     check_cuda(*sums, "sums", x);
     require(sums->scalar_type() == torch::kFloat32 && sums->is_contiguous(), "sums must be contiguous float32");
-    require(sums->numel() >= m * n, "sums holds ", sums->numel(), " floats, m * n = ", m * n);
-    y = sums->view({-1}).narrow(0, 0, m * n).view({m, n});
+    const int64_t slots = gemv ? m : qs_gemm_sums_tokens(int(m));
+    require(sums->numel() >= slots * n, "sums holds ", sums->numel(), " floats, ", gemv ? "m" : "token slots",
+            " * n = ", slots * n);
+    y = gemv ? sums->view({-1}).narrow(0, 0, m * n).view({m, n}) : sums->as_strided({m, n}, {1, slots});
   } else if (out) {
     check_cuda(*out, "out", x);
     require(out->scalar_type() == x.scalar_type(), "out dtype ", out->scalar_type(), " differs from x dtype ",
@@ -198,9 +204,10 @@ torch::Tensor gemm(const torch::Tensor& x, const torch::Tensor& qweight, const t
                    const c10::optional<torch::Tensor>& zeros, const c10::optional<torch::Tensor>& bias,
                    const torch::Tensor& workspace, const torch::Tensor& counters, const torch::Tensor& accum,
                    const torch::Tensor& accum_counters, int64_t n, int64_t bits, int64_t group_shift,
-                   int64_t zero_point, const c10::optional<torch::Tensor>& out) {
+                   int64_t zero_point, const c10::optional<torch::Tensor>& out,
+                   const c10::optional<torch::Tensor>& sums) {
   return run(false, x, qweight, scales, zeros, bias, workspace, counters, accum, accum_counters, n, bits,
-             group_shift, zero_point, out);
+             group_shift, zero_point, out, sums);
 }
 
 // Strips [strip_begin, strip_begin + out.size(0) / 64) of a repacked weight widened into out
@@ -288,10 +295,17 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("counters"), py::arg("accum"), py::arg("accum_counters"), py::arg("n"), py::arg("bits"), py::arg("group_shift"), py::arg("zero_point"),
         py::arg("out") = py::none(), py::arg("sums") = py::none());
   m.def("sums_max_m", []() { return QS_SUMS_MAX_M; }, "most rows a gemv call that leaves its sums may have");
-  m.def("gemm", &gemm, "y[m, n] = x[m, k] @ W + bias for any m (repacked GPTQ codes)", py::arg("x"),
+  m.def("gemm", &gemm,
+        "y[m, n] = x[m, k] @ W + bias for any m (repacked GPTQ codes); with sums (the Hopper wgmma kernel, "
+        "m <= 128, no bias): the fp32 products are added into sums (zero on entry) as [n][t], t = "
+        "gemm_sums_tokens(m) slots a column, and returned as an [m, n] view of strides (1, t), y not written",
+        py::arg("x"),
         py::arg("qweight"), py::arg("scales"), py::arg("zeros"), py::arg("bias"), py::arg("workspace"),
         py::arg("counters"), py::arg("accum"), py::arg("accum_counters"), py::arg("n"), py::arg("bits"), py::arg("group_shift"), py::arg("zero_point"),
-        py::arg("out") = py::none());
+        py::arg("out") = py::none(), py::arg("sums") = py::none());
+  m.def("gemm_sums_tokens", [](int64_t m) { return int64_t(qs_gemm_sums_tokens(int(m))); },
+        "token slots a column of the sums a gemm call of m tokens leaves", py::arg("m"));
+  m.def("gemm_sums_max_m", []() { return QS_GEMM_SUMS_MAX_M; }, "most rows a gemm call that leaves its sums may have");
   m.def("dequant", &dequant, "widen strips of a repacked weight into out [64 * strips, 16 * k_steps] (W^T rows)",
         py::arg("qweight"), py::arg("scales"), py::arg("zeros"), py::arg("out"), py::arg("strip_begin"),
         py::arg("bits"), py::arg("group_shift"), py::arg("zero_point"));

@@ -316,6 +316,7 @@ cudaError_t launch_gemm(const QsMatmulArgs& a, cudaStream_t stream, long long* n
 template <typename T, int BITS>
 cudaError_t gemm_by_m(const QsMatmulArgs& a, cudaStream_t s, long long* nf, int* nc) {
   if (nf == nullptr && wgmma_usable(a)) return gemm_wgmma_by_m<T, BITS>(a, s);  // Hopper
+  if (a.sums != nullptr) return cudaErrorNotSupported;  // only the wgmma kernel leaves sums
   if (a.m <= 64) return launch_gemm<T, BITS, 4, 2, 1, 8>(a, s, nf, nc);   // 64 x 256
   if (a.m <= 128) return launch_gemm<T, BITS, 4, 4, 2, 4>(a, s, nf, nc);  // 128 x 256
   return launch_gemm<T, BITS, 4, 4, 4, 2>(a, s, nf, nc);                  // 256 x 128

@@ -29,7 +29,9 @@ namespace qs {
 // FOLD (layers whose groups span whole stages, 16-token tiles): the widening leaves out
 // the scale (code - zero, exact), the wgmmas of a stage accumulate into a per-stage partial, and
 // the stage ends by waiting for them and adding scale x partial into the accumulators in fp32.
-template <typename T, int BITS, int NTOK, int SPW, bool FOLD = false>
+// SUMS (a call that leaves its sums, a.sums set): tile ends store or add fp32 sums there instead
+// of writing y (tile_out); a kernel of its own, so the y kernel's code and registers stay its own.
+template <typename T, int BITS, int NTOK, int SPW, bool FOLD = false, bool SUMS = false>
 __global__ void __launch_bounds__(256, WgCfg<T, BITS, NTOK, SPW>::kBlocksPerSm)
     gemm_wgmma_kernel(const QsMatmulArgs a) {
 #if QS_HAS_WGMMA
@@ -309,7 +311,7 @@ __global__ void __launch_bounds__(256, WgCfg<T, BITS, NTOK, SPW>::kBlocksPerSm)
     }
     const int tile_first = tile * nst;
     const bool whole = seg_first == tile_first && seg_end == tile_first + nst;
-    tile_out<T, NTOK, SPW, NTH>(a, bias, y, acc, tile * STRIPS, whole, seg_end - seg_first, nst, s_last);
+    tile_out<T, NTOK, SPW, NTH, SUMS>(a, bias, y, acc, tile * STRIPS, whole, seg_end - seg_first, nst, s_last);
 #pragma unroll
     for (int s = 0; s < SPW; ++s)
 #pragma unroll

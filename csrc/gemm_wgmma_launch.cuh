@@ -40,12 +40,12 @@ inline long long aligned_blocks(long long blocks, long long tiles) {
   return even * 16 >= blocks * 15 ? even : blocks;
 }
 
-template <typename T, int BITS, int NTOK, int SPW, bool FOLD = false>
+template <typename T, int BITS, int NTOK, int SPW, bool FOLD = false, bool SUMS = false>
 cudaError_t launch_gemm_wgmma(const QsMatmulArgs& a, cudaStream_t stream) {
   using Cfg = WgCfg<T, BITS, NTOK, SPW>;
   static int occ_slot[kMaxDevices];
   static int stage_slot[kMaxDevices];
-  auto kernel = gemm_wgmma_kernel<T, BITS, NTOK, SPW, FOLD>;
+  auto kernel = gemm_wgmma_kernel<T, BITS, NTOK, SPW, FOLD, SUMS>;
   PipelineShape ps;
   cudaError_t err = pipeline_shape(kernel, Cfg::kThreads, Cfg::kStages, Cfg::smem_bytes, stage_slot, occ_slot, &ps);
   if (err != cudaSuccess) return err;
@@ -90,30 +90,39 @@ inline bool wgmma_usable(const QsMatmulArgs& a) {
 // 2.862 with 64; M=32 2.870 with 32-token tiles vs 3.170; M=256 11.41 with one 256-token tile
 // (one strip per warpgroup, 195 registers) vs 14.70 as two 128-token slices, each of which widened
 // every weight again.
-template <typename T, int BITS>
+// The tile's token count for a call of m <= 256 tokens (gemm_wgmma_slice's choice; the token slots a
+// column of the sums that a call leaving them fills).
+inline int wgmma_tile_tokens(int m) { return m <= 16 ? 16 : m <= 32 ? 32 : m <= 64 ? 64 : m <= 128 ? 128 : 256; }
+
+// SUMS: the call leaves its sums (up to 128 tokens; the launcher of gemm_wgmma_by_m checks).
+template <typename T, int BITS, bool SUMS = false>
 cudaError_t gemm_wgmma_slice(const QsMatmulArgs& a, cudaStream_t s) {
   // Up to 16 tokens, layers whose groups span a 128-k stage or more (g128, per-channel) apply the
   // scale to fp32 partial sums once a stage instead of to every widened pair (FOLD). H200 (v21),
   // decode-step linears: M=16 1.932 / 1.939 ms vs 1.988 / 2.000; at 32 tokens it gained nothing
   // (2.600 / 2.606 vs 2.601 / 2.637: twice the fold per stage, and the 8-bit kernel spilled).
   if (a.m <= 16) {
-    if (a.group_shift >= 3) return launch_gemm_wgmma<T, BITS, 16, 2, true>(a, s);
-    return launch_gemm_wgmma<T, BITS, 16, 2>(a, s);
+    if (a.group_shift >= 3) return launch_gemm_wgmma<T, BITS, 16, 2, true, SUMS>(a, s);
+    return launch_gemm_wgmma<T, BITS, 16, 2, false, SUMS>(a, s);
   }
-  if (a.m <= 32) return launch_gemm_wgmma<T, BITS, 32, 2>(a, s);
+  if (a.m <= 32) return launch_gemm_wgmma<T, BITS, 32, 2, false, SUMS>(a, s);
   // 33-64 tokens: one strip per warpgroup (128-column tiles), whose smaller stages leave room for
   // 128-k stages with two blocks per SM. H100, decode-step linears (v7e): M=40 3.327 ms vs 3.549
   // with 2 strips per warpgroup on the big layers and 64-k stages, M=64 3.868 vs 4.237; one strip
   // with 64-k stages gave 3.60-3.70 / 4.11.
-  if (a.m <= 64) return launch_gemm_wgmma<T, BITS, 64, 1>(a, s);
-  if (a.m > 128) return launch_gemm_wgmma<T, BITS, 256, 1>(a, s);
+  if (a.m <= 64) return launch_gemm_wgmma<T, BITS, 64, 1, false, SUMS>(a, s);
+  if constexpr (SUMS) {
+    if (a.m > 128) return cudaErrorInvalidValue;
+  } else {
+    if (a.m > 128) return launch_gemm_wgmma<T, BITS, 256, 1>(a, s);
+  }
   // 65-128 tokens: 4 strips per block; one strip per warpgroup (128 columns) measured 5% slower at
   // M=128 on H200. Narrow layers (o, down of a 7B: 16 tiles of 256 columns) split each tile over
   // ~16 blocks; there 128-column tiles (half the partial, and the reds, per block) are faster.
   // H100, decode step with n <= 8192 narrow: M=128 7.112 vs 7.624 (v5e). Still so once the wide
   // tile staged 128 k (v22, H200): narrow layers on it too made M=128 5.14 ms vs 5.00.
-  if (a.n <= 8192) return launch_gemm_wgmma<T, BITS, 128, 1>(a, s);
-  return launch_gemm_wgmma<T, BITS, 128, 2>(a, s);
+  if (a.n <= 8192) return launch_gemm_wgmma<T, BITS, 128, 1, false, SUMS>(a, s);
+  return launch_gemm_wgmma<T, BITS, 128, 2, false, SUMS>(a, s);
 }
 
 // Token rows per launch of the wgmma kernel: the largest tile, 256 tokens; 128 for layers whose
@@ -128,6 +137,7 @@ int wgmma_slice_m(const QsMatmulArgs& a) {
 // the launches share the strip accumulators, which each one's drains leave zeroed for the next.
 template <typename T, int BITS>
 cudaError_t gemm_wgmma_by_m(const QsMatmulArgs& a, cudaStream_t s) {
+  if (a.sums != nullptr) return a.m <= QS_GEMM_SUMS_MAX_M ? gemm_wgmma_slice<T, BITS, true>(a, s) : cudaErrorInvalidValue;
   QsMatmulArgs c = a;
   const int slice = wgmma_slice_m<T, BITS>(a);
   for (int m0 = 0; m0 < a.m; m0 += slice) {

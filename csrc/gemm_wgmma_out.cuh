@@ -1,7 +1,7 @@
 // The end of a wgmma GEMM block's tile segment (gemm_wgmma.cuh): its fp32 sums go to y when the
 // block computed the whole tile, else are added with reds into the tile's split-K accumulator,
 // and the contributor that completes the tile drains the accumulator into y and zeroes it (and
-// its counter) for the next call.
+// its counter) for the next call. A call leaving its sums (a.sums) only stores or adds them there.
 #pragma once
 
 #include "qs_dequant.cuh"
@@ -16,7 +16,7 @@ namespace qs {
 // token 8i + 2t + e, for warpgroup wg, warp wq of it, g = lane / 4, t = lane % 4. whole: the block
 // covered all of the tile's nst stages; else it covered `mine` of them. s_last: a __shared__ int of
 // the block. Every thread of the block calls this (it has barriers).
-template <typename T, int NTOK, int SPW, int NTH>
+template <typename T, int NTOK, int SPW, int NTH, bool SUMS = false>
 __device__ __forceinline__ void tile_out(const QsMatmulArgs& a, const T* bias, T* y, const float (&acc)[SPW][NTOK / 2],
                                          int strip0, bool whole, int mine, int nst, int& s_last) {
   constexpr int BN = 128 * SPW;  // the tile's columns: 2 warpgroups x SPW strips of 64
@@ -30,6 +30,39 @@ __device__ __forceinline__ void tile_out(const QsMatmulArgs& a, const T* bias, T
 #pragma unroll
       for (int r = 0; r < NTOK / 2; ++r) sum += acc[s][r];
     if (a.m < 0) a.accum[tid] = sum;
+    return;
+  }
+  if constexpr (SUMS) {  // the caller's next kernel converts: fp32 sums in a.sums as [column][NTOK slots]
+    float* tsum = a.sums + (long long)strip0 * 64 * NTOK;
+#pragma unroll
+    for (int s = 0; s < SPW; ++s)
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        const int cl = (wg * SPW + s) * 64 + 16 * wq + g + 8 * h;
+        if (strip0 * 64 + cl >= a.n) continue;
+        float* col = tsum + cl * NTOK;
+        if (whole) {  // the only writer of these sums: stores, tokens < m only
+#pragma unroll
+          for (int i = 0; i < NTOK / 8; ++i) {
+            const int m = 8 * i + 2 * t;
+            const float v0 = acc[s][4 * i + 2 * h], v1 = acc[s][4 * i + 2 * h + 1];
+            if (m + 1 < a.m) {
+              *reinterpret_cast<float2*>(col + m) = make_float2(v0, v1);
+            } else if (m < a.m) {
+              col[m] = v0;
+            }
+          }
+        } else {  // one of the tile's contributors: reds, with the slots of tokens >= m left zero
+#pragma unroll
+          for (int ip = 0; ip < NTOK / 16; ++ip) {
+            const float* lo = acc[s] + 8 * ip + 2 * h;
+            const float* hi = acc[s] + 8 * ip + 4 + 2 * h;
+            const int tl = 16 * ip + 2 * t, th = tl + 8;
+            red_token_quads(col, 16 * ip, tl < a.m ? lo[0] : 0.f, tl + 1 < a.m ? lo[1] : 0.f,
+                            th < a.m ? hi[0] : 0.f, th + 1 < a.m ? hi[1] : 0.f, t, a.m);
+          }
+        }
+      }
     return;
   }
   if (whole) {

@@ -43,13 +43,19 @@ typedef struct QsMatmulArgs {
   int group_shift;  // log2(group_size / 16); >= 30 means a single group
   int zero_point;   // zero point used for every column when zeros == NULL
   int dtype;        // QsDtype
-  // qs_gemv only, m <= QS_SUMS_MAX_M, no bias: when set, y is not written; the product's fp32 sums are
-  // left in sums [m, n] (row-major, zero on entry) and whoever reads them must zero them again.
+  // No bias; when set, y is not written and the product's fp32 sums are left in sums (zero on entry;
+  // whoever reads them must zero them again): qs_gemv (m <= QS_SUMS_MAX_M) as [m, n] row-major;
+  // qs_gemm (Hopper wgmma kernel, m <= QS_GEMM_SUMS_MAX_M) as [n][t] with t = qs_gemm_sums_tokens(m)
+  // token slots a column (element (i, j) at sums[j * t + i]; slots i >= m stay zero).
   float* sums;
 } QsMatmulArgs;
 
 // Most tokens a qs_gemv call that leaves its sums (QsMatmulArgs.sums) may have.
 #define QS_SUMS_MAX_M 16
+// Most tokens a qs_gemm call that leaves its sums may have (one wgmma launch).
+#define QS_GEMM_SUMS_MAX_M 128
+// Token slots a column of a qs_gemm call's sums (the wgmma tile's token count for m tokens).
+int qs_gemm_sums_tokens(int m);
 
 // Dequantisation of whole 64-column strips into a plain 16-bit W^T, for calls that hand the product to
 // cuBLAS (prefill-sized m): w[r][k] = W[k][64 * strip_begin + r] for r < 64 * strip_count and

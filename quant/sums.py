@@ -2,7 +2,7 @@
 
 At decode batch sizes the GEMV's split-K fix-up (the warp that completes a 64-column strip reads
 the strip's fp32 accumulator back, writes y and zeroes the accumulator) is ~10% of the linears'
-time (bench/NOTES.md). A backend may instead add the products into a zeroed fp32 buffer and return
+time, and the Hopper GEMM's at 9-128 tokens ~20% (bench/NOTES.md). A backend may instead add the products into a zeroed fp32 buffer and return
 `Sums`: the next kernel reads them, rounds them to `dtype` as y would have been rounded (so the
 results are the same), and writes zeros back in the same pass. The engine's consumers do that
 (server.models.fused: RMSNorm with residual, SwiGLU, the q/k/v rotary); any other reader calls
@@ -27,21 +27,28 @@ class SumsBuffer:
     data: torch.Tensor  # float32 [floats], contiguous
     pending: bool = False
 
-    def claim(self, m: int, n: int) -> torch.Tensor:
-        """The zeroed [m, n] prefix for the next matmul; it stays pending until a reader releases it."""
-        if m * n > self.data.numel():
-            raise ValueError(f"sums buffer holds {self.data.numel()} floats, [{m}, {n}] needs {m * n}")
+    def claim(self, m: int, n: int, slots: int | None = None) -> torch.Tensor:
+        """The zeroed [m, n] prefix for the next matmul; it stays pending until a reader releases it.
+        slots: the matmul leaves [column][slot] sums (the Hopper GEMM: `slots` >= m token slots a
+        column, those of tokens >= m left zero), and the view has strides (1, slots); else [m, n]
+        rows."""
+        need = n * (m if slots is None else slots)
+        if need > self.data.numel() or (slots is not None and slots < m):
+            raise ValueError(f"sums buffer holds {self.data.numel()} floats, [{m}, {n}]"
+                             f"{'' if slots is None else f' in {slots} slots a column'} needs {need}")
         if self.pending:  # the last Sums was never read: its values are still in the buffer
             self.data.zero_()
         self.pending = True
-        return self.data[:m * n].view(m, n)
+        if slots is None:
+            return self.data[:need].view(m, n)
+        return self.data.as_strided((m, n), (1, slots))
 
 
 @dataclass(eq=False)
 class Sums:
-    """y of a matmul before its conversion: data float32 [M, N] (contiguous, bias not added, a view
-    of the device's SumsBuffer); y = data.to(dtype). A reader converts it and zeroes data, then
-    calls release()."""
+    """y of a matmul before its conversion: data float32 [M, N] (bias not added, a view of the
+    device's SumsBuffer: rows, or [column][slot] with strides (1, slots)); y = data.to(dtype). A
+    reader converts it and zeroes data, then calls release()."""
 
     data: torch.Tensor
     dtype: torch.dtype
@@ -61,7 +68,8 @@ class Sums:
 
     def materialize(self) -> torch.Tensor:
         """y [M, N] in dtype, exactly as the matmul would have returned it; zeroes the sums."""
-        y = self.data.to(self.dtype, copy=True)  # a copy also when dtype is float32
+        y = torch.empty(self.data.shape, dtype=self.dtype, device=self.data.device)  # rows, whatever data's strides
+        y.copy_(self.data)
         self.data.zero_()
         self.release()
         return y

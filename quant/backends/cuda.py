@@ -78,6 +78,12 @@ PIPE_Y_MAX_M = 12
 # QUANTSERVE_GEMV_SUMS=0 makes every call write y.
 SUMS_MAX_M = 16
 GEMV_SUMS = os.environ.get("QUANTSERVE_GEMV_SUMS", "1") != "0"
+# Hopper: wgmma GEMM calls of up to this many tokens may leave their sums too, as [column][token
+# slot] (t = the tile's token count, 16-128, slots a column; the readers take that layout by its
+# strides): no fence, counter or drain at the end of a split tile. QUANTSERVE_GEMM_SUMS=0 makes
+# them write y.
+GEMM_SUMS_MAX_M = 128
+GEMM_SUMS = os.environ.get("QUANTSERVE_GEMM_SUMS", "1") != "0"
 
 
 _EXT = None
@@ -148,7 +154,7 @@ def workspace(device: torch.device, n: int = 0, scratch: int = 0) -> Workspace:
     ws = _WORKSPACE.get(index)
     dev = f"cuda:{index}"
     need_accum = ext.gemv_accum_floats(max(n, ACCUM_MIN_N))
-    need_sums = SUMS_MAX_M * 64 * _strips(n)
+    need_sums = max(SUMS_MAX_M, GEMM_SUMS_MAX_M) * 64 * _strips(n)
     if ws is None:
         floats, counters = ext.workspace_need(index)
         ws = Workspace(torch.empty(floats, dtype=torch.float32, device=dev),
@@ -216,10 +222,12 @@ class CudaBackend:
     def apply_sums(self, layer: "QuantLinear", state: CudaLayout, x: torch.Tensor) -> Sums | None:
         """y's fp32 sums (quant.sums.Sums) for a GEMV-sized call: x fp16/bf16 [M, K], M <= SUMS_MAX_M,
         no bias. None for any other call (apply takes it)."""
-        if (x.shape[0] == 0 or layer.bias is not None or x.dtype not in state.constants
-                or sums_op(x.shape[0], state, x.device) is None):
+        op = None
+        if x.shape[0] > 0 and layer.bias is None and x.dtype in state.constants:
+            op = sums_op(x.shape[0], state, x.device)
+        if op is None:
             return None
-        return matmul_sums(state, x)
+        return matmul_sums(state, x, op)
 
     @staticmethod
     def _dense(layer: "QuantLinear", state: CudaLayout, x: torch.Tensor) -> torch.Tensor:
@@ -339,8 +347,10 @@ def matmul(state: CudaLayout, x: torch.Tensor, out: torch.Tensor | None = None,
     op: "gemv" (M <= 32), "gemm" or "dequant" (dequant_matmul); None asks pick_op.
     Act-order layers gather x[:, perm] first (gather_cols), then run the plain kernel.
     out: optional preallocated y (tests poison it to prove every element is written).
-    sums: with op "gemv", M <= SUMS_MAX_M and no bias, a zeroed float32 [M, N] that receives the
-    unconverted products instead of y, and is returned (matmul_sums)."""
+    sums: no bias; with op "gemv" (M <= SUMS_MAX_M) a zeroed float32 [M, N] that receives the
+    unconverted products instead of y, and is returned; with op "gemm" (Hopper, M <=
+    GEMM_SUMS_MAX_M) the zeroed float32 buffer that receives them as [column][token slot], returned
+    as an [M, N] view of strides (1, slots) (matmul_sums)."""
     ws = workspace(x.device)  # first use on a device probes for the wgmma kernel (outside capture)
     if op is None:
         op = _pick(state, x.shape[0], x.device)
@@ -356,26 +366,36 @@ def matmul(state: CudaLayout, x: torch.Tensor, out: torch.Tensor | None = None,
             state.n, state.bits, state.group_shift, state.zero_point, out)
     if op == "gemv":
         return ext.gemv(*args, sums=sums)
-    return ext.gemm(*args)
+    return ext.gemm(*args, sums=sums)
 
 
 def sums_op(m: int, state: CudaLayout, device: torch.device) -> str | None:
     """The kernel that leaves the fp32 sums of a call of m tokens on this layer ("gemv": up to
-    SUMS_MAX_M tokens where the GEMV takes the call, unless QUANTSERVE_GEMV_SUMS=0), or None where
-    the call writes y. (The Hopper wgmma GEMM leaving its sums in the [M, N] buffer was built and
-    measured slower than its own fix-up: bench/NOTES.md, v13-gemm-sums.)"""
+    SUMS_MAX_M tokens where the GEMV takes the call, unless QUANTSERVE_GEMV_SUMS=0; "gemm": up to
+    GEMM_SUMS_MAX_M tokens where the Hopper wgmma GEMM takes it, unless QUANTSERVE_GEMM_SUMS=0), or
+    None where the call writes y. (The GEMM's sums as [M, N] rows were built and measured slower
+    than its own fix-up, bench/NOTES.md v13-gemm-sums; as [column][token slot] they are faster, v30.)"""
     if GEMV_SUMS and m <= SUMS_MAX_M and _pick(state, m, device, sums=True) == "gemv":
         return "gemv"
+    if GEMM_SUMS and m <= GEMM_SUMS_MAX_M and _pick(state, m, device, sums=True) == "gemm" and wgmma_available(device):
+        return "gemm"
     return None
 
 
-def matmul_sums(state: CudaLayout, x: torch.Tensor) -> Sums:
-    """y's fp32 sums [M, N] for x fp16/bf16 [M, K] (contiguous, M <= SUMS_MAX_M) through the GEMV,
-    which adds its products into the device's zeroed sums buffer and skips the split-K fix-up; the
-    reader converts them to x.dtype and zeroes them (quant.sums). The layer must have no bias."""
+def matmul_sums(state: CudaLayout, x: torch.Tensor, op: str = "gemv") -> Sums:
+    """y's fp32 sums [M, N] for x fp16/bf16 [M, K] (contiguous) through the kernel `op` (sums_op's
+    answer: "gemv", M <= SUMS_MAX_M, [M, N] rows; "gemm", the Hopper wgmma GEMM, M <=
+    GEMM_SUMS_MAX_M, [column][token slot]), which adds its products into the device's zeroed sums
+    buffer and skips the split-K fix-up; the reader converts them to x.dtype and zeroes them
+    (quant.sums). The layer must have no bias."""
     buffer = workspace(x.device).sums
-    view = buffer.claim(x.shape[0], state.n)
-    matmul(state, x, op="gemv", sums=view)
+    m = x.shape[0]
+    if op == "gemm":
+        view = buffer.claim(m, state.n, slots=extension().gemm_sums_tokens(m))
+        matmul(state, x, op="gemm", sums=buffer.data)
+    else:
+        view = buffer.claim(m, state.n)
+        matmul(state, x, op="gemv", sums=view)
     return Sums(view, x.dtype, buffer)
 
 

@@ -11,7 +11,8 @@ layer:
 
 rms_norm and silu_mul also take a quantized matmul's unconverted output (quant.sums.Sums, fp32):
 they round it as the matmul would have and zero it in the same pass, so the GEMV before them skips
-its own fix-up (reading its sums back to write y).
+its own fix-up (reading its sums back to write y). The Hopper GEMM's sums ([column][token slot])
+go through sums_rows first, one kernel that reads them along the tokens and writes rows.
 
 On sm_90+ every kernel here takes part in programmatic dependent launch (server.models.pdl); the
 norm's gain and the rotary cos/sin are loaded before the wait (inputs that no kernel of the step's
@@ -181,16 +182,52 @@ if HAVE_TRITON:
         s = (gf / (1.0 + tl.exp(-gf))).to(g.dtype)
         tl.store(out_ptr + row * stride_o + cols, s * u, mask=mask)
 
+    @triton.jit
+    def _sums_rows_kernel(s_ptr, out_ptr, M, N, slots, stride_o, BT: tl.constexpr, BC: tl.constexpr,
+                          PDL: tl.constexpr):
+        # [column][slot] fp32 sums (element (t, c) at c * slots + t) -> rows out [M, N] in out's
+        # dtype, zeroed behind; a [BT tokens, BC columns] block a program, loaded along the tokens
+        # and stored along the columns (Triton moves the block between the two through shared memory).
+        pdl_enter(PDL)
+        toks = tl.program_id(0) * BT + tl.arange(0, BT)
+        cols = tl.program_id(1) * BC + tl.arange(0, BC)
+        mask = (toks[:, None] < M) & (cols[None, :] < N)
+        p = s_ptr + cols[None, :] * slots + toks[:, None]
+        x = tl.load(p, mask=mask, other=0.0)
+        tl.debug_barrier()  # every thread's loads before any zero store (sums_zeroing_barrier)
+        tl.store(p, tl.zeros([BT, BC], dtype=tl.float32), mask=mask)
+        tl.store(out_ptr + toks[:, None] * stride_o + cols[None, :], x.to(out_ptr.dtype.element_ty), mask=mask)
+
 
 # ---------------------------------------------------------------------------------- entry points
+
+def sums_rows(sums: Sums) -> torch.Tensor:
+    """A matmul's unconverted Sums -> the [M, N] rows y would have been (sums.dtype), zeroing the
+    sums: sums.materialize(), but for the Hopper GEMM's [column][token slot] sums on the GPU one
+    Triton kernel that reads them along the tokens and writes y along the columns (the readers'
+    own FROM_SUMS paths read rows, which that layout would turn into one sector a value)."""
+    data = sums.data
+    if data.stride(-1) == 1 or not use_triton(data, sums.dtype):
+        return sums.materialize()
+    m, n = data.shape
+    out = torch.empty(m, n, dtype=sums.dtype, device=data.device)
+    bt = min(64, triton.next_power_of_2(m))
+    pdl = triton_pdl(out)
+    _sums_rows_kernel[(triton.cdiv(m, bt), triton.cdiv(n, 128))](data, out, m, n, data.stride(1), out.stride(0),
+                                                                 BT=bt, BC=128, PDL=pdl, num_warps=4,
+                                                                 **launch_kwargs(pdl))
+    sums.release()
+    return out
+
 
 def rms_norm(x: torch.Tensor | Sums, weight: torch.Tensor, eps: float,
              residual: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
     """x [T, H] (+ residual [T, H]) -> (weight * norm(x + residual), x + residual).
     x may be a matmul's unconverted Sums: converted (and zeroed) here."""
     sums = x if isinstance(x, Sums) else None
-    if sums is not None and (not use_triton(sums.data, sums.dtype) or sums.dtype != weight.dtype):
-        x, sums = sums.materialize(), None
+    if sums is not None and (not use_triton(sums.data, sums.dtype) or sums.dtype != weight.dtype
+                             or sums.data.stride(-1) != 1):
+        x, sums = sums_rows(sums), None
     if sums is not None:
         return _rms_norm_triton(sums.data, weight, eps, residual, sums)
     if not use_triton(x) or x.dtype != weight.dtype or x.stride(-1) != 1:
@@ -246,6 +283,8 @@ def silu_mul(gate_up: torch.Tensor | Sums) -> torch.Tensor:
     """[T, 2I] (gate then up) -> [T, I]. gate_up may be a matmul's unconverted Sums: converted (and
     zeroed) here."""
     sums = gate_up if isinstance(gate_up, Sums) else None
+    if sums is not None and sums.data.stride(-1) != 1:  # [column][slot] sums: converted to rows first
+        gate_up, sums = sums_rows(sums), None
     if sums is not None:
         if not use_triton(sums.data, sums.dtype):
             return silu_mul_torch(sums.materialize())

@@ -3,7 +3,8 @@
     qkv_rotary(qkv, nh, nkv, D, cos, sin, kv_slots=None)   [T, (nh + 2 nkv) D] -> q [T, nh, D],
                                                            k [T, nkv, D], v [T, nkv, D]
 
-Given the projection's Sums (quant.sums, up to 16 tokens from the GEMV) one Triton kernel rounds
+Given the projection's Sums (quant.sums, up to 16 tokens from the GEMV as rows; the Hopper GEMM's
+[column][token slot] sums are turned into rows by fused.sums_rows first) one Triton kernel rounds
 them as the matmul's y would have been, zeroes them behind, rotates q and k (as
 fused.rotary_, bit for bit) and copies v; given `KVSlots` it also stores k and v in the paged KV
 cache, so the attention skips its own cache write. Otherwise q and k are rotated in place in the
@@ -19,7 +20,7 @@ from dataclasses import dataclass
 import torch
 
 from quant.sums import Sums
-from server.models.fused import NO_FMA, rotary_, use_triton
+from server.models.fused import NO_FMA, rotary_, sums_rows, use_triton
 from server.models.pdl import launch_kwargs, pdl_launch, pdl_wait, triton_pdl
 
 try:
@@ -119,6 +120,8 @@ def qkv_rotary(qkv: torch.Tensor | Sums, num_heads: int, num_kv_heads: int, head
     rotates q and k and copies v, and, given kv_slots, also stores k and v in the paged cache
     (kv_slots.stored tells whether it did; otherwise the attention writes them)."""
     d = head_dim
+    if isinstance(qkv, Sums) and qkv.data.stride(-1) != 1:  # the Hopper GEMM's [column][slot] sums
+        qkv = sums_rows(qkv)
     if isinstance(qkv, Sums):
         if not use_triton(qkv.data, qkv.dtype) or d & (d - 1):
             qkv = qkv.materialize()

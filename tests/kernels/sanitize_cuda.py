@@ -3,7 +3,8 @@
     compute-sanitizer --tool memcheck python -m tests.kernels.sanitize_cuda
 
 Covers full and split (stream-K) tiles, partial strips and k steps, asym zeros, act-order (the gather
-kernel before the GEMV, GEMM and dequant path), bias, the GEMV that leaves its sums (up to 16 tokens),
+kernel before the GEMV, GEMM and dequant path), bias, the GEMV and the wgmma GEMM that leave their sums
+(up to 16 / 128 tokens),
 fp16 and bf16; calls above 32 tokens also run the dequantise + cuBLAS path. Exits non-zero if a result is wrong.
 """
 
@@ -38,11 +39,12 @@ def main() -> int:
                 x = torch.randn(m, k, device="cuda", dtype=dtype)
                 ref = kernels.reference(layer, x)
                 ops = ("gemv", "gemm") if m <= 32 else ("gemm", "dequant")
-                if cuda_backend.sums_op(m, layer.kernel_state, x.device) is not None and not bias:
+                sums_op = cuda_backend.sums_op(m, layer.kernel_state, x.device)
+                if sums_op is not None and not bias:
                     ops += ("sums",)
                 for op in ops:
-                    if op == "sums":  # the GEMV that leaves its fp32 sums, converted here
-                        y = cuda_backend.matmul_sums(layer.kernel_state, x).materialize()
+                    if op == "sums":  # the GEMV or wgmma GEMM that leaves its fp32 sums, converted here
+                        y = cuda_backend.matmul_sums(layer.kernel_state, x, sums_op).materialize()
                     else:
                         y = cuda_backend.matmul(layer.kernel_state, x, op=op)
                     err = ((y.float() - ref).norm() / ref.norm()).item()

@@ -18,8 +18,8 @@ from server.models.llama import LlamaForCausalLM
 from tests.conftest import tiny_hf_config
 
 
-def _sums(buffer: SumsBuffer, values: torch.Tensor, dtype: torch.dtype) -> Sums:
-    view = buffer.claim(*values.shape)
+def _sums(buffer: SumsBuffer, values: torch.Tensor, dtype: torch.dtype, slots: int | None = None) -> Sums:
+    view = buffer.claim(*values.shape, slots=slots)
     view.copy_(values)
     return Sums(view, dtype, buffer)
 
@@ -32,6 +32,10 @@ def test_buffer_claims_zeroed_space_and_cleans_up_after_an_unread_sums():
     assert buffer.pending and not second.any() and not buffer.data.any()
     with pytest.raises(ValueError, match="holds 64 floats, \\[5, 13\\] needs 65"):
         buffer.claim(5, 13)
+    columns = buffer.claim(3, 4, slots=16)  # [column][slot], as the Hopper GEMM leaves them
+    assert columns.shape == (3, 4) and columns.stride() == (1, 16) and columns.data_ptr() == buffer.data.data_ptr()
+    with pytest.raises(ValueError, match="\\[3, 5\\] in 16 slots a column needs 80"):
+        buffer.claim(3, 5, slots=16)
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
@@ -48,29 +52,31 @@ def test_materialize_rounds_like_the_matmul_and_zeroes(dtype):
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=["fp32", "bf16", "fp16"])
 @pytest.mark.parametrize("t,nh,nkv,d", [(3, 9, 3, 64), (1, 32, 8, 128), (8, 32, 32, 128)])
-def test_fused_readers_take_sums_as_the_tensor_they_stand_for(dtype, device, t, nh, nkv, d):
+@pytest.mark.parametrize("slots", [None, 16], ids=["rows", "columns"])
+def test_fused_readers_take_sums_as_the_tensor_they_stand_for(dtype, device, t, nh, nkv, d, slots):
     """Bit-equal to the reader given the tensor: on the GPU the Triton kernels' FROM_SUMS paths and
-    the q/k/v rotary kernel, on the CPU materialize() then the usual path."""
+    the q/k/v rotary kernel, on the CPU materialize() then the usual path; sums as [t, n] rows (the
+    GEMV's) and as [column][16 token slots] (the Hopper GEMM's), whose other slots stay zero."""
     g = torch.Generator(device=device).manual_seed(5)
-    buffer = SumsBuffer(torch.zeros(1 << 17, device=device))
+    buffer = SumsBuffer(torch.zeros(1 << 18, device=device))
     h = 4096
     w = torch.rand(h, generator=g, device=device).to(dtype) + 0.5
     res = torch.randn(t, h, generator=g, device=device).to(dtype)
     values = torch.randn(t, h, generator=g, device=device)
     for residual in (None, res):
         want = fused.rms_norm(values.to(dtype), w, 1e-5, residual)
-        got = fused.rms_norm(_sums(buffer, values, dtype), w, 1e-5, residual)
+        got = fused.rms_norm(_sums(buffer, values, dtype, slots), w, 1e-5, residual)
         for a, b in zip(got, want):
             assert (a is None and b is None) or torch.equal(a, b)
         assert not buffer.pending and not buffer.data.any()
     gu = torch.randn(t, 2 * h, generator=g, device=device)
-    assert torch.equal(fused.silu_mul(_sums(buffer, gu, dtype)), fused.silu_mul(gu.to(dtype)))
+    assert torch.equal(fused.silu_mul(_sums(buffer, gu, dtype, slots)), fused.silu_mul(gu.to(dtype)))
     assert not buffer.pending and not buffer.data.any()
     qkv = torch.randn(t, (nh + 2 * nkv) * d, generator=g, device=device)
     emb = torch.randn(t, 1, d, generator=g, device=device)
     cos, sin = emb.cos().to(dtype), emb.sin().to(dtype)
     want = qkv_reader.qkv_rotary(qkv.to(dtype, copy=True), nh, nkv, d, cos, sin)  # rotates in place
-    got = qkv_reader.qkv_rotary(_sums(buffer, qkv, dtype), nh, nkv, d, cos, sin)
+    got = qkv_reader.qkv_rotary(_sums(buffer, qkv, dtype, slots), nh, nkv, d, cos, sin)
     assert [x.shape for x in got] == [(t, nh, d), (t, nkv, d), (t, nkv, d)]
     for a, b in zip(got, want):
         assert torch.equal(a, b)
@@ -207,7 +213,8 @@ def test_gemv_sums_are_the_products(k, n, bits, group_size, sym, desc_act):
     reference and, rounded to x's dtype, the y the same call writes otherwise; materialize() gives
     that y and leaves the shared buffer zero for the next call, also when a Sums was abandoned.
     With the wgmma GEMM on (Hopper), 9-16-token calls that the pipelined GEMV does not take go to
-    it and come back as y; with it off, the register GEMV leaves their sums (two 8-token blocks)."""
+    it, which leaves them as [column][token slot]; with it off, the register GEMV leaves their sums
+    (two 8-token blocks)."""
     layer = _cuda_layer(k, n, bits, group_size, sym, desc_act)
     buffer = cuda_backend.workspace(torch.device("cuda")).sums
     g = torch.Generator(device="cuda").manual_seed(k + n)
@@ -228,15 +235,17 @@ def _check_sums(layer, x, buffer, wgmma):
     m, dtype = x.shape[0], x.dtype
     ref = kernels.reference(layer, x)
     sums = layer.forward_sums(x)
-    leaves = cuda_backend.sums_op(m, layer.kernel_state, x.device) is not None
-    assert leaves == (m <= 8 or not (wgmma and cuda_backend.wgmma_available())
-                      or cuda_backend.pipe_takes(layer.kernel_state, m)), (m, wgmma)
+    gemv = m <= 8 or not (wgmma and cuda_backend.wgmma_available()) or cuda_backend.pipe_takes(layer.kernel_state, m)
+    want = "gemv" if gemv else ("gemm" if cuda_backend.GEMM_SUMS else None)
+    assert cuda_backend.sums_op(m, layer.kernel_state, x.device) == want, (m, wgmma)
+    leaves = want is not None
     if not leaves:
         assert isinstance(sums, torch.Tensor) and sums.dtype == dtype and not buffer.pending
         err = ((sums.float() - ref).norm() / ref.norm()).item()
         assert err < (2e-3 if dtype == torch.float16 else 1.2e-2), f"m={m} {dtype}: y rel err {err:.2e}"
         return
     assert isinstance(sums, Sums) and sums.shape == (m, layer.out_features) and sums.dtype == dtype
+    assert sums.data.stride() == ((layer.out_features, 1) if gemv else (1, 16)), sums.data.stride()
     assert sums.data.dtype == torch.float32 and buffer.pending
     err = ((sums.data - ref).norm() / ref.norm()).item()
     assert err < (5e-4 if dtype == torch.float16 else 3e-3), f"m={m} {dtype}: sums rel err {err:.2e}"
@@ -247,13 +256,51 @@ def _check_sums(layer, x, buffer, wgmma):
     torch.testing.assert_close(got, y, rtol=1e-2 if dtype == torch.bfloat16 else 2e-3, atol=1e-3)
 
 
+@pytest.mark.parametrize("k,n,bits,group_size,sym", [
+    (4096, 4096, 4, 128, True), (4096, 12288, 4, 128, False), (11008, 4096, 4, 128, True),
+    (1040, 8256, 4, 32, False), (576, 192, 8, 64, True), (4096, 22016, 4, -1, True)])
+@pytest.mark.gpu
+def test_gemm_sums_are_the_products(k, n, bits, group_size, sym):
+    """The Hopper wgmma GEMM leaving its fp32 sums (9-128 tokens): [column][t token slots] in the
+    buffer (t the tile's token count), returned as an [m, n] view of strides (1, t). Whole and split
+    tiles (stream-K, evenly split, whole), every tile size, token counts that fill part of a quad:
+    the sums match the float32 reference and, rounded, the y the same call writes otherwise, and
+    every float of the buffer outside the view (the slots of tokens >= m, the layer's tail) stays
+    zero for the next call."""
+    if not cuda_backend.wgmma_available():
+        pytest.skip("needs the sm_90a wgmma kernel")
+    layer = _cuda_layer(k, n, bits, group_size, sym, False)
+    ext = cuda_backend.extension()
+    g = torch.Generator(device="cuda").manual_seed(k + n + 1)
+    for m in (9, 13, 16, 17, 31, 32, 33, 57, 64, 65, 100, 127, 128):
+        for dtype in (torch.float16, torch.bfloat16):
+            x = torch.randn(m, k, device="cuda", dtype=dtype, generator=g)
+            t = ext.gemm_sums_tokens(m)
+            assert t >= m and t in (16, 32, 64, 128)
+            buf = torch.zeros(t * n + 64, device="cuda")
+            sums = cuda_backend.matmul(layer.kernel_state, x, op="gemm", sums=buf)
+            assert sums.shape == (m, n) and sums.stride() == (1, t) and sums.data_ptr() == buf.data_ptr()
+            ref = kernels.reference(layer, x)
+            err = ((sums - ref).norm() / ref.norm()).item()
+            assert err < (5e-4 if dtype == torch.float16 else 3e-3), f"m={m} {dtype}: sums rel err {err:.2e}"
+            rest = buf.clone()
+            rest.as_strided((m, n), (1, t)).zero_()
+            assert not rest.any(), f"m={m} {dtype}: sums written outside the [m, n] view"
+            y = cuda_backend.matmul(layer.kernel_state, x, op="gemm")
+            torch.testing.assert_close(sums.to(dtype), y, rtol=1e-2 if dtype == torch.bfloat16 else 2e-3, atol=1e-3)
+    x = torch.randn(cuda_backend.GEMM_SUMS_MAX_M + 1, k, device="cuda", dtype=torch.float16)
+    with pytest.raises(RuntimeError, match="sums: gemm of m <= 128 rows only"):
+        cuda_backend.matmul(layer.kernel_state, x, op="gemm", sums=torch.zeros(256 * n, device="cuda"))
+
+
 @pytest.mark.gpu
 def test_apply_sums_leaves_other_calls_to_apply():
-    """Calls the sums path does not take come back as y: more than SUMS_MAX_M tokens, a bias, float32
-    input."""
+    """Calls the sums path does not take come back as y: more tokens than the GEMV and the wgmma GEMM
+    leave sums for, a bias, float32 input."""
     plain = _cuda_layer(576, 192, 4, 128)
     biased = _cuda_layer(576, 192, 4, 128, bias=True)
-    x = torch.randn(cuda_backend.SUMS_MAX_M + 1, 576, device="cuda", dtype=torch.float16)
+    x = torch.randn(max(cuda_backend.SUMS_MAX_M, cuda_backend.GEMM_SUMS_MAX_M) + 1, 576, device="cuda",
+                    dtype=torch.float16)
     for layer, xin in ((plain, x), (biased, x[:1]), (plain, x[:1].float())):
         y = layer.forward_sums(xin)
         assert isinstance(y, torch.Tensor) and y.dtype == xin.dtype

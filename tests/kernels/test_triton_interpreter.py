@@ -27,7 +27,8 @@ def test_triton_kernels_under_the_interpreter():
     # the interpreted kernels ran (fp16 and fp32 on the CPU), they were not skipped
     for module, case in ((0, "test_fused_triton_kernels_equal_torch[fp16-cpu]"),
                          (0, "test_fused_triton_kernels_equal_torch[fp32-cpu]"),
-                         (1, "test_fused_readers_take_sums_as_the_tensor_they_stand_for[1-32-8-128-fp16-cpu]"),
+                         (1, "test_fused_readers_take_sums_as_the_tensor_they_stand_for[rows-1-32-8-128-fp16-cpu]"),
+                         (1, "test_fused_readers_take_sums_as_the_tensor_they_stand_for[columns-3-9-3-64-fp16-cpu]"),
                          (1, "test_qkv_reader_splits_a_row_over_programs[2-cpu]"),
                          (1, "test_qkv_reader_stores_k_and_v_in_the_cache[fp16-cpu]"),
                          (2, "test_triton_decode_attention_matches_reference[fp16-64-8-128-cpu]"),
