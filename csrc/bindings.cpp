@@ -139,6 +139,7 @@ torch::Tensor run(bool gemv, const torch::Tensor& x, const torch::Tensor& qweigh
       require(m <= QS_SUMS_MAX_M, "sums: gemv of m <= ", QS_SUMS_MAX_M, " rows only, got m=", m);
     } else {  // [n][t] in sums[:n * t], t token slots a column: the view has strides (1, t)
       require(m <= QS_GEMM_SUMS_MAX_M, "sums: gemm of m <= ", QS_GEMM_SUMS_MAX_M, " rows only, got m=", m);
+      require(n % 8 == 0, "sums: gemm of n a multiple of 8 only (a warp's columns leave sums together), got n=", n);
     }
     require(!bias, "sums: no bias (the reader of the sums adds it)");
     require(!out, "sums and out are exclusive");

@@ -58,7 +58,7 @@ extern "C" long long qs_gemv_accum_floats(int n) { return (long long)((n + 63) /
 
 extern "C" cudaError_t qs_gemm(const QsMatmulArgs* a, cudaStream_t stream) {
   if (a->m < 1 || a->k < 1 || a->n < 1 || a->groups < 1 || a->group_shift < 0 || a->group_shift > 31 ||
-      (a->sums != nullptr && (a->m > QS_GEMM_SUMS_MAX_M || a->bias != nullptr)))
+      (a->sums != nullptr && (a->m > QS_GEMM_SUMS_MAX_M || a->bias != nullptr || a->n % 8 != 0)))
     return cudaErrorInvalidValue;
   if (a->dtype == QS_F16) return qs_gemm_f16(*a, stream);
   if (a->dtype == QS_BF16) return qs_gemm_bf16(*a, stream);

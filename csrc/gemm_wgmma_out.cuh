@@ -32,7 +32,10 @@ __device__ __forceinline__ void tile_out(const QsMatmulArgs& a, const T* bias, T
     if (a.m < 0) a.accum[tid] = sum;
     return;
   }
-  if constexpr (SUMS) {  // the caller's next kernel converts: fp32 sums in a.sums as [column][NTOK slots]
+  // The caller's next kernel converts: fp32 sums in a.sums as [column][NTOK slots]. n is a multiple
+  // of 8 (the binding checks), so a warp's 8 columns of one (s, h) are all inside the layer or all
+  // past it, and every lane of a warp that calls red_token_quads (which shuffles) calls it.
+  if constexpr (SUMS) {
     float* tsum = a.sums + (long long)strip0 * 64 * NTOK;
 #pragma unroll
     for (int s = 0; s < SPW; ++s)

@@ -45,7 +45,7 @@ typedef struct QsMatmulArgs {
   int dtype;        // QsDtype
   // No bias; when set, y is not written and the product's fp32 sums are left in sums (zero on entry;
   // whoever reads them must zero them again): qs_gemv (m <= QS_SUMS_MAX_M) as [m, n] row-major;
-  // qs_gemm (Hopper wgmma kernel, m <= QS_GEMM_SUMS_MAX_M) as [n][t] with t = qs_gemm_sums_tokens(m)
+  // qs_gemm (Hopper wgmma kernel, m <= QS_GEMM_SUMS_MAX_M, n a multiple of 8) as [n][t] with t = qs_gemm_sums_tokens(m)
   // token slots a column (element (i, j) at sums[j * t + i]; slots i >= m stay zero).
   float* sums;
 } QsMatmulArgs;
