@@ -306,7 +306,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("out") = py::none(), py::arg("sums") = py::none());
   m.def("gemm_sums_tokens", [](int64_t m) { return int64_t(qs_gemm_sums_tokens(int(m))); },
         "token slots a column of the sums a gemm call of m tokens leaves", py::arg("m"));
-  m.def("gemm_sums_max_m", []() { return QS_GEMM_SUMS_MAX_M; }, "most rows a gemm call that leaves its sums may have");
   m.def("dequant", &dequant, "widen strips of a repacked weight into out [64 * strips, 16 * k_steps] (W^T rows)",
         py::arg("qweight"), py::arg("scales"), py::arg("zeros"), py::arg("out"), py::arg("strip_begin"),
         py::arg("bits"), py::arg("group_shift"), py::arg("zero_point"));

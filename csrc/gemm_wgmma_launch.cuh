@@ -137,7 +137,7 @@ int wgmma_slice_m(const QsMatmulArgs& a) {
 // the launches share the strip accumulators, which each one's drains leave zeroed for the next.
 template <typename T, int BITS>
 cudaError_t gemm_wgmma_by_m(const QsMatmulArgs& a, cudaStream_t s) {
-  if (a.sums != nullptr) return a.m <= QS_GEMM_SUMS_MAX_M ? gemm_wgmma_slice<T, BITS, true>(a, s) : cudaErrorInvalidValue;
+  if (a.sums != nullptr) return gemm_wgmma_slice<T, BITS, true>(a, s);  // one launch: qs_gemm caps m
   QsMatmulArgs c = a;
   const int slice = wgmma_slice_m<T, BITS>(a);
   for (int m0 = 0; m0 < a.m; m0 += slice) {

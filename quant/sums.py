@@ -2,11 +2,11 @@
 
 At decode batch sizes the GEMV's split-K fix-up (the warp that completes a 64-column strip reads
 the strip's fp32 accumulator back, writes y and zeroes the accumulator) is ~10% of the linears'
-time, and the Hopper GEMM's at 9-128 tokens ~20% (bench/NOTES.md). A backend may instead add the products into a zeroed fp32 buffer and return
-`Sums`: the next kernel reads them, rounds them to `dtype` as y would have been rounded (so the
-results are the same), and writes zeros back in the same pass. The engine's consumers do that
-(server.models.fused: RMSNorm with residual, SwiGLU, the q/k/v rotary); any other reader calls
-`materialize()`, which gives the tensor y would have been.
+time, and the Hopper GEMM's at 9-128 tokens ~20% (bench/NOTES.md). A backend may instead add the
+products into a zeroed fp32 buffer and return `Sums`: the next kernel reads them, rounds them to
+`dtype` as y would have been rounded (so the results are the same), and writes zeros back in the
+same pass. The engine's consumers do that (server.models.fused: RMSNorm with residual, SwiGLU, the
+q/k/v rotary); any other reader calls `materialize()`, which gives the tensor y would have been.
 
 One buffer per device serves every layer, so at most one Sums is pending at a time: a matmul
 that leaves sums while another Sums is still unread finds the buffer dirty and zeroes it first

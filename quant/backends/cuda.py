@@ -78,10 +78,10 @@ PIPE_Y_MAX_M = 12
 # QUANTSERVE_GEMV_SUMS=0 makes every call write y.
 SUMS_MAX_M = 16
 GEMV_SUMS = os.environ.get("QUANTSERVE_GEMV_SUMS", "1") != "0"
-# Hopper: wgmma GEMM calls of up to this many tokens may leave their sums too, as [column][token
-# slot] (t = the tile's token count, 16-128, slots a column; the readers take that layout by its
-# strides): no fence, counter or drain at the end of a split tile. QUANTSERVE_GEMM_SUMS=0 makes
-# them write y.
+# Hopper: wgmma GEMM calls of up to this many tokens (QS_GEMM_SUMS_MAX_M) may leave their sums
+# too, as [column][token slot] (t = the tile's token count, 16-128, slots a column; the readers turn
+# them into rows with server.models.fused.sums_rows): no fence, counter or drain at the end of a
+# split tile. QUANTSERVE_GEMM_SUMS=0 makes them write y.
 GEMM_SUMS_MAX_M = 128
 GEMM_SUMS = os.environ.get("QUANTSERVE_GEMM_SUMS", "1") != "0"
 
@@ -220,8 +220,9 @@ class CudaBackend:
         return matmul(state, x)
 
     def apply_sums(self, layer: "QuantLinear", state: CudaLayout, x: torch.Tensor) -> Sums | None:
-        """y's fp32 sums (quant.sums.Sums) for a GEMV-sized call: x fp16/bf16 [M, K], M <= SUMS_MAX_M,
-        no bias. None for any other call (apply takes it)."""
+        """y's fp32 sums (quant.sums.Sums) for a call that sums_op says leaves them (the GEMV up to
+        SUMS_MAX_M tokens, the Hopper wgmma GEMM up to GEMM_SUMS_MAX_M): x fp16/bf16 [M, K], no
+        bias. None for any other call (apply takes it)."""
         op = None
         if x.shape[0] > 0 and layer.bias is None and x.dtype in state.constants:
             op = sums_op(x.shape[0], state, x.device)
