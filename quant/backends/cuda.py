@@ -79,9 +79,9 @@ PIPE_Y_MAX_M = 12
 SUMS_MAX_M = 16
 GEMV_SUMS = os.environ.get("QUANTSERVE_GEMV_SUMS", "1") != "0"
 # Hopper: wgmma GEMM calls of up to this many tokens (QS_GEMM_SUMS_MAX_M) may leave their sums
-# too, as [column][token slot] (t = the tile's token count, 16-128, slots a column; the readers turn
-# them into rows with server.models.fused.sums_rows): no fence, counter or drain at the end of a
-# split tile. QUANTSERVE_GEMM_SUMS=0 makes them write y.
+# too, as [column][token slot] (t = the tile's token count, 16-128, slots a column; the readers of
+# server.models.column_sums and qkv_reader read that layout): no fence, counter or drain at the end
+# of a split tile. QUANTSERVE_GEMM_SUMS=0 makes them write y.
 GEMM_SUMS_MAX_M = 128
 GEMM_SUMS = os.environ.get("QUANTSERVE_GEMM_SUMS", "1") != "0"
 

@@ -12,7 +12,7 @@ layer:
 rms_norm and silu_mul also take a quantized matmul's unconverted output (quant.sums.Sums, fp32):
 they round it as the matmul would have and zero it in the same pass, so the GEMV before them skips
 its own fix-up (reading its sums back to write y). The Hopper GEMM's sums ([column][token slot])
-go through sums_rows first, one kernel that reads them along the tokens and writes rows.
+go to server.models.column_sums: silu_mul to its column kernel, rms_norm to sums_rows' rows first.
 
 On sm_90+ every kernel here takes part in programmatic dependent launch (server.models.pdl); the
 norm's gain and the rotary cos/sin are loaded before the wait (inputs that no kernel of the step's
@@ -26,13 +26,12 @@ and in place (as on CUDA), rms_norm within ~1 ulp of F.rms_norm (another summati
 
 from __future__ import annotations
 
-import os
-
 import torch
 
 from quant.sums import Sums
-from server.models import cpu_ops
+from server.models import column_sums, cpu_ops
 from server.models.pdl import launch_kwargs, pdl_enter, pdl_launch, pdl_wait, triton_pdl
+from server.models.triton_env import NO_FMA, use_triton
 
 try:
     import triton
@@ -41,25 +40,6 @@ try:
     HAVE_TRITON = True
 except ImportError:
     HAVE_TRITON = False
-
-
-# TRITON_INTERPRET=1 (read by Triton when the kernels are defined) runs them in Triton's interpreter,
-# which takes CPU tensors: the CPU tests use it to check the kernels' logic without a GPU. Its numpy
-# arithmetic has no bfloat16, so bfloat16 stays on the torch paths there.
-INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
-
-
-def use_triton(x: torch.Tensor, dtype: torch.dtype | None = None) -> bool:
-    """Whether the Triton kernel runs for x (results in `dtype`, default x's)."""
-    if not HAVE_TRITON:
-        return False
-    return x.is_cuda or (INTERPRET and x.is_cpu and (dtype or x.dtype) != torch.bfloat16)
-
-
-# The rotary kernels compile without fusing a multiply and the add after it into one FMA: torch rounds
-# x * cos and rotate_half(x) * sin before adding them, and so must they (in float32 too), or two
-# launches of the same arithmetic (_rotary_kernel, _qkv_sums_rotary_kernel) may round differently.
-NO_FMA = {"enable_fp_fusion": False}
 
 
 # ---------------------------------------------------------------------------------- torch paths
@@ -122,17 +102,19 @@ if HAVE_TRITON:
 
     @triton.jit
     def load_cos_sin(cos_ptr, sin_ptr, row, HALF: tl.constexpr):
-        """The two halves of one token's cos and sin rows (at offset `row`): c1, s1, c2, s2 [HALF]."""
-        d = tl.arange(0, HALF)
+        """The two halves of one token's cos and sin rows (at offset `row`): c1, s1, c2, s2 [1, HALF]."""
+        d = tl.arange(0, HALF)[None, :]
         return (tl.load(cos_ptr + row + d), tl.load(sin_ptr + row + d),
                 tl.load(cos_ptr + row + HALF + d), tl.load(sin_ptr + row + HALF + d))
 
     @triton.jit
     def rotate_halves(x1, x2, c1, s1, c2, s2):
-        """x = [x1, x2] ([heads, HALF] each) rotated with the same rounding as torch (x * cos and
-        rotate_half(x) * sin in the model dtype, then added): y1, y2."""
-        y1 = (x1 * c1[None, :]).to(x1.dtype) + (-x2 * s1[None, :]).to(x1.dtype)
-        y2 = (x2 * c2[None, :]).to(x1.dtype) + (x1 * s2[None, :]).to(x1.dtype)
+        """x = [x1, x2] ([rows, HALF] each: heads of a token, or tokens of a head) rotated with the
+        same rounding as torch (x * cos and rotate_half(x) * sin in the model dtype, then added):
+        y1, y2. c1, s1, c2, s2: the halves of cos and sin, broadcast against x1 ([1, HALF] for one
+        token's heads, [rows, HALF] for a head's tokens)."""
+        y1 = (x1 * c1).to(x1.dtype) + (-x2 * s1).to(x1.dtype)
+        y2 = (x2 * c2).to(x1.dtype) + (x1 * s2).to(x1.dtype)
         return y1, y2
 
     @triton.jit
@@ -182,52 +164,20 @@ if HAVE_TRITON:
         s = (gf / (1.0 + tl.exp(-gf))).to(g.dtype)
         tl.store(out_ptr + row * stride_o + cols, s * u, mask=mask)
 
-    @triton.jit
-    def _sums_rows_kernel(s_ptr, out_ptr, M, N, slots, stride_o, BT: tl.constexpr, BC: tl.constexpr,
-                          PDL: tl.constexpr):
-        # [column][slot] fp32 sums (element (t, c) at c * slots + t) -> rows out [M, N] in out's
-        # dtype, zeroed behind; a [BT tokens, BC columns] block a program, loaded along the tokens
-        # and stored along the columns (Triton moves the block between the two through shared memory).
-        pdl_enter(PDL)
-        toks = tl.program_id(0) * BT + tl.arange(0, BT)
-        cols = tl.program_id(1) * BC + tl.arange(0, BC)
-        mask = (toks[:, None] < M) & (cols[None, :] < N)
-        p = s_ptr + cols[None, :] * slots + toks[:, None]
-        x = tl.load(p, mask=mask, other=0.0)
-        tl.debug_barrier()  # every thread's loads before any zero store (sums_zeroing_barrier)
-        tl.store(p, tl.zeros([BT, BC], dtype=tl.float32), mask=mask)
-        tl.store(out_ptr + toks[:, None] * stride_o + cols[None, :], x.to(out_ptr.dtype.element_ty), mask=mask)
-
 
 # ---------------------------------------------------------------------------------- entry points
-
-def sums_rows(sums: Sums) -> torch.Tensor:
-    """A matmul's unconverted Sums -> the [M, N] rows y would have been (sums.dtype), zeroing the
-    sums: sums.materialize(), but for the Hopper GEMM's [column][token slot] sums on the GPU one
-    Triton kernel that reads them along the tokens and writes y along the columns (the readers'
-    own FROM_SUMS paths read rows, which that layout would turn into one sector a value)."""
-    data = sums.data
-    if data.stride(-1) == 1 or not use_triton(data, sums.dtype):
-        return sums.materialize()
-    m, n = data.shape
-    out = torch.empty(m, n, dtype=sums.dtype, device=data.device)
-    bt = min(64, triton.next_power_of_2(m))
-    pdl = triton_pdl(out)
-    _sums_rows_kernel[(triton.cdiv(m, bt), triton.cdiv(n, 128))](data, out, m, n, data.stride(1), out.stride(0),
-                                                                 BT=bt, BC=128, PDL=pdl, num_warps=4,
-                                                                 **launch_kwargs(pdl))
-    sums.release()
-    return out
-
 
 def rms_norm(x: torch.Tensor | Sums, weight: torch.Tensor, eps: float,
              residual: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
     """x [T, H] (+ residual [T, H]) -> (weight * norm(x + residual), x + residual).
     x may be a matmul's unconverted Sums: converted (and zeroed) here."""
     sums = x if isinstance(x, Sums) else None
-    if sums is not None and (not use_triton(sums.data, sums.dtype) or sums.dtype != weight.dtype
-                             or sums.data.stride(-1) != 1):
-        x, sums = sums_rows(sums), None
+    if sums is not None and column_sums.is_columns(sums):  # the Hopper GEMM's [column][slot] sums
+        # rows first: a norm needs a token's whole row, and a program a row over that layout reads a
+        # sector a value, while one of all a block of tokens' columns runs serially (column_sums)
+        x, sums = column_sums.sums_rows(sums), None
+    if sums is not None and (not use_triton(sums.data, sums.dtype) or sums.dtype != weight.dtype):
+        x, sums = sums.materialize(), None
     if sums is not None:
         return _rms_norm_triton(sums.data, weight, eps, residual, sums)
     if not use_triton(x) or x.dtype != weight.dtype or x.stride(-1) != 1:
@@ -283,8 +233,11 @@ def silu_mul(gate_up: torch.Tensor | Sums) -> torch.Tensor:
     """[T, 2I] (gate then up) -> [T, I]. gate_up may be a matmul's unconverted Sums: converted (and
     zeroed) here."""
     sums = gate_up if isinstance(gate_up, Sums) else None
-    if sums is not None and sums.data.stride(-1) != 1:  # [column][slot] sums: converted to rows first
-        gate_up, sums = sums_rows(sums), None
+    if sums is not None and column_sums.is_columns(sums):  # the Hopper GEMM's [column][slot] sums
+        out = column_sums.silu_mul_cols(sums)
+        if out is not None:
+            return out
+        gate_up, sums = sums.materialize(), None
     if sums is not None:
         if not use_triton(sums.data, sums.dtype):
             return silu_mul_torch(sums.materialize())

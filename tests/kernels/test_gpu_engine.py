@@ -111,8 +111,8 @@ def test_quantized_linears_after_triton_kernels_read_finished_inputs(sums):
     the wgmma GEMM. sums: the linears leave their fp32 sums where the backend does (sums_op: the GEMV
     up to 16 tokens as rows, the Hopper wgmma GEMM up to 128 as [column][token slot], here at 64 and
     100 tokens) and the Triton kernel after each converts and zeroes them, so the shared sums
-    buffer is zero again after every step, and the q/k/v sums kernel stores k and v in the cache
-    itself (KVSlots)."""
+    buffer is zero again after every step, and the q/k/v sums kernels store k and v in the cache
+    themselves (KVSlots)."""
     from quant import kernels
     from quant.backends import cuda as cuda_backend
     from quant.sums import Sums
@@ -153,8 +153,8 @@ def test_quantized_linears_after_triton_kernels_read_finished_inputs(sums):
             kv = qkv_reader.KVSlots(kc, vc, slots) if sums else None  # the sums kernel also stores k, v
             qkv = linear(layers[1], a)
             q, k, v = qkv_reader.qkv_rotary(qkv, nh, nkv, d, cos, sin, kv)
-            # the rows kernel stores k and v; [column][slot] sums (the Hopper GEMM's) go to rows first
-            assert kv is None or kv.stored == (isinstance(qkv, Sums) and qkv.data.stride(-1) == 1)
+            # both sums kernels (rows, and the Hopper GEMM's [column][slot]) store k and v
+            assert kv is None or kv.stored == isinstance(qkv, Sums)
             if kv is None or not kv.stored:
                 write_kv(k, v, kc, vc, slots)
             att = paged_decode_attention(q, kc, vc, tables, ctx, max_partitions(512))

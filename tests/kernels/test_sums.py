@@ -11,7 +11,7 @@ from quant import kernels
 from quant.backends import cuda as cuda_backend
 from quant.format import FORMAT_V2
 from quant.sums import Sums, SumsBuffer, as_tensor
-from server.models import fused, qkv_reader
+from server.models import column_sums, fused, qkv_reader
 from server.models.attention import CausalAttention
 from server.models.config import LlamaConfig
 from server.models.llama import LlamaForCausalLM
@@ -49,16 +49,25 @@ def test_materialize_rounds_like_the_matmul_and_zeroes(dtype):
     assert as_tensor(y) is y
 
 
+def _slots(layout: str, t: int) -> int | None:
+    """Token slots a column for a layout id: rows (None), or columns as the Hopper GEMM's tile
+    sizes give them (16 to 128, at least t)."""
+    return None if layout == "rows" else max(16, 1 << (t - 1).bit_length())
+
+
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=["fp32", "bf16", "fp16"])
-@pytest.mark.parametrize("t,nh,nkv,d", [(3, 9, 3, 64), (1, 32, 8, 128), (8, 32, 32, 128)])
-@pytest.mark.parametrize("slots", [None, 16], ids=["rows", "columns"])
-def test_fused_readers_take_sums_as_the_tensor_they_stand_for(dtype, device, t, nh, nkv, d, slots):
-    """Bit-equal to the reader given the tensor: on the GPU the Triton kernels' FROM_SUMS paths and
-    the q/k/v rotary kernel, on the CPU materialize() then the usual path; sums as [t, n] rows (the
-    GEMV's) and as [column][16 token slots] (the Hopper GEMM's), whose other slots stay zero."""
+@pytest.mark.parametrize("t,nh,nkv,d", [(3, 9, 3, 64), (1, 32, 8, 128), (8, 32, 32, 128), (40, 8, 2, 64)])
+@pytest.mark.parametrize("layout", ["rows", "columns"])
+def test_fused_readers_take_sums_as_the_tensor_they_stand_for(dtype, device, t, nh, nkv, d, layout):
+    """The readers given sums equal (bit for bit) the reader given the tensor: on the GPU the Triton
+    kernels' FROM_SUMS paths, the q/k/v sums kernels and the column readers (server.models.column_sums),
+    on the CPU materialize() then the usual path; sums as [t, n] rows (the GEMV's) and as [column][16-64
+    token slots] (the Hopper GEMM's; 40 tokens take several token blocks a column), whose other
+    slots stay zero."""
+    slots = _slots(layout, t)
     g = torch.Generator(device=device).manual_seed(5)
-    buffer = SumsBuffer(torch.zeros(1 << 18, device=device))
+    buffer = SumsBuffer(torch.zeros(1 << 19, device=device))
     h = 4096
     w = torch.rand(h, generator=g, device=device).to(dtype) + 0.5
     res = torch.randn(t, h, generator=g, device=device).to(dtype)
@@ -84,6 +93,29 @@ def test_fused_readers_take_sums_as_the_tensor_they_stand_for(dtype, device, t, 
 
 
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+@pytest.mark.parametrize("t,slots", [(13, 16), (70, 128)])
+@pytest.mark.parametrize("h", [576, 1000])
+def test_column_readers_take_partial_blocks(device, t, slots, h):
+    """The column readers where neither the tokens nor the columns fill their blocks: 13 or 70 tokens
+    (a partial last block of tokens), widths of 576 (SmolLM2) and 1000 columns (a partial last
+    block of 128), [column][slot] sums with slots past the tokens. sums_rows and the SwiGLU equal the
+    tensor path bit for bit and leave the buffer zero; so does the RMSNorm, which reads sums_rows' rows."""
+    g = torch.Generator(device=device).manual_seed(23)
+    buffer = SumsBuffer(torch.zeros(1 << 18, device=device))
+    values = torch.randn(t, h, generator=g, device=device) * 3
+    assert torch.equal(column_sums.sums_rows(_sums(buffer, values, torch.float16, slots)), values.half())
+    assert not buffer.pending and not buffer.data.any()
+    assert torch.equal(fused.silu_mul(_sums(buffer, values, torch.float16, slots)), fused.silu_mul(values.half()))
+    assert not buffer.pending and not buffer.data.any()
+    w = torch.rand(h, generator=g, device=device).half() + 0.5
+    res = torch.randn(t, h, generator=g, device=device).half()
+    got = fused.rms_norm(_sums(buffer, values, torch.float16, slots), w, 1e-6, res)
+    want = fused.rms_norm(values.half(), w, 1e-6, res)
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+    assert not buffer.pending and not buffer.data.any()
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
 @pytest.mark.parametrize("heads_per_program", [1, 2, 8, 64])
 def test_qkv_reader_splits_a_row_over_programs(device, heads_per_program, monkeypatch):
     """However many heads one program of the q/k/v reader takes (a partial last block included:
@@ -104,7 +136,8 @@ def test_qkv_reader_splits_a_row_over_programs(device, heads_per_program, monkey
 
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.float32], ids=["fp16", "fp32"])
-def test_qkv_reader_stores_k_and_v_in_the_cache(device, dtype):
+@pytest.mark.parametrize("layout", ["rows", "columns"])
+def test_qkv_reader_stores_k_and_v_in_the_cache(device, dtype, layout):
     """Given the layer's KVSlots, the q/k/v sums kernel also stores k and v (rounded and rotated as
     it returns them) in their tokens' cache slots and nowhere else, and says so (stored); where
     the kernel does not run (plain CPU) or the cache does not fit, nothing is stored and the
@@ -120,7 +153,8 @@ def test_qkv_reader_stores_k_and_v_in_the_cache(device, dtype):
     vc = torch.zeros_like(kc)
     slots = torch.tensor([21, 2, 9], device=device)
     kv = qkv_reader.KVSlots(kc, vc, slots)
-    got = qkv_reader.qkv_rotary(_sums(buffer, qkv, dtype), nh, nkv, d, cos, sin, kv)
+    slots_a_column = _slots(layout, t)
+    got = qkv_reader.qkv_rotary(_sums(buffer, qkv, dtype, slots_a_column), nh, nkv, d, cos, sin, kv)
     for a, b in zip(got, want):
         assert torch.equal(a, b)
     assert kv.stored == fused.use_triton(qkv, dtype)
@@ -135,7 +169,7 @@ def test_qkv_reader_stores_k_and_v_in_the_cache(device, dtype):
                           torch.zeros(6, 4, nkv + 1, d, device=device, dtype=dtype), slots)
     short = qkv_reader.KVSlots(kc.clone().zero_(), vc.clone().zero_(), slots[:2])  # fewer slots than tokens
     for bad in (wrong, short):
-        qkv_reader.qkv_rotary(_sums(buffer, qkv, dtype), nh, nkv, d, cos, sin, bad)
+        qkv_reader.qkv_rotary(_sums(buffer, qkv, dtype, slots_a_column), nh, nkv, d, cos, sin, bad)
         assert not bad.stored and not bad.k_cache.any()
     assert not buffer.pending and not buffer.data.any()
 
