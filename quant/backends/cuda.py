@@ -75,7 +75,8 @@ PIPE_Y_MAX_M = 12
 # (CudaBackend.apply_sums, quant/sums.py): no split-K fix-up at the end of the call. The GEMV keeps
 # [token][column] sums, which the [M, N] sums buffer matches, for any call it takes (up to 16 tokens
 # here: above that the wgmma GEMM or the 32-token GEMV, which keep [column][token] strips).
-# QUANTSERVE_GEMV_SUMS=0 makes every call write y.
+# QUANTSERVE_GEMV_SUMS=0 makes every call write y. This and GEMM_SUMS_MAX_M repeat csrc/quantserve_cuda.h's
+# QS_SUMS_MAX_M and QS_GEMM_SUMS_MAX_M (tests/kernels/test_cuda_build.py checks that they agree).
 SUMS_MAX_M = 16
 GEMV_SUMS = os.environ.get("QUANTSERVE_GEMV_SUMS", "1") != "0"
 # Hopper: wgmma GEMM calls of up to this many tokens (QS_GEMM_SUMS_MAX_M) may leave their sums

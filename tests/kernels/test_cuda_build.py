@@ -71,3 +71,20 @@ def test_timing_probes_are_off_in_the_source():
     switches them on in a copy of the tree); the committed default must be off, and CI has no GPU
     whose tests would notice."""
     assert "\n#define QS_PROBE 0\n" in (CSRC / "qs_probe.cuh").read_text()
+
+
+def test_python_limits_match_the_c_header():
+    """The backend's token limits for calls that leave their sums repeat the C header's (the
+    extension refuses larger calls, and the sums buffer is sized from the Python side): the two
+    must agree, which CI checks here without a GPU."""
+    from quant.backends import cuda
+
+    header = (CSRC / "quantserve_cuda.h").read_text()
+
+    def define(name: str) -> int:
+        lines = [line.split() for line in header.splitlines() if line.startswith(f"#define {name} ")]
+        assert len(lines) == 1, f"{name} is defined {len(lines)} times in quantserve_cuda.h"
+        return int(lines[0][2])
+
+    assert cuda.SUMS_MAX_M == define("QS_SUMS_MAX_M")
+    assert cuda.GEMM_SUMS_MAX_M == define("QS_GEMM_SUMS_MAX_M")
