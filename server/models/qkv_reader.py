@@ -95,7 +95,6 @@ if HAVE_TRITON:
             tl.store(vc_ptr + at, z1.to(vc_ptr.dtype.element_ty), mask=to_v)
             tl.store(vc_ptr + at + HALF, z2.to(vc_ptr.dtype.element_ty), mask=to_v)
 
-
     @triton.jit
     def _qkv_cols_rotary_kernel(s_ptr, out_ptr, cos_ptr, sin_ptr, kc_ptr, vc_ptr, slot_ptr, M, slots,
                                 stride_o, stride_ct, stride_slot, n_q, n_rot, HALF: tl.constexpr,
@@ -138,6 +137,7 @@ if HAVE_TRITON:
             tl.store(kc_ptr + at + HALF, z2.to(kc_ptr.dtype.element_ty), mask=to_k)
             tl.store(vc_ptr + at, z1.to(vc_ptr.dtype.element_ty), mask=to_v)
             tl.store(vc_ptr + at + HALF, z2.to(vc_ptr.dtype.element_ty), mask=to_v)
+
 
 @dataclass(eq=False)
 class KVSlots:
