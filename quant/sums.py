@@ -5,8 +5,10 @@ the strip's fp32 accumulator back, writes y and zeroes the accumulator) is ~10% 
 time, and the Hopper GEMM's at 9-128 tokens ~20% (bench/NOTES.md). A backend may instead add the
 products into a zeroed fp32 buffer and return `Sums`: the next kernel reads them, rounds them to
 `dtype` as y would have been rounded (so the results are the same), and writes zeros back in the
-same pass. The engine's consumers do that (server.models.fused: RMSNorm with residual, SwiGLU, the
-q/k/v rotary); any other reader calls `materialize()`, which gives the tensor y would have been.
+same pass. The engine's consumers do that (server.models.fused: RMSNorm with residual, SwiGLU;
+server.models.qkv_reader: the q/k/v rotary; the GEMM's [column][slot] sums through
+server.models.column_sums); any other reader calls `materialize()`, which gives the tensor y would
+have been.
 
 One buffer per device serves every layer, so at most one Sums is pending at a time: a matmul
 that leaves sums while another Sums is still unread finds the buffer dirty and zeroes it first

@@ -375,13 +375,15 @@ def sums_op(m: int, state: CudaLayout, device: torch.device) -> str | None:
     """The kernel that leaves the fp32 sums of a call of m tokens on this layer ("gemv": up to
     SUMS_MAX_M tokens where the GEMV takes the call, unless QUANTSERVE_GEMV_SUMS=0; "gemm": up to
     GEMM_SUMS_MAX_M tokens of a layer of a multiple of 8 columns where the Hopper wgmma GEMM takes
-    it, unless QUANTSERVE_GEMM_SUMS=0), or
-    None where the call writes y. (The GEMM's sums as [M, N] rows were built and measured slower
-    than its own fix-up, bench/NOTES.md v13-gemm-sums; as [column][token slot] they are faster, v30.)"""
-    if GEMV_SUMS and m <= SUMS_MAX_M and _pick(state, m, device, sums=True) == "gemv":
+    it, unless QUANTSERVE_GEMM_SUMS=0), or None where the call writes y. (The GEMM's sums as [M, N]
+    rows were built and measured slower than its own fix-up, bench/NOTES.md v13-gemm-sums; as
+    [column][token slot] they are faster, v30.)"""
+    if m > max(SUMS_MAX_M, GEMM_SUMS_MAX_M):
+        return None
+    op = _pick(state, m, device, sums=True)
+    if op == "gemv" and GEMV_SUMS and m <= SUMS_MAX_M:
         return "gemv"
-    if (GEMM_SUMS and m <= GEMM_SUMS_MAX_M and state.n % 8 == 0 and _pick(state, m, device, sums=True) == "gemm"
-            and wgmma_available(device)):
+    if op == "gemm" and GEMM_SUMS and m <= GEMM_SUMS_MAX_M and state.n % 8 == 0 and wgmma_available(device):
         return "gemm"
     return None
 

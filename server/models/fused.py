@@ -173,8 +173,9 @@ def rms_norm(x: torch.Tensor | Sums, weight: torch.Tensor, eps: float,
     x may be a matmul's unconverted Sums: converted (and zeroed) here."""
     sums = x if isinstance(x, Sums) else None
     if sums is not None and column_sums.is_columns(sums):  # the Hopper GEMM's [column][slot] sums
-        # rows first: a norm needs a token's whole row, and a program a row over that layout reads a
-        # sector a value, while one of all a block of tokens' columns runs serially (column_sums)
+        # rows first: a norm needs a token's whole row. Read from the column layout, one program per
+        # row touches a sector per value, and one program per block of tokens walks all the columns
+        # serially (both measured slower: server.models.column_sums)
         x, sums = column_sums.sums_rows(sums), None
     if sums is not None and (not use_triton(sums.data, sums.dtype) or sums.dtype != weight.dtype):
         x, sums = sums.materialize(), None
