@@ -271,13 +271,25 @@ __global__ void __launch_bounds__(256, WgCfg<T, BITS, NTOK, SPW>::kBlocksPerSm)
       wgmma_fence();
 #pragma unroll
       for (int s = 0; s < SPW; ++s) {
-        if constexpr (FOLD)
+        if constexpr (probe::on(probe::kSharedA) && (NTOK == 16 || NTOK == 64)) {
+          // timing probe: A as a stale 64 x 16 tile at the start of stage buffer 0
+          const uint64_t a_desc = wgmma_desc_sw128(x_at(0)) + uint64_t(2 * (kk & 3));
+          if constexpr (FOLD)
+            wgmma_ss_probe<NTOK>(part[s], a_desc, x_desc);
+          else
+            wgmma_ss_probe<NTOK>(acc[s], a_desc, x_desc);
+        } else if constexpr (FOLD) {
           wgmma_rs<T, NTOK>(part[s], af[kk & 1][s], x_desc, kk == 0 ? 0 : 1);
-        else
+        } else {
           wgmma_rs<T, NTOK>(acc[s], af[kk & 1][s], x_desc);
+        }
       }
       wgmma_commit();
-      wgmma_wait<1>();
+      if constexpr (probe::on(probe::kStageWait)) {
+        if constexpr (kk + 1 == KB) wgmma_wait<0>();
+      } else {
+        wgmma_wait<1>();
+      }
 #pragma unroll
       for (int s = 0; s < SPW; ++s) pin_regs(af[(kk - 1) & 1][s]);
     });

@@ -118,6 +118,19 @@ __device__ __forceinline__ void wgmma_rs(float (&d)[N / 2], const uint32_t (&a)[
 #define QS_WGMMA_RS_N256(DT) \
   QS_WGMMA_RS("m64n256k16", DT, QS_R0_127, "%133", "{%128, %129, %130, %131}, %132", QS_ACC128(0))
 
+// Timing probe only (qs_probe.cuh kSharedA): D[64 x N] += A * B with both operands in shared memory
+// (two descriptors), f16, N = 16 or 64.
+template <int N>
+__device__ __forceinline__ void wgmma_ss_probe(float (&d)[N / 2], uint64_t adesc, uint64_t desc) {
+  if constexpr (N == 16) {
+    asm volatile("wgmma.mma_async.sync.aligned.m64n16k16.f32.f16.f16 {" QS_R0_7 "}, %8, %9, 1, 1, 1, 0, 0;\n"
+                 : QS_ACC8(0) : "l"(adesc), "l"(desc));
+  } else if constexpr (N == 64) {
+    asm volatile("wgmma.mma_async.sync.aligned.m64n64k16.f32.f16.f16 {" QS_R0_31 "}, %32, %33, 1, 1, 1, 0, 0;\n"
+                 : QS_ACC32(0) : "l"(adesc), "l"(desc));
+  }
+}
+
 // The f16 and bf16 specialisations of wgmma_rs for one N.
 #define QS_WGMMA_RS_SPECS(N)                                                                        \
   template <>                                                                                       \
