@@ -207,7 +207,9 @@ def sums_step(m, order, weights, xs, steps) -> bool:
     The buffer is never zeroed here: the values are meaningless, the memory traffic is the engine's.
     False where no call of m tokens leaves sums (cuda_backend.sums_op: more tokens than the GEMV and
     the Hopper wgmma GEMM leave sums for, or QUANTSERVE_GEMV_SUMS=0 / QUANTSERVE_GEMM_SUMS=0)."""
-    ops = {SHAPES[s]: cuda_backend.sums_op(m, weights[s][0], torch.device("cuda")) for s in SHAPES if s != "lm_head"}
+    # as the engine asks: q/k/v and gate/up for readers of the GEMM's [column][slot] layout
+    ops = {SHAPES[s]: cuda_backend.sums_op(m, weights[s][0], torch.device("cuda"), s in ("qkv", "gate_up"))
+           for s in SHAPES if s != "lm_head"}
     if any(op is None for op in ops.values()):
         return False
     slots = cuda_backend.extension().gemm_sums_tokens(m) if "gemm" in ops.values() else m

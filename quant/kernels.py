@@ -42,8 +42,9 @@ class Backend(Protocol):
 
     # Optional: fast_forward(layer, state) -> callable(x) -> y, or None for an x it does not
     # take (checks its own inputs; QuantLinear.forward tries it before apply). cpu_int4 has one.
-    # Optional: apply_sums(layer, state, x) -> quant.sums.Sums, or None for an x it leaves to
-    # apply (QuantLinear.forward_sums tries it first). cuda has one, for decode-sized calls.
+    # Optional: apply_sums(layer, state, x, columns) -> quant.sums.Sums, or None for an x it leaves
+    # to apply (QuantLinear.forward_sums tries it first; columns: the caller's reader takes sums in
+    # the [column][token slot] layout as they are). cuda has one, for decode-sized calls.
 
 
 @dataclass
@@ -124,16 +125,18 @@ def apply(layer: "QuantLinear", x: torch.Tensor) -> torch.Tensor:
     return y.reshape(*lead, layer.out_features)
 
 
-def apply_sums(layer: "QuantLinear", x: torch.Tensor) -> "torch.Tensor | Sums":
+def apply_sums(layer: "QuantLinear", x: torch.Tensor, columns: bool = False) -> "torch.Tensor | Sums":
     """As apply, but the backend may leave y unconverted (quant.sums.Sums: fp32 [M, N], no bias) for
-    the caller's next kernel to convert; x [M, K] 2-D. Backends without apply_sums, and inputs a
-    backend's apply_sums does not take, return y as apply does."""
+    the caller's next kernel to convert; x [M, K] 2-D. columns: that kernel takes sums in the
+    [column][token slot] layout as they are (server.models.column_sums.is_columns), so the backend
+    may prefer a kernel that leaves them so. Backends without apply_sums, and inputs a backend's
+    apply_sums does not take, return y as apply does."""
     if layer.backend is None or layer.kernel_state is None:
         prepare(layer)
     fn = getattr(_REGISTRY[layer.backend].backend, "apply_sums", None)
     if (fn is not None and x.dim() == 2 and x.is_contiguous() and x.shape[1] == layer.in_features
             and x.device == layer.device):
-        sums = fn(layer, layer.kernel_state, x)
+        sums = fn(layer, layer.kernel_state, x, columns)
         if sums is not None:
             return sums
     return apply(layer, x)

@@ -135,15 +135,16 @@ class QuantLinear(nn.Module):
                 return y
         return kernels.apply(self, x)
 
-    def forward_sums(self, x: torch.Tensor) -> "torch.Tensor | Sums":
+    def forward_sums(self, x: torch.Tensor, columns: bool = False) -> "torch.Tensor | Sums":
         """y for x [M, K], or (a decode-sized call on a backend that can) y's fp32 sums left for the
-        caller's next kernel to convert: quant.sums.Sums, whose reader must convert and zero it.
+        caller's next kernel to convert: quant.sums.Sums, whose reader must convert and zero it
+        (columns: the reader takes the [column][token slot] layout as it is, kernels.apply_sums).
         A layer whose forward is replaced (the self-check's reference pass) or hooked goes through
         the module call, as plain forward does."""
         if (self.fast_forward is not None or x.dim() != 2 or "forward" in self.__dict__
                 or self._forward_hooks or self._forward_pre_hooks):
             return self(x)
-        return kernels.apply_sums(self, x)
+        return kernels.apply_sums(self, x, columns)
 
     def _apply(self, fn, recurse=True):
         # a move or cast (.to, .cuda, .float, ...): the shortcut was built for the old tensors

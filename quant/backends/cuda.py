@@ -71,6 +71,13 @@ WGMMA_MIN_M = 9
 # (H200, 7B decode-step linears writing y: 9 tokens -5%, 12 -3%, 16 +1-3% against the wgmma GEMM).
 PIPE_MAX_M = 16
 PIPE_Y_MAX_M = 12
+# ... except a call whose sums go to a reader of the wgmma GEMM's [column][token slot] layout (the
+# q/k/v and SwiGLU readers; the RMSNorm after o and down needs them transposed by one more kernel):
+# from WGMMA_MIN_M tokens the GEMM leaves those. H200 (bench/NOTES.md v32): the 7B decode-step
+# linears leaving sums at 16 tokens 1.664 ms vs 1.855, the engine at batch 12 / 16 +4.6 / +9.3%, at
+# 10 equal; all four linears on the GEMM were faster still back to back (1.53 ms) but the RMSNorm's
+# transposing kernel made the engine 6% slower at batch 10. QUANTSERVE_COLUMN_SUMS=0: the GEMV.
+COLUMN_SUMS = os.environ.get("QUANTSERVE_COLUMN_SUMS", "1") != "0"
 # GEMV calls of up to this many tokens may leave their fp32 sums to the kernel that reads them
 # (CudaBackend.apply_sums, quant/sums.py): no split-K fix-up at the end of the call. The GEMV keeps
 # [token][column] sums, which the [M, N] sums buffer matches, for any call it takes (up to 16 tokens
@@ -220,13 +227,15 @@ class CudaBackend:
             return matmul(state, x, op="dequant")  # no GEMM tile fits this GPU's shared memory
         return matmul(state, x)
 
-    def apply_sums(self, layer: "QuantLinear", state: CudaLayout, x: torch.Tensor) -> Sums | None:
+    def apply_sums(self, layer: "QuantLinear", state: CudaLayout, x: torch.Tensor,
+                   columns: bool = False) -> Sums | None:
         """y's fp32 sums (quant.sums.Sums) for a call that sums_op says leaves them (the GEMV up to
-        SUMS_MAX_M tokens, the Hopper wgmma GEMM up to GEMM_SUMS_MAX_M): x fp16/bf16 [M, K], no
-        bias. None for any other call (apply takes it)."""
+        SUMS_MAX_M tokens, the Hopper wgmma GEMM up to GEMM_SUMS_MAX_M; columns: the reader takes
+        the GEMM's layout as it is): x fp16/bf16 [M, K], no bias. None for any other call (apply
+        takes it)."""
         op = None
         if x.shape[0] > 0 and layer.bias is None and x.dtype in state.constants:
-            op = sums_op(x.shape[0], state, x.device)
+            op = sums_op(x.shape[0], state, x.device, columns)
         if op is None:
             return None
         return matmul_sums(state, x, op)
@@ -291,18 +300,21 @@ def gemv_launch_options(pdl: bool | None = None, wave_div: int | None = None, pi
 
 
 def pick_op(m: int, wgmma: Callable[[], bool], pipe: Callable[[], bool] = lambda: False,
-            sums: bool = False) -> str:
+            sums: bool = False, columns: bool = False) -> str:
     """"gemv", "gemm" or "dequant" for a call of m tokens: the GEMV up to CudaBackend.gemv_max_m
     tokens, except from WGMMA_MIN_M tokens where `wgmma()` says the device runs the Hopper wgmma
     GEMM, unless `pipe()` says the pipelined GEMV takes the call and it has at most PIPE_MAX_M
-    tokens (a call that leaves its sums) or PIPE_Y_MAX_M (one that writes y); from DEQUANT_MIN_M
-    tokens the dequantise + cuBLAS path. The callables are asked only when the answer depends on
-    them."""
+    tokens (a call that leaves its sums) or PIPE_Y_MAX_M (one that writes y), and the call is not
+    one whose sums go to a reader of the GEMM's [column][token slot] layout (`columns`: those take
+    the wgmma GEMM, COLUMN_SUMS); from DEQUANT_MIN_M tokens the dequantise + cuBLAS path. The
+    callables are asked only when the answer depends on them."""
     if m >= DEQUANT_MIN_M:
         return "dequant"
     if m > CudaBackend.gemv_max_m:
         return "gemm"
     if m >= WGMMA_MIN_M and wgmma():
+        if sums and columns and COLUMN_SUMS:
+            return "gemm"
         return "gemv" if m <= (PIPE_MAX_M if sums else PIPE_Y_MAX_M) and pipe() else "gemm"
     return "gemv"
 
@@ -325,8 +337,8 @@ def pipe_takes(state: CudaLayout, m: int, device: torch.device | int | None = No
     return found
 
 
-def _pick(state: CudaLayout, m: int, device: torch.device, sums: bool = False) -> str:
-    return pick_op(m, lambda: wgmma_available(device), lambda: pipe_takes(state, m, device), sums)
+def _pick(state: CudaLayout, m: int, device: torch.device, sums: bool = False, columns: bool = False) -> str:
+    return pick_op(m, lambda: wgmma_available(device), lambda: pipe_takes(state, m, device), sums, columns)
 
 
 _GATHER_PDL = os.environ.get("QUANTSERVE_GEMV_PDL", "1") != "0"
@@ -371,16 +383,19 @@ def matmul(state: CudaLayout, x: torch.Tensor, out: torch.Tensor | None = None,
     return ext.gemm(*args, sums=sums)
 
 
-def sums_op(m: int, state: CudaLayout, device: torch.device) -> str | None:
+def sums_op(m: int, state: CudaLayout, device: torch.device, columns: bool = False) -> str | None:
     """The kernel that leaves the fp32 sums of a call of m tokens on this layer ("gemv": up to
     SUMS_MAX_M tokens where the GEMV takes the call, unless QUANTSERVE_GEMV_SUMS=0; "gemm": up to
     GEMM_SUMS_MAX_M tokens of a layer of a multiple of 8 columns where the Hopper wgmma GEMM takes
     it, unless QUANTSERVE_GEMM_SUMS=0), or None where the call writes y. (The GEMM's sums as [M, N]
     rows were built and measured slower than its own fix-up, bench/NOTES.md v13-gemm-sums; as
-    [column][token slot] they are faster, v30.)"""
+    [column][token slot] they are faster, v30.) columns: the caller's reader takes the GEMM's
+    [column][token slot] sums as they are (the q/k/v and SwiGLU readers; the RMSNorm's needs them
+    transposed first): then from WGMMA_MIN_M tokens the GEMM leaves them even where the pipelined
+    GEMV takes the layer (COLUMN_SUMS)."""
     if m > max(SUMS_MAX_M, GEMM_SUMS_MAX_M):
         return None
-    op = _pick(state, m, device, sums=True)
+    op = _pick(state, m, device, sums=True, columns=columns and GEMM_SUMS and state.n % 8 == 0)
     if op == "gemv" and GEMV_SUMS and m <= SUMS_MAX_M:
         return "gemv"
     if op == "gemm" and GEMM_SUMS and m <= GEMM_SUMS_MAX_M and state.n % 8 == 0 and wgmma_available(device):

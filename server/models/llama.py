@@ -28,12 +28,14 @@ from server.models.rope import RotaryEmbedding
 LinearFactory = Callable[[int, int, bool, str], nn.Module]
 
 
-def project(linear: nn.Module, x: torch.Tensor) -> torch.Tensor | Sums:
+def project(linear: nn.Module, x: torch.Tensor, columns: bool = False) -> torch.Tensor | Sums:
     """linear(x), or its unconverted Sums where the layer can leave them (QuantLinear.forward_sums:
     decode-sized calls on the CUDA kernels); the caller hands the result to a kernel that takes Sums
-    (server.models.fused) or to as_tensor."""
+    (server.models.fused, qkv_reader) or to as_tensor. columns: that kernel reads sums in the
+    [column][token slot] layout as they are (the q/k/v and SwiGLU readers; the RMSNorm transposes
+    them first, one more kernel), so the layer may prefer a matmul that leaves them so."""
     forward_sums = getattr(linear, "forward_sums", None)
-    return linear(x) if forward_sums is None else forward_sums(x)
+    return linear(x) if forward_sums is None else forward_sums(x, columns=columns)
 
 
 def dense_linear(in_features: int, out_features: int, bias: bool, name: str) -> nn.Module:
@@ -94,8 +96,9 @@ class LlamaAttention(nn.Module):
             # [T, q_size + 2 * kv_size], possibly unconverted: qkv_rotary converts it as it rotates,
             # and may store k and v in the attention's cache in the same kernel
             slots = getattr(attn, "kv_slots", None)
-            q, k, v = qkv_rotary(project(self.qkv_proj, x), self.num_heads, self.num_kv_heads,
-                                 self.head_dim, cos, sin, slots(self.layer_idx) if slots else None)
+            qkv = project(self.qkv_proj, x, columns=True)
+            q, k, v = qkv_rotary(qkv, self.num_heads, self.num_kv_heads, self.head_dim, cos, sin,
+                                 slots(self.layer_idx) if slots else None)
         else:
             q = self.q_proj(x).view(t, self.num_heads, self.head_dim)
             k = self.k_proj(x).view(t, self.num_kv_heads, self.head_dim)
@@ -134,7 +137,7 @@ class LlamaMLP(nn.Module):
     def act(self, x: torch.Tensor) -> torch.Tensor:
         """Everything before down_proj: normed x [T, H] -> silu(gate(x)) * up(x) [T, I]."""
         if self.gate_up_proj is not None:
-            return silu_mul(project(self.gate_up_proj, x))
+            return silu_mul(project(self.gate_up_proj, x, columns=True))
         return F.silu(self.gate_proj(x)) * self.up_proj(x)
 
 

@@ -127,6 +127,30 @@ def test_pick_op_keeps_9_to_16_tokens_on_the_pipelined_gemv_where_it_takes_the_l
     assert cuda_backend.PIPE_MAX_M == 16 == cuda_backend.SUMS_MAX_M and cuda_backend.PIPE_Y_MAX_M == 12
 
 
+def test_pick_op_sends_sums_for_column_readers_to_the_wgmma_gemm_from_9_tokens(monkeypatch):
+    """Sums whose reader takes the GEMM's [column][token slot] layout as it is (columns) go to the
+    wgmma GEMM from WGMMA_MIN_M tokens even where the pipelined GEMV takes the layer (the layer is
+    not asked); without wgmma, below WGMMA_MIN_M, for y, or with COLUMN_SUMS off, as before."""
+    asked = []
+
+    def answer(what, value):
+        return lambda: asked.append(what) or value
+
+    for m in range(cuda_backend.WGMMA_MIN_M, cuda_backend.PIPE_MAX_M + 1):
+        asked.clear()
+        assert cuda_backend.pick_op(m, answer("wgmma", True), answer("pipe", True), sums=True, columns=True) == "gemm"
+        assert asked == ["wgmma"]
+        assert cuda_backend.pick_op(m, answer("wgmma", False), answer("pipe", True), sums=True, columns=True) == "gemv"
+        assert cuda_backend.pick_op(m, answer("wgmma", True), answer("pipe", True), sums=True) == "gemv"
+    for m in range(1, cuda_backend.WGMMA_MIN_M):
+        assert cuda_backend.pick_op(m, answer("wgmma", True), answer("pipe", True), sums=True, columns=True) == "gemv"
+    # columns only matters for sums: a call that writes y keeps the pipelined GEMV up to PIPE_Y_MAX_M
+    assert cuda_backend.pick_op(cuda_backend.WGMMA_MIN_M, answer("wgmma", True), answer("pipe", True),
+                                columns=True) == "gemv"
+    monkeypatch.setattr(cuda_backend, "COLUMN_SUMS", False)
+    assert cuda_backend.pick_op(12, answer("wgmma", True), answer("pipe", True), sums=True, columns=True) == "gemv"
+
+
 def test_pick_op_sends_prefill_sized_calls_to_dequant_and_cublas():
     asked = []
     for m in (cuda_backend.DEQUANT_MIN_M, 1024, 8192):

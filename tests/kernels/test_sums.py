@@ -179,15 +179,19 @@ class SumsLinear(nn.Linear):
 
     buffer = SumsBuffer(torch.zeros(1 << 14))
     made = 0
+    columns: list[tuple[int, bool]] = []  # (out_features, columns) of every call
 
-    def forward_sums(self, x: torch.Tensor) -> Sums:
+    def forward_sums(self, x: torch.Tensor, columns: bool = False) -> Sums:
         SumsLinear.made += 1
+        SumsLinear.columns.append((self.out_features, columns))
         return _sums(self.buffer, self(x).float(), x.dtype)
 
 
 def test_decoder_hands_every_sums_to_a_reader():
     """Every projection that may leave Sums (fused q/k/v and gate/up, o, down) does, and the model's
-    output equals the plain model's exactly: each Sums reached a reader, which left the buffer zero."""
+    output equals the plain model's exactly: each Sums reached a reader, which left the buffer zero.
+    q/k/v and gate/up tell the layer that their readers take [column][slot] sums as they are
+    (columns=True); o and down, read by the RMSNorm, do not."""
     config = LlamaConfig.from_hf(tiny_hf_config())
     plain = LlamaForCausalLM(config).eval()
     plain.fuse_projections()
@@ -203,8 +207,12 @@ def test_decoder_hands_every_sums_to_a_reader():
     with torch.no_grad():
         want = plain(ids, torch.arange(5), attn)
         SumsLinear.made = 0
+        SumsLinear.columns.clear()
         got = made(ids, torch.arange(5), attn)
         assert SumsLinear.made == 4 * config.num_hidden_layers
+        h, i = config.hidden_size, config.intermediate_size
+        want_columns = [(config.q_size + 2 * config.kv_size, True), (h, False), (2 * i, True), (h, False)]
+        assert SumsLinear.columns == want_columns * config.num_hidden_layers
         assert torch.equal(got, want)
         assert not SumsLinear.buffer.pending and not SumsLinear.buffer.data.any()
         layer = made.model.layers[0]  # the modules' own forward still gives tensors
@@ -247,8 +255,9 @@ def test_gemv_sums_are_the_products(k, n, bits, group_size, sym, desc_act):
     reference and, rounded to x's dtype, the y the same call writes otherwise; materialize() gives
     that y and leaves the shared buffer zero for the next call, also when a Sums was abandoned.
     With the wgmma GEMM on (Hopper), 9-16-token calls that the pipelined GEMV does not take go to
-    it, which leaves them as [column][token slot]; with it off, the register GEMV leaves their sums
-    (two 8-token blocks)."""
+    it, which leaves them as [column][token slot], and so do those whose reader takes that layout
+    (columns=True: the q/k/v and SwiGLU projections) also where the pipelined GEMV takes the layer;
+    with it off, the register GEMV leaves their sums (two 8-token blocks)."""
     layer = _cuda_layer(k, n, bits, group_size, sym, desc_act)
     buffer = cuda_backend.workspace(torch.device("cuda")).sums
     g = torch.Generator(device="cuda").manual_seed(k + n)
@@ -257,7 +266,8 @@ def test_gemv_sums_are_the_products(k, n, bits, group_size, sym, desc_act):
             for dtype in (torch.float16, torch.bfloat16):
                 for m in range(1, cuda_backend.SUMS_MAX_M + 1):
                     x = torch.randn(m, k, device="cuda", dtype=dtype, generator=g)
-                    _check_sums(layer, x, buffer, wgmma)
+                    for columns in (False, True):
+                        _check_sums(layer, x, buffer, wgmma, columns)
     x = x[:8]  # the GEMV takes 8 tokens of every layer
     layer.forward_sums(x)  # abandoned: never read
     again = layer.forward_sums(x)
@@ -265,13 +275,15 @@ def test_gemv_sums_are_the_products(k, n, bits, group_size, sym, desc_act):
     assert not buffer.data.any()
 
 
-def _check_sums(layer, x, buffer, wgmma):
+def _check_sums(layer, x, buffer, wgmma, columns=False):
     m, dtype = x.shape[0], x.dtype
     ref = kernels.reference(layer, x)
-    sums = layer.forward_sums(x)
-    gemv = m <= 8 or not (wgmma and cuda_backend.wgmma_available()) or cuda_backend.pipe_takes(layer.kernel_state, m)
+    sums = layer.forward_sums(x, columns=columns)
+    gemm = m >= cuda_backend.WGMMA_MIN_M and wgmma and cuda_backend.wgmma_available()
+    column_gemm = columns and cuda_backend.COLUMN_SUMS and cuda_backend.GEMM_SUMS and layer.out_features % 8 == 0
+    gemv = not gemm or (cuda_backend.pipe_takes(layer.kernel_state, m) and not column_gemm)
     want = "gemv" if gemv else ("gemm" if cuda_backend.GEMM_SUMS else None)
-    assert cuda_backend.sums_op(m, layer.kernel_state, x.device) == want, (m, wgmma)
+    assert cuda_backend.sums_op(m, layer.kernel_state, x.device, columns) == want, (m, wgmma, columns)
     leaves = want is not None
     if not leaves:
         assert isinstance(sums, torch.Tensor) and sums.dtype == dtype and not buffer.pending
