@@ -4,7 +4,7 @@
 
 Covers full and split (stream-K) tiles, partial strips and k steps, asym zeros, act-order (the gather
 kernel before the GEMV, GEMM and dequant path), bias, the GEMV and the wgmma GEMM that leave their sums
-(up to 16 / 128 tokens),
+(up to 16 / 128 tokens; also as a column reader's projection asks, where that takes the other kernel),
 fp16 and bf16; calls above 32 tokens also run the dequantise + cuBLAS path. Exits non-zero if a result is wrong.
 """
 
@@ -39,12 +39,16 @@ def main() -> int:
                 x = torch.randn(m, k, device="cuda", dtype=dtype)
                 ref = kernels.reference(layer, x)
                 ops = ("gemv", "gemm") if m <= 32 else ("gemm", "dequant")
-                sums_op = cuda_backend.sums_op(m, layer.kernel_state, x.device)
-                if sums_op is not None and not bias:
-                    ops += ("sums",)
+                sums_ops = {"sums": cuda_backend.sums_op(m, layer.kernel_state, x.device),
+                            # a projection whose reader takes [column][slot] sums (q/k/v, gate/up)
+                            "sums_cols": cuda_backend.sums_op(m, layer.kernel_state, x.device, columns=True)}
+                if sums_ops["sums_cols"] == sums_ops["sums"]:
+                    del sums_ops["sums_cols"]
+                if not bias:
+                    ops += tuple(name for name, op in sums_ops.items() if op is not None)
                 for op in ops:
-                    if op == "sums":  # the GEMV or wgmma GEMM that leaves its fp32 sums, converted here
-                        y = cuda_backend.matmul_sums(layer.kernel_state, x, sums_op).materialize()
+                    if op in sums_ops:  # the GEMV or wgmma GEMM that leaves its fp32 sums, converted here
+                        y = cuda_backend.matmul_sums(layer.kernel_state, x, sums_ops[op]).materialize()
                     else:
                         y = cuda_backend.matmul(layer.kernel_state, x, op=op)
                     err = ((y.float() - ref).norm() / ref.norm()).item()
