@@ -289,7 +289,7 @@ std::tuple<int64_t, int64_t> workspace_need(int64_t device) {
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "quantserve fused int4/int8 dequant GEMV (m <= 32) and tensor-core GEMM kernels";
   m.def("gemv", &gemv,
-        "y[m, n] = x[m, k] @ W + bias for m <= 32 (repacked GPTQ codes); with sums (m <= 8, no bias): the "
+        "y[m, n] = x[m, k] @ W + bias for m <= 32 (repacked GPTQ codes); with sums (m <= sums_max_m(), no bias): the "
         "fp32 products are added into sums[:m * n] (zero on entry) and returned as [m, n], y not written",
         py::arg("x"),
         py::arg("qweight"), py::arg("scales"), py::arg("zeros"), py::arg("bias"), py::arg("workspace"),
