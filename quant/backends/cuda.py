@@ -395,10 +395,11 @@ def sums_op(m: int, state: CudaLayout, device: torch.device, columns: bool = Fal
     GEMV takes the layer (COLUMN_SUMS)."""
     if m > max(SUMS_MAX_M, GEMM_SUMS_MAX_M):
         return None
-    op = _pick(state, m, device, sums=True, columns=columns and GEMM_SUMS and state.n % 8 == 0)
+    gemm_sums = GEMM_SUMS and m <= GEMM_SUMS_MAX_M and state.n % 8 == 0  # the GEMM's own conditions
+    op = _pick(state, m, device, sums=True, columns=columns and gemm_sums)
     if op == "gemv" and GEMV_SUMS and m <= SUMS_MAX_M:
         return "gemv"
-    if op == "gemm" and GEMM_SUMS and m <= GEMM_SUMS_MAX_M and state.n % 8 == 0 and wgmma_available(device):
+    if op == "gemm" and gemm_sums and wgmma_available(device):
         return "gemm"
     return None
 

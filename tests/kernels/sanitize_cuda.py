@@ -45,7 +45,7 @@ def main() -> int:
                 if sums_ops["sums_cols"] == sums_ops["sums"]:
                     del sums_ops["sums_cols"]
                 if not bias:
-                    ops += tuple(name for name, op in sums_ops.items() if op is not None)
+                    ops += tuple(name for name, kernel in sums_ops.items() if kernel is not None)
                 for op in ops:
                     if op in sums_ops:  # the GEMV or wgmma GEMM that leaves its fp32 sums, converted here
                         y = cuda_backend.matmul_sums(layer.kernel_state, x, sums_ops[op]).materialize()
