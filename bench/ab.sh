@@ -60,6 +60,12 @@ run() {
     python3 -m pip install -q --no-index --no-deps --no-compile --target "$site" .whl/*.whl >/dev/null 2>&1
   fi
   nvidia-smi --query-gpu=name --format=csv,noheader
+  # The tests' tokenizer fixture (carried; the device cannot fetch the default model's package).
+  for v in $versions; do
+    if [ -d .cache/test/smollm2-tokenizer ] && [ ! -d "ab/$v/.cache/test/smollm2-tokenizer" ]; then
+      mkdir -p "ab/$v/.cache/test" && cp -r .cache/test/smollm2-tokenizer "ab/$v/.cache/test/"
+    fi
+  done
   for v in $versions; do
     (cd "ab/$v" && PYTHONPATH=$site:. QUANTSERVE_EXT_DIR=/tmp/ab-ext-$v python3 -c \
       "from quant.backends import cuda; cuda.extension(); print('built $v')" >"$out/ab/build-$v.log" 2>&1) &
