@@ -324,16 +324,14 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         qs_gemv_get_options(&pdl, &wave_div, &pipeline);
         return std::make_tuple(bool(pdl), int64_t(wave_div), bool(pipeline));
       }, "(pdl, wave_div, pipeline) of the GEMV launches");
-  m.def("gemm_set_options",
-        [](bool wgmma, bool pdl, int64_t ws) { qs_gemm_set_options(wgmma ? 1 : 0, pdl ? 1 : 0, int(ws)); },
+  m.def("gemm_set_options", [](bool wgmma, bool pdl) { qs_gemm_set_options(wgmma ? 1 : 0, pdl ? 1 : 0); },
         "GEMM options (process-wide): wgmma = False sends every call to the mma.sync kernel; pdl = False "
-        "launches the wgmma kernel without programmatic dependent launch; ws = 1 sends 4-bit calls of up "
-        "to 64 tokens to the warp-specialised wgmma kernel (2: four computing warpgroups a block)", py::arg("wgmma"), py::arg("pdl"), py::arg("ws"));
+        "launches the wgmma kernel without programmatic dependent launch", py::arg("wgmma"), py::arg("pdl"));
   m.def("gemm_get_options", []() {
-        int wgmma = 0, pdl = 0, ws = 0;
-        qs_gemm_get_options(&wgmma, &pdl, &ws);
-        return std::make_tuple(bool(wgmma), bool(pdl), int64_t(ws));
-      }, "(wgmma, pdl, ws) of the Hopper GEMM");
+        int wgmma = 0, pdl = 0;
+        qs_gemm_get_options(&wgmma, &pdl);
+        return std::make_tuple(bool(wgmma), bool(pdl));
+      }, "(wgmma, pdl) of the Hopper GEMM");
   m.def("wgmma_available", [](int64_t device) { return bool(qs_wgmma_probe(int(device))); },
         "whether the device runs the sm_90a wgmma GEMM (probed once)", py::arg("device"));
   m.def("gemv_max_m", &qs_gemv_max_m, "largest m the gemv op takes");

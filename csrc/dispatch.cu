@@ -67,16 +67,14 @@ extern "C" cudaError_t qs_gemm(const QsMatmulArgs* a, cudaStream_t stream) {
 
 extern "C" int qs_gemm_sums_tokens(int m) { return qs::wgmma_tile_tokens(m); }
 
-extern "C" void qs_gemm_set_options(int wgmma, int pdl, int ws) {
+extern "C" void qs_gemm_set_options(int wgmma, int pdl) {
   qs::gemm_options().wgmma = wgmma ? 1 : 0;
   qs::gemm_options().pdl = pdl ? 1 : 0;
-  qs::gemm_options().ws = ws < 0 ? 0 : ws > 2 ? 2 : ws;
 }
 
-extern "C" void qs_gemm_get_options(int* wgmma, int* pdl, int* ws) {
+extern "C" void qs_gemm_get_options(int* wgmma, int* pdl) {
   *wgmma = qs::gemm_options().wgmma;
   *pdl = qs::gemm_options().pdl;
-  *ws = qs::gemm_options().ws;
 }
 
 extern "C" int qs_wgmma_probe(int device) {

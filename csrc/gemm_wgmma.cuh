@@ -16,8 +16,6 @@
 
 #include "gemm_wgmma_cfg.cuh"
 #include "gemm_wgmma_out.cuh"
-#include "gemm_wgmma_producer.cuh"
-#include "qs_mbar.cuh"
 #include "qs_dequant.cuh"
 #include "qs_launch.cuh"
 #include "qs_probe.cuh"
@@ -33,15 +31,11 @@ namespace qs {
 // the stage ends by waiting for them and adding scale x partial into the accumulators in fp32.
 // SUMS (a call that leaves its sums, a.sums set): tile ends store or add fp32 sums there instead
 // of writing y (tile_out); a kernel of its own, so the y kernel's code and registers stay its own.
-// WS (warp-specialised): the block has one more warp, the producer (gemm_wgmma_producer.cuh), which
-// fills the stages through bulk and TMA copies (x through the tensor map xmap); the 256 computing
-// threads wait on each stage's "full" mbarrier and release it on its "empty" one, and meet only at
-// the tile ends (named barrier 1). Without WS every thread copies and the block meets every stage.
-template <typename T, int BITS, int NTOK, int SPW, bool FOLD, bool SUMS, bool WS, int WGS = 2>
-__device__ __forceinline__ void gemm_wgmma_body(const QsMatmulArgs& a, const CUtensorMap* xmap) {
+template <typename T, int BITS, int NTOK, int SPW, bool FOLD = false, bool SUMS = false>
+__global__ void __launch_bounds__(256, WgCfg<T, BITS, NTOK, SPW>::kBlocksPerSm)
+    gemm_wgmma_kernel(const QsMatmulArgs a) {
 #if QS_HAS_WGMMA
-  using Cfg = WgCfg<T, BITS, NTOK, SPW, WGS>;
-  static_assert(WS || WGS == 2, "four warpgroups only with the producer warp");
+  using Cfg = WgCfg<T, BITS, NTOK, SPW>;
   constexpr int KB = Cfg::KB, V = Cfg::V, WPL = Cfg::WPL, NACC = Cfg::NACC, STRIPS = Cfg::STRIPS;
   constexpr int NTH = Cfg::kThreads, stages = Cfg::kStages;
   extern __shared__ uint8_t smem_raw[];
@@ -77,40 +71,13 @@ __device__ __forceinline__ void gemm_wgmma_body(const QsMatmulArgs& a, const CUt
 
   using Cursor = StageCursor;
   auto advance = [&](Cursor& c) { c.advance(nst); };
-
-  // WS: the stages' full barriers (one arrival, the producer's, plus the copies' bytes) and empty
-  // barriers (one arrival per computing warp), set up before the producer warp splits off.
-  __shared__ __align__(8) uint64_t s_bars[WS ? 2 * stages : 1];
-  const uint32_t full_bars = smem_u32(s_bars), empty_bars = full_bars + uint32_t(8 * stages);
-  // A computing warp gives stage buffer b back once its wgmmas reading b have retired.
-  auto release = [&](int b) {
-    if constexpr (WS) {
-      if (lane == 0) mbar_arrive(empty_bars + uint32_t(8 * b));
-    }
-  };
-  if constexpr (WS) {
-    if (tid == 0) {
-      for (int i = 0; i < stages; ++i) {
-        mbar_init(full_bars + uint32_t(8 * i), 1);
-        mbar_init(empty_bars + uint32_t(8 * i), NTH / 32);
-      }
-      mbar_init_fence();
-    }
-    __syncthreads();
-    if (warp == NTH / 32) {
-      if (lane == 0)
-        wgmma_produce<Cfg, stages>(a, xmap, smem_addr, full_bars, empty_bars, u0, u1,
-                                   StageCursor{int(u0 / nst), int(u0 % nst)}, n_strips, k_steps, nst);
-      return;
-    }
-  }
   // One stage: x [XSUB][NTOK][64] (k >= K zero-filled), the codes of STRIPS strips x KB steps, and
   // their scales / zeros. The per-thread parts of the addresses that do not move with the stage are
   // computed once here: a stage's copies then cost a few adds each.
   // (x rounds: at 16 tokens with 64-k stages only half the threads copy x.)
   constexpr int XR = (Cfg::X_CHUNKS + NTH - 1) / NTH, WR = Cfg::W_CHUNKS / NTH;
   constexpr int XCPR = 8 * Cfg::XSUB, XRS = NTH / XCPR;  // x chunks per token row; rows per copy round
-  static_assert(WS || (NTH == 256 && XRS % 8 == 0), "x rows x_row + XRS r keep the row's swizzle phase");
+  static_assert(NTH == 256 && XRS % 8 == 0, "x rows x_row + XRS r keep the row's swizzle phase");
   // This thread copies chunk x_cc of rows x_row + XRS r: sub-tile x_cc / 8, 16-byte chunk x_cc % 8.
   const int x_row = tid / XCPR, x_cc = tid % XCPR;
   const int x_dst = (x_cc >> 3) * (NTOK * 64) + x_row * 64 + (((x_cc & 7) ^ (x_row & 7)) << 3);
@@ -255,9 +222,6 @@ __device__ __forceinline__ void gemm_wgmma_body(const QsMatmulArgs& a, const CUt
       }
     }
   };
-  // WS: the stage buffer whose last step's wgmmas may still run (released at the next stage's first
-  // wait, or at a flush), or -1.
-  int held = -1;
   auto compute_unit = [&](const Cursor& cu, int buf, StepWords& wn) {
     const int step0 = cu.st * KB;
     const int gfirst = step0 >> a.group_shift;
@@ -279,9 +243,7 @@ __device__ __forceinline__ void gemm_wgmma_body(const QsMatmulArgs& a, const CUt
         const int slot = grp - gfirst;
 #pragma unroll
         for (int s = 0; s < SPW; ++s) {
-          // [strip][slot][8] uint4 (WS: [slot][strip][8], a group's strips one bulk copy)
-          const uint32_t off = WS ? uint32_t(((slot * STRIPS + wg * SPW + s) * 8) * 16)
-                                  : uint32_t((((wg * SPW + s) * GSLOTS + slot) * 8) * 16);
+          const uint32_t off = uint32_t((((wg * SPW + s) * GSLOTS + slot) * 8) * 16);
           const uint32_t sw32 = lds32_at(ss + off);
           const uint32_t zw32 = has_zeros ? lds32_at(ss + uint32_t(Cfg::S_BYTES) + off) : 0u;
           gc[s].load(make_uint4(sw32, 0, 0, 0), make_uint4(zw32, 0, 0, 0), has_zeros, a.zero_point);
@@ -330,10 +292,6 @@ __device__ __forceinline__ void gemm_wgmma_body(const QsMatmulArgs& a, const CUt
       }
 #pragma unroll
       for (int s = 0; s < SPW; ++s) pin_regs(af[(kk - 1) & 1][s]);
-      if constexpr (WS && !FOLD && kk == 0) {  // the stage before's last wgmmas have retired
-        if (held >= 0) release(held);
-        held = -1;
-      }
     });
     if constexpr (FOLD) {
       // The stage's group constants are still the ones in gc (a group spans whole stages):
@@ -352,19 +310,12 @@ __device__ __forceinline__ void gemm_wgmma_body(const QsMatmulArgs& a, const CUt
           acc[s][r] = fmaf((r & 2) ? s1 : s0, part[s][r], acc[s][r]);  // (step 0 overwrites part)
         }
       }
-      release(buf);
-    } else {
-      held = buf;
     }
   };
 
   // The end of a tile segment: its sums to y or the split-K accumulator (tile_out, gemm_wgmma_out.cuh).
   auto flush = [&](int tile, int seg_first, int seg_end) {
     wgmma_wait<0>();
-    if constexpr (WS) {
-      if (held >= 0) release(held);
-      held = -1;
-    }
 #pragma unroll
     for (int s = 0; s < SPW; ++s) {
       pin_regs(af[(KB - 1) & 1][s]);
@@ -372,7 +323,7 @@ __device__ __forceinline__ void gemm_wgmma_body(const QsMatmulArgs& a, const CUt
     }
     const int tile_first = tile * nst;
     const bool whole = seg_first == tile_first && seg_end == tile_first + nst;
-    tile_out<T, NTOK, SPW, NTH, SUMS, WS, WGS>(a, bias, y, acc, tile * STRIPS, whole, seg_end - seg_first, nst, s_last);
+    tile_out<T, NTOK, SPW, NTH, SUMS>(a, bias, y, acc, tile * STRIPS, whole, seg_end - seg_first, nst, s_last);
 #pragma unroll
     for (int s = 0; s < SPW; ++s)
 #pragma unroll
@@ -383,31 +334,6 @@ __device__ __forceinline__ void gemm_wgmma_body(const QsMatmulArgs& a, const CUt
   // barrier also guarantees that every warp has retired stage u - 2's wgmmas (wait_group 1 after
   // each step), so stage u + stages - 2 may be copied into that buffer. The loop runs one tile's
   // segment at a time and flushes after it, outside the per-stage loop.
-  if constexpr (WS) {
-    pdl_launch_dependents();
-    pdl_wait();  // y, the accumulators and their counters belong to earlier kernels until here
-    Cursor comp = {int(u0 / nst), int(u0 % nst)};
-    int buf = 0;
-    uint32_t phase = 0;
-    for (int u = u0; u < u1;) {
-      const int tile = comp.tile;
-      const int seg_first = u, seg_end = min(u1, (tile + 1) * nst);
-      gc_group = -1;
-      for (; u < seg_end; ++u) {
-        mbar_wait(full_bars + uint32_t(8 * buf), phase);
-        StepWords wn;
-        step_words(buf, 0, wn);
-        compute_unit(comp, buf, wn);
-        advance(comp);
-        if (++buf == stages) {
-          buf = 0;
-          phase ^= 1;
-        }
-      }
-      flush(tile, seg_first, seg_end);
-    }
-    return;
-  }
   constexpr int ahead = stages - 2;
   // Prologue: the first stages' weights are copied before griddepcontrol.wait (they overlap the
   // tail of the kernel before this one); x, the accumulators and y belong to earlier kernels until
@@ -456,19 +382,6 @@ __device__ __forceinline__ void gemm_wgmma_body(const QsMatmulArgs& a, const CUt
   }
   cp_async_wait(0);
 #endif
-}
-
-template <typename T, int BITS, int NTOK, int SPW, bool FOLD = false, bool SUMS = false>
-__global__ void __launch_bounds__(256, WgCfg<T, BITS, NTOK, SPW>::kBlocksPerSm)
-    gemm_wgmma_kernel(const QsMatmulArgs a) {
-  gemm_wgmma_body<T, BITS, NTOK, SPW, FOLD, SUMS, false>(a, nullptr);
-}
-
-// The warp-specialised kernel: 4 WGS computing warps and the producer warp.
-template <typename T, int BITS, int NTOK, int SPW, bool FOLD = false, bool SUMS = false, int WGS = 2>
-__global__ void __launch_bounds__(128 * WGS + 32, WgCfg<T, BITS, NTOK, SPW, WGS>::kBlocksPerSm)
-    gemm_wgmma_ws_kernel(const QsMatmulArgs a, const __grid_constant__ CUtensorMap xmap) {
-  gemm_wgmma_body<T, BITS, NTOK, SPW, FOLD, SUMS, true, WGS>(a, &xmap);
 }
 
 }  // namespace qs

@@ -8,11 +8,9 @@
 
 namespace qs {
 
-// WGS: computing warpgroups a block (2; 4 in the warp-specialised kernel's one-block-an-SM tiles,
-// whose four strips share each stage's x).
-template <typename T, int BITS, int NTOK, int SPW, int WGS = 2>
+template <typename T, int BITS, int NTOK, int SPW>
 struct WgCfg {
-  static constexpr int kWarpgroups = WGS;
+  static constexpr int kWarpgroups = 2;
   static constexpr int kThreads = 128 * kWarpgroups;
   static constexpr int STRIPS = kWarpgroups * SPW;
   static constexpr int BN = 64 * STRIPS;
@@ -38,21 +36,19 @@ struct WgCfg {
   static constexpr int NACC = NTOK / 2;  // fp32 accumulators per thread and strip
   static constexpr int X_CHUNKS = NTOK * 8 * XSUB;    // 16-byte chunks of x per stage
   static constexpr int W_CHUNKS = STRIPS * KB * 32 * V;  // 16-byte chunks of codes per stage
-  static_assert(WGS != 2 || ((X_CHUNKS % kThreads == 0 || X_CHUNKS == 128) && W_CHUNKS % kThreads == 0),
-                "whole cp.async rounds (the kernel that copies with every thread)");
+  static_assert((X_CHUNKS % kThreads == 0 || X_CHUNKS == 128) && W_CHUNKS % kThreads == 0,
+                "whole cp.async rounds");
   static_assert(NTOK == 16 || NTOK == 32 || NTOK == 64 || NTOK == 128 || NTOK == 256, "a wgmma N");
   static_assert(BN * NTOK <= STRIPS * kAccumPerStrip, "a tile's partials fit its strips' accumulators");
   // Two blocks share an SM where their registers allow (4-bit, up to 128 accumulators per thread).
-  static constexpr int kBlocksPerSm = NTOK * SPW <= 128 && BITS == 4 && WGS == 2 ? 2 : 1;
+  static constexpr int kBlocksPerSm = NTOK * SPW <= 128 && BITS == 4 ? 2 : 1;
   // Stages (stages - 2 of them in flight): 3 of 128 k where two blocks share an SM at up to 64
   // tokens (2 x 97 KB at 32, 2 x 85 KB at 64 with one strip per warpgroup; 4 stages at 16 tokens
   // fill the SM to the byte and measured slower), 4 where one block has the SM (128 tokens, two
   // strips a warpgroup: 4 x 56 KB); 5 of 64 k at 128 tokens, one strip per warpgroup (2 x 111 KB),
   // 6 otherwise; fewer where a stage is larger (4-bit 256 tokens: 74 KB a stage, 3 fit; 8-bit:
   // 42 KB of 64 k, 5 fit).
-  // Four warpgroups (one block an SM, warp-specialised): as many stages as fit, up to 8.
-  static constexpr int kStagesWanted =
-      WGS == 4 ? 8 : KB == 8 ? (kBlocksPerSm == 2 ? 3 : 4) : kBlocksPerSm == 2 ? 5 : 6;
+  static constexpr int kStagesWanted = KB == 8 ? (kBlocksPerSm == 2 ? 3 : 4) : kBlocksPerSm == 2 ? 5 : 6;
   // The stage count is a compile-time constant of the kernel (cp.async.wait_group takes an
   // immediate, and the buffer addresses fold; v19 passed it at run time and branched to the wait):
   // as many as the sm_90 per-block opt-in (227 KB) holds. The launcher checks the device agrees.

@@ -3,10 +3,7 @@
 // as 256-token slices.
 #pragma once
 
-#include <type_traits>
-
 #include "gemm_wgmma.cuh"
-#include "qs_tmap.cuh"
 
 namespace qs {
 
@@ -20,8 +17,6 @@ inline int (&wgmma_ready())[kMaxDevices] {
 struct GemmOptions {
   int wgmma = 1;  // Hopper: GEMM calls take the wgmma kernel (0: the mma.sync GEMM)
   int pdl = 1;    // wgmma kernel: programmatic dependent launch (weights prefetched before the wait)
-  int ws = 0;     // tiles that have one take the warp-specialised kernel (ws_built): 1 two computing
-                  // warpgroups a block, 2 four (one block an SM, 256-column tiles)
 };
 inline GemmOptions& gemm_options() {
   static GemmOptions o;
@@ -45,26 +40,14 @@ inline long long aligned_blocks(long long blocks, long long tiles) {
   return even * 16 >= blocks * 15 ? even : blocks;
 }
 
-// The tiles that have a warp-specialised kernel (gemm_wgmma_ws_kernel): 4-bit, up to 64 tokens.
-template <int BITS, int NTOK>
-constexpr bool ws_built() {
-  return BITS == 4 && NTOK <= 64;
-}
-
-template <typename T, int BITS, int NTOK, int SPW, bool FOLD, bool SUMS, bool WS, int WGS = 2>
-cudaError_t launch_wgmma_kernel(const QsMatmulArgs& a, cudaStream_t stream) {
-  using Cfg = WgCfg<T, BITS, NTOK, SPW, WGS>;
+template <typename T, int BITS, int NTOK, int SPW, bool FOLD = false, bool SUMS = false>
+cudaError_t launch_gemm_wgmma(const QsMatmulArgs& a, cudaStream_t stream) {
+  using Cfg = WgCfg<T, BITS, NTOK, SPW>;
   static int occ_slot[kMaxDevices];
   static int stage_slot[kMaxDevices];
-  constexpr int threads = Cfg::kThreads + (WS ? 32 : 0);
-  auto kernel = [] {
-    if constexpr (WS)
-      return gemm_wgmma_ws_kernel<T, BITS, NTOK, SPW, FOLD, SUMS, WGS>;
-    else
-      return gemm_wgmma_kernel<T, BITS, NTOK, SPW, FOLD, SUMS>;
-  }();
+  auto kernel = gemm_wgmma_kernel<T, BITS, NTOK, SPW, FOLD, SUMS>;
   PipelineShape ps;
-  cudaError_t err = pipeline_shape(kernel, threads, Cfg::kStages, Cfg::smem_bytes, stage_slot, occ_slot, &ps);
+  cudaError_t err = pipeline_shape(kernel, Cfg::kThreads, Cfg::kStages, Cfg::smem_bytes, stage_slot, occ_slot, &ps);
   if (err != cudaSuccess) return err;
   if (ps.stages != Cfg::kStages) return cudaErrorInvalidConfiguration;  // a device with less shared memory
   // Fewer group slots than steps (4-bit 256-token tiles): only layers whose groups fit them
@@ -81,28 +64,12 @@ cudaError_t launch_wgmma_kernel(const QsMatmulArgs& a, cudaStream_t stream) {
   blocks = aligned_blocks(blocks, tiles);
   cudaLaunchConfig_t cfg = {};
   cfg.gridDim = dim3(unsigned(blocks));
-  cfg.blockDim = dim3(threads);
+  cfg.blockDim = dim3(Cfg::kThreads);
   cfg.dynamicSmemBytes = ps.smem;
   cfg.stream = stream;
   cudaLaunchAttribute attr;
   set_pdl(cfg, attr, gemm_options().pdl);
-  if constexpr (WS) {
-    CUtensorMap xmap;
-    err = x_tensor_map(&xmap, a.x, a.m, a.k, NTOK, std::is_same<T, __nv_bfloat16>::value);
-    if (err != cudaSuccess) return err;
-    return cudaLaunchKernelEx(&cfg, kernel, a, xmap);
-  } else {
-    return cudaLaunchKernelEx(&cfg, kernel, a);
-  }
-}
-
-template <typename T, int BITS, int NTOK, int SPW, bool FOLD = false, bool SUMS = false>
-cudaError_t launch_gemm_wgmma(const QsMatmulArgs& a, cudaStream_t stream) {
-  if constexpr (ws_built<BITS, NTOK>()) {
-    if (gemm_options().ws == 2) return launch_wgmma_kernel<T, BITS, NTOK, 1, FOLD, SUMS, true, 4>(a, stream);
-    if (gemm_options().ws == 1) return launch_wgmma_kernel<T, BITS, NTOK, SPW, FOLD, SUMS, true>(a, stream);
-  }
-  return launch_wgmma_kernel<T, BITS, NTOK, SPW, FOLD, SUMS, false>(a, stream);
+  return cudaLaunchKernelEx(&cfg, kernel, a);
 }
 
 // Whether this call can take the wgmma kernel: option on, sm_90a code loaded on this device, and

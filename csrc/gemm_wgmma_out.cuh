@@ -5,7 +5,6 @@
 #pragma once
 
 #include "qs_dequant.cuh"
-#include "qs_mbar.cuh"
 #include "qs_probe.cuh"
 #include "qs_ptx.cuh"
 #include "qs_streamk.cuh"
@@ -17,21 +16,13 @@ namespace qs {
 // token 8i + 2t + e, for warpgroup wg, warp wq of it, g = lane / 4, t = lane % 4. whole: the block
 // covered all of the tile's nst stages; else it covered `mine` of them. s_last: a __shared__ int of
 // the block. Every thread of the block calls this (it has barriers).
-// WS: the block's producer warp does not come here; the NTH computing threads meet at named barrier
-// 1 instead of the block barrier.
-template <typename T, int NTOK, int SPW, int NTH, bool SUMS = false, bool WS = false, int WGS = 2>
+template <typename T, int NTOK, int SPW, int NTH, bool SUMS = false>
 __device__ __forceinline__ void tile_out(const QsMatmulArgs& a, const T* bias, T* y, const float (&acc)[SPW][NTOK / 2],
                                          int strip0, bool whole, int mine, int nst, int& s_last) {
-  constexpr int BN = 64 * WGS * SPW;  // the tile's columns: WGS warpgroups x SPW strips of 64
+  constexpr int BN = 128 * SPW;  // the tile's columns: 2 warpgroups x SPW strips of 64
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const int wg = warp >> 2, wq = warp & 3;
   const int g = lane >> 2, t = lane & 3;
-  auto sync = [] {
-    if constexpr (WS)
-      named_sync(1, NTH);
-    else
-      __syncthreads();
-  };
   if constexpr (probe::on(probe::kNoEpilogue)) {  // keep the sums live, or the compiler drops the wgmmas
     float sum = 0.f;
 #pragma unroll
@@ -115,14 +106,14 @@ __device__ __forceinline__ void tile_out(const QsMatmulArgs& a, const T* bias, T
       }
     if constexpr (probe::on(probe::kRedsOnly)) return;
     fence_acq_rel_gpu();
-    sync();
+    __syncthreads();
     if (tid == 0) {
       s_last = atomicAdd(a.accum_counters + strip0, mine) + mine == nst;
     }
-    sync();
+    __syncthreads();
     if constexpr (probe::on(probe::kNoDrain)) {
       if (s_last && tid == 0) a.accum_counters[strip0] = 0;
-      sync();
+      __syncthreads();
       return;
     }
     if (s_last) {
@@ -180,7 +171,7 @@ __device__ __forceinline__ void tile_out(const QsMatmulArgs& a, const T* bias, T
       }
       if (tid == 0) a.accum_counters[strip0] = 0;
     }
-    sync();
+    __syncthreads();
   }
 }
 

@@ -116,10 +116,7 @@ def extension():
             if os.environ.get("QUANTSERVE_GEMV_PIPELINE", "1") == "0":  # escape hatch: register GEMV only
                 ext.gemv_set_options(*ext.gemv_get_options()[:2], False)
             if os.environ.get("QUANTSERVE_GEMM_WGMMA", "1") == "0":  # escape hatch: no wgmma GEMM
-                ext.gemm_set_options(False, *ext.gemm_get_options()[1:])
-            ws = os.environ.get("QUANTSERVE_GEMM_WS")
-            if ws is not None:  # the warp-specialised wgmma kernel for the tiles that have one
-                ext.gemm_set_options(*ext.gemm_get_options()[:2], int(ws) if ws in ("0", "1", "2") else 0)
+                ext.gemm_set_options(False, ext.gemm_get_options()[1])
             _EXT = ext
         except Exception as exc:  # noqa: BLE001 - the reason is reported per layer
             _EXT_ERROR = str(exc)
@@ -264,16 +261,14 @@ def _scoped_options(get: Callable[[], tuple], set_: Callable[..., None], new: tu
         set_(*saved)
 
 
-def gemm_launch_options(wgmma: bool | None = None, pdl: bool | None = None, ws: int | None = None):
+def gemm_launch_options(wgmma: bool | None = None, pdl: bool | None = None):
     """For the duration (process-wide, so before capturing a graph): wgmma lets Hopper GEMM calls
     use the wgmma kernel (True, the default) or sends every GEMM call to the
     mma.sync kernel (False); pdl launches the wgmma kernel with programmatic dependent launch (True,
     the default: its first weight stages are copied while the kernel before it finishes) or
-    without; ws (0, 1, 2) sends 4-bit calls of up to 64 tokens to the warp-specialised wgmma
-    kernel (a producer warp copies; 1: eight warps compute, two blocks an SM; 2: sixteen, one
-    block an SM). None keeps an option as it is; the previous options come back on exit."""
+    without. None keeps an option as it is; the previous options come back on exit."""
     ext = extension()
-    return _scoped_options(ext.gemm_get_options, ext.gemm_set_options, (wgmma, pdl, ws))
+    return _scoped_options(ext.gemm_get_options, ext.gemm_set_options, (wgmma, pdl))
 
 
 _WGMMA: dict[int, bool] = {}

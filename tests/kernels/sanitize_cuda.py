@@ -30,24 +30,8 @@ CASES = [  # k, n, bits, group_size, sym, desc_act, bias, ms
 
 
 def main() -> int:
-    bad = sum(run_cases(ws) for ws in (0, 1, 2))
-    torch.cuda.synchronize()
-    print("sanitize cases:", "all ok" if bad == 0 else f"{bad} wrong")
-    return 1 if bad else 0
-
-
-def run_cases(ws: int) -> int:
-    """The cases' wrong results; ws (1, 2: its two variants): only the calls the warp-specialised
-    wgmma GEMM takes (4-bit, up to 64 tokens, the "gemm" op and the sums it leaves), with it on."""
-    with cuda_backend.gemm_launch_options(ws=ws):
-        return _run(ws)
-
-
-def _run(ws: int) -> int:
     bad = 0
     for i, (k, n, bits, gs, sym, act, bias, ms) in enumerate(CASES):
-        if ws and (bits != 4 or not cuda_backend.wgmma_available()):
-            continue
         layer = random_layer(k, n, bits, gs, sym, FORMAT_V2, act, bias, seed=100 + i, device="cuda")
         assert layer.prepare("cuda") == "cuda"
         for dtype in (torch.float16, torch.bfloat16):
@@ -62,8 +46,6 @@ def _run(ws: int) -> int:
                     del sums_ops["sums_cols"]
                 if not bias:
                     ops += tuple(name for name, kernel in sums_ops.items() if kernel is not None)
-                if ws:
-                    ops = tuple(op for op in ops if op == "gemm" or sums_ops.get(op) == "gemm") if m <= 64 else ()
                 for op in ops:
                     if op in sums_ops:  # the GEMV or wgmma GEMM that leaves its fp32 sums, converted here
                         y = cuda_backend.matmul_sums(layer.kernel_state, x, sums_ops[op]).materialize()
@@ -72,9 +54,11 @@ def _run(ws: int) -> int:
                     err = ((y.float() - ref).norm() / ref.norm()).item()
                     ok = bool(torch.isfinite(y).all()) and err < (2e-3 if dtype == torch.float16 else 1.2e-2)
                     bad += not ok
-                    print(f"k={k} n={n} bits={bits} g={gs} m={m} {op}{f' ws{ws}' if ws else ''} {str(dtype)[6:]}: "
-                          f"err={err:.2e} {'ok' if ok else 'WRONG'}")
-    return bad
+                    print(f"k={k} n={n} bits={bits} g={gs} m={m} {op} {str(dtype)[6:]}: err={err:.2e} "
+                          f"{'ok' if ok else 'WRONG'}")
+    torch.cuda.synchronize()
+    print("sanitize cases:", "all ok" if bad == 0 else f"{bad} wrong")
+    return 1 if bad else 0
 
 
 if __name__ == "__main__":

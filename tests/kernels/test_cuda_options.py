@@ -20,14 +20,14 @@ class _Ext:
         self.calls.append((pdl, wave_div, pipeline))
         self.options = (pdl, wave_div, pipeline)
 
-    gemm = (True, True, 0)
+    gemm = (True, True)
 
     def gemm_get_options(self):
         return self.gemm
 
-    def gemm_set_options(self, wgmma, pdl, ws):
-        self.calls.append(("gemm", wgmma, pdl, ws))
-        self.gemm = (wgmma, pdl, ws)
+    def gemm_set_options(self, wgmma, pdl):
+        self.calls.append(("gemm", wgmma, pdl))
+        self.gemm = (wgmma, pdl)
 
 
 def test_options_apply_inside_and_come_back(monkeypatch):
@@ -51,18 +51,15 @@ def test_gemm_option_applies_inside_and_comes_back(monkeypatch):
     ext = _Ext()
     monkeypatch.setattr(cuda_backend, "extension", lambda: ext)
     with cuda_backend.gemm_launch_options(False):
-        assert ext.gemm == (False, True, 0)  # pdl and ws kept
-    assert ext.gemm == (True, True, 0)
-    with cuda_backend.gemm_launch_options(pdl=False):  # None keeps wgmma and ws as they are
-        assert ext.gemm == (True, False, 0)
-    assert ext.gemm == (True, True, 0)
-    with cuda_backend.gemm_launch_options(ws=2):
-        assert ext.gemm == (True, True, 2)
-    assert ext.gemm == (True, True, 0)
-    with pytest.raises(RuntimeError), cuda_backend.gemm_launch_options(False, False, 1):
-        assert ext.gemm == (False, False, 1)
+        assert ext.gemm == (False, True)  # pdl kept
+    assert ext.gemm == (True, True)
+    with cuda_backend.gemm_launch_options(pdl=False):  # None keeps wgmma as it is
+        assert ext.gemm == (True, False)
+    assert ext.gemm == (True, True)
+    with pytest.raises(RuntimeError), cuda_backend.gemm_launch_options(False, False):
+        assert ext.gemm == (False, False)
         raise RuntimeError("the block failed")
-    assert ext.gemm == (True, True, 0) and ext.calls[-1] == ("gemm", True, True, 0)
+    assert ext.gemm == (True, True) and ext.calls[-1] == ("gemm", True, True)
 
 
 def test_pipe_takes_asks_the_extension_once_per_case_under_the_same_options(monkeypatch):

@@ -261,8 +261,8 @@ def test_gemv_sums_are_the_products(k, n, bits, group_size, sym, desc_act):
     layer = _cuda_layer(k, n, bits, group_size, sym, desc_act)
     buffer = cuda_backend.workspace(torch.device("cuda")).sums
     g = torch.Generator(device="cuda").manual_seed(k + n)
-    for wgmma, ws in ((True, 0), (True, 1), (True, 2), (False, 0)):  # ws: the warp-specialised wgmma GEMM
-        with cuda_backend.gemm_launch_options(wgmma=wgmma, ws=ws):
+    for wgmma in (True, False):
+        with cuda_backend.gemm_launch_options(wgmma=wgmma):
             for dtype in (torch.float16, torch.bfloat16):
                 for m in range(1, cuda_backend.SUMS_MAX_M + 1):
                     x = torch.randn(m, k, device="cuda", dtype=dtype, generator=g)
