@@ -324,14 +324,17 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         qs_gemv_get_options(&pdl, &wave_div, &pipeline);
         return std::make_tuple(bool(pdl), int64_t(wave_div), bool(pipeline));
       }, "(pdl, wave_div, pipeline) of the GEMV launches");
-  m.def("gemm_set_options", [](bool wgmma, bool pdl) { qs_gemm_set_options(wgmma ? 1 : 0, pdl ? 1 : 0); },
+  m.def("gemm_set_options",
+        [](bool wgmma, bool pdl, bool y_sums) { qs_gemm_set_options(wgmma ? 1 : 0, pdl ? 1 : 0, y_sums ? 1 : 0); },
         "GEMM options (process-wide): wgmma = False sends every call to the mma.sync kernel; pdl = False "
-        "launches the wgmma kernel without programmatic dependent launch", py::arg("wgmma"), py::arg("pdl"));
+        "launches the wgmma kernel without programmatic dependent launch; y_sums = False keeps wgmma calls "
+        "of up to 128 tokens that write y on the kernel's own split-K fix-up instead of leaving sums for a "
+        "second kernel that writes y", py::arg("wgmma"), py::arg("pdl"), py::arg("y_sums"));
   m.def("gemm_get_options", []() {
-        int wgmma = 0, pdl = 0;
-        qs_gemm_get_options(&wgmma, &pdl);
-        return std::make_tuple(bool(wgmma), bool(pdl));
-      }, "(wgmma, pdl) of the Hopper GEMM");
+        int wgmma = 0, pdl = 0, y_sums = 0;
+        qs_gemm_get_options(&wgmma, &pdl, &y_sums);
+        return std::make_tuple(bool(wgmma), bool(pdl), bool(y_sums));
+      }, "(wgmma, pdl, y_sums) of the Hopper GEMM");
   m.def("wgmma_available", [](int64_t device) { return bool(qs_wgmma_probe(int(device))); },
         "whether the device runs the sm_90a wgmma GEMM (probed once)", py::arg("device"));
   m.def("gemv_max_m", &qs_gemv_max_m, "largest m the gemv op takes");

@@ -67,14 +67,16 @@ extern "C" cudaError_t qs_gemm(const QsMatmulArgs* a, cudaStream_t stream) {
 
 extern "C" int qs_gemm_sums_tokens(int m) { return qs::wgmma_tile_tokens(m); }
 
-extern "C" void qs_gemm_set_options(int wgmma, int pdl) {
+extern "C" void qs_gemm_set_options(int wgmma, int pdl, int y_sums) {
   qs::gemm_options().wgmma = wgmma ? 1 : 0;
   qs::gemm_options().pdl = pdl ? 1 : 0;
+  qs::gemm_options().y_sums = y_sums ? 1 : 0;
 }
 
-extern "C" void qs_gemm_get_options(int* wgmma, int* pdl) {
+extern "C" void qs_gemm_get_options(int* wgmma, int* pdl, int* y_sums) {
   *wgmma = qs::gemm_options().wgmma;
   *pdl = qs::gemm_options().pdl;
+  *y_sums = qs::gemm_options().y_sums;
 }
 
 extern "C" int qs_wgmma_probe(int device) {

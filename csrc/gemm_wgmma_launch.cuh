@@ -4,6 +4,7 @@
 #pragma once
 
 #include "gemm_wgmma.cuh"
+#include "sums_to_y.cuh"
 
 namespace qs {
 
@@ -17,6 +18,7 @@ inline int (&wgmma_ready())[kMaxDevices] {
 struct GemmOptions {
   int wgmma = 1;  // Hopper: GEMM calls take the wgmma kernel (0: the mma.sync GEMM)
   int pdl = 1;    // wgmma kernel: programmatic dependent launch (weights prefetched before the wait)
+  int y_sums = 1;  // calls writing y of up to 128 tokens with split tiles: sums, then sums_to_y
 };
 inline GemmOptions& gemm_options() {
   static GemmOptions o;
@@ -40,6 +42,9 @@ inline long long aligned_blocks(long long blocks, long long tiles) {
   return even * 16 >= blocks * 15 ? even : blocks;
 }
 
+// Blocks a tile from which a call writing y goes through sums_to_y (launch_gemm_wgmma).
+constexpr int kYSumsSplit = 4;
+
 template <typename T, int BITS, int NTOK, int SPW, bool FOLD = false, bool SUMS = false>
 cudaError_t launch_gemm_wgmma(const QsMatmulArgs& a, cudaStream_t stream) {
   using Cfg = WgCfg<T, BITS, NTOK, SPW>;
@@ -62,6 +67,24 @@ cudaError_t launch_gemm_wgmma(const QsMatmulArgs& a, cudaStream_t stream) {
   long long blocks = (long long)ps.dev.sms * ps.occ;
   blocks = blocks < total ? blocks : total;
   blocks = aligned_blocks(blocks, tiles);
+  // A call writing y whose tiles are each split over kYSumsSplit blocks or more: the kernel leaving
+  // its sums in the (zero) strip accumulators, as [n][NTOK], then sums_to_y (y_sums option; n a
+  // multiple of 8, the sums kernel's condition). H200, Llama-2-7B layers, against the fix-up (v34):
+  // o at 32 / 64 tokens (16 / 8 blocks a tile) -6.5%, down at 64 -5%, qkv at 32 (5.5) -3%; qkv and
+  // gate_up at 64 (2.8 / 1.5) +8%, lm_head (about one) +16%, where each tile's fix-up is on its own
+  // SM and sums_to_y only adds bytes.
+  if constexpr (!SUMS && NTOK <= QS_GEMM_SUMS_MAX_M) {
+    if (gemm_options().y_sums && a.n % 8 == 0 && blocks >= kYSumsSplit * tiles &&
+        a.accum_floats >= (long long)a.n * NTOK) {
+      QsMatmulArgs c = a;
+      c.sums = a.accum;  // a SUMS kernel's tile_out touches no accumulator but its sums
+      c.bias = nullptr;
+      c.y = nullptr;
+      err = launch_gemm_wgmma<T, BITS, NTOK, SPW, FOLD, true>(c, stream);
+      if (err != cudaSuccess) return err;
+      return launch_sums_to_y<T>(a.accum, a.y, a.bias, a.m, a.n, NTOK, gemm_options().pdl, stream);
+    }
+  }
   cudaLaunchConfig_t cfg = {};
   cfg.gridDim = dim3(unsigned(blocks));
   cfg.blockDim = dim3(Cfg::kThreads);

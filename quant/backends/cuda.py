@@ -116,7 +116,9 @@ def extension():
             if os.environ.get("QUANTSERVE_GEMV_PIPELINE", "1") == "0":  # escape hatch: register GEMV only
                 ext.gemv_set_options(*ext.gemv_get_options()[:2], False)
             if os.environ.get("QUANTSERVE_GEMM_WGMMA", "1") == "0":  # escape hatch: no wgmma GEMM
-                ext.gemm_set_options(False, ext.gemm_get_options()[1])
+                ext.gemm_set_options(False, *ext.gemm_get_options()[1:])
+            if os.environ.get("QUANTSERVE_GEMM_Y_SUMS", "1") == "0":  # y through the GEMM's own fix-up
+                ext.gemm_set_options(*ext.gemm_get_options()[:2], False)
             _EXT = ext
         except Exception as exc:  # noqa: BLE001 - the reason is reported per layer
             _EXT_ERROR = str(exc)
@@ -261,14 +263,17 @@ def _scoped_options(get: Callable[[], tuple], set_: Callable[..., None], new: tu
         set_(*saved)
 
 
-def gemm_launch_options(wgmma: bool | None = None, pdl: bool | None = None):
+def gemm_launch_options(wgmma: bool | None = None, pdl: bool | None = None, y_sums: bool | None = None):
     """For the duration (process-wide, so before capturing a graph): wgmma lets Hopper GEMM calls
     use the wgmma kernel (True, the default) or sends every GEMM call to the
     mma.sync kernel (False); pdl launches the wgmma kernel with programmatic dependent launch (True,
     the default: its first weight stages are copied while the kernel before it finishes) or
-    without. None keeps an option as it is; the previous options come back on exit."""
+    without; y_sums (True, the default) runs a wgmma call of up to GEMM_SUMS_MAX_M tokens that
+    writes y (n a multiple of 8) as the GEMM leaving its sums in the strip accumulators and a
+    second kernel writing y from them, False as the GEMM with its own split-K fix-up. None keeps
+    an option as it is; the previous options come back on exit."""
     ext = extension()
-    return _scoped_options(ext.gemm_get_options, ext.gemm_set_options, (wgmma, pdl))
+    return _scoped_options(ext.gemm_get_options, ext.gemm_set_options, (wgmma, pdl, y_sums))
 
 
 _WGMMA: dict[int, bool] = {}

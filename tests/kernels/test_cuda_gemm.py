@@ -12,24 +12,28 @@ from tests.kernels.cuda_checks import TOL, chain_eager_and_graph, check, cuda_la
 pytestmark = pytest.mark.gpu
 
 
-@pytest.mark.parametrize("wgmma", [True, False])
+@pytest.mark.parametrize("kernel", ["wgmma", "wgmma_fixup", "mma_sync"])
 @pytest.mark.parametrize("k,n,bits,group_size,sym", [(576, 192, 4, 128, True), (584, 72, 8, 64, False),
                                                      (4096, 4096, 4, 32, False), (11008, 1024, 4, -1, True),
                                                      (1536, 576, 8, 128, True), (4128, 1280, 4, 32, True),
                                                      (2112, 640, 8, 64, False), (1040, 704, 4, 16, False),
-                                                     (1040, 8256, 4, 32, False)])
-def test_gemm_kernels_over_token_counts(wgmma, k, n, bits, group_size, sym):
+                                                     (1040, 8256, 4, 32, False), (1536, 204, 8, 64, False)])
+def test_gemm_kernels_over_token_counts(kernel, k, n, bits, group_size, sym):
     """Both GEMM kernels over every tile size of the Hopper wgmma kernel (16/32/64/128/256-token
     tiles, partly filled, and 256-token slices above), split and whole tiles, partial strips, both
     dtypes. K = 4128 / 2112 end inside a stage, after stages that take the wgmma kernel's unbounded
     copies (whole tiles of 1280 / 640 columns), with groups shorter than a stage; 16-k groups
     (1040 x 704), which the 4-bit wgmma kernel takes in 128-token slices; a layer wider than 8192
     columns (65-128 tokens: two strips per warpgroup, 128-k stages). On an sm_90 GPU
-    the sm_90a code must be the one loaded, so wgmma=True really runs wgmma."""
+    the sm_90a code must be the one loaded, so wgmma=True really runs wgmma. Up to 128 tokens the
+    wgmma kernel writes y of layers whose tiles are split over 4 blocks or more as the GEMM leaving
+    its sums and sums_to_y after it ("wgmma"; a layer of 204 columns, not a multiple of 8, keeps
+    the fix-up), or with its own split-K fix-up ("wgmma_fixup": y_sums off)."""
+    wgmma = kernel != "mma_sync"
     if wgmma and torch.cuda.get_device_capability() == (9, 0):
         assert cuda_backend.wgmma_available(), "H100/H200 without the sm_90a wgmma kernel"
     layer = cuda_layer(k, n, bits, group_size, sym=sym, bias=bits == 8)
-    with cuda_backend.gemm_launch_options(wgmma):
+    with cuda_backend.gemm_launch_options(wgmma, y_sums=kernel == "wgmma"):
         # with the wgmma kernel off, up to gemv_max_m tokens take the GEMV, as off Hopper
         want = "gemm" if wgmma and cuda_backend.wgmma_available() else "gemv"
         assert cuda_backend.pick_op(16, cuda_backend.wgmma_available) == want
@@ -37,31 +41,37 @@ def test_gemm_kernels_over_token_counts(wgmma, k, n, bits, group_size, sym):
             check(layer, (5, 16, 17, 32, 33, 48, 64, 65, 100, 128, 130, 256, 257, 513), dtype, ops=("gemm",))
 
 
+@pytest.mark.parametrize("y_sums", [True, False])
 @pytest.mark.parametrize("k,n,bits", [(4096, 4096, 4), (4096, 11008, 8), (2112, 8256, 4), (11008, 4160, 4)])
-def test_wgmma_split_tiles_leave_the_workspace_zero(k, n, bits):
+def test_wgmma_split_tiles_leave_the_workspace_zero(y_sums, k, n, bits):
     """Every call whose tiles are split between blocks must leave the split-K accumulators and the
     tiles' counters zero, since the next call (of any layer) adds into them. Token counts over
     every tile size, with partly filled token quads (odd m); layers whose tiles split in two, and
-    in many; also each call's result against the reference (_check)."""
+    in many; also each call's result against the reference (_check). y_sums: up to 128 tokens the
+    GEMM leaves its sums in the accumulators and sums_to_y zeroes them as it writes y."""
     if not cuda_backend.wgmma_available():
         pytest.skip("needs the sm_90a wgmma kernel")
     layer = cuda_layer(k, n, bits, 128, sym=False)
     ws = cuda_backend.workspace(torch.device("cuda"))
-    for m in (13, 16, 31, 57, 64, 97, 128, 131, 255):
-        check(layer, (m,), torch.float16, ops=("gemm",))
-        assert int(ws.accum_counters.abs().sum()) == 0, f"m={m}: tile counters left non-zero"
-        assert float(ws.accum.abs().max()) == 0.0, f"m={m}: split-K accumulator left non-zero"
+    with cuda_backend.gemm_launch_options(y_sums=y_sums):
+        for m in (13, 16, 31, 57, 64, 97, 128, 131, 255):
+            check(layer, (m,), torch.float16, ops=("gemm",))
+            assert int(ws.accum_counters.abs().sum()) == 0, f"m={m}: tile counters left non-zero"
+            assert float(ws.accum.abs().max()) == 0.0, f"m={m}: split-K accumulator left non-zero"
 
 
+@pytest.mark.parametrize("y_sums", [True, False])
 @pytest.mark.parametrize("m,tile_cols,per_sm", [(64, 128, 2), (128, 256, 1), (200, 128, 1)])
-def test_wgmma_grids_of_whole_and_evenly_split_tiles(m, tile_cols, per_sm):
+def test_wgmma_grids_of_whole_and_evenly_split_tiles(m, tile_cols, per_sm, y_sums):
     """Layers whose tile count lets the grid give each tile c blocks (aligned_blocks in
     gemm_wgmma_launch.cuh): as many tiles as blocks, a few fewer (whole tiles, some SMs idle), half
     and a third as many (c = 2, 3), and counts that stay on stream-K (a bit more than half the
     blocks, one tile over them), at 64 tokens (128-column tiles, two blocks an SM), 128 (a layer
     wider than 8192 columns: 256-column tiles, one block an SM) and 200 (256-token tiles of 128
     columns). Every tile is checked on its own, so a unit left out or taken twice shows, and the
-    split-K accumulators and counters must be left zero."""
+    split-K accumulators and counters must be left zero. y_sums: up to 128 tokens, whole tiles store
+    their sums and split ones add them, and sums_to_y writes y (else whole tiles write y and split
+    ones go through the fix-up)."""
     if not cuda_backend.wgmma_available():
         pytest.skip("needs the sm_90a wgmma kernel")
     blocks = torch.cuda.get_device_properties(0).multi_processor_count * per_sm
@@ -72,7 +82,8 @@ def test_wgmma_grids_of_whole_and_evenly_split_tiles(m, tile_cols, per_sm):
         x = torch.randn(m, layer.in_features, device="cuda", dtype=torch.float16, generator=g)
         ref = kernels.reference(layer, x)
         out = torch.full((m, layer.out_features), float("nan"), device="cuda", dtype=torch.float16)
-        y = cuda_backend.matmul(layer.kernel_state, x, out=out, op="gemm").float()
+        with cuda_backend.gemm_launch_options(y_sums=y_sums):
+            y = cuda_backend.matmul(layer.kernel_state, x, out=out, op="gemm").float()
         assert torch.isfinite(y).all(), f"tiles={tiles}: unwritten outputs"
         errs = [((y[:, c:c + tile_cols] - ref[:, c:c + tile_cols]).norm() / ref[:, c:c + tile_cols].norm()).item()
                 for c in range(0, layer.out_features, tile_cols)]
@@ -82,16 +93,17 @@ def test_wgmma_grids_of_whole_and_evenly_split_tiles(m, tile_cols, per_sm):
         assert float(ws.accum.abs().max()) == 0.0, f"tiles={tiles}: split-K accumulator left non-zero"
 
 
-@pytest.mark.parametrize("pdl", [True, False])
-def test_chained_gemms_see_the_previous_output(pdl):
+@pytest.mark.parametrize("pdl,y_sums", [(True, True), (False, True), (True, False)])
+def test_chained_gemms_see_the_previous_output(pdl, y_sums):
     """Back-to-back GEMM calls on one stream, each reading the previous call's output (written into
     NaN-poisoned buffers) and sharing the split-K accumulators, eagerly and in a CUDA graph. With
     programmatic dependent launch a kernel copies its weights before the previous one has
     finished but must not read x or touch the accumulators until it has: a misplaced wait shows as
-    NaN or a result that is not layer(previous output)."""
+    NaN or a result that is not layer(previous output). y_sums: the calls of up to 128 tokens are
+    two kernels each (the GEMM leaving sums, sums_to_y), both under the same rule."""
     layers = [cuda_layer(4096, 4096, 4, 128, sym=False), cuda_layer(4096, 11008, 4, 128),
               cuda_layer(11008, 4096, 4, 32, sym=False), cuda_layer(4096, 4096, 8, 64)]
-    with cuda_backend.gemm_launch_options(pdl=pdl):
+    with cuda_backend.gemm_launch_options(pdl=pdl, y_sums=y_sums):
         for m in (24, 64, 100):
             x0 = torch.randn(m, 4096, device="cuda", dtype=torch.float16) * 0.01  # ~5x growth per layer
             chain_eager_and_graph(layers, x0, op="gemm")

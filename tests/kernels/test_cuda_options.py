@@ -20,14 +20,14 @@ class _Ext:
         self.calls.append((pdl, wave_div, pipeline))
         self.options = (pdl, wave_div, pipeline)
 
-    gemm = (True, True)
+    gemm = (True, True, True)
 
     def gemm_get_options(self):
         return self.gemm
 
-    def gemm_set_options(self, wgmma, pdl):
-        self.calls.append(("gemm", wgmma, pdl))
-        self.gemm = (wgmma, pdl)
+    def gemm_set_options(self, wgmma, pdl, y_sums):
+        self.calls.append(("gemm", wgmma, pdl, y_sums))
+        self.gemm = (wgmma, pdl, y_sums)
 
 
 def test_options_apply_inside_and_come_back(monkeypatch):
@@ -51,15 +51,18 @@ def test_gemm_option_applies_inside_and_comes_back(monkeypatch):
     ext = _Ext()
     monkeypatch.setattr(cuda_backend, "extension", lambda: ext)
     with cuda_backend.gemm_launch_options(False):
-        assert ext.gemm == (False, True)  # pdl kept
-    assert ext.gemm == (True, True)
-    with cuda_backend.gemm_launch_options(pdl=False):  # None keeps wgmma as it is
-        assert ext.gemm == (True, False)
-    assert ext.gemm == (True, True)
-    with pytest.raises(RuntimeError), cuda_backend.gemm_launch_options(False, False):
-        assert ext.gemm == (False, False)
+        assert ext.gemm == (False, True, True)  # pdl and y_sums kept
+    assert ext.gemm == (True, True, True)
+    with cuda_backend.gemm_launch_options(pdl=False):  # None keeps wgmma and y_sums as they are
+        assert ext.gemm == (True, False, True)
+    assert ext.gemm == (True, True, True)
+    with cuda_backend.gemm_launch_options(y_sums=False):
+        assert ext.gemm == (True, True, False)
+    assert ext.gemm == (True, True, True)
+    with pytest.raises(RuntimeError), cuda_backend.gemm_launch_options(False, False, False):
+        assert ext.gemm == (False, False, False)
         raise RuntimeError("the block failed")
-    assert ext.gemm == (True, True) and ext.calls[-1] == ("gemm", True, True)
+    assert ext.gemm == (True, True, True) and ext.calls[-1] == ("gemm", True, True, True)
 
 
 def test_pipe_takes_asks_the_extension_once_per_case_under_the_same_options(monkeypatch):
