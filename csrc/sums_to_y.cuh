@@ -14,16 +14,18 @@
 #include "qs_dequant.cuh"
 #include "qs_launch.cuh"
 #include "qs_ptx.cuh"
+#include "quantserve_cuda.h"
 
 namespace qs {
 
-constexpr int kSumsCols = 32;  // columns a block converts
+constexpr int kSumsCols = 32;                       // columns a block converts
+constexpr int kSumsMaxSlots = QS_GEMM_SUMS_MAX_M;  // token slots a column, at most (the largest sums tile)
 
-// sums: fp32 [n][slots] (column c's token t at c * slots + t; slots a multiple of 4, at most 128);
+// sums: fp32 [n][slots] (column c's token t at c * slots + t; slots a multiple of 4, at most kSumsMaxSlots);
 // y: [m][n] T, row-major; bias: [n] T or null. n a multiple of 8.
 template <typename T>
 __global__ void __launch_bounds__(256) sums_to_y_kernel(float* sums, T* y, const T* bias, int m, int n, int slots) {
-  __shared__ float tile[kSumsCols][129];  // [column][token], +1: conflict-free column reads
+  __shared__ float tile[kSumsCols][kSumsMaxSlots + 1];  // [column][token], +1: conflict-free column reads
   pdl_launch_dependents();
   pdl_wait();  // the GEMM's sums, and y's last readers, belong to earlier kernels until here
   const int c0 = blockIdx.x * kSumsCols, cols = min(kSumsCols, n - c0), tid = threadIdx.x;
@@ -59,7 +61,7 @@ __global__ void __launch_bounds__(256) sums_to_y_kernel(float* sums, T* y, const
 template <typename T>
 cudaError_t launch_sums_to_y(float* sums, void* y, const void* bias, int m, int n, int slots, bool pdl,
                              cudaStream_t stream) {
-  if (m < 1 || m > slots || slots > 128 || slots % 4 != 0 || n % 8 != 0) return cudaErrorInvalidValue;
+  if (m < 1 || m > slots || slots > kSumsMaxSlots || slots % 4 != 0 || n % 8 != 0) return cudaErrorInvalidValue;
   cudaLaunchConfig_t cfg = {};
   cfg.gridDim = dim3(unsigned((n + kSumsCols - 1) / kSumsCols));
   cfg.blockDim = dim3(256);

@@ -62,7 +62,7 @@ def _run(fixup: bool) -> int:
                 if not bias:
                     ops += tuple(name for name, kernel in sums_ops.items() if kernel is not None)
                 if fixup:
-                    ops = ("gemm",) if 9 <= m <= cuda_backend.GEMM_SUMS_MAX_M else ()
+                    ops = ("gemm",) if cuda_backend.WGMMA_MIN_M <= m <= cuda_backend.GEMM_SUMS_MAX_M else ()
                 for op in ops:
                     if op in sums_ops:  # the GEMV or wgmma GEMM that leaves its fp32 sums, converted here
                         y = cuda_backend.matmul_sums(layer.kernel_state, x, sums_ops[op]).materialize()
