@@ -8,7 +8,7 @@
 #   changes and untracked files that git does not ignore included). ab/ is untracked, so the device call carries it; delete it afterwards.
 #   <ref>@probe=<bits>: that version built with the wgmma GEMM's timing probes (csrc/qs_probe.cuh:
 #   1 no copies, 2 no widening, 4 no epilogue, 8 no barrier, 16 no reds, 32 no drain, 64 reds only,
-#   128 A from shared memory (16 / 64-token tiles), 256 one wgmma wait a stage;
+#   128 A from shared memory (64-token tiles), 256 one wgmma wait a stage;
 #   wrong results, timing only), e.g. "main=HEAD noepi=HEAD@probe=4 nodrain=HEAD@probe=32".
 # On the device:           bench/ab.sh run
 #   builds every ab/<name> in parallel (its own extension dir), runs the GPU tests on $TESTV (if
@@ -19,7 +19,8 @@
 #   RUNS="base new new:QUANTSERVE_TRITON_PDL=0"), BACKENDS (bench/kernels.py --backends, default ours;
 #   e.g. ours,ours_asym), MS (1,4,16,32,64,128,256; none: no kernel
 #   benchmark), KERNEL_ARGS (more bench/kernels.py arguments, e.g. "--model llama-2-70b --layers 8"),
-#   ROUNDS (2), TESTV, DECODE_BATCH (unset: no decode runs; e.g. "1 16 64"),
+#   ROUNDS (2), TESTV (a version, or a run with settings: "new:QUANTSERVE_X=0"), TESTS (the test
+#   paths, default tests/kernels tests/quant tests/engine), TEST_TIMEOUT (240 s), DECODE_BATCH (unset: no decode runs; e.g. "1 16 64"),
 #   DECODE_ARGS (more bench/decode.py arguments, e.g. "--desc-act"), PYSITE (where the carried
 #   .whl wheels are installed, /tmp/site). Carry .whl and .cache/test/smollm2-tokenizer.
 set -uo pipefail
@@ -74,11 +75,14 @@ run() {
   tail -qn1 "$out"/ab/build-*.log
   echo "builds $(($(date +%s) - t0)) s"
   if [ -n "${TESTV:-}" ]; then
-    (cd "ab/$TESTV" && export PYTHONPATH=$site:. QUANTSERVE_EXT_DIR=/tmp/ab-ext-$TESTV &&
-      timeout 240 python3 -m pytest -q -p no:cacheprovider -m gpu tests/kernels tests/quant tests/engine \
-        -k "not every_cu_file" >"$out/ab/tests.log" 2>&1
+    local tv=${TESTV%%:*} tenv
+    tenv=$(run_env "$TESTV")
+    # shellcheck disable=SC2086  # tenv and TESTS are word lists
+    (cd "ab/$tv" && export PYTHONPATH=$site:. QUANTSERVE_EXT_DIR=/tmp/ab-ext-$tv &&
+      env $tenv timeout "${TEST_TIMEOUT:-240}" python3 -m pytest -q -p no:cacheprovider -m gpu \
+        ${TESTS:-tests/kernels tests/quant tests/engine} -k "not every_cu_file" >"$out/ab/tests.log" 2>&1
       tail -1 "$out/ab/tests.log"; grep -E "^(FAILED|ERROR)" "$out/ab/tests.log" | head -5
-      timeout 150 compute-sanitizer --tool memcheck --print-limit 20 python3 -m tests.kernels.sanitize_cuda \
+      env $tenv timeout 150 compute-sanitizer --tool memcheck --print-limit 20 python3 -m tests.kernels.sanitize_cuda \
         >"$out/ab/sanitize.log" 2>&1
       echo "memcheck rc=$?: $(grep -E 'ERROR SUMMARY' "$out/ab/sanitize.log" | head -1)")
     echo "tests $(($(date +%s) - t0)) s"
