@@ -8,6 +8,9 @@
 // which reads the tokens from a 128-byte-swizzled tile that cp.async filled. Split tiles are summed
 // with fp32 reds into the zeroed strip accumulators (as in the GEMV); the last contributor writes y.
 //
+// 16-token tiles (WgCfg::kMmaSync) issue the same A fragments as two mma.sync m16n8k16 a strip
+// and step instead, with B from the x tile by ldmatrix; the accumulators have the same layout.
+//
 // Block: 2 warpgroups x SPW strips of 64 columns; warp w of a warpgroup owns columns 16w..16w+15
 // of each of its strips. A stage is KB k16 steps: 8 (128 k: two 64-k x sub-tiles, each a
 // 128-byte swizzled row per token) or, for the 128-token tiles of narrow layers and 8-bit
@@ -26,9 +29,9 @@
 
 namespace qs {
 
-// FOLD (layers whose groups span whole stages, 16-token tiles): the widening leaves out
-// the scale (code - zero, exact), the wgmmas of a stage accumulate into a per-stage partial, and
-// the stage ends by waiting for them and adding scale x partial into the accumulators in fp32.
+// FOLD (layers whose groups span whole stages, 16-token tiles, so mma.sync): the widening leaves
+// out the scale (code - zero, exact), the MMAs of a stage accumulate into a per-stage partial, and
+// the stage ends by adding scale x partial into the accumulators in fp32 and zeroing the partial.
 // SUMS (a call that leaves its sums, a.sums set): tile ends store or add fp32 sums there instead
 // of writing y (tile_out); a kernel of its own, so the y kernel's code and registers stay its own.
 template <typename T, int BITS, int NTOK, int SPW, bool FOLD = false, bool SUMS = false>
@@ -36,6 +39,8 @@ __global__ void __launch_bounds__(256, WgCfg<T, BITS, NTOK, SPW>::kBlocksPerSm)
     gemm_wgmma_kernel(const QsMatmulArgs a) {
 #if QS_HAS_WGMMA
   using Cfg = WgCfg<T, BITS, NTOK, SPW>;
+  constexpr bool MS = Cfg::kMmaSync;
+  static_assert(!FOLD || MS, "the fold is built for the 16-token (mma.sync) tiles");
   constexpr int KB = Cfg::KB, V = Cfg::V, WPL = Cfg::WPL, NACC = Cfg::NACC, STRIPS = Cfg::STRIPS;
   constexpr int NTH = Cfg::kThreads, stages = Cfg::kStages;
   extern __shared__ uint8_t smem_raw[];
@@ -182,9 +187,9 @@ __global__ void __launch_bounds__(256, WgCfg<T, BITS, NTOK, SPW>::kBlocksPerSm)
   // The KB k16 steps of a stage. Steps past K multiply zero-filled x, so they add nothing and the
   // loop stays uniform. A registers are double-buffered: step kk's wgmmas run while step kk+1 is
   // widened; wait_group 1 retires step kk - 1 before its registers are reused. The pipeline does
-  // not drain at the end of a stage (but in FOLD kernels, whose fold waits for the stage's
-  // wgmmas): the last step's wgmmas are still running when the next stage's first step is widened
-  // (KB is even, so the buffers alternate across stages too), and only a flush waits for all.
+  // not drain at the end of a stage: the last step's wgmmas are still running when the next
+  // stage's first step is widened (KB is even, so the buffers alternate across stages too), and
+  // only a flush waits for all. (MS tiles' mma.sync needs none of this.)
   static_assert(KB % 2 == 0, "A-register buffers alternate across stages");
   uint32_t af[2][SPW][4];
   // Group constants stay in registers while the group does: a stage reloads them only when its
@@ -201,6 +206,17 @@ __global__ void __launch_bounds__(256, WgCfg<T, BITS, NTOK, SPW>::kBlocksPerSm)
   // This lane's code word of warp n-tile wq in strip sl, step kk: [strip][step][lane] x V uint4.
   const uint32_t w_lane = uint32_t(lane * V * 16 + (BITS == 4 ? 4 * wq : 8 * wq));
   const uint32_t sc_lane = uint32_t(g * 16 + 4 * wq);  // scale / zero word of this lane's 2 columns
+  // MS: this lane's ldmatrix row in a 64-k x sub-tile for the 32-byte k column j of a step: token
+  // (lane / 16) * 8 + lane % 8 of each 16-token block, 16-byte chunk 2j + (lane / 8) % 2, swizzled
+  // as the copies placed it (chunk ^ token % 8). Matrices 0 / 1: tokens 0-7, k lo / hi (the first
+  // n8 block's b0 / b1); 2 / 3: tokens 8-15.
+  static_assert(!MS || NTOK % 16 == 0, "16-token ldmatrix blocks");
+  uint32_t ms_off[4];
+#pragma unroll
+  for (int j = 0; j < 4; ++j) {
+    const int ri = lane & 7, tok = ((lane >> 4) << 3) + ri;
+    ms_off[j] = uint32_t(tok * 128 + (((2 * j + ((lane >> 3) & 1)) ^ ri) << 4));
+  }
   // This lane's code words of step kk for each of the warp's strips (4-bit: one word, 8-bit: two).
   // They are loaded a step ahead (step 0's by the caller, before it issues the stage's copies):
   // shared loads are ordered after the wgmma wait of the step before, so loaded in their own step
@@ -267,47 +283,55 @@ __global__ void __launch_bounds__(256, WgCfg<T, BITS, NTOK, SPW>::kBlocksPerSm)
         af[kk & 1][s][3] = pr[3];
       }
       if constexpr (kk + 1 < KB) step_words(buf, kk + 1, wn);  // wn is widened: the next step's words
-      const uint64_t x_desc = desc + uint64_t((kk >> 2) * (Cfg::X_SUB_BYTES >> 4) + 2 * (kk & 3));
-      wgmma_fence();
+      if constexpr (MS) {
+        // mma.sync: the widened A fragment is the m16n8k16 A of the warp's 16 columns; B (16 tokens
+        // x k16 a ldmatrix.x4) from the swizzled x tile; the accumulators keep wgmma's layout.
+        const uint32_t xb = x_at(buf) + uint32_t((kk >> 2) * Cfg::X_SUB_BYTES) + ms_off[kk & 3];
 #pragma unroll
-      for (int s = 0; s < SPW; ++s) {
-        if constexpr (probe::on(probe::kSharedA) && (NTOK == 16 || NTOK == 64)) {
-          // timing probe: A as a stale 64 x 16 tile at the start of stage buffer 0
-          const uint64_t a_desc = wgmma_desc_sw128(x_at(0)) + uint64_t(2 * (kk & 3));
-          if constexpr (FOLD)
-            wgmma_ss_probe<NTOK>(part[s], a_desc, x_desc);
-          else
-            wgmma_ss_probe<NTOK>(acc[s], a_desc, x_desc);
-        } else if constexpr (FOLD) {
-          wgmma_rs<T, NTOK>(part[s], af[kk & 1][s], x_desc, kk == 0 ? 0 : 1);
-        } else {
-          wgmma_rs<T, NTOK>(acc[s], af[kk & 1][s], x_desc);
+        for (int tb = 0; tb < NTOK / 16; ++tb) {
+          uint32_t bq[4];
+          ldmatrix_x4_at(bq, xb + uint32_t(tb * 16 * 128));
+          const uint32_t b0[2] = {bq[0], bq[1]}, b1[2] = {bq[2], bq[3]};
+#pragma unroll
+          for (int s = 0; s < SPW; ++s) {
+            float* d = FOLD ? part[s] : acc[s];
+            mma_16816<T>(*reinterpret_cast<float(*)[4]>(d + tb * 8), af[kk & 1][s], b0);
+            mma_16816<T>(*reinterpret_cast<float(*)[4]>(d + tb * 8 + 4), af[kk & 1][s], b1);
+          }
         }
-      }
-      wgmma_commit();
-      if constexpr (probe::on(probe::kStageWait)) {
-        if constexpr (kk + 1 == KB) wgmma_wait<0>();
       } else {
-        wgmma_wait<1>();
-      }
+        const uint64_t x_desc = desc + uint64_t((kk >> 2) * (Cfg::X_SUB_BYTES >> 4) + 2 * (kk & 3));
+        wgmma_fence();
 #pragma unroll
-      for (int s = 0; s < SPW; ++s) pin_regs(af[(kk - 1) & 1][s]);
+        for (int s = 0; s < SPW; ++s) {
+          if constexpr (probe::on(probe::kSharedA) && NTOK == 64) {
+            // timing probe: A as a stale 64 x 16 tile at the start of stage buffer 0
+            const uint64_t a_desc = wgmma_desc_sw128(x_at(0)) + uint64_t(2 * (kk & 3));
+            wgmma_ss_probe<NTOK>(acc[s], a_desc, x_desc);
+          } else {
+            wgmma_rs<T, NTOK>(acc[s], af[kk & 1][s], x_desc);
+          }
+        }
+        wgmma_commit();
+        if constexpr (probe::on(probe::kStageWait)) {
+          if constexpr (kk + 1 == KB) wgmma_wait<0>();
+        } else {
+          wgmma_wait<1>();
+        }
+#pragma unroll
+        for (int s = 0; s < SPW; ++s) pin_regs(af[(kk - 1) & 1][s]);
+      }
     });
     if constexpr (FOLD) {
       // The stage's group constants are still the ones in gc (a group spans whole stages):
       // acc[s][4i + 2h + e] (column g + 8h of the warp's n-tile) += scale(column) x part.
-      wgmma_wait<0>();
-#pragma unroll
-      for (int s = 0; s < SPW; ++s) {
-        pin_regs(af[(KB - 1) & 1][s]);
-        pin_acc(part[s]);
-      }
 #pragma unroll
       for (int s = 0; s < SPW; ++s) {
         const float s0 = gc[s].scale(0), s1 = gc[s].scale(1);
 #pragma unroll
         for (int r = 0; r < NACC; ++r) {
-          acc[s][r] = fmaf((r & 2) ? s1 : s0, part[s][r], acc[s][r]);  // (step 0 overwrites part)
+          acc[s][r] = fmaf((r & 2) ? s1 : s0, part[s][r], acc[s][r]);
+          part[s][r] = 0.f;
         }
       }
     }
@@ -315,11 +339,13 @@ __global__ void __launch_bounds__(256, WgCfg<T, BITS, NTOK, SPW>::kBlocksPerSm)
 
   // The end of a tile segment: its sums to y or the split-K accumulator (tile_out, gemm_wgmma_out.cuh).
   auto flush = [&](int tile, int seg_first, int seg_end) {
-    wgmma_wait<0>();
+    if constexpr (!MS) {
+      wgmma_wait<0>();
 #pragma unroll
-    for (int s = 0; s < SPW; ++s) {
-      pin_regs(af[(KB - 1) & 1][s]);
-      pin_acc(acc[s]);
+      for (int s = 0; s < SPW; ++s) {
+        pin_regs(af[(KB - 1) & 1][s]);
+        pin_acc(acc[s]);
+      }
     }
     const int tile_first = tile * nst;
     const bool whole = seg_first == tile_first && seg_end == tile_first + nst;
@@ -334,6 +360,8 @@ __global__ void __launch_bounds__(256, WgCfg<T, BITS, NTOK, SPW>::kBlocksPerSm)
   // barrier also guarantees that every warp has retired stage u - 2's wgmmas (wait_group 1 after
   // each step), so stage u + stages - 2 may be copied into that buffer. The loop runs one tile's
   // segment at a time and flushes after it, outside the per-stage loop.
+  // (MS: a warp's shared reads of a stage are done by the next barrier, so stages - 1 could be in
+  // flight; measured 2% slower at 16 tokens than stages - 2, v35.)
   constexpr int ahead = stages - 2;
   // Prologue: the first stages' weights are copied before griddepcontrol.wait (they overlap the
   // tail of the kernel before this one); x, the accumulators and y belong to earlier kernels until
@@ -363,7 +391,7 @@ __global__ void __launch_bounds__(256, WgCfg<T, BITS, NTOK, SPW>::kBlocksPerSm)
     gc_group = -1;  // a new tile: new strips, new scales
     for (; u < seg_end; ++u) {
       cp_async_wait(ahead - 1);  // stage u has landed (this thread's copies)
-      fence_proxy_async_smem();  // ... and is visible to wgmma's operand reads
+      if constexpr (!MS) fence_proxy_async_smem();  // ... and is visible to wgmma's operand reads
       // every thread's copies; stage u - 2's wgmmas all retired
       if constexpr (!probe::on(probe::kNoBarrier)) __syncthreads();
       StepWords wn;

@@ -10,6 +10,13 @@ namespace qs {
 
 template <typename T, int BITS, int NTOK, int SPW>
 struct WgCfg {
+  // 16-token tiles multiply with mma.sync (two m16n8k16 a strip and step, B by ldmatrix.x4 from
+  // the same swizzled x tile) instead of a register-A m64n16k16 wgmma: at n16 the wgmma takes
+  // ~33 cycles an SM for 16K MACs (v32), no faster than mma.sync, and the synchronous MMA needs no
+  // fence, commit or wait. H200, decode-step linears at 16 tokens (v35): 1.786 / 1.798 ms vs
+  // 1.866 / 1.861; leaving sums 1.637 / 1.639 vs 1.667 / 1.670. At 32 / 64 tokens mma.sync was
+  // 6% / 27% slower.
+  static constexpr bool kMmaSync = NTOK == 16;
   static constexpr int kWarpgroups = 2;
   static constexpr int kThreads = 128 * kWarpgroups;
   static constexpr int STRIPS = kWarpgroups * SPW;
@@ -38,7 +45,7 @@ struct WgCfg {
   static constexpr int W_CHUNKS = STRIPS * KB * 32 * V;  // 16-byte chunks of codes per stage
   static_assert((X_CHUNKS % kThreads == 0 || X_CHUNKS == 128) && W_CHUNKS % kThreads == 0,
                 "whole cp.async rounds");
-  static_assert(NTOK == 16 || NTOK == 32 || NTOK == 64 || NTOK == 128 || NTOK == 256, "a wgmma N");
+  static_assert(NTOK == 16 || NTOK == 32 || NTOK == 64 || NTOK == 128 || NTOK == 256, "a wgmma N (16: the mma.sync tile)");
   static_assert(BN * NTOK <= STRIPS * kAccumPerStrip, "a tile's partials fit its strips' accumulators");
   // Two blocks share an SM where their registers allow (4-bit, up to 128 accumulators per thread).
   static constexpr int kBlocksPerSm = NTOK * SPW <= 128 && BITS == 4 ? 2 : 1;

@@ -72,8 +72,10 @@ cudaError_t launch_gemm_wgmma(const QsMatmulArgs& a, cudaStream_t stream) {
   // multiple of 8, the sums kernel's condition). H200, Llama-2-7B layers, against the fix-up (v34):
   // o at 32 / 64 tokens (16 / 8 blocks a tile) -6.5%, down at 64 -5%, qkv at 32 (5.5) -3%; qkv and
   // gate_up at 64 (2.8 / 1.5) +8%, lm_head (about one) +16%, where each tile's fix-up is on its own
-  // SM and sums_to_y only adds bytes.
-  if constexpr (!SUMS && NTOK <= QS_GEMM_SUMS_MAX_M) {
+  // SM and sums_to_y only adds bytes. Not 16-token tiles: there o / down (16 a tile) gained
+  // nothing and qkv (5.5) lost 7% that way; the decode-step linears at 16 tokens 1.866 / 1.861 ms
+  // without against 1.912 / 1.915 with (v35, H200).
+  if constexpr (!SUMS && NTOK >= 32 && NTOK <= QS_GEMM_SUMS_MAX_M) {
     if (gemm_options().y_sums && a.n % 8 == 0 && blocks >= kYSumsSplit * tiles &&
         a.accum_floats >= (long long)a.n * NTOK) {
       QsMatmulArgs c = a;

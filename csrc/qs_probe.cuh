@@ -17,7 +17,7 @@ constexpr int kNoBarrier = 8;    // no stage barrier (meaningful with kNoCopies 
 constexpr int kNoReds = 16;      // split tiles: fence, counter and drain, but no reds
 constexpr int kNoDrain = 32;     // split tiles: the last arrival only resets the counter
 constexpr int kRedsOnly = 64;    // split tiles: reds, then no fence, counter or drain
-constexpr int kSharedA = 128;    // 16 / 64-token tiles: A from shared memory (a stale tile), not registers
+constexpr int kSharedA = 128;    // 64-token tiles: A from shared memory (a stale tile), not registers
 constexpr int kStageWait = 256;  // one wgmma wait a stage instead of one a step (with kSharedA: no hazard)
 
 __host__ __device__ constexpr bool on(int bit) { return (QS_PROBE & bit) != 0; }

@@ -107,8 +107,6 @@ __device__ __forceinline__ void wgmma_rs(float (&d)[N / 2], const uint32_t (&a)[
                ", p, 1, 1, 0;\n}\n"                                                        \
                : ACC                                                                        \
                : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc), "r"(scale_d))
-#define QS_WGMMA_RS_N16(DT) \
-  QS_WGMMA_RS("m64n16k16", DT, QS_R0_7, "%13", "{%8, %9, %10, %11}, %12", QS_ACC8(0))
 #define QS_WGMMA_RS_N32(DT) \
   QS_WGMMA_RS("m64n32k16", DT, QS_R0_15, "%21", "{%16, %17, %18, %19}, %20", QS_ACC16(0))
 #define QS_WGMMA_RS_N64(DT) \
@@ -119,13 +117,10 @@ __device__ __forceinline__ void wgmma_rs(float (&d)[N / 2], const uint32_t (&a)[
   QS_WGMMA_RS("m64n256k16", DT, QS_R0_127, "%133", "{%128, %129, %130, %131}, %132", QS_ACC128(0))
 
 // Timing probe only (qs_probe.cuh kSharedA): D[64 x N] += A * B with both operands in shared memory
-// (two descriptors), f16, N = 16 or 64.
+// (two descriptors), f16, N = 64 (16-token tiles multiply with mma.sync).
 template <int N>
 __device__ __forceinline__ void wgmma_ss_probe(float (&d)[N / 2], uint64_t adesc, uint64_t desc) {
-  if constexpr (N == 16) {
-    asm volatile("wgmma.mma_async.sync.aligned.m64n16k16.f32.f16.f16 {" QS_R0_7 "}, %8, %9, 1, 1, 1, 0, 0;\n"
-                 : QS_ACC8(0) : "l"(adesc), "l"(desc));
-  } else if constexpr (N == 64) {
+  if constexpr (N == 64) {
     asm volatile("wgmma.mma_async.sync.aligned.m64n64k16.f32.f16.f16 {" QS_R0_31 "}, %32, %33, 1, 1, 1, 0, 0;\n"
                  : QS_ACC32(0) : "l"(adesc), "l"(desc));
   }
@@ -143,13 +138,11 @@ __device__ __forceinline__ void wgmma_ss_probe(float (&d)[N / 2], uint64_t adesc
                                                              uint64_t desc, int scale_d) {          \
     QS_WGMMA_RS_N##N("bf16");                                                                       \
   }
-QS_WGMMA_RS_SPECS(16)
 QS_WGMMA_RS_SPECS(32)
 QS_WGMMA_RS_SPECS(64)
 QS_WGMMA_RS_SPECS(128)
 QS_WGMMA_RS_SPECS(256)
 #undef QS_WGMMA_RS_SPECS
-#undef QS_WGMMA_RS_N16
 #undef QS_WGMMA_RS_N32
 #undef QS_WGMMA_RS_N64
 #undef QS_WGMMA_RS_N128

@@ -24,7 +24,7 @@ would otherwise run;
 QUANTSERVE_GEMV_PIPELINE=0 keeps them on the register GEMV (and 9-16 tokens on the wgmma GEMM).
 `apply_sums` (QuantLinear.forward_sums) lets a GEMV call of up to SUMS_MAX_M tokens leave its fp32
 sums for the caller's next kernel to convert (quant/sums.py), skipping the split-K fix-up;
-QUANTSERVE_GEMV_SUMS=0 turns that off. A Hopper wgmma call of up to 128 tokens that writes y, on a
+QUANTSERVE_GEMV_SUMS=0 turns that off. A Hopper wgmma call of 17-128 tokens that writes y, on a
 layer whose tiles the grid splits over 4 blocks or more, is the GEMM leaving its sums in the strip
 accumulators and a second kernel writing y from them (csrc/sums_to_y.cuh) instead of the GEMM's
 split-K fix-up; QUANTSERVE_GEMM_Y_SUMS=0 or gemm_launch_options(y_sums=False) keep the fix-up.

@@ -25,7 +25,8 @@ def test_gemm_kernels_over_token_counts(kernel, k, n, bits, group_size, sym):
     copies (whole tiles of 1280 / 640 columns), with groups shorter than a stage; 16-k groups
     (1040 x 704), which the 4-bit wgmma kernel takes in 128-token slices; a layer wider than 8192
     columns (65-128 tokens: two strips per warpgroup, 128-k stages). On an sm_90 GPU
-    the sm_90a code must be the one loaded, so wgmma=True really runs wgmma. Up to 128 tokens the
+    the sm_90a code must be the one loaded, so wgmma=True really runs wgmma (its 16-token tiles
+    multiply with mma.sync). From 32 to 128 tokens the
     wgmma kernel writes y of layers whose tiles are split over 4 blocks or more as the GEMM leaving
     its sums and sums_to_y after it ("wgmma"; a layer of 204 columns, not a multiple of 8, keeps
     the fix-up), or with its own split-K fix-up ("wgmma_fixup": y_sums off)."""
@@ -39,6 +40,30 @@ def test_gemm_kernels_over_token_counts(kernel, k, n, bits, group_size, sym):
         assert cuda_backend.pick_op(16, cuda_backend.wgmma_available) == want
         for dtype in (torch.float16, torch.bfloat16):
             check(layer, (5, 16, 17, 32, 33, 48, 64, 65, 100, 128, 130, 256, 257, 513), dtype, ops=("gemm",))
+
+
+def _gemm_kernel_names(layer, m: int) -> list[str]:
+    x = torch.randn(m, layer.in_features, device="cuda", dtype=torch.float16)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        cuda_backend.matmul(layer.kernel_state, x, op="gemm")
+        torch.cuda.synchronize()
+    return [e.name for e in prof.events() if "gemm" in e.name or "sums_to_y" in e.name]
+
+
+def test_y_through_sums_to_y_from_32_tokens_on_layers_split_over_many_blocks():
+    """Which kernels a wgmma call writing y runs: on a 4096 x 4096 layer (16 tiles of 256 columns,
+    each split over many blocks) the GEMM leaving its sums and then sums_to_y at 32-128 tokens, but
+    the GEMM alone (its own split-K fix-up) at 16 tokens, where the second kernel measured slower,
+    and whenever the y_sums option is off."""
+    if not cuda_backend.wgmma_available():
+        pytest.skip("needs the sm_90a wgmma kernel")
+    layer = cuda_layer(4096, 4096, 4, 128, sym=True)
+    for y_sums in (True, False):
+        with cuda_backend.gemm_launch_options(y_sums=y_sums):
+            for m in (9, 16, 17, 32, 64, 128):
+                names = _gemm_kernel_names(layer, m)
+                assert sum("gemm_wgmma_kernel" in name for name in names) == 1, (m, names)
+                assert any("sums_to_y" in name for name in names) == (y_sums and m > 16), (y_sums, m, names)
 
 
 @pytest.mark.parametrize("y_sums", [True, False])
