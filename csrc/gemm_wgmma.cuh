@@ -4,7 +4,7 @@
 // Why this shape: at 64-128 tokens the mma.sync GEMM (gemm.cuh) spends its time widening codes
 // into a shared-memory tile, reading it back with ldmatrix and waiting on barriers; here each warp
 // widens only its own 16 output columns of a k16 step (one 4-byte shared load, 4 LOP3 + 8 packed
-// ops) straight into the A registers of an asynchronous m64nNk16 wgmma (N = 16 to 256 tokens),
+// ops) straight into the A registers of an asynchronous m64nNk16 wgmma (N = 32 to 256 tokens),
 // which reads the tokens from a 128-byte-swizzled tile that cp.async filled. Split tiles are summed
 // with fp32 reds into the zeroed strip accumulators (as in the GEMV); the last contributor writes y.
 //
