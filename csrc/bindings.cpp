@@ -328,8 +328,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         [](bool wgmma, bool pdl, bool y_sums) { qs_gemm_set_options(wgmma ? 1 : 0, pdl ? 1 : 0, y_sums ? 1 : 0); },
         "GEMM options (process-wide): wgmma = False sends every call to the mma.sync kernel; pdl = False "
         "launches the wgmma kernel without programmatic dependent launch; y_sums = False keeps wgmma calls "
-        "of up to 128 tokens that write y on the kernel's own split-K fix-up instead of leaving sums for a "
-        "second kernel that writes y", py::arg("wgmma"), py::arg("pdl"), py::arg("y_sums"));
+        "of 17-128 tokens that write y, on layers whose tiles are split over 4 blocks or more, on the kernel's "
+        "own split-K fix-up instead of leaving sums for a second kernel that writes y", py::arg("wgmma"), py::arg("pdl"), py::arg("y_sums"));
   m.def("gemm_get_options", []() {
         int wgmma = 0, pdl = 0, y_sums = 0;
         qs_gemm_get_options(&wgmma, &pdl, &y_sums);

@@ -18,7 +18,7 @@ inline int (&wgmma_ready())[kMaxDevices] {
 struct GemmOptions {
   int wgmma = 1;  // Hopper: GEMM calls take the wgmma kernel (0: the mma.sync GEMM)
   int pdl = 1;    // wgmma kernel: programmatic dependent launch (weights prefetched before the wait)
-  int y_sums = 1;  // calls writing y of up to 128 tokens with split tiles: sums, then sums_to_y
+  int y_sums = 1;  // calls writing y at 17-128 tokens, tiles split over kYSumsSplit+ blocks: sums, then sums_to_y
 };
 inline GemmOptions& gemm_options() {
   static GemmOptions o;

@@ -85,9 +85,9 @@ cudaError_t qs_dequant(const QsDequantArgs* args, cudaStream_t stream);
 cudaError_t qs_gather_cols(const void* x, const int* perm, void* y, int m, int k, int pdl, cudaStream_t stream);
 // GEMM options, process-wide (set before capturing a graph): wgmma = 0 sends every call to the
 // mma.sync kernel; pdl = 0 launches the wgmma kernel without programmatic dependent launch;
-// y_sums = 0 keeps wgmma calls that write y at up to QS_GEMM_SUMS_MAX_M tokens on the GEMM's own
-// split-K fix-up (1: the GEMM leaves its sums in the strip accumulators and a second kernel writes
-// y from them). Default 1, 1, 1.
+// y_sums = 0 keeps wgmma calls that write y at 17-QS_GEMM_SUMS_MAX_M tokens on layers whose tiles
+// the grid splits over 4 blocks or more on the GEMM's own split-K fix-up (1: the GEMM leaves its
+// sums in the strip accumulators and a second kernel writes y from them). Default 1, 1, 1.
 void qs_gemm_set_options(int wgmma, int pdl, int y_sums);
 void qs_gemm_get_options(int* wgmma, int* pdl, int* y_sums);
 // Whether `device` runs the wgmma kernel (sm_90a code loaded); probed once, by qs_workspace_need

@@ -1,6 +1,6 @@
 // y from the fp32 sums a wgmma GEMM left as [column][token slot] (gemm_wgmma_launch.cuh: a call that
-// writes y at 9-128 tokens runs the GEMM that leaves its sums in the zeroed strip accumulators,
-// then this kernel). Each block turns 32 columns into y rows (+ bias) through shared memory and
+// writes y at 17-128 tokens, on a layer whose tiles the grid splits over kYSumsSplit blocks or more,
+// runs the GEMM that leaves its sums in the zeroed strip accumulators, then this kernel). Each block turns 32 columns into y rows (+ bias) through shared memory and
 // zeroes the sums it read, so the accumulators are zero again for the next call.
 // Why: the GEMM's own split-K fix-up (the last contributor to a tile reads the tile's sums back,
 // writes y and zeroes them) runs once per tile, after that tile's reds, on one block, at the end

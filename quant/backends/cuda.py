@@ -271,8 +271,8 @@ def gemm_launch_options(wgmma: bool | None = None, pdl: bool | None = None, y_su
     use the wgmma kernel (True, the default) or sends every GEMM call to the
     mma.sync kernel (False); pdl launches the wgmma kernel with programmatic dependent launch (True,
     the default: its first weight stages are copied while the kernel before it finishes) or
-    without; y_sums (True, the default) runs a wgmma call of up to GEMM_SUMS_MAX_M tokens that
-    writes y (n a multiple of 8) as the GEMM leaving its sums in the strip accumulators and a
+    without; y_sums (True, the default) runs a wgmma call of 17-GEMM_SUMS_MAX_M tokens that
+    writes y (n a multiple of 8, tiles split over 4 blocks or more) as the GEMM leaving its sums in the strip accumulators and a
     second kernel writing y from them, False as the GEMM with its own split-K fix-up. None keeps
     an option as it is; the previous options come back on exit."""
     ext = extension()

@@ -72,8 +72,9 @@ def test_wgmma_split_tiles_leave_the_workspace_zero(y_sums, k, n, bits):
     """Every call whose tiles are split between blocks must leave the split-K accumulators and the
     tiles' counters zero, since the next call (of any layer) adds into them. Token counts over
     every tile size, with partly filled token quads (odd m); layers whose tiles split in two, and
-    in many; also each call's result against the reference (_check). y_sums: up to 128 tokens the
-    GEMM leaves its sums in the accumulators and sums_to_y zeroes them as it writes y."""
+    in many; also each call's result against the reference (_check). y_sums: at 17-128 tokens, where each
+    tile is split over 4 blocks or more, the GEMM leaves its sums in the accumulators and sums_to_y
+    zeroes them as it writes y."""
     if not cuda_backend.wgmma_available():
         pytest.skip("needs the sm_90a wgmma kernel")
     layer = cuda_layer(k, n, bits, 128, sym=False)
@@ -94,9 +95,9 @@ def test_wgmma_grids_of_whole_and_evenly_split_tiles(m, tile_cols, per_sm, y_sum
     blocks, one tile over them), at 64 tokens (128-column tiles, two blocks an SM), 128 (a layer
     wider than 8192 columns: 256-column tiles, one block an SM) and 200 (256-token tiles of 128
     columns). Every tile is checked on its own, so a unit left out or taken twice shows, and the
-    split-K accumulators and counters must be left zero. y_sums: up to 128 tokens, whole tiles store
-    their sums and split ones add them, and sums_to_y writes y (else whole tiles write y and split
-    ones go through the fix-up)."""
+    split-K accumulators and counters must be left zero. With fewer than 4 blocks a tile, whole tiles
+    write y and split ones go through the fix-up; y_sums (on: from 4 blocks a tile at 17-128 tokens
+    the GEMM leaves its sums and sums_to_y writes y) must not change that."""
     if not cuda_backend.wgmma_available():
         pytest.skip("needs the sm_90a wgmma kernel")
     blocks = torch.cuda.get_device_properties(0).multi_processor_count * per_sm
@@ -124,8 +125,9 @@ def test_chained_gemms_see_the_previous_output(pdl, y_sums):
     NaN-poisoned buffers) and sharing the split-K accumulators, eagerly and in a CUDA graph. With
     programmatic dependent launch a kernel copies its weights before the previous one has
     finished but must not read x or touch the accumulators until it has: a misplaced wait shows as
-    NaN or a result that is not layer(previous output). y_sums: the calls of up to 128 tokens are
-    two kernels each (the GEMM leaving sums, sums_to_y), both under the same rule."""
+    NaN or a result that is not layer(previous output). y_sums: the calls of 17-128 tokens on layers
+    split over 4 blocks a tile or more are two kernels each (the GEMM leaving sums, sums_to_y), both
+    under the same rule."""
     layers = [cuda_layer(4096, 4096, 4, 128, sym=False), cuda_layer(4096, 11008, 4, 128),
               cuda_layer(11008, 4096, 4, 32, sym=False), cuda_layer(4096, 4096, 8, 64)]
     with cuda_backend.gemm_launch_options(pdl=pdl, y_sums=y_sums):
