@@ -355,6 +355,15 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       }, "diagnosis builds: the fp16 pipelined GEMV's per-warp records since the last take, int64 [n, 6] "
          "(tag, entry ns, wait ns, exit ns, first unit done ns, its operands in ns; csrc/qs_trace.cuh), and starts "
          "over");
+  m.def("gemm_trace_take", []() {
+        auto out = torch::empty({QS_GEMV_TRACE_RECORDS, 8}, torch::dtype(torch::kInt64));
+        const int n = qs_gemm_trace_take(reinterpret_cast<unsigned long long*>(out.data_ptr<int64_t>()),
+                                         QS_GEMV_TRACE_RECORDS);
+        require(n >= 0, "this build of quantserve_cuda has no GEMM trace (build it with QUANTSERVE_CUDA_TRACE=1)");
+        return out.narrow(0, 0, n).clone();
+      }, "diagnosis builds: the fp16 wgmma GEMM's and sums_to_y's per-block records since the last take, int64 "
+         "[n, 8] (tag, entry, wait, loop done, sums out, drain begun, exit ns, info; csrc/qs_gemm_trace.cuh), and "
+         "starts over");
   m.def("workspace_need", &workspace_need,
         "(floats, counters) of GEMM workspace every launch on a device fits in; (0, 0): no GEMM on it",
         py::arg("device"));

@@ -19,6 +19,7 @@
 
 #include "gemm_wgmma_cfg.cuh"
 #include "gemm_wgmma_out.cuh"
+#include "qs_gemm_trace.cuh"
 #include "qs_dequant.cuh"
 #include "qs_launch.cuh"
 #include "qs_probe.cuh"
@@ -59,6 +60,7 @@ __global__ void __launch_bounds__(256, WgCfg<T, BITS, NTOK, SPW>::kBlocksPerSm)
   const int total = tiles * nst;  // the launcher checks that it fits an int
   const int blocks = gridDim.x, b = blockIdx.x;
   const int u0 = int(unit_begin(total, b, blocks)), u1 = int(unit_begin(total, b + 1, blocks));
+  QS_GTRACE_ENTER(a.qweight, NTOK, 0);
 
   const T* x = reinterpret_cast<const T*>(a.x);
   const T* bias = reinterpret_cast<const T*>(a.bias);
@@ -349,6 +351,7 @@ __global__ void __launch_bounds__(256, WgCfg<T, BITS, NTOK, SPW>::kBlocksPerSm)
     }
     const int tile_first = tile * nst;
     const bool whole = seg_first == tile_first && seg_end == tile_first + nst;
+    QS_GTRACE_LOOP();
     tile_out<T, NTOK, SPW, NTH, SUMS>(a, bias, y, acc, tile * STRIPS, whole, seg_end - seg_first, nst, s_last);
 #pragma unroll
     for (int s = 0; s < SPW; ++s)
@@ -376,6 +379,7 @@ __global__ void __launch_bounds__(256, WgCfg<T, BITS, NTOK, SPW>::kBlocksPerSm)
   }
   pdl_launch_dependents();
   pdl_wait();
+  QS_GTRACE_WAIT();
   loader = first;
   for (int i = 0; i < ahead; ++i) {
     if (u0 + i < u1) {
@@ -409,6 +413,7 @@ __global__ void __launch_bounds__(256, WgCfg<T, BITS, NTOK, SPW>::kBlocksPerSm)
     flush(tile, seg_first, seg_end);
   }
   cp_async_wait(0);
+  QS_GTRACE_EXIT();
 #endif
 }
 

@@ -5,6 +5,7 @@
 #pragma once
 
 #include "qs_dequant.cuh"
+#include "qs_gemm_trace.cuh"
 #include "qs_probe.cuh"
 #include "qs_ptx.cuh"
 #include "qs_streamk.cuh"
@@ -66,6 +67,7 @@ __device__ __forceinline__ void tile_out(const QsMatmulArgs& a, const T* bias, T
           }
         }
       }
+    QS_GTRACE_OUT();
     return;
   }
   if (whole) {
@@ -84,6 +86,7 @@ __device__ __forceinline__ void tile_out(const QsMatmulArgs& a, const T* bias, T
             if (m < a.m) y[(long long)m * a.n + n] = Act<T>::from_float(acc[s][4 * i + 2 * h + e] + bv);
           }
       }
+    QS_GTRACE_OUT();
   } else {
     // The tile's accumulator: [BN columns][NTOK tokens] fp32 over its strips' accumulators.
     float* tacc = a.accum + (long long)strip0 * kAccumPerStrip;
@@ -107,6 +110,7 @@ __device__ __forceinline__ void tile_out(const QsMatmulArgs& a, const T* bias, T
     if constexpr (probe::on(probe::kRedsOnly)) return;
     fence_acq_rel_gpu();
     __syncthreads();
+    QS_GTRACE_OUT();
     if (tid == 0) {
       s_last = atomicAdd(a.accum_counters + strip0, mine) + mine == nst;
     }
@@ -117,6 +121,7 @@ __device__ __forceinline__ void tile_out(const QsMatmulArgs& a, const T* bias, T
       return;
     }
     if (s_last) {
+      QS_GTRACE_DRAIN();
       fence_acq_rel_gpu();
       // Items of 2 columns x 4 tokens, a warp's 32 items being 16 column pairs x the two token
       // quads of one 8-token octet: the lane pair (2i, 2i+1) reads the two halves of each
@@ -157,10 +162,16 @@ __device__ __forceinline__ void tile_out(const QsMatmulArgs& a, const T* bias, T
           int cp, tq;
           item_at(base + r * NTH + tid, cp, tq);
           float* p0 = tacc + (2 * cp) * NTOK + 4 * tq;
-          stcg4(p0, make_float4(0.f, 0.f, 0.f, 0.f));
-          stcg4(p0 + NTOK, make_float4(0.f, 0.f, 0.f, 0.f));
+          if constexpr (!probe::on(probe::kDrainNoZero)) {
+            stcg4(p0, make_float4(0.f, 0.f, 0.f, 0.f));
+            stcg4(p0 + NTOK, make_float4(0.f, 0.f, 0.f, 0.f));
+          }
           const int n = strip0 * 64 + 2 * cp;
           const float r0[4] = {v0[r].x, v0[r].y, v0[r].z, v0[r].w}, r1[4] = {v1[r].x, v1[r].y, v1[r].z, v1[r].w};
+          if constexpr (probe::on(probe::kDrainNoY)) {  // keep the loads live
+            if (a.m < 0) y[n] = Act<T>::from_float(r0[0] + r1[1] + r0[2] + r1[3] + b0[r] + b1[r]);
+            continue;
+          }
 #pragma unroll
           for (int e = 0; e < 4; ++e) {
             const int m = 4 * tq + e;

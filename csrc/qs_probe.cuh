@@ -19,6 +19,8 @@ constexpr int kNoDrain = 32;     // split tiles: the last arrival only resets th
 constexpr int kRedsOnly = 64;    // split tiles: reds, then no fence, counter or drain
 constexpr int kSharedA = 128;    // 64-token tiles: A from shared memory (a stale tile), not registers
 constexpr int kStageWait = 256;  // one wgmma wait a stage instead of one a step (with kSharedA: no hazard)
+constexpr int kDrainNoZero = 512;  // split tiles: the drain does not zero the accumulator it read
+constexpr int kDrainNoY = 1024;    // split tiles: the drain writes no y (its loads kept live)
 
 __host__ __device__ constexpr bool on(int bit) { return (QS_PROBE & bit) != 0; }
 

@@ -111,6 +111,9 @@ int qs_gemv_pipe_takes(int device, int m, int bits, int group_shift, int has_zer
 // count, or -1 in a build without the trace.
 #define QS_GEMV_TRACE_RECORDS (1 << 18)
 int qs_gemv_trace_take(unsigned long long* dst, int max_records);
+// The same for the fp16 wgmma GEMM's and sums_to_y's per-block records (csrc/qs_gemm_trace.cuh:
+// 8 x uint64 each: tag, entry, wait, loop done, sums out, drain begun, exit ns, info).
+int qs_gemm_trace_take(unsigned long long* dst, int max_records);
 // Largest m handled by qs_gemv.
 int qs_gemv_max_m(void);
 // Accumulator floats the GEMV and the wgmma GEMM need for n output columns (counters: ceil(n / 64)).

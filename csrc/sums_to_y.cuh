@@ -12,6 +12,7 @@
 #include <cuda_runtime.h>
 
 #include "qs_dequant.cuh"
+#include "qs_gemm_trace.cuh"
 #include "qs_launch.cuh"
 #include "qs_ptx.cuh"
 #include "quantserve_cuda.h"
@@ -27,7 +28,9 @@ template <typename T>
 __global__ void __launch_bounds__(256) sums_to_y_kernel(float* sums, T* y, const T* bias, int m, int n, int slots) {
   __shared__ float tile[kSumsCols][kSumsMaxSlots + 1];  // [column][token], +1: conflict-free column reads
   pdl_launch_dependents();
+  QS_GTRACE_ENTER(nullptr, slots, 1);
   pdl_wait();  // the GEMM's sums, and y's last readers, belong to earlier kernels until here
+  QS_GTRACE_WAIT();
   const int c0 = blockIdx.x * kSumsCols, cols = min(kSumsCols, n - c0), tid = threadIdx.x;
   float* src = sums + (long long)c0 * slots;
   // The block's cols x slots floats are contiguous: 16-byte loads of tokens < m, zeroed after.
@@ -56,6 +59,7 @@ __global__ void __launch_bounds__(256) sums_to_y_kernel(float* sums, T* y, const
     }
     *reinterpret_cast<uint32_t*>(y + (long long)t * n + c0 + c) = Act<T>::pack2(v0, v1);
   }
+  QS_GTRACE_EXIT();
 }
 
 template <typename T>
