@@ -9,7 +9,7 @@
 #   <ref>@probe=<bits>: that version built with the wgmma GEMM's timing probes (csrc/qs_probe.cuh:
 #   1 no copies, 2 no widening, 4 no epilogue, 8 no barrier, 16 no reds, 32 no drain, 64 reds only,
 #   128 A from shared memory (64-token tiles), 256 one wgmma wait a stage, 512 the drain does not
-#   zero what it read, 1024 the drain writes no y;
+#   zero what it read, 1024 the drain writes no y, 2048 plain stores where the reds were;
 #   wrong results, timing only), e.g. "main=HEAD noepi=HEAD@probe=4 nodrain=HEAD@probe=32".
 # On the device:           bench/ab.sh run
 #   builds every ab/<name> in parallel (its own extension dir), runs the GPU tests on $TESTV (if

@@ -101,7 +101,8 @@ __device__ __forceinline__ void tile_out(const QsMatmulArgs& a, const T* bias, T
           const float* lo = acc[s] + 8 * ip + 2 * h;      // i = 2ip: tokens 16ip + 2t + e
           const float* hi = acc[s] + 8 * ip + 4 + 2 * h;  // i = 2ip + 1: tokens 16ip + 8 + 2t + e
           if constexpr (!probe::on(probe::kNoReds)) {
-            red_token_quads(tacc + cl * NTOK, 16 * ip, lo[0], lo[1], hi[0], hi[1], t, m_valid);
+            red_token_quads<probe::on(probe::kStoresNotReds)>(tacc + cl * NTOK, 16 * ip, lo[0], lo[1], hi[0],
+                                                              hi[1], t, m_valid);
           } else if (a.m < 0) {
             tacc[tid] = lo[0] + lo[1] + hi[0] + hi[1];
           }

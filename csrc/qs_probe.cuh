@@ -21,6 +21,8 @@ constexpr int kSharedA = 128;    // 64-token tiles: A from shared memory (a stal
 constexpr int kStageWait = 256;  // one wgmma wait a stage instead of one a step (with kSharedA: no hazard)
 constexpr int kDrainNoZero = 512;  // split tiles: the drain does not zero the accumulator it read
 constexpr int kDrainNoY = 1024;    // split tiles: the drain writes no y (its loads kept live)
+constexpr int kStoresNotReds = 2048;  // split tiles: plain stores where the reds were (the drain reads lines
+                                      // written by stores, not added into)
 
 __host__ __device__ constexpr bool on(int bit) { return (QS_PROBE & bit) != 0; }
 

@@ -58,6 +58,8 @@ constexpr int kAccumPerStrip = 256 * 64;
 // MMA accumulator layout). Lanes t and t^1 swap a pair first so each holds 4 consecutive tokens and
 // adds them with one 16-byte red on sm_90 (a quarter of the scalar reds). Tokens >= m are skipped by
 // quad (their partials are zero, so the accumulator stays zero). Every lane of the warp must call it.
+// kStore (timing probe 2048 of the wgmma GEMM only, wrong sums): a plain 16-byte store instead of the red.
+template <bool kStore = false>
 __device__ __forceinline__ void red_token_quads(float* col, int base, float lo0, float lo1, float hi0, float hi1,
                                                 int t, int m) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
@@ -68,10 +70,16 @@ __device__ __forceinline__ void red_token_quads(float* col, int base, float lo0,
   // (the partner's hi pair, then its own).
   const int m0 = base + 8 * odd + 2 * (t & ~1);
   const float4 v = odd ? make_float4(s0, s1, hi0, hi1) : make_float4(lo0, lo1, s0, s1);
-  if (m0 < m)
-    asm volatile("red.global.add.v4.f32 [%0], {%1, %2, %3, %4};\n" ::"l"(col + m0), "f"(v.x), "f"(v.y), "f"(v.z),
-                 "f"(v.w)
-                 : "memory");
+  if (m0 < m) {
+    if constexpr (kStore)
+      asm volatile("st.global.cg.v4.f32 [%0], {%1, %2, %3, %4};\n" ::"l"(col + m0), "f"(v.x), "f"(v.y), "f"(v.z),
+                   "f"(v.w)
+                   : "memory");
+    else
+      asm volatile("red.global.add.v4.f32 [%0], {%1, %2, %3, %4};\n" ::"l"(col + m0), "f"(v.x), "f"(v.y),
+                   "f"(v.z), "f"(v.w)
+                   : "memory");
+  }
 #else
   const int m_lo = base + 2 * t, m_hi = base + 8 + 2 * t;
   if (m_lo < m) atomicAdd(col + m_lo, lo0);
