@@ -31,7 +31,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import os
 import statistics
 import sys
 
@@ -143,32 +142,22 @@ def main() -> None:
     p.add_argument("--raw", default=None, help="also write every record and the layer of each key here "
                    "(safetensors; the last --m only)")
     args = p.parse_args()
-    os.environ["QUANTSERVE_CUDA_TRACE"] = "1"  # before the extension is built or loaded
-
     import torch
 
-    from bench.kernels import SHAPES, capture_graph, ours_call, ours_make, step_calls, step_order
-    from quant.backends import cuda as cuda_backend
+    from bench.kernels import step_order
+    from bench.trace_step import replay_traced, step_graph, step_weights, trace_extension, weight_keys
 
-    ext = cuda_backend.extension()
+    ext = trace_extension()
     if args.gemm_pdl is not None:
         wgmma, _, y_sums = ext.gemm_get_options()
         ext.gemm_set_options(wgmma, bool(args.gemm_pdl), y_sums)
-    weights = {s: [ours_make(*SHAPES[s]) for _ in range(args.layers if s != "lm_head" else 1)] for s in SHAPES}
-    key_name = {(w.qweight.data_ptr() >> 8) & 0xFFFFFFFF: s for s, ws in weights.items() for w in ws}
+    weights = step_weights(args.layers)
+    key_name = weight_keys(weights)
     order = step_order(args.layers)
     report = {"gpu": torch.cuda.get_device_name(), "runs": []}
     for m in args.m:
-        xs = {k: torch.randn(m, k, device="cuda", dtype=torch.float16) for k in {4096, 11008}}
-        graph = capture_graph(step_calls(order, weights, xs, ours_call()))
-        torch.cuda.synchronize()
-        ext.gemm_trace_take()  # drop the warm-up replays' records
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        graph.replay()
-        end.record()
-        end.synchronize()
-        records = ext.gemm_trace_take()
+        graph, _inputs = step_graph(m, args.layers, weights)
+        records, replay_ms = replay_traced(graph, ext.gemm_trace_take)
         blocks = [parse(tuple(int(v) for v in r)) for r in records.tolist()]
         calls = calls_of(blocks)
         names = [key_name.get(c["key"], "?") for c in calls]
@@ -176,14 +165,14 @@ def main() -> None:
             print(f"note: M={m}: {len(calls)} traced GEMM launches for {len(order)} calls (the others ran "
                   f"another kernel)", file=sys.stderr)
         rows = table(calls, names)
-        print(f"{report['gpu']}: M={m}, {len(calls)} GEMM launches, replay {start.elapsed_time(end):.3f} ms (event), "
+        print(f"{report['gpu']}: M={m}, {len(calls)} GEMM launches, replay {replay_ms:.3f} ms (event), "
               f"sum of shares {rows[-1]['share'] / 1e3:.3f} ms; microseconds, medians per layer:")
         print(f"  {'layer':8s} {'tok':>4s} {'blk':>4s} {'drn':>4s} {'s2yb':>4s}" +
               "".join(f" {f:>8s}" for f in FIELDS))
         for r in rows[:-1]:
             print(f"  {r['layer']:8s} {r['tokens']:4d} {r['blocks']:4d} {r['drainers']:4d} {r['s2y_blocks']:4d}" +
                   "".join(f" {r[f]:8.2f}" for f in FIELDS))
-        report["runs"].append({"m": m, "replay_ms": start.elapsed_time(end), "table": rows,
+        report["runs"].append({"m": m, "replay_ms": replay_ms, "table": rows,
                                "calls": [dict(c, layer=n) for c, n in zip(calls, names)]})
         if args.raw and m == args.m[-1]:
             from safetensors.torch import save_file

@@ -30,7 +30,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import os
 import statistics
 import sys
 
@@ -155,31 +154,21 @@ def main() -> None:
     p.add_argument("--raw", default=None, help="also write every record and the layer of each key here "
                    "(safetensors)")
     args = p.parse_args()
-    os.environ["QUANTSERVE_CUDA_TRACE"] = "1"  # before the extension is built or loaded
-
     import torch
 
-    from bench.kernels import SHAPES, capture_graph, ours_call, ours_make, step_calls, step_order
+    from bench.kernels import SHAPES, step_order
+    from bench.trace_step import replay_traced, step_graph, step_weights, trace_extension, weight_keys
     from quant.backends import cuda as cuda_backend
 
-    ext = cuda_backend.extension()
-    weights = {s: [ours_make(*SHAPES[s]) for _ in range(args.layers if s != "lm_head" else 1)] for s in SHAPES}
-    xs = {k: torch.randn(args.m, k, device="cuda", dtype=torch.float16) for k in {4096, 11008}}
+    ext = trace_extension()
+    weights = step_weights(args.layers)
     order = step_order(args.layers)
-    calls = step_calls(order, weights, xs, ours_call())
-    key_name = {(w.qweight.data_ptr() >> 8) & 0xFFFFFFFF: s for s, ws in weights.items() for w in ws}
+    key_name = weight_keys(weights)
     chunk_steps = 8  # a 4-bit GEMV unit: 8 k16 steps of one 64-column strip (csrc/gemv.cuh gemv_steps)
     totals = {key: _cdiv(SHAPES[s][1], 64) * _cdiv(_cdiv(SHAPES[s][0], 16), chunk_steps) for key, s in key_name.items()}
     with cuda_backend.gemv_launch_options(wave_div=args.wave_div):
-        graph = capture_graph(calls)
-    torch.cuda.synchronize()
-    ext.gemv_trace_take()  # drop the warm-up replays' records
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    graph.replay()
-    end.record()
-    end.synchronize()
-    records = ext.gemv_trace_take()
+        graph, _inputs = step_graph(args.m, args.layers, weights)
+    records, replay_ms = replay_traced(graph, ext.gemv_trace_take)
     rows = [tuple(int(v) for v in r) for r in records.tolist()]
     timings = summarize(rows, totals)
     names = [key_name.get(c.key, "?") for c in timings]
@@ -189,7 +178,7 @@ def main() -> None:
     per_call = phases(timings)
     rows_t = table(per_call, names)
     step_us = timings[-1].exit_last - timings[0].entry_first if timings else 0.0
-    print(f"{torch.cuda.get_device_name()}: M={args.m}, {len(timings)} launches, replay {start.elapsed_time(end):.3f} ms "
+    print(f"{torch.cuda.get_device_name()}: M={args.m}, {len(timings)} launches, replay {replay_ms:.3f} ms "
           f"(event), first entry -> last exit {step_us / 1e3:.3f} ms; microseconds, medians per layer:")
     print(f"  {'layer':12s} {'calls':>5s} {'ramp':>7s} {'body':>7s} {'tail':>7s} {'gap':>7s} {'early':>7s} "
           f"{'first':>7s} {'data':>7s}  exit after the wait by units a warp ran: median / last")
@@ -206,7 +195,7 @@ def main() -> None:
                             "layers": json.dumps({str(k): v for k, v in key_name.items()})})
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"gpu": torch.cuda.get_device_name(), "m": args.m, "replay_ms": start.elapsed_time(end),
+            json.dump({"gpu": torch.cuda.get_device_name(), "m": args.m, "replay_ms": replay_ms,
                        "table": rows_t, "calls": [dict(p, layer=n) for p, n in zip(per_call, names)]}, f, indent=1)
 
 

@@ -6,15 +6,7 @@ cudaError_t qs_gemm_f16_need(long long* floats, int* counters) { return qs::gemm
 
 #ifdef QS_GEMV_TRACE
 int qs_gemm_trace_take(unsigned long long* dst, int max_records) {
-  unsigned int n = 0;
-  if (cudaDeviceSynchronize() != cudaSuccess || cudaMemcpyFromSymbol(&n, qs::g_gtrace_n, sizeof(n)) != cudaSuccess)
-    return 0;
-  n = n < QS_GEMV_TRACE_RECORDS ? n : QS_GEMV_TRACE_RECORDS;
-  n = n < unsigned(max_records) ? n : unsigned(max_records);
-  if (n > 0 && cudaMemcpyFromSymbol(dst, qs::g_gtrace, n * sizeof(qs::GemmTraceRec)) != cudaSuccess) return 0;
-  const unsigned int zero = 0;
-  cudaMemcpyToSymbol(qs::g_gtrace_n, &zero, sizeof(zero));
-  return int(n);
+  return qs::trace_take(qs::g_gtrace, qs::g_gtrace_n, dst, max_records);
 }
 #else
 int qs_gemm_trace_take(unsigned long long*, int) { return -1; }

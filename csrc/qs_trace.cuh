@@ -75,6 +75,21 @@ __device__ __forceinline__ void trace_unit(unsigned int& i) {
   i |= kTraceUnitDone;
 }
 
+// Host side: copies up to max_records of a trace buffer's records (`records`, filled up to `count`)
+// into dst, then starts the buffer over; returns how many (0 on a CUDA error).
+template <typename Rec>
+inline int trace_take(const Rec (&records)[QS_GEMV_TRACE_RECORDS], const unsigned int& count, unsigned long long* dst,
+                      int max_records) {
+  unsigned int n = 0;
+  if (cudaDeviceSynchronize() != cudaSuccess || cudaMemcpyFromSymbol(&n, count, sizeof(n)) != cudaSuccess) return 0;
+  n = n < QS_GEMV_TRACE_RECORDS ? n : QS_GEMV_TRACE_RECORDS;
+  n = n < unsigned(max_records) ? n : unsigned(max_records);
+  if (n > 0 && cudaMemcpyFromSymbol(dst, records, n * sizeof(Rec)) != cudaSuccess) return 0;
+  const unsigned int zero = 0;
+  cudaMemcpyToSymbol(count, &zero, sizeof(zero));
+  return int(n);
+}
+
 }  // namespace qs
 #define QS_TRACE_ENTER(var, qweight) unsigned int var = ::qs::trace_enter(qweight)
 #define QS_TRACE_UNIT(var) ::qs::trace_unit(var)
