@@ -29,6 +29,7 @@ call's key as a safetensors file.
 from __future__ import annotations
 
 import argparse
+import bisect
 import dataclasses
 import json
 import statistics
@@ -78,18 +79,17 @@ def calls_of(blocks: list[Block]) -> list[dict]:
     for b in blocks:
         if b.kind == KIND_GEMM:
             gemm.setdefault(b.key, []).append(b)
-    launches = sorted(gemm.items(), key=lambda kv: min(b.wait for b in kv[1]))
-    firsts = [min(b.wait for b in bs) for _, bs in launches]
+    launches = sorted(((min(b.wait for b in bs), key, bs) for key, bs in gemm.items()), key=lambda l: l[0])
+    firsts = [w for w, _, _ in launches]
     # a sums_to_y block belongs to the last GEMM launch past its wait before it
     after: list[list[Block]] = [[] for _ in launches]
     for b in s2y:
-        i = max((j for j, f in enumerate(firsts) if f <= b.wait), default=None)
-        if i is not None:
+        i = bisect.bisect_right(firsts, b.wait) - 1
+        if i >= 0:
             after[i].append(b)
     out, prev_end = [], None
-    for (key, bs), extra in zip(launches, after):
+    for (wait_first, key, bs), extra in zip(launches, after):
         exits = sorted(b.exit for b in bs)
-        wait_first = min(b.wait for b in bs)
         gemm_end = exits[-1]
         end = max([gemm_end] + [b.exit for b in extra])
         p90 = exits[min(len(exits) - 1, (len(exits) * 9) // 10)]

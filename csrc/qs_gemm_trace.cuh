@@ -31,14 +31,11 @@ static __shared__ unsigned int s_gtrace;
 __device__ __forceinline__ void gtrace_enter(const void* qweight, int ntok, int kind) {
   if (threadIdx.x != 0) return;
   const unsigned long long t = trace_now();
-  unsigned int sm;
-  asm volatile("mov.u32 %0, %%smid;" : "=r"(sm));
   const unsigned int i = atomicAdd(&g_gtrace_n, 1u);
   s_gtrace = i < QS_GEMV_TRACE_RECORDS ? i : QS_GEMV_TRACE_RECORDS;
   if (i >= QS_GEMV_TRACE_RECORDS) return;
-  const unsigned long long key = (reinterpret_cast<unsigned long long>(qweight) >> 8) & 0xffffffffull;
   GemmTraceRec& r = g_gtrace[i];
-  r.tag = key << 32 | (unsigned long long)(sm & 0xffff) << 16 | (blockIdx.x & 0xffff);
+  r.tag = trace_tag(qweight, blockIdx.x);
   r.t_entry = t;
   r.t_wait = r.t_loop = r.t_out = r.t_drain = r.t_exit = 0;
   r.info = (unsigned long long)ntok << 32 | (unsigned long long)kind << 48;

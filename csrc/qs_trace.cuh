@@ -29,18 +29,23 @@ __device__ __forceinline__ unsigned long long trace_now() {
   return t;
 }
 
+// A record's tag: (qweight address >> 8, 32 bits) << 32 | this SM << 16 | index (a warp or a block).
+__device__ __forceinline__ unsigned long long trace_tag(const void* qweight, unsigned int index) {
+  unsigned int sm;
+  asm volatile("mov.u32 %0, %%smid;" : "=r"(sm));
+  const unsigned long long key = (reinterpret_cast<unsigned long long>(qweight) >> 8) & 0xffffffffull;
+  return key << 32 | (unsigned long long)(sm & 0xffff) << 16 | (index & 0xffff);
+}
+
 // Lane 0 of each warp claims a record at entry (before the PDL wait, so the atomic's latency hides
 // in the wait) and fills the rest in as the warp goes; the warp holds only the index in between.
 __device__ __forceinline__ unsigned int trace_enter(const void* qweight) {
   if ((threadIdx.x & 31) != 0) return QS_GEMV_TRACE_RECORDS;
   const unsigned long long t = trace_now();
-  unsigned int sm;
-  asm volatile("mov.u32 %0, %%smid;" : "=r"(sm));
   const unsigned int warp = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
   const unsigned int i = atomicAdd(&g_trace_n, 1u);
   if (i < QS_GEMV_TRACE_RECORDS) {
-    const unsigned long long key = (reinterpret_cast<unsigned long long>(qweight) >> 8) & 0xffffffffull;
-    g_trace[i].tag = key << 32 | (unsigned long long)(sm & 0xffff) << 16 | (warp & 0xffff);
+    g_trace[i].tag = trace_tag(qweight, warp);
     g_trace[i].t_entry = t;
     g_trace[i].t_first = 0;
     g_trace[i].t_data = 0;
