@@ -33,18 +33,26 @@ __global__ void __launch_bounds__(256) sums_to_y_kernel(float* sums, T* y, const
   QS_GTRACE_WAIT();
   const int c0 = blockIdx.x * kSumsCols, cols = min(kSumsCols, n - c0), tid = threadIdx.x;
   float* src = sums + (long long)c0 * slots;
-  // The block's cols x slots floats are contiguous: 16-byte loads of tokens < m, zeroed after.
+  // The block's cols x slots floats are contiguous: 16-byte loads of tokens < m, zeroed after. All of a
+  // thread's loads (up to kPer) are issued before any zeroing store: in a loop of load, store, the
+  // store may alias the next load, so each load waited for the one before (v37).
+  constexpr int kPer = kSumsCols * kSumsMaxSlots / 4 / 256;
   const int quads = slots >> 2, items = cols * quads;
-  for (int i = tid; i < items; i += 256) {
-    const int c = i / quads, t = (i - c * quads) * 4;
-    if (t >= m) continue;  // slots of tokens >= m are zero and stay so
-    float* p = src + c * slots + t;
-    const float4 v = ldcg4(p);
-    stcg4(p, make_float4(0.f, 0.f, 0.f, 0.f));
-    tile[c][t] = v.x;
-    tile[c][t + 1] = v.y;
-    tile[c][t + 2] = v.z;
-    tile[c][t + 3] = v.w;
+  float4 v[kPer];
+#pragma unroll
+  for (int r = 0; r < kPer; ++r) {
+    const int i = tid + 256 * r, c = i / quads, t = (i - c * quads) * 4;
+    v[r] = i < items && t < m ? ldcg4(src + c * slots + t) : make_float4(0.f, 0.f, 0.f, 0.f);
+  }
+#pragma unroll
+  for (int r = 0; r < kPer; ++r) {
+    const int i = tid + 256 * r, c = i / quads, t = (i - c * quads) * 4;
+    if (i >= items || t >= m) continue;  // slots of tokens >= m are zero and stay so
+    stcg4(src + c * slots + t, make_float4(0.f, 0.f, 0.f, 0.f));
+    tile[c][t] = v[r].x;
+    tile[c][t + 1] = v[r].y;
+    tile[c][t + 2] = v[r].z;
+    tile[c][t + 3] = v[r].w;
   }
   __syncthreads();
   // y rows: column pairs of one token row per 16 lanes, 4-byte stores.
