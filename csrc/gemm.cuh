@@ -347,6 +347,12 @@ cudaError_t gemm_need(long long* floats, int* counters) {
       if (f > *floats) *floats = f;
       if (c > *counters) *counters = c;
     }
+  // The wgmma GEMM's split-K slots share the workspace (a device that runs it).
+  int device = 0;
+  if (cudaGetDevice(&device) == cudaSuccess && device >= 0 && device < kMaxDevices && wgmma_ready()[device] == 1) {
+    const cudaError_t err = wgmma_slots_need<T>(floats);
+    if (err != cudaSuccess) return err;
+  }
   return cudaSuccess;
 }
 

@@ -42,6 +42,8 @@ __global__ void __launch_bounds__(256, WgCfg<T, BITS, NTOK, SPW>::kBlocksPerSm)
   using Cfg = WgCfg<T, BITS, NTOK, SPW>;
   constexpr bool MS = Cfg::kMmaSync;
   static_assert(!FOLD || MS, "the fold is built for the 16-token (mma.sync) tiles");
+  static_assert(NTOK * (Cfg::BN + 8) * int(sizeof(T)) <= Cfg::kStages * (Cfg::X_BYTES + Cfg::REST_BYTES),
+                "a whole tile's y rows fit the stage buffers");
   constexpr int KB = Cfg::KB, V = Cfg::V, WPL = Cfg::WPL, NACC = Cfg::NACC, STRIPS = Cfg::STRIPS;
   constexpr int NTH = Cfg::kThreads, stages = Cfg::kStages;
   extern __shared__ uint8_t smem_raw[];
@@ -352,7 +354,15 @@ __global__ void __launch_bounds__(256, WgCfg<T, BITS, NTOK, SPW>::kBlocksPerSm)
     const int tile_first = tile * nst;
     const bool whole = seg_first == tile_first && seg_end == tile_first + nst;
     QS_GTRACE_LOOP();
-    tile_out<T, NTOK, SPW, NTH, SUMS>(a, bias, y, acc, tile * STRIPS, whole, seg_end - seg_first, nst, s_last);
+    SlotPlan sp;
+    sp.on = false;
+    if constexpr (!SUMS && NTOK >= kSlotMinTok) {
+      if (!whole) sp = slot_plan(a, tile, nst, total, blocks, b, Cfg::BN * NTOK);
+    }
+    // The block's last segment: its pipeline is idle (every copy landed and was read), so a whole
+    // tile may stage its y rows in the stage buffers.
+    tile_out<T, NTOK, SPW, NTH, SUMS>(a, bias, y, acc, tile * STRIPS, whole, seg_end - seg_first, nst, s_last,
+                                      seg_end == u1 ? smem : nullptr, sp);
 #pragma unroll
     for (int s = 0; s < SPW; ++s)
 #pragma unroll

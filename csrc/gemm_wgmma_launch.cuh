@@ -97,6 +97,40 @@ cudaError_t launch_gemm_wgmma(const QsMatmulArgs& a, cudaStream_t stream) {
   return cudaLaunchKernelEx(&cfg, kernel, a);
 }
 
+// Workspace floats the split-K slots (gemm_wgmma_slots.cuh) of the largest grid of one kernel take
+// on the current device: two BN x NTOK slots a block; the larger of that and *floats in *floats.
+template <typename T, int BITS, int NTOK, int SPW, bool FOLD>
+cudaError_t wgmma_slot_floats(long long* floats) {
+  using Cfg = WgCfg<T, BITS, NTOK, SPW>;
+  static int occ_slot[kMaxDevices];
+  static int stage_slot[kMaxDevices];
+  PipelineShape ps;
+  const cudaError_t err = pipeline_shape(gemm_wgmma_kernel<T, BITS, NTOK, SPW, FOLD, false>, Cfg::kThreads,
+                                         Cfg::kStages, Cfg::smem_bytes, stage_slot, occ_slot, &ps);
+  if (err != cudaSuccess) return err;
+  const long long f = 2LL * ps.dev.sms * ps.occ * Cfg::BN * NTOK;
+  if (f > *floats) *floats = f;
+  return cudaSuccess;
+}
+
+// The same over every wgmma kernel a call can launch (both widths, every tile).
+template <typename T, int BITS>
+cudaError_t wgmma_slots_need_bits(long long* floats) {
+  cudaError_t err;
+  if ((err = wgmma_slot_floats<T, BITS, 16, 2, true>(floats)) != cudaSuccess) return err;
+  if ((err = wgmma_slot_floats<T, BITS, 16, 2, false>(floats)) != cudaSuccess) return err;
+  if ((err = wgmma_slot_floats<T, BITS, 32, 2, false>(floats)) != cudaSuccess) return err;
+  if ((err = wgmma_slot_floats<T, BITS, 64, 1, false>(floats)) != cudaSuccess) return err;
+  if ((err = wgmma_slot_floats<T, BITS, 128, 1, false>(floats)) != cudaSuccess) return err;
+  if ((err = wgmma_slot_floats<T, BITS, 128, 2, false>(floats)) != cudaSuccess) return err;
+  return wgmma_slot_floats<T, BITS, 256, 1, false>(floats);
+}
+template <typename T>
+cudaError_t wgmma_slots_need(long long* floats) {
+  const cudaError_t err = wgmma_slots_need_bits<T, 4>(floats);
+  return err != cudaSuccess ? err : wgmma_slots_need_bits<T, 8>(floats);
+}
+
 // Whether this call can take the wgmma kernel: option on, sm_90a code loaded on this device, and
 // strip accumulators sized for n. Any m: above 256 tokens it runs in 256-token slices (H100,
 // decode-step linears, v7: M=512 23.06 ms vs 31.43 with the mma.sync GEMM).

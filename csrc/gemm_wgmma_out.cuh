@@ -1,9 +1,13 @@
 // The end of a wgmma GEMM block's tile segment (gemm_wgmma.cuh): its fp32 sums go to y when the
 // block computed the whole tile, else are added with reds into the tile's split-K accumulator,
 // and the contributor that completes the tile drains the accumulator into y and zeroes it (and
-// its counter) for the next call. A call leaving its sums (a.sums) only stores or adds them there.
+// its counter) for the next call. Tiles of 64 tokens or more split over 2-4 blocks go through
+// per-block slots instead (gemm_wgmma_slots.cuh), and whole tiles of 64 tokens or more at a
+// block's last segment write y through shared memory (v38). A call leaving its sums (a.sums) only
+// stores or adds them there.
 #pragma once
 
+#include "gemm_wgmma_slots.cuh"
 #include "qs_dequant.cuh"
 #include "qs_gemm_trace.cuh"
 #include "qs_probe.cuh"
@@ -13,13 +17,21 @@
 
 namespace qs {
 
+// Whole tiles of fewer tokens keep the plain y stores: staged, the decode-step linears at 16 tokens
+// took +0.7% (H200, v38: 1.806-1.820 vs 1.794-1.802 ms), at 64 -1.2% (2.973-2.978 vs 2.996-3.021).
+constexpr int kStagedYMinTok = 64;
+
 // bias, y: a.bias, a.y as T. acc[s][4i + 2h + e] (this thread's sums): column (strip0 + wg*SPW + s)*64 + 16wq + g + 8h,
 // token 8i + 2t + e, for warpgroup wg, warp wq of it, g = lane / 4, t = lane % 4. whole: the block
 // covered all of the tile's nst stages; else it covered `mine` of them. s_last: a __shared__ int of
-// the block. Every thread of the block calls this (it has barriers).
+// the block. dsm: the block's dynamic shared memory where its pipeline is idle (its last segment),
+// else null; a whole tile then writes y through it in 16-byte row chunks. sp: where a split tile's
+// partials go through slots (gemm_wgmma_slots.cuh; the last contributor then adds the others' into
+// acc and writes y as a whole tile). Every thread of the block calls this (it has barriers).
 template <typename T, int NTOK, int SPW, int NTH, bool SUMS = false>
-__device__ __forceinline__ void tile_out(const QsMatmulArgs& a, const T* bias, T* y, const float (&acc)[SPW][NTOK / 2],
-                                         int strip0, bool whole, int mine, int nst, int& s_last) {
+__device__ __forceinline__ void tile_out(const QsMatmulArgs& a, const T* bias, T* y, float (&acc)[SPW][NTOK / 2],
+                                         int strip0, bool whole, int mine, int nst, int& s_last, uint8_t* dsm,
+                                         const SlotPlan& sp) {
   constexpr int BN = 128 * SPW;  // the tile's columns: 2 warpgroups x SPW strips of 64
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const int wg = warp >> 2, wq = warp & 3;
@@ -70,7 +82,40 @@ __device__ __forceinline__ void tile_out(const QsMatmulArgs& a, const T* bias, T
     QS_GTRACE_OUT();
     return;
   }
-  if (whole) {
+  const bool drained = !whole && sp.on;  // through slots (the trace marks out at the slot stores)
+  if (drained) {
+    slot_out<NTOK, SPW, NTH>(a, acc, strip0, mine, nst, s_last, sp);
+    if (!s_last) return;
+    whole = true;  // the tile's sums are complete in this block's registers
+  }
+  if (whole && NTOK >= kStagedYMinTok && dsm != nullptr && a.n % 8 == 0 && (reinterpret_cast<uintptr_t>(y) & 15) == 0) {
+    // y rows through shared memory: [NTOK][BN + 8] T (16 bytes of skew a row), then 16-byte stores
+    // of whole row chunks (the plain path below stores 2 bytes a lane, 8 columns x 4 rows a warp:
+    // 6.7 us for a 128 x 128 tile, v37).
+    constexpr int RS = BN + 8;
+    T* st = reinterpret_cast<T*>(dsm);
+    __syncthreads();  // every warp's last reads of the stage buffers are done
+#pragma unroll
+    for (int s = 0; s < SPW; ++s)
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        const int nl = (wg * SPW + s) * 64 + 16 * wq + g + 8 * h;
+        const int n = strip0 * 64 + nl;
+        const float bv = bias != nullptr && n < a.n ? Act<T>::to_float(bias[n]) : 0.f;
+#pragma unroll
+        for (int i = 0; i < NTOK / 8; ++i)
+#pragma unroll
+          for (int e = 0; e < 2; ++e) st[(8 * i + 2 * t + e) * RS + nl] = Act<T>::from_float(acc[s][4 * i + 2 * h + e] + bv);
+      }
+    __syncthreads();
+    const int cols = min(BN, a.n - strip0 * 64);  // a multiple of 8 (n is)
+    const int chunks = cols >> 3;
+    for (int i = tid; i < a.m * chunks; i += NTH) {
+      const int m = i / chunks, c = (i - m * chunks) * 8;
+      *reinterpret_cast<uint4*>(y + (long long)m * a.n + strip0 * 64 + c) = *reinterpret_cast<const uint4*>(st + m * RS + c);
+    }
+    if (!drained) QS_GTRACE_OUT();
+  } else if (whole) {
 #pragma unroll
     for (int s = 0; s < SPW; ++s)
 #pragma unroll
@@ -86,7 +131,7 @@ __device__ __forceinline__ void tile_out(const QsMatmulArgs& a, const T* bias, T
             if (m < a.m) y[(long long)m * a.n + n] = Act<T>::from_float(acc[s][4 * i + 2 * h + e] + bv);
           }
       }
-    QS_GTRACE_OUT();
+    if (!drained) QS_GTRACE_OUT();
   } else {
     // The tile's accumulator: [BN columns][NTOK tokens] fp32 over its strips' accumulators.
     float* tacc = a.accum + (long long)strip0 * kAccumPerStrip;

@@ -9,7 +9,8 @@
 // Activations fp16 or bf16, fp32 accumulation. Split-K state: the GEMV and the Hopper (wgmma) GEMM
 // add partial sums into `accum` (fp32, zero, qs_gemv_accum_floats(n) floats) and count arrivals in
 // `accum_counters` (zero, one per 64-column strip); the mma.sync GEMM stores partial tiles in
-// `workspace` (no init needed) and counts in `counters` (zero). Every kernel leaves accumulators and counters at zero, so one
+// `workspace` (no init needed) and counts in `counters` (zero); the wgmma GEMM's split-K slots
+// (tiles split over 2-4 blocks) are in `workspace` too, counted in `accum_counters`. Every kernel leaves accumulators and counters at zero, so one
 // set serves every layer of a stream; concurrent streams need one set each.
 #pragma once
 

@@ -23,7 +23,7 @@ SOURCES = ("bindings.cpp", "gemv_f16.cu", "gemv_bf16.cu", "gemm_f16.cu", "gemm_b
 HEADERS = ("quantserve_cuda.h", "qs_ptx.cuh", "qs_dequant.cuh", "qs_streamk.cuh", "qs_launch.cuh", "qs_stage.cuh",
            "qs_wgmma.cuh", "qs_probe.cuh", "gemm_wgmma.cuh", "gemm_wgmma_cfg.cuh", "gemm_wgmma_launch.cuh",
            "gemm_wgmma_out.cuh", "sums_to_y.cuh", "gemv.cuh", "gemv_chunk.cuh", "gemv_pipe.cuh", "gemm.cuh",
-           "dequant.cuh", "qs_trace.cuh", "qs_gemm_trace.cuh")
+           "dequant.cuh", "qs_trace.cuh", "qs_gemm_trace.cuh", "gemm_wgmma_slots.cuh")
 # Every target the sources support.
 ALL_ARCHS = ("80", "86", "89", "90a")
 

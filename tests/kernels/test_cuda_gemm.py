@@ -17,14 +17,17 @@ pytestmark = pytest.mark.gpu
                                                      (4096, 4096, 4, 32, False), (11008, 1024, 4, -1, True),
                                                      (1536, 576, 8, 128, True), (4128, 1280, 4, 32, True),
                                                      (2112, 640, 8, 64, False), (1040, 704, 4, 16, False),
-                                                     (1040, 8256, 4, 32, False), (1536, 204, 8, 64, False)])
+                                                     (1040, 8256, 4, 32, False), (1536, 204, 8, 64, False),
+                                                     (2112, 12160, 4, 128, True)])
 def test_gemm_kernels_over_token_counts(kernel, k, n, bits, group_size, sym):
     """Both GEMM kernels over every tile size of the Hopper wgmma kernel (16/32/64/128/256-token
     tiles, partly filled, and 256-token slices above), split and whole tiles, partial strips, both
     dtypes. K = 4128 / 2112 end inside a stage, after stages that take the wgmma kernel's unbounded
     copies (whole tiles of 1280 / 640 columns), with groups shorter than a stage; 16-k groups
     (1040 x 704), which the 4-bit wgmma kernel takes in 128-token slices; a layer wider than 8192
-    columns (65-128 tokens: two strips per warpgroup, 128-k stages). On an sm_90 GPU
+    columns (65-128 tokens: two strips per warpgroup, 128-k stages), and one of 95 128-column tiles
+    (65-128 tokens on an H100 / H200: tiles split over one or two blocks, through the split-K slots,
+    y rows of a block's last tile staged in shared memory). On an sm_90 GPU
     the sm_90a code must be the one loaded, so wgmma=True really runs wgmma (its 16-token tiles
     multiply with mma.sync). From 32 to 128 tokens the
     wgmma kernel writes y of layers whose tiles are split over 4 blocks or more as the GEMM leaving
