@@ -132,13 +132,14 @@ def extension():
 @dataclass
 class Workspace:
     """Split-K state of one device: mma.sync GEMM partial tiles (float32, any content) with arrival
-    counters, and the strip accumulators of the GEMV and the Hopper wgmma GEMM (float32, 64 columns x
-    up to 256 tokens per strip) with counters, and the buffer of the GEMV calls that leave their fp32
-    sums to the reader (apply_sums). Counters and accumulators are zero and the
-    kernels leave them zero, so one set serves every layer of a stream (concurrent streams on one
-    device would need one each). `scratch` (uint8, any content) holds the dequantised 16-bit
-    chunk of a large-M call. Sized at prepare time, so a CUDA graph captured later keeps valid
-    pointers; outgrown buffers are retired, not freed."""
+    counters (`partials` also holds the Hopper wgmma GEMM's per-block split-K slots, about 35 MB on
+    an H200, counted in `accum_counters`), the strip accumulators of the GEMV and the Hopper wgmma
+    GEMM (float32, 64 columns x up to 256 tokens per strip) with counters, and the buffer of the
+    GEMV calls that leave their fp32 sums to the reader (apply_sums). Counters and accumulators are
+    zero and the kernels leave them zero, so one set serves every layer of a stream (concurrent
+    streams on one device would need one each). `scratch` (uint8, any content) holds the
+    dequantised 16-bit chunk of a large-M call. Sized at prepare time, so a CUDA graph captured
+    later keeps valid pointers; outgrown buffers are retired, not freed."""
 
     partials: torch.Tensor
     counters: torch.Tensor
