@@ -348,8 +348,7 @@ cudaError_t gemm_need(long long* floats, int* counters) {
       if (c > *counters) *counters = c;
     }
   // The wgmma GEMM's split-K slots share the workspace (a device that runs it).
-  int device = 0;
-  if (cudaGetDevice(&device) == cudaSuccess && device >= 0 && device < kMaxDevices && wgmma_ready()[device] == 1) {
+  if (wgmma_ready_here()) {
     const cudaError_t err = wgmma_slots_need<T>(floats);
     if (err != cudaSuccess) return err;
   }

@@ -14,6 +14,12 @@ inline int (&wgmma_ready())[kMaxDevices] {
   return ready;
 }
 
+// Whether the current device runs the wgmma kernel (its probe found the sm_90a code).
+inline bool wgmma_ready_here() {
+  int device = 0;
+  return cudaGetDevice(&device) == cudaSuccess && device >= 0 && device < kMaxDevices && wgmma_ready()[device] == 1;
+}
+
 // Process-wide GEMM options (set through qs_gemm_set_options before capture).
 struct GemmOptions {
   int wgmma = 1;  // Hopper: GEMM calls take the wgmma kernel (0: the mma.sync GEMM)
@@ -45,14 +51,22 @@ inline long long aligned_blocks(long long blocks, long long tiles) {
 // Blocks a tile from which a call writing y goes through sums_to_y (launch_gemm_wgmma).
 constexpr int kYSumsSplit = 4;
 
-template <typename T, int BITS, int NTOK, int SPW, bool FOLD = false, bool SUMS = false>
-cudaError_t launch_gemm_wgmma(const QsMatmulArgs& a, cudaStream_t stream) {
+// One wgmma kernel's stages and resident blocks an SM on the current device (cached per device).
+template <typename T, int BITS, int NTOK, int SPW, bool FOLD, bool SUMS>
+cudaError_t wgmma_shape(PipelineShape* ps) {
   using Cfg = WgCfg<T, BITS, NTOK, SPW>;
   static int occ_slot[kMaxDevices];
   static int stage_slot[kMaxDevices];
+  return pipeline_shape(gemm_wgmma_kernel<T, BITS, NTOK, SPW, FOLD, SUMS>, Cfg::kThreads, Cfg::kStages,
+                        Cfg::smem_bytes, stage_slot, occ_slot, ps);
+}
+
+template <typename T, int BITS, int NTOK, int SPW, bool FOLD = false, bool SUMS = false>
+cudaError_t launch_gemm_wgmma(const QsMatmulArgs& a, cudaStream_t stream) {
+  using Cfg = WgCfg<T, BITS, NTOK, SPW>;
   auto kernel = gemm_wgmma_kernel<T, BITS, NTOK, SPW, FOLD, SUMS>;
   PipelineShape ps;
-  cudaError_t err = pipeline_shape(kernel, Cfg::kThreads, Cfg::kStages, Cfg::smem_bytes, stage_slot, occ_slot, &ps);
+  cudaError_t err = wgmma_shape<T, BITS, NTOK, SPW, FOLD, SUMS>(&ps);
   if (err != cudaSuccess) return err;
   if (ps.stages != Cfg::kStages) return cudaErrorInvalidConfiguration;  // a device with less shared memory
   // Fewer group slots than steps (4-bit 256-token tiles): only layers whose groups fit them
@@ -99,14 +113,13 @@ cudaError_t launch_gemm_wgmma(const QsMatmulArgs& a, cudaStream_t stream) {
 
 // Workspace floats the split-K slots (gemm_wgmma_slots.cuh) of the largest grid of one kernel take
 // on the current device: two BN x NTOK slots a block; the larger of that and *floats in *floats.
+// None for tiles that keep the reds (under kSlotMinTok tokens).
 template <typename T, int BITS, int NTOK, int SPW, bool FOLD>
 cudaError_t wgmma_slot_floats(long long* floats) {
+  if constexpr (NTOK < kSlotMinTok) return cudaSuccess;
   using Cfg = WgCfg<T, BITS, NTOK, SPW>;
-  static int occ_slot[kMaxDevices];
-  static int stage_slot[kMaxDevices];
   PipelineShape ps;
-  const cudaError_t err = pipeline_shape(gemm_wgmma_kernel<T, BITS, NTOK, SPW, FOLD, false>, Cfg::kThreads,
-                                         Cfg::kStages, Cfg::smem_bytes, stage_slot, occ_slot, &ps);
+  const cudaError_t err = wgmma_shape<T, BITS, NTOK, SPW, FOLD, false>(&ps);
   if (err != cudaSuccess) return err;
   const long long f = 2LL * ps.dev.sms * ps.occ * Cfg::BN * NTOK;
   if (f > *floats) *floats = f;
@@ -136,11 +149,8 @@ cudaError_t wgmma_slots_need(long long* floats) {
 // decode-step linears, v7: M=512 23.06 ms vs 31.43 with the mma.sync GEMM).
 inline bool wgmma_usable(const QsMatmulArgs& a) {
   if (!gemm_options().wgmma || a.accum == nullptr || a.accum_counters == nullptr) return false;
-  int device = 0;
-  if (cudaGetDevice(&device) != cudaSuccess || device < 0 || device >= kMaxDevices) return false;
   const long long n_strips = (a.n + 63) / 64;
-  return wgmma_ready()[device] == 1 && a.accum_floats >= n_strips * kAccumPerStrip &&
-         a.num_accum_counters >= n_strips;
+  return wgmma_ready_here() && a.accum_floats >= n_strips * kAccumPerStrip && a.num_accum_counters >= n_strips;
 }
 
 // Tile shape of a call of up to 256 tokens: the wgmma N is the call's token count rounded up to

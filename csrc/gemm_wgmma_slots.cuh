@@ -30,10 +30,8 @@ struct SlotPlan {
   int total, blocks;
   long long tile_first;  // the tile's first unit
   int slot_floats;       // BN x NTOK
-  // Contributor bb's slot for the tile.
-  __device__ __forceinline__ float* slot(const QsMatmulArgs& a, int bb) const {
-    return a.workspace + region_of(bb, tile_first, total, blocks) * slot_floats;
-  }
+  // Contributor bb's slot for the tile: its index in a.workspace, in slots.
+  __device__ __forceinline__ long long region(int bb) const { return region_of(bb, tile_first, total, blocks); }
 };
 
 // The plan for block b's segment of `tile` (nst stages a tile, `total` units over `blocks` blocks);
@@ -65,7 +63,7 @@ __device__ __forceinline__ void slot_out(const QsMatmulArgs& a, float (&acc)[SPW
   constexpr int Q = NTOK / 8;  // float4s a strip and thread
   constexpr int F = SPW * Q;   // float4s a thread's part of a slot
   const int tid = threadIdx.x;
-  float4* own = reinterpret_cast<float4*>(sp.slot(a, sp.b)) + tid;
+  float4* own = reinterpret_cast<float4*>(a.workspace + sp.region(sp.b) * sp.slot_floats) + tid;
 #pragma unroll
   for (int f = 0; f < F; ++f) {
     const int s = f / Q, j = f % Q;
@@ -88,7 +86,7 @@ __device__ __forceinline__ void slot_out(const QsMatmulArgs& a, float (&acc)[SPW
 #pragma unroll
   for (int k = 0; k < kOthers; ++k) {
     const int bb = sp.b0 + k + (sp.b0 + k >= sp.b ? 1 : 0);  // the k-th contributor other than this block
-    o[k] = k < others ? int(region_of(bb, sp.tile_first, sp.total, sp.blocks) * (sp.slot_floats / 4)) : 0;
+    o[k] = k < others ? int(sp.region(bb) * (sp.slot_floats / 4)) : 0;
   }
   // Items it = k * F + f (slot k, float4 f), kFly at a time: one L2 round trip a batch.
 #pragma unroll
