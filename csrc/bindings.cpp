@@ -277,6 +277,15 @@ torch::Tensor gather_cols(const torch::Tensor& x, const torch::Tensor& perm, boo
   return y;
 }
 
+// A diagnosis build's per-warp / per-block trace records since the last take (`take`: qs_gemv_trace_take
+// or qs_gemm_trace_take, `cols` uint64 a record), as int64 [n, cols]; an error in a build without them.
+torch::Tensor take_trace(int (*take)(unsigned long long*, int), int64_t cols, const char* what) {
+  auto out = torch::empty({QS_GEMV_TRACE_RECORDS, cols}, torch::dtype(torch::kInt64));
+  const int n = take(reinterpret_cast<unsigned long long*>(out.data_ptr<int64_t>()), QS_GEMV_TRACE_RECORDS);
+  require(n >= 0, "this build of quantserve_cuda has no ", what, " trace (build it with QUANTSERVE_CUDA_TRACE=1)");
+  return out.narrow(0, 0, n).clone();
+}
+
 std::tuple<int64_t, int64_t> workspace_need(int64_t device) {
   long long floats = 0;
   int counters = 0;
@@ -346,24 +355,14 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("device"), py::arg("m"), py::arg("bits"), py::arg("group_shift"), py::arg("has_zeros"));
   m.def("gemv_accum_floats", [](int64_t n) { return qs_gemv_accum_floats(int(n)); },
         "accumulator floats the gemv op needs for n columns (counters: ceil(n/64))", py::arg("n"));
-  m.def("gemv_trace_take", []() {
-        auto out = torch::empty({QS_GEMV_TRACE_RECORDS, 6}, torch::dtype(torch::kInt64));
-        const int n = qs_gemv_trace_take(reinterpret_cast<unsigned long long*>(out.data_ptr<int64_t>()),
-                                         QS_GEMV_TRACE_RECORDS);
-        require(n >= 0, "this build of quantserve_cuda has no GEMV trace (build it with QUANTSERVE_CUDA_TRACE=1)");
-        return out.narrow(0, 0, n).clone();
-      }, "diagnosis builds: the fp16 pipelined GEMV's per-warp records since the last take, int64 [n, 6] "
-         "(tag, entry ns, wait ns, exit ns, first unit done ns, its operands in ns; csrc/qs_trace.cuh), and starts "
-         "over");
-  m.def("gemm_trace_take", []() {
-        auto out = torch::empty({QS_GEMV_TRACE_RECORDS, 8}, torch::dtype(torch::kInt64));
-        const int n = qs_gemm_trace_take(reinterpret_cast<unsigned long long*>(out.data_ptr<int64_t>()),
-                                         QS_GEMV_TRACE_RECORDS);
-        require(n >= 0, "this build of quantserve_cuda has no GEMM trace (build it with QUANTSERVE_CUDA_TRACE=1)");
-        return out.narrow(0, 0, n).clone();
-      }, "diagnosis builds: the fp16 wgmma GEMM's and sums_to_y's per-block records since the last take, int64 "
-         "[n, 8] (tag, entry, wait, loop done, sums out, drain begun, exit ns, info; csrc/qs_gemm_trace.cuh), and "
-         "starts over");
+  m.def("gemv_trace_take", []() { return take_trace(qs_gemv_trace_take, 6, "GEMV"); },
+        "diagnosis builds: the fp16 pipelined GEMV's per-warp records since the last take, int64 [n, 6] "
+        "(tag, entry ns, wait ns, exit ns, first unit done ns, its operands in ns; csrc/qs_trace.cuh), and starts "
+        "over");
+  m.def("gemm_trace_take", []() { return take_trace(qs_gemm_trace_take, 8, "GEMM"); },
+        "diagnosis builds: the fp16 wgmma GEMM's and sums_to_y's per-block records since the last take, int64 "
+        "[n, 8] (tag, entry, wait, loop done, sums out, drain begun, exit ns, info; csrc/qs_gemm_trace.cuh), and "
+        "starts over");
   m.def("workspace_need", &workspace_need,
         "(floats, counters) of GEMM workspace every launch on a device fits in; (0, 0): no GEMM on it",
         py::arg("device"));
