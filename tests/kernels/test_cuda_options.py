@@ -6,6 +6,7 @@ import types
 import pytest
 
 from quant.backends import cuda as cuda_backend
+from quant.backends import cuda_route
 
 
 class _Ext:
@@ -150,7 +151,7 @@ def test_pick_op_sends_sums_for_column_readers_to_the_wgmma_gemm_from_9_tokens(m
     # columns only matters for sums: a call that writes y keeps the pipelined GEMV up to PIPE_Y_MAX_M
     assert cuda_backend.pick_op(cuda_backend.WGMMA_MIN_M, answer("wgmma", True), answer("pipe", True),
                                 columns=True) == "gemv"
-    monkeypatch.setattr(cuda_backend, "COLUMN_SUMS", False)
+    monkeypatch.setattr(cuda_route, "COLUMN_SUMS", False)  # the routing rule reads its own module's
     assert cuda_backend.pick_op(12, answer("wgmma", True), answer("pipe", True), sums=True, columns=True) == "gemv"
 
 
