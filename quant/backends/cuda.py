@@ -43,10 +43,12 @@ from typing import TYPE_CHECKING
 import torch
 
 from quant import kernels
-from quant.backends import cuda_build, cuda_dequant, cuda_layout
+from quant.backends import cuda_build, cuda_dequant, cuda_layout, cuda_route
 from quant.backends.cuda_dequant import DEQUANT_MIN_M, DEQUANT_SCRATCH_BYTES, scratch_bytes, strip_bytes
 from quant.backends.cuda_layout import CudaLayout, LayoutError
-from quant.backends.cuda_route import (  # noqa: F401 - re-exported: the backend's routing constants
+# Re-exported for readers of the backend; the switches (COLUMN_SUMS, GEMV_SUMS, GEMM_SUMS) are read
+# from cuda_route itself, so that pick_op and sums_op see one setting.
+from quant.backends.cuda_route import (  # noqa: F401
     COLUMN_SUMS, GEMM_SUMS, GEMM_SUMS_MAX_M, GEMV_MAX_M, GEMV_SUMS, PIPE_MAX_M, PIPE_Y_MAX_M, SUMS_MAX_M,
     WGMMA_MIN_M, pick_op)
 from quant.ext import ExtensionError, load
@@ -352,9 +354,9 @@ def sums_op(m: int, state: CudaLayout, device: torch.device, columns: bool = Fal
     GEMV takes the layer (COLUMN_SUMS)."""
     if m > max(SUMS_MAX_M, GEMM_SUMS_MAX_M):
         return None
-    gemm_sums = GEMM_SUMS and m <= GEMM_SUMS_MAX_M and state.n % 8 == 0  # the GEMM's own conditions
+    gemm_sums = cuda_route.GEMM_SUMS and m <= GEMM_SUMS_MAX_M and state.n % 8 == 0  # the GEMM's own conditions
     op = _pick(state, m, device, sums=True, columns=columns and gemm_sums)
-    if op == "gemv" and GEMV_SUMS and m <= SUMS_MAX_M:
+    if op == "gemv" and cuda_route.GEMV_SUMS and m <= SUMS_MAX_M:
         return "gemv"
     if op == "gemm" and gemm_sums and wgmma_available(device):
         return "gemm"
