@@ -2,7 +2,10 @@
 
 GPU: a dummy (random-weight) model of a preset shape, 4-bit g128 by default, built directly on
 the device; for each batch size, B requests with a 32-token prompt decode greedily through the
-real engine (scheduler, CUDA graphs, sampler) and the decode steps are timed. The baseline is the
+real engine (scheduler, CUDA graphs, sampler) and the decode steps are timed: wall time per step
+(host and GPU, as a user sees it) and, where the step runs as a CUDA graph, the GPU time of that
+graph replayed back to back (`gpu_step_ms`: the kernels alone, without the host's run-to-run
+spread, which is several percent between processes with the same kernels). The baseline is the
 same engine on a dense fp16 model of the same shape (skipped when it cannot fit). The roofline is
 the bytes one decode step must read (packed weights + lm_head + the KV cache at the mean context)
 over the measured copy bandwidth.
@@ -51,8 +54,32 @@ def kv_bytes_per_token(model) -> int:
     return 2 * c.num_hidden_layers * c.num_key_value_heads * c.head_dim * model.dtype.itemsize
 
 
+def time_step_graph(engine: LLMEngine, batch: int, reps: int = 200, warmup: int = 10) -> float | None:
+    """GPU milliseconds of one decode step of `batch` sequences as the engine runs it: its captured
+    decode graph (the smallest captured size >= batch) replayed `reps` times back to back on the
+    current stream, timed with CUDA events, on the inputs the engine's last step left in the graph's
+    buffers. Nothing of the host's step (scheduling, input preparation, sampling) is included.
+    Replaying only rewrites the step's own KV-cache slots and logits from the same inputs (equal up
+    to the order of fp32 reductions). None where the step is not a graph (CPU, eager, batch too
+    large)."""
+    graphs = engine.runner.graphs
+    if graphs is None or not graphs.can_run(batch):
+        return None
+    graph = graphs.graphs[next(s for s in graphs.batch_sizes if s >= batch)]
+    for _ in range(warmup):
+        graph.replay()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(reps):
+        graph.replay()
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end) / reps
+
+
 def time_decode(engine: LLMEngine, batch: int, steps: int, warmup: int = 8) -> dict:
-    """Decode `steps` tokens for `batch` sequences; returns per-step time and tokens/s."""
+    """Decode `steps` tokens for `batch` sequences; returns per-step wall time, tokens/s and the
+    GPU time of the step's graph (time_step_graph; None where the step is not a graph)."""
     params = SamplingParams(max_tokens=steps + warmup + 1, temperature=0.0, ignore_eos=True)
     g = torch.Generator().manual_seed(batch)
     vocab = engine.model.config.vocab_size
@@ -69,10 +96,11 @@ def time_decode(engine: LLMEngine, batch: int, steps: int, warmup: int = 8) -> d
         engine.step()
     torch.cuda.synchronize() if torch.cuda.is_available() else None
     dt = time.perf_counter() - t0
+    gpu_ms = time_step_graph(engine, batch) if torch.cuda.is_available() else None
     for rid in list(engine.requests):
         engine.abort_request(rid)
     return {"batch": batch, "steps": steps, "step_ms": dt / steps * 1e3,
-            "tokens_per_s": batch * steps / dt,
+            "tokens_per_s": batch * steps / dt, "gpu_step_ms": gpu_ms,
             "mean_context": PROMPT_LEN + warmup + steps / 2}
 
 
@@ -132,7 +160,8 @@ def gpu_main(args: argparse.Namespace) -> dict:
                      roofline_weights_only_tokens_per_s=b * bw / (lin + head))
             r["fraction_of_roofline"] = r["tokens_per_s"] / r["roofline_tokens_per_s"]
             rows.append(r)
-            print(f"{label:5s} B={b:3d} {r['tokens_per_s']:9.1f} tok/s  step {r['step_ms']:.3f} ms  "
+            gpu = f"{r['gpu_step_ms']:.3f} ms" if r["gpu_step_ms"] is not None else "-"
+            print(f"{label:5s} B={b:3d} {r['tokens_per_s']:9.1f} tok/s  step {r['step_ms']:.3f} ms  gpu {gpu}  "
                   f"roofline {r['roofline_tokens_per_s']:9.1f}  ({100 * r['fraction_of_roofline']:.0f}%)")
         del engine, model
         gc.collect()

@@ -187,3 +187,36 @@ def test_quantized_linears_after_triton_kernels_read_finished_inputs(sums):
             return torch.randn(m, 4096, device="cuda", dtype=torch.float16, generator=g)
 
         eager_then_graph(run, check, fresh(), fresh)
+
+
+class _CountingGraph:
+    """A captured decode graph that counts its replays per batch size."""
+
+    def __init__(self, graph, size, calls):
+        self.graph, self.size, self.calls = graph, size, calls
+
+    def replay(self):
+        self.calls[self.size] += 1
+        self.graph.replay()
+
+
+def test_decode_bench_times_the_batch_graph_on_the_gpu(tiny_gpu_model):
+    """bench/decode.py's gpu_step_ms replays the graph of the batch's size (and no other) after the
+    timed steps, on a live engine, which still finishes cleanly; an eager engine has no such time."""
+    from collections import Counter
+
+    from bench.decode import time_decode
+
+    eng = LLMEngine(tiny_gpu_model, EngineConfig(kv_cache_gb=0.05, max_model_len=512), [])
+    graphs = eng.runner.graphs
+    size = next(s for s in graphs.batch_sizes if s >= 3)
+    assert size != graphs.batch_sizes[-1]
+    calls = Counter()
+    for s, g in list(graphs.graphs.items()):
+        graphs.graphs[s] = _CountingGraph(g, s, calls)
+    r = time_decode(eng, 3, steps=4)
+    assert r["gpu_step_ms"] is not None and 0 < r["gpu_step_ms"] < r["step_ms"] * 10
+    assert set(calls) == {size} and calls[size] >= 200 + 10 + 4
+    assert not eng.requests and eng.allocator.num_free == eng.allocator.num_blocks
+    eager = LLMEngine(tiny_gpu_model, EngineConfig(kv_cache_gb=0.05, max_model_len=512, enforce_eager=True), [])
+    assert time_decode(eager, 2, steps=2)["gpu_step_ms"] is None
