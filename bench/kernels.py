@@ -312,6 +312,10 @@ def main() -> None:
     global SHAPES
     SHAPES = MODELS[args.model]
     ms = [int(v) for v in args.ms.split(",")]
+    backends = args.backends.split(",")
+    if set(backends) - set(BACKENDS):  # before any GPU work (ours_sums etc. are rows of "ours", not backends)
+        sys.exit(f"bench/kernels.py: unknown --backends {','.join(sorted(set(backends) - set(BACKENDS)))} "
+                 f"(known: {','.join(BACKENDS)})")
     # (op, batch sizes, wgmma allowed, PDL for the wgmma kernel): the GEMM where the GEMV is the
     # default, the wgmma kernel without PDL, the mma.sync GEMM (the previous kernel) where the
     # Hopper wgmma kernel is the default, and the dequantise + cuBLAS path and the fused GEMM kernels
@@ -334,7 +338,7 @@ def main() -> None:
     print(f"{gpu}: copy {copy_bw:.3f} TB/s (read+write), read {read_bw:.3f} TB/s; "
           f"wgmma GEMM: {cuda_backend.wgmma_available()}", flush=True)
     rows, steps = [], []
-    for name in args.backends.split(","):
+    for name in backends:
         bench_backend(name, ms, args.layers, rows, steps, extra, args.dequant_sweep)
     result = {"gpu": gpu, "torch": torch.__version__, "wgmma": cuda_backend.wgmma_available(), "cuda": torch.version.cuda, "group_size": GROUP,
               "model": args.model, "layers": args.layers, "copy_bw_tbs": round(copy_bw, 3),
