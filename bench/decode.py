@@ -96,7 +96,7 @@ def time_decode(engine: LLMEngine, batch: int, steps: int, warmup: int = 8) -> d
         engine.step()
     torch.cuda.synchronize() if torch.cuda.is_available() else None
     dt = time.perf_counter() - t0
-    gpu_ms = time_step_graph(engine, batch) if torch.cuda.is_available() else None
+    gpu_ms = time_step_graph(engine, batch)
     for rid in list(engine.requests):
         engine.abort_request(rid)
     return {"batch": batch, "steps": steps, "step_ms": dt / steps * 1e3,

@@ -313,9 +313,9 @@ def main() -> None:
     SHAPES = MODELS[args.model]
     ms = [int(v) for v in args.ms.split(",")]
     backends = args.backends.split(",")
-    if set(backends) - set(BACKENDS):  # before any GPU work (ours_sums etc. are rows of "ours", not backends)
-        sys.exit(f"bench/kernels.py: unknown --backends {','.join(sorted(set(backends) - set(BACKENDS)))} "
-                 f"(known: {','.join(BACKENDS)})")
+    unknown = sorted(set(backends) - set(BACKENDS))
+    if unknown:  # before any GPU work (ours_sums etc. are rows of "ours", not backends)
+        sys.exit(f"bench/kernels.py: unknown --backends {','.join(unknown)} (known: {','.join(BACKENDS)})")
     # (op, batch sizes, wgmma allowed, PDL for the wgmma kernel): the GEMM where the GEMV is the
     # default, the wgmma kernel without PDL, the mma.sync GEMM (the previous kernel) where the
     # Hopper wgmma kernel is the default, and the dequantise + cuBLAS path and the fused GEMM kernels
